@@ -1,0 +1,57 @@
+"""tachy: fast, lossless text generation for open causal language models.
+
+    >>> import tachy
+    >>> engine = tachy.load("smollm2-135m")              # or a GGUF file / Hugging Face folder
+    >>> engine.chat([{"role": "user", "content": "Hi!"}], max_new_tokens=32)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .engine import Engine, GenerationConfig, GenerationResponse, GenerationStats
+from .errors import ContextLengthError, InvalidArgumentError, ModelLoadError, TachyError, UnknownNameError
+from .sampling import SamplingConfig
+
+__all__ = ["load", "Engine", "GenerationConfig", "GenerationResponse", "GenerationStats", "SamplingConfig",
+           "TachyError", "ModelLoadError", "UnknownNameError", "ContextLengthError", "InvalidArgumentError"]
+__version__ = "0.1.0"
+
+
+def default_dtype(device: torch.device) -> str:
+    """bf16 where the hardware has fast bf16 matmuls (CUDA, AVX512-BF16/AMX CPUs), else fp32."""
+    if device.type == "cuda":
+        return "bf16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+def load(name_or_path: str | Path | None = None, dtype: str | None = None, device: str | None = None,
+         max_context: int | None = None, progress: bool = True) -> Engine:
+    """Load a named model (see ``tachy models``), a GGUF file or a Hugging Face folder into an Engine.
+
+    dtype: "fp32", "bf16", "int8" or "int4" weights (default: bf16 where fast, else fp32).
+    max_context: cap the context window (saves rope-table memory on long-context models).
+    """
+    from .models import build_model
+    from .models.load import load_checkpoint
+    from .models.quant import convert_weights
+    from .registry import DEFAULT_MODEL, resolve_model
+    from .tokenizer import Tokenizer
+
+    path = resolve_model(str(name_or_path or DEFAULT_MODEL))
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or default_dtype(dev)
+    cfg, state_dict, tokenizer_dir = load_checkpoint(path, progress=progress)
+    if max_context:
+        cfg.max_seq_len = min(cfg.max_seq_len, max_context)
+    model = build_model(cfg)
+    model.load_hf_state_dict(state_dict)
+    model = convert_weights(model.to(dev), dtype).eval()
+    tokenizer = Tokenizer.from_path(tokenizer_dir)
+    name = str(name_or_path or DEFAULT_MODEL)
+    return Engine(model, tokenizer, name=name)

@@ -1,0 +1,1 @@
+"""Benchmark harness: `tachy bench` (see runner.py)."""

@@ -1,0 +1,192 @@
+"""Command line: tachy generate | chat | models | bench | datastore | serve.
+
+Every user error surfaces as one line on stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable
+
+from .errors import TachyError
+
+EXIT_USER_ERROR = 2
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="named model (see `tachy models`), GGUF file or HF folder")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "int8", "int4"],
+                   help="weight format (default: bf16 where the CPU has fast bf16, else fp32)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--drafter", default="default",
+                   help="speculative drafter: default, none, or a name from `tachy drafters`")
+    p.add_argument("--max-draft-tokens", type=int, default=16)
+
+
+def generation_config(args: argparse.Namespace):
+    from .engine import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed, stop=args.stop, drafter=args.drafter,
+                            max_draft_tokens=args.max_draft_tokens)
+
+
+def load_engine(args: argparse.Namespace):
+    import tachy
+
+    start = time.perf_counter()
+    print(f"loading {args.model or 'smollm2-135m'} ...", file=sys.stderr, flush=True)
+    engine = tachy.load(args.model, dtype=args.dtype, device=args.device)
+    print(f"loaded in {time.perf_counter() - start:.1f}s ({next(engine.model.parameters()).dtype}, "
+          f"{engine.device})", file=sys.stderr, flush=True)
+    return engine
+
+
+def print_stats(stats, file=sys.stderr) -> None:
+    model_s = max(stats.decode_s - stats.draft_s, 0.0)
+    print(f"\n[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated | prefill "
+          f"{stats.prefill_s * 1000:.0f} ms | decode {stats.tokens_per_s:.1f} tokens/s | "
+          f"{stats.mean_accepted:.2f} tokens per forward | drafter {stats.draft_s * 1000:.0f} ms, "
+          f"model {model_s * 1000:.0f} ms]", file=file, flush=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = generation_config(args)
+    engine = load_engine(args)
+    use_chat = args.chat if args.chat is not None else engine.tokenizer.has_chat_template
+    if use_chat:
+        pieces = engine.stream_chat([{"role": "user", "content": args.prompt}], config)
+    else:
+        pieces = engine.stream(args.prompt, config)
+    stats = None
+    for piece in pieces:
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+        stats = piece.stats
+    sys.stdout.write("\n")
+    if stats is not None:
+        print_stats(stats)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    config = generation_config(args)
+    engine = load_engine(args)
+    if not engine.tokenizer.has_chat_template:
+        raise TachyError(f"{engine.name} has no chat template (a base model); use `tachy generate --raw`")
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("chat with the model; /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        answer, stats = [], None
+        try:
+            for piece in engine.stream_chat(messages, config):
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+                answer.append(piece.text)
+                stats = piece.stats
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+        print()
+        if stats is not None and args.verbose:
+            print_stats(stats)
+        messages.append({"role": "assistant", "content": "".join(answer)})
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .registry import DEFAULT_MODEL, list_models
+
+    for row in list_models():
+        name, description, where = row[0], row[1], row[2]
+        marker = "*" if name == DEFAULT_MODEL else " "
+        print(f"{marker} {name:<14} {description}\n    {where}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tachy", description="Fast, lossless LLM text generation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate a continuation or a chat answer for one prompt")
+    p.add_argument("prompt")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="wrap the prompt in the chat template (default when the model has one)")
+    mode.add_argument("--raw", dest="chat", action="store_false", help="plain completion of the prompt text")
+    add_model_args(p)
+    add_generation_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with streaming")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--verbose", "-v", action="store_true", help="print speed stats after each answer")
+    add_model_args(p)
+    add_generation_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("models", help="list named models and where their files are")
+    p.set_defaults(func=cmd_models)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Subcommands living in their own modules register here (bench, datastore, serve, ...).
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register_extras()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TachyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _register_extras() -> None:
+    """Import optional subcommand modules; each appends its register function to EXTRA_COMMANDS."""
+    import importlib
+
+    for module in ("tachy.bench.cli", "tachy.speculative.drafters.cli", "tachy.server.cli"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if not (e.name or "").startswith("tachy"):
+                raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""The generate loop: prefill, then steps of draft -> one target forward -> verify -> commit.
+
+Plain decoding is the same loop with an empty draft tree, so vanilla and speculative decoding share every line
+that decides which token comes next. Three layers, as in mlx-lm:
+
+* ``Engine.generate_tokens`` yields a ``Step`` per target forward (committed token ids, which were drafted);
+* ``Engine.stream`` turns steps into ``GenerationResponse`` text pieces (stop strings, EOS, budgets, stats);
+* ``Engine.generate`` / ``Engine.chat`` join the pieces into a string.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .errors import ContextLengthError, InvalidArgumentError
+from .models.llama import Transformer
+from .sampling import SamplingConfig, make_generator, make_logits_processor, make_probs_fn, sample
+from .speculative.drafters import Drafter, make_drafter
+from .speculative.tree import DraftTree
+from .speculative.verify import verify_greedy, verify_sampling
+from .tokenizer import StreamDetokenizer, Tokenizer
+
+PREFILL_CHUNK = 1024
+
+
+@dataclass
+class GenerationConfig:
+    """Everything that shapes one generation. Sampling fields are validated by SamplingConfig."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    drafter: str | Drafter | None = "default"   # None or "none": plain decoding
+    max_draft_tokens: int = 16                   # draft tree node budget per step
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.max_draft_tokens < 0:
+            raise InvalidArgumentError(f"max_draft_tokens must be >= 0, got {self.max_draft_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.sampling = SamplingConfig(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+            typical_p=self.typical_p, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed)
+
+
+@dataclass
+class Step:
+    """One target forward: the tokens it committed (``accepted`` drafts, then the bonus token)."""
+
+    tokens: list[int]
+    accepted: int
+    draft_size: int
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    forwards: int = 0            # target forwards after prefill
+    drafted: int = 0
+    accepted: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    draft_s: float = 0.0         # time inside the drafter (propose + update)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens committed per target forward: accepted drafts plus the bonus token (1.0 for plain decoding)."""
+        return 1.0 + self.accepted / self.forwards if self.forwards else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first (which prefill produces) per second of decoding."""
+        return (self.generated_tokens - 1) / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class GenerationResponse:
+    """A streamed piece: new text, the tokens behind it and running stats; finish_reason on the last one."""
+
+    text: str
+    token_ids: list[int]
+    from_draft: list[bool]
+    stats: GenerationStats
+    finish_reason: str | None = None   # "stop" (EOS or stop string) or "length"
+
+
+class Engine:
+    """A loaded model with its tokenizer. Create with ``tachy.load``."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model"):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.config = model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_seq_len
+
+    # -- lowest layer: token ids in, steps out ----------------------------------------------------------
+    @torch.inference_mode()
+    def generate_tokens(self, prompt_ids: Sequence[int], config: GenerationConfig,
+                        stats: GenerationStats | None = None) -> Iterator[Step]:
+        """Yield one Step per target forward until the caller stops iterating or the context is full."""
+        stats = stats if stats is not None else GenerationStats()
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise InvalidArgumentError("the prompt is empty")
+        if len(prompt_ids) >= self.max_context:
+            raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; the context window of {self.name} "
+                                     f"is {self.max_context}")
+        drafter = self._drafter(config.drafter)
+        sampling = config.sampling
+        processor = make_logits_processor(sampling)
+        probs_fn = None if sampling.greedy else make_probs_fn(sampling)
+        generator = None if sampling.greedy else make_generator(sampling.seed, self.device)
+        model, device = self.model, self.device
+        cache = model.new_cache(capacity=min(self.max_context, len(prompt_ids) + 256))
+        stats.prompt_tokens = len(prompt_ids)
+
+        start = time.perf_counter()
+        logits = self._prefill(prompt_ids, cache)
+        ids = list(prompt_ids)
+        root = self._choose(logits, ids, processor, probs_fn, generator)
+        ids.append(root)
+        if drafter is not None:
+            t = time.perf_counter()
+            drafter.reset(prompt_ids)
+            stats.draft_s += time.perf_counter() - t
+        stats.prefill_s = time.perf_counter() - start
+        stats.generated_tokens = 1
+        yield Step([root], 0, 0)
+
+        while cache.length + 1 < self.max_context:
+            step_start = time.perf_counter()
+            room = self.max_context - cache.length - 1
+            tree = DraftTree.empty()
+            if drafter is not None and config.max_draft_tokens:
+                tree = drafter.propose(ids, min(config.max_draft_tokens, room))
+                if len(tree) > room:
+                    tree = tree.truncate(room)
+            tokens = [root] + tree.tokens
+            positions = cache.length + tree.position_offsets().to(device)
+            mask = None
+            if len(tree):
+                mask = torch.cat([torch.ones(len(tokens), cache.length, dtype=torch.bool, device=device),
+                                  tree.attention_mask(device)], dim=1)
+            base = cache.length
+            logits = model(torch.tensor([tokens], device=device), positions, cache, mask)[0]
+            if processor is not None:  # penalties: each node sees its own path as context
+                logits = processor(logits, tree.row_contexts(torch.tensor(ids, device=device)))
+            if probs_fn is None:
+                accepted, bonus = verify_greedy(tree, logits)
+            else:
+                accepted, bonus = verify_sampling(tree, probs_fn(logits), generator)
+            cache.keep([base] + [base + 1 + j for j in accepted])
+            new = [tree.tokens[j] for j in accepted] + [bonus]
+            ids.extend(new)
+            root = bonus
+            if drafter is not None:
+                t = time.perf_counter()
+                drafter.update(ids, len(accepted), logits if drafter.needs_logits else None, tokens)
+                stats.draft_s += time.perf_counter() - t
+            stats.forwards += 1
+            stats.drafted += len(tree)
+            stats.accepted += len(accepted)
+            stats.generated_tokens += len(new)
+            stats.decode_s += time.perf_counter() - step_start
+            yield Step(new, len(accepted), len(tree))
+
+    def _prefill(self, prompt_ids: list[int], cache) -> torch.Tensor:
+        """Forward the prompt in chunks (bounded attention memory); return the last position's logits [1, V]."""
+        logits = None
+        for s in range(0, len(prompt_ids), PREFILL_CHUNK):
+            chunk = prompt_ids[s:s + PREFILL_CHUNK]
+            tokens = torch.tensor([chunk], device=self.device)
+            positions = torch.arange(s, s + len(chunk), device=self.device)
+            logits = self.model(tokens, positions, cache, last_only=True)[0]
+        return logits
+
+    @staticmethod
+    def _choose(logits, context: list[int], processor, probs_fn, generator) -> int:
+        """The first new token, from the prefill logits [1, V]."""
+        if processor is not None:
+            logits = processor(logits, context)
+        if probs_fn is None:
+            return int(logits.argmax(-1))
+        return int(sample(probs_fn(logits), generator))
+
+    def _drafter(self, drafter: str | Drafter | None) -> Drafter | None:
+        if drafter is None or drafter == "none":
+            return None
+        if isinstance(drafter, str):
+            return make_drafter(drafter)
+        return drafter
+
+    # -- middle layer: text pieces ------------------------------------------------------------------------
+    def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
+               **kwargs) -> Iterator[GenerationResponse]:
+        """Stream text pieces for a raw prompt (a string is tokenized with the model's special tokens)."""
+        config = config or GenerationConfig(**kwargs)
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        eos = set() if config.ignore_eos else set(self.tokenizer.eos_token_ids)
+        detok = StreamDetokenizer(self.tokenizer)
+        stats = GenerationStats()
+        text, emitted = "", 0   # text decoded so far, and how much of it was already sent
+        hold = max((len(s) for s in config.stop), default=0)  # keep back what could start a stop string
+        produced = 0
+        steps = self.generate_tokens(prompt_ids, config, stats)
+        try:
+            for step in steps:
+                tokens, finish = step.tokens, None
+                for i, tok in enumerate(tokens):
+                    if tok in eos:
+                        tokens, finish = tokens[:i], "stop"
+                        break
+                if finish is None and produced + len(tokens) >= config.max_new_tokens:
+                    tokens, finish = tokens[:config.max_new_tokens - produced], "length"
+                produced += len(tokens)
+                stats.generated_tokens = produced
+                from_draft = [i < step.accepted for i in range(len(tokens))]
+                for tok in tokens:
+                    text += detok.add(tok)
+                if finish is not None:
+                    text += detok.flush()
+                cut = _find_stop(text, config.stop, emitted)
+                if cut is not None:
+                    text, finish = text[:cut], "stop"
+                if finish is None and len(text) - emitted <= hold and hold:
+                    continue
+                upto = len(text) if finish is not None else len(text) - hold
+                piece, emitted = text[emitted:upto], max(emitted, upto)
+                yield GenerationResponse(piece, tokens, from_draft, stats, finish)
+                if finish is not None:
+                    return
+            yield GenerationResponse(text[emitted:] + detok.flush(), [], [], stats, "length")
+        finally:
+            steps.close()
+
+    # -- top layer: strings ---------------------------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[int], config: GenerationConfig | None = None, **kwargs) -> str:
+        return "".join(r.text for r in self.stream(prompt, config, **kwargs))
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template (BOS handled by the template)."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat(self, messages: list[dict], config: GenerationConfig | None = None, **kwargs) -> str:
+        return self.generate(self.chat_prompt(messages), config, **kwargs)
+
+    def stream_chat(self, messages: list[dict], config: GenerationConfig | None = None,
+                    **kwargs) -> Iterator[GenerationResponse]:
+        return self.stream(self.chat_prompt(messages), config, **kwargs)
+
+
+def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
+    """Index where the earliest stop string begins, searching only text not yet sent (plus overlap)."""
+    best = None
+    for s in stops:
+        if not s:
+            continue
+        i = text.find(s, max(0, emitted - len(s) + 1))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best

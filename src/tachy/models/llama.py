@@ -1,0 +1,219 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5/3, SmolLM) in one readable file.
+
+References: Touvron et al. 2023 (Llama), Hugging Face transformers' modeling_llama.py (weight names and
+numerics we match), gpt-fast's model.py (layout). Differences between the family members are config flags:
+``qkv_bias`` (Qwen2), ``qk_norm`` (Qwen3), ``tie_embeddings``, ``rope_scaling``.
+
+Speed notes: decode on a CPU is bound by weight bytes, so the hot path keeps the op count low: q/k/v and
+gate/up are fused into one matmul each, grouped-query attention folds the query groups into the sequence axis
+(no K/V copies), and the K/V cache is a preallocated buffer (see cache.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cache import KVCache
+from ..config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32. ``offset=1`` gives Gemma's ``x * (1 + w)`` convention."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.ones(dim) if offset == 0 else torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (y * (self.weight.float() + self.offset)).to(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> Tensor:
+    """Inverse frequencies [head_dim/2], with Llama 3's or linear position scaling applied."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = ((old_len / wavelen) - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    elif kind not in (None, "default"):
+        raise NotImplementedError(f"rope scaling {kind!r} is not supported")
+    return inv.float()
+
+
+class Rope(nn.Module):
+    """Precomputed cos/sin tables [max_len, head_dim] in the rotate-half layout transformers uses."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float, scaling: dict | None = None):
+        super().__init__()
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_frequencies(head_dim, theta, scaling))
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cos[positions], self.sin[positions]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D]; cos/sin [T, D]. Computed in float32 like the reference."""
+    dtype, x = x.dtype, x.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.heads, self.kv_heads, self.head_dim = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale = cfg.attn_scale
+        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=False)
+        self.split = (q_out, kv_out, kv_out)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, mask: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = cache.write(self.layer, k, v)
+        # Grouped-query attention: the G query heads sharing a kv head become G*T queries over that head.
+        groups = self.heads // self.kv_heads
+        q = q.reshape(B, self.kv_heads, groups * T, self.head_dim)
+        if mask is not None and groups > 1:
+            mask = mask.repeat(groups, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = out.view(B, self.heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = F.silu if cfg.hidden_act == "silu" else lambda x: F.gelu(x, approximate="tanh")
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder. ``forward(tokens, positions, cache, mask)`` follows docs/architecture.md."""
+
+    block_class = Block
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(self.block_class(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_offset)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope = Rope(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+
+    def new_cache(self, capacity: int = 256, batch: int = 1) -> KVCache:
+        """A cache sized for this model on the model's device, in the activation dtype."""
+        return KVCache(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, capacity, batch,
+                       dtype=self.dtype, device=self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Activation dtype: float32 unless the whole model was cast to a half type."""
+        w = self.embed_tokens.weight.dtype
+        return w if w in (torch.bfloat16, torch.float16) else torch.float32
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.embed_tokens(tokens).to(self.dtype)
+
+    def attention_inputs(self, positions: Tensor, start: int, mask: Tensor | None) -> list[tuple]:
+        """Per layer: (rope cos/sin, mask). All layers share them here; Gemma 3 overrides for local layers."""
+        return [(self.rope(positions), mask)] * len(self.layers)
+
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, mask: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """tokens [B, T], positions [T], mask [T, length+T] bool or None (causal) -> float32 logits [B, T|1, V]."""
+        T = tokens.shape[1]
+        cache.reserve(T)
+        if mask is None and T > 1:
+            mask = causal_mask(cache.length, T, tokens.device)
+        x = self.embed(tokens)
+        for layer, (rope, layer_mask) in zip(self.layers, self.attention_inputs(positions, cache.length, mask)):
+            x = layer(x, rope, cache, layer_mask)
+        cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()
+
+    # -- weights ------------------------------------------------------------------------------------------
+    # Checkpoint (HF) names map onto ours by fusing q/k/v and gate/up; everything else keeps its name
+    # after dropping the "model." prefix.
+    FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+    def load_hf_state_dict(self, sd: dict[str, Tensor]) -> None:
+        """Load a Hugging Face-named state dict; any missing, unexpected or misshapen key is an error."""
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}
+        if self.config.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+            sd["lm_head.weight"] = sd["embed_tokens.weight"]
+        ours: dict[str, Tensor] = {}
+        for i in range(self.config.num_layers):
+            for fused, parts in self.FUSED.items():
+                for suffix in ("weight", "bias"):
+                    names = [f"layers.{i}.{p}.{suffix}" for p in parts]
+                    if all(n in sd for n in names):
+                        ours[f"layers.{i}.{fused}.{suffix}"] = torch.cat([sd.pop(n) for n in names])
+        ours.update(sd)
+        expected = self.state_dict()
+        missing, unexpected = expected.keys() - ours.keys(), ours.keys() - expected.keys()
+        if missing or unexpected:
+            raise KeyError(f"checkpoint mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        for name, tensor in ours.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(expected[name].shape)}")
+        self.load_state_dict(ours, assign=True)
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+
+def causal_mask(start: int, T: int, device: torch.device) -> Tensor:
+    """[T, start+T] bool: new token t sees the whole cache and new tokens up to itself."""
+    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)

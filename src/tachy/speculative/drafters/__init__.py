@@ -1,0 +1,106 @@
+"""Model-free drafters for speculative decoding, and their registry.
+
+``DRAFTERS`` maps a name to a Drafter class; ``make_drafter(name, **kwargs)`` builds one. All drafters are
+pure Python/numpy over token ids, cheap per step (a few hundred microseconds at most).
+
+======================  ==========================================================================
+name                    drafter
+======================  ==========================================================================
+``default``             :class:`DefaultDrafter`: suffix automaton, else Token Recycling
+``pld``                 :class:`PromptLookupDrafter`: n-gram lookup in the context
+``sam``                 :class:`SuffixAutomatonDrafter`: longest suffix match (SAM-Decoding)
+``recycling``           :class:`TokenRecyclingDrafter`: top-k adjacency from verify logits
+``trigram``             :class:`AdaptiveTrigramDrafter`: tri-gram statistics with adaptive beam (ADED)
+``rest``                :class:`DatastoreDrafter`: suffix-array retrieval from a corpus (REST)
+``lookahead``           :class:`LookaheadDrafter`: n-gram pool fed by the model's own predictions
+======================  ==========================================================================
+
+Wrappers: :class:`FallbackDrafter` (first non-empty draft), :class:`CombinedDrafter` (union of drafts),
+:class:`AdaptiveLength` (draft budget follows acceptance).
+"""
+from __future__ import annotations
+
+from ...errors import InvalidArgumentError, UnknownNameError
+from .aded import AdaptiveTrigramDrafter, NgramTable
+from .base import Drafter, overlap_copy
+from .datastore import Datastore, DatastoreDrafter, build_datastore, build_suffix_array, frequency_tree
+from .fallback import AdaptiveLength, CombinedDrafter, DefaultDrafter, FallbackDrafter
+from .lookahead import LookaheadDrafter, NgramPool
+from .prompt_lookup import PromptLookupDrafter, find_ngram_continuations
+from .suffix_automaton import SuffixAutomaton, SuffixAutomatonDrafter, longest_previous_matches
+from .token_recycling import TokenRecyclingDrafter, expand_template, make_template
+
+DRAFTERS: dict[str, type[Drafter]] = {
+    cls.name: cls for cls in (
+        DefaultDrafter,
+        PromptLookupDrafter,
+        SuffixAutomatonDrafter,
+        TokenRecyclingDrafter,
+        AdaptiveTrigramDrafter,
+        DatastoreDrafter,
+        LookaheadDrafter,
+    )
+}
+
+
+def available_drafters() -> list[str]:
+    """Registered drafter names, sorted."""
+    return sorted(DRAFTERS)
+
+
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_drafter_spec(spec: str) -> tuple[str, dict]:
+    """``"name"`` or ``"name:key=value,key=value"`` (the CLI's ``--drafter``) -> ``(name, kwargs)``; values
+    are read as bool / None / int / float when they look like one, else kept as strings.
+
+    >>> parse_drafter_spec("rest:datastore=store.npz,max_depth=6")
+    ('rest', {'datastore': 'store.npz', 'max_depth': 6})
+    """
+    name, _, opts = spec.partition(":")
+    kwargs = {}
+    for item in filter(None, (o.strip() for o in opts.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise InvalidArgumentError(f"drafter option {item!r} in {spec!r} is not key=value")
+        kwargs[key.strip()] = _parse_value(value.strip())
+    return name.strip(), kwargs
+
+
+def make_drafter(name: str, **kwargs) -> Drafter:
+    """A new drafter by registry name; ``kwargs`` are its constructor options. ``name`` may carry options
+    as ``"name:key=value,..."`` (explicit ``kwargs`` win)."""
+    if ":" in name:
+        name, spec_kwargs = parse_drafter_spec(name)
+        kwargs = {**spec_kwargs, **kwargs}
+    cls = DRAFTERS.get(name)
+    if cls is None:
+        raise UnknownNameError(f"unknown drafter {name!r}; available: {', '.join(available_drafters())}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise InvalidArgumentError(f"drafter {name!r}: {e}") from None
+
+
+__all__ = [
+    "DRAFTERS", "Drafter", "available_drafters", "make_drafter", "parse_drafter_spec", "overlap_copy",
+    "DefaultDrafter", "FallbackDrafter", "CombinedDrafter", "AdaptiveLength",
+    "PromptLookupDrafter", "find_ngram_continuations",
+    "SuffixAutomatonDrafter", "SuffixAutomaton", "longest_previous_matches",
+    "TokenRecyclingDrafter", "make_template", "expand_template",
+    "AdaptiveTrigramDrafter", "NgramTable",
+    "DatastoreDrafter", "Datastore", "build_datastore", "build_suffix_array", "frequency_tree",
+    "LookaheadDrafter", "NgramPool",
+]

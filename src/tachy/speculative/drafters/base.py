@@ -1,0 +1,179 @@
+"""The Drafter base class: the protocol the engine calls, plus the incremental bookkeeping every drafter shares.
+
+The engine drives a drafter like this (see docs/architecture.md, "Drafter protocol")::
+
+    drafter.reset(prompt_ids)
+    while generating:
+        tree = drafter.propose(ids, max_tokens)        # ids: every committed token, root last
+        ... one target forward over [root] + tree.tokens, verification ...
+        drafter.update(ids, accepted, logits, tokens)  # ids has grown by accepted + 1
+
+``ids`` grows by ``accepted + 1`` tokens per step, so a drafter must never rescan it: :class:`Drafter` keeps
+its own copy (``self.history``) and hands only the newly committed tokens to the subclass hook
+:meth:`Drafter._consume`. When ``ids`` does not extend the history (a new prompt without ``reset``, or a
+rewound conversation) the drafter starts over from ``ids``.
+
+A subclass implements up to four small hooks, all optional but ``_draft``:
+
+* ``_restart()``: forget per-sequence state (``reset`` calls it, then feeds the prompt).
+* ``_consume(start)``: ``self.history[start:]`` was just committed; index it.
+* ``_draft(max_tokens) -> DraftTree``: propose from the current state (the result is truncated to
+  ``max_tokens`` nodes by ``propose``, so a drafter may return more, best nodes first).
+* ``_learn(accepted, logits, tokens)``: feedback from the verify forward (after ``_consume``).
+
+Wrappers that delegate to other drafters (fallback, adaptive length) override ``reset/propose/update`` directly.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Sequence
+
+from torch import Tensor
+
+from ..tree import DraftTree
+
+
+def as_token_list(ids: Sequence[int] | Tensor) -> list[int]:
+    """``ids`` as a plain list of Python ints (accepts lists, tuples, numpy arrays and 1-D tensors)."""
+    if isinstance(ids, list):
+        return ids
+    tolist = getattr(ids, "tolist", None)
+    if tolist is not None:
+        out = tolist()
+        return out if isinstance(out, list) else [out]
+    return [int(t) for t in ids]
+
+
+def as_documents(corpus) -> list[list[int]]:
+    """A corpus given as one token sequence or as several documents -> a list of documents (token lists).
+
+    Accepts lists/tuples of ints, lists of such lists, numpy arrays and tensors (1-D: one document, 2-D: rows).
+
+    >>> as_documents([1, 2, 3]), as_documents([[1, 2], (3,)]), as_documents([])
+    ([[1, 2, 3]], [[1, 2], [3]], [])
+    """
+    ndim = getattr(corpus, "ndim", None)
+    if ndim is not None:
+        return [as_token_list(corpus)] if ndim == 1 else [as_token_list(row) for row in corpus]
+    corpus = list(corpus)
+    if not corpus:
+        return []
+    first = corpus[0]
+    if isinstance(first, (list, tuple)) or getattr(first, "ndim", 0) >= 1:
+        return [[int(t) for t in as_token_list(doc)] for doc in corpus]
+    return [[int(t) for t in corpus]]
+
+
+def overlap_copy(history: Sequence[int], start: int, n: int) -> list[int]:
+    """``n`` tokens copied from ``history[start:]``, continuing the copy into its own output past the end.
+
+    This is LZ77-style copying: when a match ends right before the present, the text since the match is
+    assumed to repeat (a period of ``len(history) - start`` tokens).
+
+    >>> overlap_copy([7, 1, 2, 1, 2], 3, 5)   # history[3:] = [1, 2], then the copy repeats itself
+    [1, 2, 1, 2, 1]
+    >>> overlap_copy([7, 1, 2], 1, 1)
+    [1]
+    """
+    end = len(history)
+    if start >= end or n <= 0:
+        return []
+    out = list(history[start:start + n])
+    period = end - start
+    while len(out) < n:  # only reached when the copy ran into the present
+        out.append(out[len(out) - period])
+    return out
+
+
+SYNC_CHECK = 8  # trailing tokens compared by Drafter.sync to recognise a continuation of the history
+
+
+class Drafter:
+    """Base class of all drafters (subclasses are usually dataclasses: fields = constructor options).
+
+    ``name`` is the registry key and ``needs_logits`` tells the engine to pass the verify logits to
+    :meth:`update`. Per-sequence state lives in attributes created by :meth:`_restart`; learned state that
+    should survive new prompts (e.g. Token Recycling's adjacency matrix) is created lazily or in
+    ``__post_init__`` and left alone by ``_restart``.
+    """
+
+    name: ClassVar[str] = "base"
+    needs_logits: ClassVar[bool] = False
+
+    # ------------------------------------------------------------------------------------- protocol
+
+    def reset(self, prompt_ids: Sequence[int]) -> None:
+        """Start a new sequence whose committed tokens so far are ``prompt_ids``."""
+        self.history: list[int] = []
+        self.last_tree: DraftTree = DraftTree.empty()
+        self._restart()
+        self.sync(prompt_ids)
+
+    def propose(self, ids: Sequence[int], max_tokens: int) -> DraftTree:
+        """A draft tree of at most ``max_tokens`` nodes continuing ``ids`` (all committed tokens, root last)."""
+        self.sync(ids)
+        tree = DraftTree.empty()
+        if max_tokens > 0 and self.history:
+            tree = self._draft(max_tokens).truncate(max_tokens)
+        self.last_tree = tree
+        return tree
+
+    def update(self, ids: Sequence[int], accepted: int, logits: Tensor | None = None,
+               tokens: Sequence[int] | None = None) -> None:
+        """Feedback after a verify step: ``ids`` are the committed tokens (bonus last), ``accepted`` the
+        number of draft tokens accepted; ``logits [n+1, V]`` and ``tokens`` (``[root] + tree.tokens``) of the
+        verify forward when ``needs_logits``."""
+        self.sync(ids)
+        self._learn(accepted, logits, tokens)
+
+    # ------------------------------------------------------------------------------ shared helpers
+
+    def sync(self, ids: Sequence[int]) -> None:
+        """Bring ``self.history`` up to ``ids``, feeding only the new tokens to :meth:`_consume`.
+
+        ``ids`` is trusted to extend the history when it is at least as long and agrees with it on the first
+        token and the last ``SYNC_CHECK`` known tokens (an O(1) check, so a step never rescans the context);
+        otherwise the drafter restarts on ``ids`` as on a new prompt.
+        """
+        if not hasattr(self, "history"):
+            self.reset(ids)
+            return
+        h = self.history
+        n = len(h)
+        if n and (len(ids) < n or int(ids[0]) != h[0]
+                  or as_token_list(ids[max(0, n - SYNC_CHECK):n]) != h[-SYNC_CHECK:]):
+            self.history = h = []
+            self.last_tree = DraftTree.empty()
+            self._restart()
+            n = 0
+        if len(ids) > n:
+            h.extend(as_token_list(ids[n:]))
+            self._consume(n)
+
+    def proposed(self, tokens: Sequence[int] | None) -> bool:
+        """True when ``tokens`` (the verify forward's ``[root] + tree.tokens``) is this drafter's last
+        non-empty proposal, i.e. when ``accepted`` measures this drafter (inside a fallback or combination,
+        another drafter's tree may have been verified)."""
+        tree = getattr(self, "last_tree", None)
+        if tokens is None or tree is None or not len(tree) or len(tokens) != len(tree) + 1:
+            return False
+        return as_token_list(tokens[1:]) == tree.tokens
+
+    # ------------------------------------------------------------------------------- subclass hooks
+
+    def _restart(self) -> None:
+        """Forget per-sequence state (``self.history`` has just been emptied)."""
+
+    def _consume(self, start: int) -> None:
+        """``self.history[start:]`` are newly committed tokens."""
+
+    def _draft(self, max_tokens: int) -> DraftTree:
+        """Propose from the current state (``self.history`` is non-empty, root last)."""
+        return DraftTree.empty()
+
+    def _learn(self, accepted: int, logits: Tensor | None, tokens: Sequence[int] | None) -> None:
+        """Verify feedback, called after the committed tokens were consumed."""
+
+    def __repr__(self) -> str:
+        fields = getattr(self, "__dataclass_fields__", {})
+        opts = ", ".join(f"{k}={getattr(self, k)!r}" for k, f in fields.items() if f.init and f.repr)
+        return f"{type(self).__name__}({opts})"

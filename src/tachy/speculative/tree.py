@@ -1,0 +1,188 @@
+"""DraftTree: the tokens a drafter proposes, as a tree hanging off the root (the last committed token).
+
+Nodes are numbered 0..n-1 in the order given; ``parents[i] < i`` (-1 = child of the root), so every prefix
+of the node list is itself a valid tree and index order is a topological order. The verify forward feeds
+``[root] + tokens``: row/slot 0 is the root, row/slot ``i + 1`` is node ``i``.
+
+A tree is immutable after construction; masks and lookups are computed once and cached (it is built every
+decode step, n is small: up to ~64 nodes).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class DraftTree:
+    """Draft tokens with parent links. ``DraftTree.chain(tokens)`` for a plain sequence,
+    ``DraftTree.from_paths(paths)`` to merge several candidate continuations into a trie."""
+
+    __slots__ = ("tokens", "parents", "depths", "_children", "_by_token", "_mask")
+
+    def __init__(self, tokens: Sequence[int], parents: Sequence[int]):
+        tokens = [int(t) for t in tokens]
+        parents = [int(p) for p in parents]
+        if len(tokens) != len(parents):
+            raise ValueError(f"DraftTree: {len(tokens)} tokens but {len(parents)} parents")
+        depths: list[int] = []
+        children: list[list[int]] = [[] for _ in range(len(tokens) + 1)]
+        for i, (tok, par) in enumerate(zip(tokens, parents)):
+            if not -1 <= par < i:
+                raise ValueError(f"DraftTree: parents[{i}] = {par}, must satisfy -1 <= parent < {i}")
+            if tok < 0:
+                raise ValueError(f"DraftTree: tokens[{i}] = {tok} is negative")
+            depths.append(1 if par < 0 else depths[par] + 1)
+            children[par + 1].append(i)
+        self.tokens: list[int] = tokens
+        self.parents: list[int] = parents
+        self.depths: list[int] = depths  # root children have depth 1
+        self._children: list[tuple[int, ...]] = [tuple(c) for c in children]  # index = node + 1
+        self._by_token: list[dict[int, int]] | None = None
+        self._mask: Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------- builders
+
+    @classmethod
+    def chain(cls, tokens: Sequence[int]) -> DraftTree:
+        """A plain sequence: node i's parent is node i-1."""
+        return cls(tokens, list(range(-1, len(tokens) - 1)))
+
+    @classmethod
+    def empty(cls) -> DraftTree:
+        """No draft: the verify forward is an ordinary one-token decode step."""
+        return cls([], [])
+
+    @classmethod
+    def from_paths(cls, paths: Iterable[Sequence[int]]) -> DraftTree:
+        """Merge candidate continuations into a trie: shared prefixes become one branch, siblings are unique.
+
+        Nodes are numbered in first-seen order (path by path), so a drafter that lists its paths best first
+        gets a tree whose ``truncate`` keeps its best candidates.
+        """
+        tokens: list[int] = []
+        parents: list[int] = []
+        index: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+        for path in paths:
+            parent = -1
+            for tok in path:
+                tok = int(tok)
+                node = index.get((parent, tok))
+                if node is None:
+                    node = len(tokens)
+                    index[(parent, tok)] = node
+                    tokens.append(tok)
+                    parents.append(parent)
+                parent = node
+        return cls(tokens, parents)
+
+    def truncate(self, max_nodes: int, breadth_first: bool = False) -> DraftTree:
+        """Keep at most ``max_nodes`` nodes, always a prefix-closed subtree (every kept node's parent is kept).
+
+        Default: the first ``max_nodes`` nodes in index order, i.e. the drafter's own priority order (valid
+        because ``parents[i] < i``); node indices are unchanged. ``breadth_first=True`` keeps the shallowest
+        nodes instead (ties by index), renumbered in that order.
+        """
+        if max_nodes < 0:
+            raise ValueError(f"max_nodes must be >= 0, got {max_nodes}")
+        n = len(self.tokens)
+        if max_nodes >= n:
+            return self
+        if not breadth_first:
+            return DraftTree(self.tokens[:max_nodes], self.parents[:max_nodes])
+        keep = sorted(range(n), key=lambda i: (self.depths[i], i))[:max_nodes]
+        new_index = {old: new for new, old in enumerate(keep)}
+        return DraftTree([self.tokens[i] for i in keep],
+                         [-1 if self.parents[i] < 0 else new_index[self.parents[i]] for i in keep])
+
+    # ------------------------------------------------------------------------------------------ structure
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DraftTree):
+            return NotImplemented
+        return self.tokens == other.tokens and self.parents == other.parents
+
+    def __repr__(self) -> str:
+        return f"DraftTree(tokens={self.tokens}, parents={self.parents})"
+
+    @property
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths, default=0)
+
+    def children(self, i: int) -> tuple[int, ...]:
+        """Node indices of node ``i``'s children in tree order (``i = -1`` for the root)."""
+        return self._children[i + 1]
+
+    def child_with_token(self, i: int, token: int) -> int | None:
+        """The first child of node ``i`` (-1 = root) carrying ``token``, or None."""
+        if self._by_token is None:
+            by_token: list[dict[int, int]] = [{} for _ in range(len(self.tokens) + 1)]
+            for node, (tok, par) in enumerate(zip(self.tokens, self.parents)):
+                by_token[par + 1].setdefault(tok, node)
+            self._by_token = by_token
+        return self._by_token[i + 1].get(token)
+
+    def path(self, i: int) -> list[int]:
+        """Node indices from the root's child down to node ``i`` (empty for ``i = -1``)."""
+        out = []
+        while i >= 0:
+            out.append(i)
+            i = self.parents[i]
+        return out[::-1]
+
+    def leaves(self) -> list[int]:
+        return [i for i in range(len(self.tokens)) if not self._children[i + 1]]
+
+    def paths(self) -> list[list[int]]:
+        """The token sequence from the root to each leaf, in leaf index order.
+
+        For a trie (e.g. one built by ``from_paths``), ``DraftTree.from_paths(t.paths())`` rebuilds ``t``'s
+        shape (node numbering may differ).
+        """
+        return [[self.tokens[j] for j in self.path(leaf)] for leaf in self.leaves()]
+
+    # ------------------------------------------------------------------------------- verify-forward inputs
+
+    def attention_mask(self, device: torch.device | str | None = None) -> Tensor:
+        """BoolTensor ``[n+1, n+1]`` over ``[root] + tokens``: row = query, column = key, True where the key is
+        the query itself or one of its ancestors (the root is everyone's ancestor). The engine places it as the
+        last n+1 columns of the model mask; all committed slots are visible to every row."""
+        if self._mask is None:
+            n = len(self.tokens)
+            if self.is_chain:
+                mask = torch.ones(n + 1, n + 1, dtype=torch.bool).tril_()
+            else:
+                m = np.zeros((n + 1, n + 1), dtype=bool)
+                m[0, 0] = True
+                for i, par in enumerate(self.parents):
+                    m[i + 1] = m[par + 1]
+                    m[i + 1, i + 1] = True
+                mask = torch.from_numpy(m)
+            self._mask = mask
+        return self._mask.to(device) if device is not None and torch.device(device).type != "cpu" \
+            else self._mask.clone()
+
+    def position_offsets(self, device: torch.device | str | None = None) -> Tensor:
+        """LongTensor ``[n+1]``: position of each verify row relative to the root (root 0, node = its depth).
+        The model positions are ``cache.length + position_offsets()``."""
+        return torch.tensor([0] + self.depths, dtype=torch.long, device=device)
+
+    def row_contexts(self, prefix: Tensor | Sequence[int]) -> list[Tensor]:
+        """Per verify row, the text it continues: ``prefix`` (committed ids, root last) for row 0, and
+        ``prefix + tokens on the path to node i`` for row i+1. Feed it to the logits processor so penalties
+        see each node's own context."""
+        prefix = torch.as_tensor(prefix, dtype=torch.long).reshape(-1)
+        toks = torch.tensor(self.tokens, dtype=torch.long, device=prefix.device)
+        rows = [prefix]
+        for i in range(len(self.tokens)):
+            rows.append(torch.cat([prefix, toks[self.path(i)]]))
+        return rows

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random models for fast tests, the embedded model for integration tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tachy.config import ModelConfig
+
+
+def tiny_config(arch: str, **overrides) -> ModelConfig:
+    """Small configs exercising every architectural feature (GQA, tied embeddings, sliding window...)."""
+    if arch == "llama":
+        base = dict(arch="llama", vocab_size=101, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                    head_dim=16, intermediate_size=96, max_seq_len=128, rope_theta=10000.0, tie_embeddings=True)
+    elif arch == "qwen2":
+        base = dict(arch="llama", vocab_size=101, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=1,
+                    head_dim=16, intermediate_size=96, max_seq_len=128, rope_theta=1e6, qkv_bias=True)
+    elif arch == "llama3":
+        base = dict(arch="llama", vocab_size=101, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=16, intermediate_size=96, max_seq_len=128, rope_theta=500000.0,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    elif arch == "gemma3":
+        base = dict(arch="gemma3", vocab_size=101, hidden_size=64, num_layers=6, num_heads=4, num_kv_heads=1,
+                    head_dim=32, intermediate_size=96, max_seq_len=128, rope_theta=1e6, qk_norm=True,
+                    hidden_act="gelu_pytorch_tanh", sliding_window=8, layer_types=["sliding"] * 5 + ["full"],
+                    query_pre_attn_scalar=32, embed_scale=8.0, tie_embeddings=True)
+    else:
+        raise ValueError(arch)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def hf_twin(cfg: ModelConfig, seed: int = 0):
+    """A transformers model with random weights for ``cfg`` and its state dict (the parity oracle)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf())
+    hf_cfg._attn_implementation = "eager"
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    with torch.no_grad():  # default init is near zero for norms; perturb everything so all paths matter
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return hf, dict(hf.state_dict())
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    from tachy.models import build_model
+
+    cfg = tiny_config(arch, **overrides)
+    _, sd = hf_twin(cfg, seed)
+    model = build_model(cfg)
+    model.load_hf_state_dict(sd)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded default model (bf16 weights where fast), loaded once per test session."""
+    import tachy
+
+    return tachy.load("smollm2-135m", progress=False)
