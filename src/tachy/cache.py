@@ -4,6 +4,11 @@ Layout: ``k`` and ``v`` are ``[layers, batch, kv_heads, capacity, head_dim]``. A
 writes them at slots ``length .. length+T-1`` and every layer reads slots ``0 .. length+T-1``; the model then
 calls ``advance(T)``. Slot order is position order for everything committed, so a dropped draft costs nothing
 (``rollback``) and an accepted tree path costs one small gather (``keep``).
+
+``fixed=True`` makes every forward attend over the whole buffer (unused slots masked out). That is what makes
+speculative decoding exact in bf16: a query's attention then reduces over the same number of keys whether it
+is computed alone (plain decoding) or beside draft tokens (verification), and on this CPU the kernels then
+give it bitwise the same result. Size such a cache once (the engine uses prompt + max_new_tokens).
 """
 from __future__ import annotations
 
@@ -14,8 +19,9 @@ class KVCache:
     can_rollback = True
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int = 256, batch: int = 1,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", fixed: bool = False):
         self.shape = (num_layers, batch, num_kv_heads, head_dim)
+        self.fixed = fixed
         self.dtype, self.device = dtype, torch.device(device)
         self.length = 0
         self.k = self.v = torch.empty(0)
@@ -41,11 +47,18 @@ class KVCache:
             self._allocate(max(need, 2 * self.capacity))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new keys/values [B, H, T, D] at the next slots; return all keys/values this forward can see."""
+        """Store new keys/values [B, H, T, D] at the next slots; return the keys/values attention reads
+        (the used slots, or the whole buffer when ``fixed``)."""
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
+        if self.fixed:
+            return self.k[layer], self.v[layer]
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def key_count(self, new_tokens: int) -> int:
+        """How many key slots a forward over ``new_tokens`` tokens attends over."""
+        return self.capacity if self.fixed else self.length + new_tokens
 
     def advance(self, n: int) -> None:
         self.length += n

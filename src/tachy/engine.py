@@ -20,7 +20,7 @@ from .models.llama import Transformer
 from .sampling import SamplingConfig, make_generator, make_logits_processor, make_probs_fn, sample
 from .speculative.drafters import Drafter, make_drafter
 from .speculative.tree import DraftTree
-from .speculative.verify import verify_greedy, verify_sampling
+from .speculative.verify import commit_exact, verify_greedy, verify_sampling
 from .tokenizer import StreamDetokenizer, Tokenizer
 
 PREFILL_CHUNK = 1024
@@ -119,7 +119,8 @@ class Engine:
     @torch.inference_mode()
     def generate_tokens(self, prompt_ids: Sequence[int], config: GenerationConfig,
                         stats: GenerationStats | None = None) -> Iterator[Step]:
-        """Yield one Step per target forward until the caller stops iterating or the context is full."""
+        """Yield one Step per target forward until max_new_tokens are committed (the last step may overshoot
+        by nothing: drafts are capped to the budget) or the context is full. EOS is the caller's business."""
         stats = stats if stats is not None else GenerationStats()
         prompt_ids = list(prompt_ids)
         if not prompt_ids:
@@ -133,7 +134,11 @@ class Engine:
         probs_fn = None if sampling.greedy else make_probs_fn(sampling)
         generator = None if sampling.greedy else make_generator(sampling.seed, self.device)
         model, device = self.model, self.device
-        cache = model.new_cache(capacity=min(self.max_context, len(prompt_ids) + 256))
+        # Sized once for the whole generation, and attended over whole (see KVCache): the same shapes for
+        # plain and speculative decoding, which is what makes their greedy outputs bitwise identical.
+        # (Rounded up to a multiple of 64: some odd key counts select a kernel variant that is not row-invariant.)
+        capacity = min(self.max_context, -(-(len(prompt_ids) + config.max_new_tokens) // 64) * 64)
+        cache = model.new_cache(capacity=capacity, fixed=True)
         stats.prompt_tokens = len(prompt_ids)
 
         start = time.perf_counter()
@@ -149,12 +154,13 @@ class Engine:
         stats.generated_tokens = 1
         yield Step([root], 0, 0)
 
-        while cache.length + 1 < self.max_context:
+        while cache.length + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:
             step_start = time.perf_counter()
-            room = self.max_context - cache.length - 1
+            # no drafting past the context window or the token budget (the bonus token is always produced)
+            room = min(self.max_context - cache.length - 1, config.max_new_tokens - stats.generated_tokens - 1)
             tree = DraftTree.empty()
-            if drafter is not None and config.max_draft_tokens:
-                tree = drafter.propose(ids, min(config.max_draft_tokens, room))
+            if drafter is not None and config.max_draft_tokens and room > 0:
+                tree = drafter.propose(ids, min(config.max_draft_tokens, room)).prune_to_spine()
                 if len(tree) > room:
                     tree = tree.truncate(room)
             tokens = [root] + tree.tokens
@@ -171,6 +177,7 @@ class Engine:
                 accepted, bonus = verify_greedy(tree, logits)
             else:
                 accepted, bonus = verify_sampling(tree, probs_fn(logits), generator)
+            accepted, bonus = commit_exact(tree, accepted, bonus)
             cache.keep([base] + [base + 1 + j for j in accepted])
             new = [tree.tokens[j] for j in accepted] + [bonus]
             ids.extend(new)

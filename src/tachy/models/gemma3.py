@@ -46,15 +46,18 @@ class Gemma3Transformer(Transformer):
 
 
 def sliding_window_mask(positions: Tensor, start: int, mask: Tensor | None, window: int) -> Tensor | None:
-    """Restrict ``mask`` so each query sees only keys less than ``window`` positions behind it.
+    """Restrict ``mask`` [T, S] so each query sees only keys less than ``window`` positions behind it.
 
-    Cached slots hold positions 0..start-1 in order (the cache keeps slot order = position order).
+    Cached slots hold positions 0..start-1 in order (the cache keeps slot order = position order); slots past
+    the new tokens (a fixed-size cache) are already masked out.
     """
     T = positions.shape[0]
     if start + T <= window:  # positions never exceed start + T - 1, so nothing is out of reach
         return mask
-    key_pos = torch.cat([torch.arange(start, device=positions.device), positions])
+    keys = start + T if mask is None else mask.shape[1]
+    key_pos = torch.cat([torch.arange(start, device=positions.device), positions,
+                         torch.zeros(keys - start - T, dtype=positions.dtype, device=positions.device)])
     near = (positions[:, None] - key_pos[None, :]) < window
     if mask is None:
-        mask = causal_mask(start, T, positions.device) if T > 1 else torch.ones_like(near)
+        mask = causal_mask(start, T, positions.device)
     return mask & near

@@ -11,6 +11,7 @@ gate/up are fused into one matmul each, grouped-query attention folds the query 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -96,8 +97,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = cache.write(self.layer, k, v)
-        # Grouped-query attention: the G query heads sharing a kv head become G*T queries over that head.
         groups = self.heads // self.kv_heads
+        if cache.fixed and B == 1:
+            # Exact mode: each new token is its own batch entry over the shared (broadcast) keys, so its
+            # attention runs with the very shapes of one-token decoding and gives the same bits (see KVCache).
+            q = q.view(self.kv_heads, groups, T, self.head_dim).permute(2, 0, 1, 3)     # [T, Hkv, G, D]
+            with single_thread(x.device):
+                out = F.scaled_dot_product_attention(q, k.expand(T, -1, -1, -1), v.expand(T, -1, -1, -1),
+                                                     attn_mask=None if mask is None else mask[:, None, None, :],
+                                                     scale=self.scale)
+            return self.o_proj(out.reshape(1, T, -1))
+        # Grouped-query attention: the G query heads sharing a kv head become G*T queries over that head.
         q = q.reshape(B, self.kv_heads, groups * T, self.head_dim)
         if mask is not None and groups > 1:
             mask = mask.repeat(groups, 1)
@@ -145,10 +155,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = Rope(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
-    def new_cache(self, capacity: int = 256, batch: int = 1) -> KVCache:
+    def new_cache(self, capacity: int = 256, batch: int = 1, fixed: bool = False) -> KVCache:
         """A cache sized for this model on the model's device, in the activation dtype."""
         return KVCache(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, capacity, batch,
-                       dtype=self.dtype, device=self.device)
+                       dtype=self.dtype, device=self.device, fixed=fixed)
 
     @property
     def device(self) -> torch.device:
@@ -172,8 +182,11 @@ class Transformer(nn.Module):
         """tokens [B, T], positions [T], mask [T, length+T] bool or None (causal) -> float32 logits [B, T|1, V]."""
         T = tokens.shape[1]
         cache.reserve(T)
-        if mask is None and T > 1:
-            mask = causal_mask(cache.length, T, tokens.device)
+        start, keys = cache.length, cache.key_count(T)
+        if mask is None and (T > 1 or keys > start + T):
+            mask = causal_mask(start, T, tokens.device)
+        if mask is not None and mask.shape[1] < keys:  # fixed-size cache: slots not yet written are invisible
+            mask = F.pad(mask, (0, keys - mask.shape[1]), value=False)
         x = self.embed(tokens)
         for layer, (rope, layer_mask) in zip(self.layers, self.attention_inputs(positions, cache.length, mask)):
             x = layer(x, rope, cache, layer_mask)
@@ -212,6 +225,23 @@ class Transformer(nn.Module):
         self.load_state_dict(ours, assign=True)
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+
+@contextmanager
+def single_thread(device: torch.device):
+    """Run a CPU kernel on one thread. PyTorch's CPU flash attention splits a small workload (one-token
+    decoding) over threads differently than a large one (a verify forward), which changes a row's reduction
+    order; on one thread the row's bits do not depend on its batch (measured: 0 of 748 rows differ, vs. a
+    few with two threads). Costs about 15 us per call."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def causal_mask(start: int, T: int, device: torch.device) -> Tensor:

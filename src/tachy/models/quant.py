@@ -4,8 +4,9 @@ Decode on a CPU is bound by the bytes of weights read per token, so smaller weig
 and int4 layers keep activations in bf16 and call PyTorch's packed weight-only kernels
 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``); on other devices they dequantize on the fly.
 
-Measured on this CPU (AVX512-BF16): bf16, int8 and int4 matmuls give bitwise the same row results whatever the
-number of rows, so a speculative verification forward reproduces single-token decoding exactly; fp32 (MKL)
+Measured on this CPU (AVX512-BF16): int8 and int4 matmuls, and bf16 ones up to 1024 input features, give
+bitwise the same row results whatever the number of rows (wider bf16 layers do too once split, see
+SplitKLinear), so a speculative verification forward reproduces single-token decoding exactly; fp32 (MKL)
 does not. bf16 cost is nearly flat from 1 to 16 rows, int8/int4 grow with the rows: int8/int4 are the fastest
 for plain decoding, bf16 for speculative decoding.
 """
@@ -33,6 +34,37 @@ class TransposedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = x @ self.weight_t
         return y if self.bias is None else y + self.bias
+
+
+class SplitKLinear(nn.Module):
+    """bf16 linear for wide inputs, computed in chunks of at most ``chunk`` input features summed in fp32.
+
+    oneDNN's bf16 product changes its reduction order with the number of rows once the input is wider than
+    about 1024 (measured: 1536 and 2048 wide layers differ for most row counts from 2 to 32), which would let a
+    verification forward drift from one-token decoding. Each 768-wide chunk is row-invariant, and the fp32
+    sum of the chunks is too. Cost: about 0.4 ms per SmolLM2 step.
+    """
+
+    def __init__(self, linear: nn.Linear, chunk: int = 768):
+        super().__init__()
+        w = linear.weight.detach().to(torch.bfloat16)
+        self.parts = nn.ParameterList(nn.Parameter(p.contiguous(), requires_grad=False)
+                                      for p in w.split(chunk, dim=1))
+        self.chunk = chunk
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xs = x.to(torch.bfloat16).split(self.chunk, dim=-1)
+        y = F.linear(xs[0], self.parts[0]).float()
+        for xi, wi in zip(xs[1:], self.parts[1:]):
+            y = y + F.linear(xi, wi).float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(torch.bfloat16)
+
+
+def make_bf16(linear: nn.Linear) -> nn.Module:
+    return SplitKLinear(linear) if linear.in_features > 1024 else linear
 
 
 class Int8Linear(nn.Module):
@@ -119,6 +151,7 @@ def convert_weights(model: nn.Module, dtype: str) -> nn.Module:
     if dtype not in WEIGHT_DTYPES:
         raise InvalidArgumentError(f"unknown weight dtype {dtype!r}; choose from {', '.join(WEIGHT_DTYPES)}")
     if dtype == "bf16":
+        _replace_linears(model, make_bf16)
         model.to(torch.bfloat16)
     else:
         _replace_linears(model, {"fp32": TransposedLinear, "int8": Int8Linear, "int4": make_int4}[dtype])
@@ -134,6 +167,8 @@ def convert_weights(model: nn.Module, dtype: str) -> nn.Module:
 def _replace_linears(module: nn.Module, make) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, make(child))
+            new = make(child)
+            if new is not child:
+                setattr(module, name, new)
         else:
             _replace_linears(child, make)

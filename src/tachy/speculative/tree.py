@@ -150,6 +150,33 @@ class DraftTree:
         """
         return [[self.tokens[j] for j in self.path(leaf)] for leaf in self.leaves()]
 
+    @property
+    def spine_length(self) -> int:
+        """Length of the leading chain: nodes 0..s-1 with ``parents[i] == i - 1``.
+
+        Spine nodes sit at the cache slots plain decoding would give them (root + depth), so their verify rows
+        are computed exactly as one-token decoding would compute them; see ``prune_to_spine``.
+        """
+        s = 0
+        while s < len(self.parents) and self.parents[s] == s - 1:
+            s += 1
+        return s
+
+    def prune_to_spine(self) -> DraftTree:
+        """Keep the spine and the spine's other children (siblings of spine nodes), drop everything deeper.
+
+        Why: a node off the spine attends over keys at scattered slots, so its row is not bit-identical to
+        one-token decoding. Its token can still be committed (its parent's row chose it), but nothing below it
+        can, so those nodes would only cost compute. Node order is kept (spine first, then side nodes).
+        """
+        s = self.spine_length
+        keep = [i for i, par in enumerate(self.parents) if i < s or par < s]
+        if len(keep) == len(self.tokens):
+            return self
+        index = {old: new for new, old in enumerate(keep)}
+        return DraftTree([self.tokens[i] for i in keep], [-1 if self.parents[i] < 0 else index[self.parents[i]]
+                                                         for i in keep])
+
     # ------------------------------------------------------------------------------- verify-forward inputs
 
     def attention_mask(self, device: torch.device | str | None = None) -> Tensor:

@@ -166,3 +166,19 @@ def _walk_draft_probs(tree: DraftTree, probs: Tensor, draft_probs: Tensor, gener
             return accepted, _draw(residual, generator)
         accepted.append(chosen)
         cur = chosen
+
+
+def commit_exact(tree: DraftTree, accepted: list[int], bonus: int) -> tuple[list[int], int]:
+    """Cut a verification result to what one-token decoding would provably have produced.
+
+    Rows of spine nodes (``DraftTree.spine_length``) are bit-identical to one-token decoding; a side node's row
+    is not. The walk is exact up to the first accepted side node: its token was chosen by an exact row (its
+    parent's), so it is committed, as the new root (the returned token), and its cache slot and row are
+    dropped. The cut depends only on the tree's shape, so sampled output keeps the target distribution.
+    Returns ``(accepted spine nodes, next root token)``.
+    """
+    spine = tree.spine_length
+    for k, node in enumerate(accepted):
+        if node >= spine:
+            return accepted[:k], tree.tokens[node]
+    return accepted, bonus

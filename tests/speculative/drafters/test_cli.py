@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from tachy.cli import main
 from tachy.speculative.drafters import DRAFTERS, Datastore

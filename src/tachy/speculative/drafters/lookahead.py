@@ -28,7 +28,7 @@ from typing import Sequence
 from torch import Tensor
 
 from ..tree import DraftTree
-from .base import Drafter, as_token_list
+from .base import Drafter
 
 
 class NgramPool:

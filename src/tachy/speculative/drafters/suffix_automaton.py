@@ -30,7 +30,7 @@ the draft is ``[3, 9, 1, 2]`` and then, running into the present, ``3, 9, ...`` 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from ..tree import DraftTree
@@ -153,7 +153,7 @@ class SuffixAutomatonDrafter(Drafter):
     """
 
     min_match_len: int = 1
-    corpus_ids: Sequence[int] | Sequence[Sequence[int]] | None = field(default=None)
+    corpus_ids: Sequence[int] | Sequence[Sequence[int]] | None = None
 
     name = "sam"
 

@@ -23,7 +23,7 @@ after 7, a root ``5`` drafts ``7`` then ``9`` (top-1 chain) with ``2`` and ``3``
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
