@@ -111,6 +111,19 @@ class Engine:
     def device(self) -> torch.device:
         return self.model.device
 
+    @torch.inference_mode()
+    def warmup(self, max_tokens: int = 17) -> None:
+        """Run one forward per verify width 1..max_tokens once, so that kernels' one-time setup (oneDNN
+        builds a primitive per shape) is not billed to the first generations, nor to the gate's measurements."""
+        if getattr(self, "_warm", 0) >= max_tokens:
+            return
+        cache = self.model.new_cache(capacity=128, fixed=True)
+        for T in range(1, max_tokens + 1):
+            self.model(torch.zeros(1, T, dtype=torch.long, device=self.device),
+                       torch.arange(T, device=self.device), cache)
+            cache.reset()
+        self._warm = max_tokens
+
     @property
     def max_context(self) -> int:
         return self.config.max_seq_len
@@ -128,6 +141,7 @@ class Engine:
         if len(prompt_ids) >= self.max_context:
             raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; the context window of {self.name} "
                                      f"is {self.max_context}")
+        self.warmup(config.max_draft_tokens + 1 if config.drafter not in (None, "none") else 1)
         drafter = self._drafter(config.drafter)
         sampling = config.sampling
         processor = make_logits_processor(sampling)
@@ -216,7 +230,11 @@ class Engine:
         if drafter is None or drafter == "none":
             return None
         if isinstance(drafter, str):
-            return make_drafter(drafter)
+            # one instance per name and engine: learned state (Token Recycling's table) carries across calls
+            cache = self.__dict__.setdefault("_drafters", {})
+            if drafter not in cache:
+                cache[drafter] = make_drafter(drafter)
+            return cache[drafter]
         return drafter
 
     # -- middle layer: text pieces ------------------------------------------------------------------------

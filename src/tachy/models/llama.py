@@ -102,11 +102,7 @@ class Attention(nn.Module):
             # Exact mode: each new token is its own batch entry over the shared (broadcast) keys, so its
             # attention runs with the very shapes of one-token decoding and gives the same bits (see KVCache).
             q = q.view(self.kv_heads, groups, T, self.head_dim).permute(2, 0, 1, 3)     # [T, Hkv, G, D]
-            with single_thread(x.device):
-                out = F.scaled_dot_product_attention(q, k.expand(T, -1, -1, -1), v.expand(T, -1, -1, -1),
-                                                     attn_mask=None if mask is None else mask[:, None, None, :],
-                                                     scale=self.scale)
-            return self.o_proj(out.reshape(1, T, -1))
+            return self.o_proj(bucketed_attention(q, k, v, mask, cache.length, self.scale).reshape(1, T, -1))
         # Grouped-query attention: the G query heads sharing a kv head become G*T queries over that head.
         q = q.reshape(B, self.kv_heads, groups * T, self.head_dim)
         if mask is not None and groups > 1:
@@ -225,6 +221,32 @@ class Transformer(nn.Module):
         self.load_state_dict(ours, assign=True)
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+
+KEY_BUCKET = 64
+
+
+def bucketed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, start: int, scale: float) -> Tensor:
+    """Attention for one sequence whose T new rows are batch entries: q [T, Hkv, G, D], k/v [1, Hkv, S, D],
+    mask [T, S] or None (all visible); returns [T, Hkv, G, D].
+
+    Row t (cache slot start + t) reads the first ``roundup(start + t + 1, KEY_BUCKET)`` keys, the count
+    one-token decoding at that slot reads too, so both compute the row with identical shapes and bits
+    (see KVCache). Rows of one forward fall into at most a few buckets: one kernel call per bucket.
+    """
+    T, S = q.shape[0], k.shape[2]
+    out = torch.empty_like(q)
+    t = 0
+    while t < T:
+        keys = min(S, -(-(start + t + 1) // KEY_BUCKET) * KEY_BUCKET)
+        end = min(T, keys - start)            # rows whose own bucket is this one
+        n = end - t
+        with single_thread(q.device):
+            out[t:end] = F.scaled_dot_product_attention(
+                q[t:end], k[:, :, :keys].expand(n, -1, -1, -1), v[:, :, :keys].expand(n, -1, -1, -1),
+                attn_mask=None if mask is None else mask[t:end, None, None, :keys], scale=scale)
+        t = end
+    return out
 
 
 @contextmanager

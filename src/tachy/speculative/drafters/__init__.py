@@ -6,7 +6,8 @@ pure Python/numpy over token ids, cheap per step (a few hundred microseconds at 
 ======================  ==========================================================================
 name                    drafter
 ======================  ==========================================================================
-``default``             :class:`DefaultDrafter`: suffix automaton, else Token Recycling
+``default``             :class:`GatedDefaultDrafter`: ``samrec`` behind the never-slower gate
+``samrec``              :class:`DefaultDrafter`: suffix automaton, else Token Recycling
 ``pld``                 :class:`PromptLookupDrafter`: n-gram lookup in the context
 ``sam``                 :class:`SuffixAutomatonDrafter`: longest suffix match (SAM-Decoding)
 ``recycling``           :class:`TokenRecyclingDrafter`: top-k adjacency from verify logits
@@ -25,6 +26,7 @@ from .aded import AdaptiveTrigramDrafter, NgramTable
 from .base import Drafter, overlap_copy
 from .datastore import Datastore, DatastoreDrafter, build_datastore, build_suffix_array, frequency_tree
 from .fallback import AdaptiveLength, CombinedDrafter, DefaultDrafter, FallbackDrafter
+from .gate import GatedDefaultDrafter, SpeedGate
 from .lookahead import LookaheadDrafter, NgramPool
 from .prompt_lookup import PromptLookupDrafter, find_ngram_continuations
 from .suffix_automaton import SuffixAutomaton, SuffixAutomatonDrafter, longest_previous_matches
@@ -32,6 +34,7 @@ from .token_recycling import TokenRecyclingDrafter, expand_template, make_templa
 
 DRAFTERS: dict[str, type[Drafter]] = {
     cls.name: cls for cls in (
+        GatedDefaultDrafter,
         DefaultDrafter,
         PromptLookupDrafter,
         SuffixAutomatonDrafter,
@@ -96,7 +99,7 @@ def make_drafter(name: str, **kwargs) -> Drafter:
 
 __all__ = [
     "DRAFTERS", "Drafter", "available_drafters", "make_drafter", "parse_drafter_spec", "overlap_copy",
-    "DefaultDrafter", "FallbackDrafter", "CombinedDrafter", "AdaptiveLength",
+    "DefaultDrafter", "GatedDefaultDrafter", "SpeedGate", "FallbackDrafter", "CombinedDrafter", "AdaptiveLength",
     "PromptLookupDrafter", "find_ngram_continuations",
     "SuffixAutomatonDrafter", "SuffixAutomaton", "longest_previous_matches",
     "TokenRecyclingDrafter", "make_template", "expand_template",
