@@ -115,7 +115,7 @@ class ModelConfig:
             d["rope_scaling"] = self.rope_scaling
         if self.arch == "gemma3":
             d.update(model_type="gemma3_text", hidden_activation=self.hidden_act, sliding_window=self.sliding_window,
-                     rope_local_base_freq=self.rope_local_theta, query_pre_attn_scalar=self.query_pre_attn_scalar,
+                     rope_local_base_freq=self.rope_local_theta, query_pre_attn_scalar=_int_if_whole(self.query_pre_attn_scalar),
                      layer_types=["full_attention" if t == "full" else "sliding_attention" for t in self.layer_types])
         else:
             model_type = "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
@@ -128,3 +128,8 @@ def _rope_theta(hf: dict[str, Any]) -> float:
         return float(hf["rope_theta"])
     params = hf.get("rope_parameters") or {}
     return float(params.get("rope_theta", 10000.0))
+
+
+def _int_if_whole(x: float | None) -> float | int | None:
+    """transformers' strict Gemma3 config wants an int where GGUF metadata gives 256.0."""
+    return int(x) if x is not None and float(x).is_integer() else x
