@@ -65,8 +65,6 @@ def test_generate_chat_prints_the_answer(smollm, cached_load, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="cli.py print_stats(stats, file=sys.stderr) binds the stderr object at "
-                                       "import time, so a later sys.stderr redirection misses the stats line")
 def test_generate_stats_line_follows_sys_stderr(cached_load, capsys):
     assert main(["generate", "Hi", "--max-new-tokens", "4"]) == 0
     _, err = capsys.readouterr()

@@ -36,8 +36,12 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def generation_config(args: argparse.Namespace):
+    """Validated before the model loads, so a bad value fails at once."""
     from .engine import GenerationConfig
+    from .speculative.drafters import make_drafter
 
+    if args.drafter not in (None, "none"):
+        make_drafter(args.drafter)
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                             seed=args.seed, stop=args.stop, drafter=args.drafter,
@@ -55,7 +59,8 @@ def load_engine(args: argparse.Namespace):
     return engine
 
 
-def print_stats(stats, file=sys.stderr) -> None:
+def print_stats(stats, file=None) -> None:
+    file = file or sys.stderr
     model_s = max(stats.decode_s - stats.draft_s, 0.0)
     print(f"\n[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated | prefill "
           f"{stats.prefill_s * 1000:.0f} ms | decode {stats.tokens_per_s:.1f} tokens/s | "
@@ -166,6 +171,7 @@ EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 def main(argv: list[str] | None = None) -> int:
     _register_extras()
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return args.func(args)
     except TachyError as e:

@@ -142,8 +142,8 @@ class Engine:
             raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; the context window of {self.name} "
                                      f"is {self.max_context}")
         self.warmup(config.max_draft_tokens + 1 if config.drafter not in (None, "none") else 1)
-        drafter = self._drafter(config.drafter)
         sampling = config.sampling
+        drafter = self._drafter(config.drafter, sampling)
         processor = make_logits_processor(sampling)
         probs_fn = None if sampling.greedy else make_probs_fn(sampling)
         generator = None if sampling.greedy else make_generator(sampling.seed, self.device)
@@ -171,7 +171,7 @@ class Engine:
         while cache.length + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:
             step_start = time.perf_counter()
             # no drafting past the context window or the token budget (the bonus token is always produced)
-            room = min(self.max_context - cache.length - 1, config.max_new_tokens - stats.generated_tokens - 1)
+            room = min(self.max_context - cache.length - 2, config.max_new_tokens - stats.generated_tokens - 1)
             tree = DraftTree.empty()
             if drafter is not None and config.max_draft_tokens and room > 0:
                 tree = drafter.propose(ids, min(config.max_draft_tokens, room)).prune_to_spine()
@@ -226,9 +226,13 @@ class Engine:
             return int(logits.argmax(-1))
         return int(sample(probs_fn(logits), generator))
 
-    def _drafter(self, drafter: str | Drafter | None) -> Drafter | None:
+    def _drafter(self, drafter: str | Drafter | None, sampling: SamplingConfig) -> Drafter | None:
         if drafter is None or drafter == "none":
             return None
+        if isinstance(drafter, str) and not sampling.greedy and sampling.seed is not None:
+            # A seed must reproduce the output: drafts then may depend on nothing but the text, so no state
+            # learned in earlier calls and no timing gate (the ungated "samrec" stands in for "default").
+            return make_drafter("samrec" if drafter == "default" else drafter)
         if isinstance(drafter, str):
             # one instance per name and engine: learned state (Token Recycling's table) carries across calls
             cache = self.__dict__.setdefault("_drafters", {})
@@ -249,6 +253,8 @@ class Engine:
         text, emitted = "", 0   # text decoded so far, and how much of it was already sent
         hold = max((len(s) for s in config.stop), default=0)  # keep back what could start a stop string
         produced = 0
+        pending_ids: list[int] = []        # tokens behind text not yet sent (held back for stop strings)
+        pending_draft: list[bool] = []
         steps = self.generate_tokens(prompt_ids, config, stats)
         try:
             for step in steps:
@@ -261,7 +267,8 @@ class Engine:
                     tokens, finish = tokens[:config.max_new_tokens - produced], "length"
                 produced += len(tokens)
                 stats.generated_tokens = produced
-                from_draft = [i < step.accepted for i in range(len(tokens))]
+                pending_ids += tokens
+                pending_draft += [i < step.accepted for i in range(len(tokens))]
                 for tok in tokens:
                     text += detok.add(tok)
                 if finish is not None:
@@ -270,13 +277,14 @@ class Engine:
                 if cut is not None:
                     text, finish = text[:cut], "stop"
                 if finish is None and len(text) - emitted <= hold and hold:
-                    continue
+                    continue  # nothing safe to send yet: the tokens wait in pending_ids
                 upto = len(text) if finish is not None else len(text) - hold
                 piece, emitted = text[emitted:upto], max(emitted, upto)
-                yield GenerationResponse(piece, tokens, from_draft, stats, finish)
+                yield GenerationResponse(piece, pending_ids, pending_draft, stats, finish)
+                pending_ids, pending_draft = [], []
                 if finish is not None:
                     return
-            yield GenerationResponse(text[emitted:] + detok.flush(), [], [], stats, "length")
+            yield GenerationResponse(text[emitted:] + detok.flush(), pending_ids, pending_draft, stats, "length")
         finally:
             steps.close()
 

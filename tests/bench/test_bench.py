@@ -140,8 +140,6 @@ def test_bench_end_to_end(cached_load, bench_file, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="bench/cli.py records `tachy ` + sys.argv[1:], not the argv given to "
-                                       "cli.main(), so results.md names the wrong command for in-process runs")
 def test_bench_report_names_its_command(cached_load, bench_file, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["bench", "--prompts", str(bench_file), "--limit", "1", "--methods", "vanilla",

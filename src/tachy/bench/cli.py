@@ -24,11 +24,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         methods = ["vanilla", *available_drafters()]
     if not methods:
         raise TachyError("--methods is empty")
+    known = ["vanilla", *available_drafters()]
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise TachyError(f"unknown method {unknown[0]!r}; available: {', '.join(known)}")
     if args.max_new_tokens < 1:
         raise TachyError("--max-new-tokens must be at least 1")
     engine = load_engine(args)
     results = run_bench(engine, prompts, methods, args.max_new_tokens, args.max_draft_tokens)
-    command = "tachy " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "tachy " + " ".join(shlex.quote(a) for a in args.argv)
     write_report(results, Path(args.out), command)
     print((Path(args.out) / "results.md").read_text())
     return 0
