@@ -169,6 +169,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
         if "embed_tokens" in name or name.endswith((".cos", ".sin")):
             continue
         total += t.numel() * t.element_size()
+    head = getattr(model.lm_head, "weight", None)
+    if head is not None and head is model.embed_tokens.weight:  # tied: the output layer reads the table
+        total += head.numel() * head.element_size()
     return total
 
 

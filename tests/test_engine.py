@@ -217,7 +217,7 @@ def story_request(smollm):
 @pytest.mark.slow
 @pytest.mark.parametrize("drafter", [
     None, "pld",
-    "samrec",
+    "gated",
     "default",
 ])
 def test_sampling_same_seed_same_output(smollm, story_request, drafter):

@@ -231,8 +231,8 @@ class Engine:
             return None
         if isinstance(drafter, str) and not sampling.greedy and sampling.seed is not None:
             # A seed must reproduce the output: drafts then may depend on nothing but the text, so no state
-            # learned in earlier calls and no timing gate (the ungated "samrec" stands in for "default").
-            return make_drafter("samrec" if drafter == "default" else drafter)
+            # learned in earlier calls and no timing gate (the ungated "default" stands in for "gated").
+            return make_drafter("default" if drafter == "gated" else drafter)
         if isinstance(drafter, str):
             # one instance per name and engine: learned state (Token Recycling's table) carries across calls
             cache = self.__dict__.setdefault("_drafters", {})

@@ -6,8 +6,8 @@ pure Python/numpy over token ids, cheap per step (a few hundred microseconds at 
 ======================  ==========================================================================
 name                    drafter
 ======================  ==========================================================================
-``default``             :class:`GatedDefaultDrafter`: ``samrec`` behind the never-slower gate
-``samrec``              :class:`DefaultDrafter`: suffix automaton, else Token Recycling
+``default``             :class:`DefaultDrafter`: suffix automaton, else Token Recycling
+``gated``               :class:`GatedDefaultDrafter`: ``default`` behind the never-slower gate
 ``pld``                 :class:`PromptLookupDrafter`: n-gram lookup in the context
 ``sam``                 :class:`SuffixAutomatonDrafter`: longest suffix match (SAM-Decoding)
 ``recycling``           :class:`TokenRecyclingDrafter`: top-k adjacency from verify logits

@@ -7,8 +7,8 @@
 * :class:`AdaptiveLength`: wraps any drafter and moves its node budget with acceptance: grows after a draft
   accepted to its deepest node, shrinks after a shorter acceptance (the heuristic of transformers' assisted
   generation: ``+grow`` / ``-shrink``).
-* :class:`DefaultDrafter` (``"samrec"``): suffix automaton when the longest match has at least
-  ``min_match_len`` tokens, else Token Recycling. ``"default"`` is this behind the never-slower gate (gate.py).
+* :class:`DefaultDrafter` (``"default"``): suffix automaton when the longest match has at least
+  ``min_match_len`` tokens, else Token Recycling. ``"gated"`` is this behind the never-slower gate (gate.py).
 
 All of them forward ``reset`` and ``update`` to every inner drafter (with the logits only to those that want
 them), so each keeps its incremental state. An inner drafter whose draft was not the one verified learns
@@ -165,11 +165,11 @@ class AdaptiveLength(Drafter):
 
 
 class DefaultDrafter(FallbackDrafter):
-    """``"samrec"``: the suffix automaton's chain when the context holds a match of at least
+    """``"default"``: the suffix automaton's chain when the context holds a match of at least
     ``min_match_len`` tokens, else a Token Recycling tree (SAM-Decoding with Token Recycling as its
     auxiliary drafter). Options are passed to the two drafters."""
 
-    name = "samrec"
+    name = "default"
 
     def __init__(self, min_match_len: int = 4, k: int = 8, num_nodes: int = 48):
         super().__init__([SuffixAutomatonDrafter(min_match_len=min_match_len),
