@@ -1,0 +1,51 @@
+"""Cost of one target forward over T new tokens (a verify step) relative to a one-token decode step.
+
+This ratio decides what speculative decoding can gain: a step committing k tokens pays cost(T) / cost(1).
+Uses the engine's exact attention path (fixed-size cache), as generation does.
+
+    python benchmarks/verify_cost.py [--model smollm2-135m] [--context 300]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import tachy
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--context", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+    engine = tachy.load(args.model, dtype=args.dtype, progress=False)
+    engine.warmup(17)
+    model = engine.model
+    widths = [1, 2, 4, 8, 12, 16]
+    with torch.inference_mode():
+        cache = model.new_cache(-(-(args.context + 128) // 64) * 64, fixed=True)
+        model(torch.randint(0, 1000, (1, args.context)), torch.arange(args.context), cache, last_only=True)
+        times: dict[int, list[float]] = {T: [] for T in widths}
+        for _ in range(args.repeats):           # interleaved over widths
+            for T in widths:
+                L = cache.length
+                mask = torch.ones(T, L + T, dtype=torch.bool).tril(L)
+                start = time.perf_counter()
+                model(torch.randint(0, 1000, (1, T)), torch.arange(L, L + T), cache, mask)
+                times[T].append(time.perf_counter() - start)
+                cache.rollback(T)
+    base = statistics.median(times[1])
+    print(f"{args.model}, context {args.context}, median of {args.repeats}")
+    print("| T | ms | vs T=1 |\n|---|---|---|")
+    for T in widths:
+        med = statistics.median(times[T])
+        print(f"| {T} | {1000 * med:.1f} | {med / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
