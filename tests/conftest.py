@@ -4,7 +4,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pathlib import Path
+
 from tachy.config import ModelConfig
+
+# The development data lives in shared/ beside the checkout (as in CI's fresh clone).
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Real-model tests run on one thread: on a shared 2-core machine two threads spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config(arch: str, **overrides) -> ModelConfig:

@@ -26,16 +26,11 @@ from tachy.speculative.drafters import Drafter, DatastoreDrafter, available_draf
 from tachy.speculative.tree import DraftTree
 from tests.conftest import tiny_model
 
-DATA = Path("/work/shared/data")
+from tests.conftest import DATA
 NEW_TOKENS = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(engine: Engine, prompt, **kwargs):

@@ -38,7 +38,7 @@ def test_load_prompts_both_id_layouts_and_multi_turn(tmp_path):
 
 
 def test_load_prompts_real_files():
-    data = Path("/work/shared/data")
+    from tests.conftest import DATA as data
     if not (data / "vicuna_bench.jsonl").is_file():
         pytest.skip("development data not available")
     vicuna = load_prompts(data / "vicuna_bench.jsonl")

@@ -32,7 +32,9 @@ SMOLLM_CHATS = [
      {"role": "user", "content": "Write a short Python function that returns the n-th Fibonacci number."}],
     [{"role": "user", "content": "Give me three tips for staying focused while studying."}],
 ]
-SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
+from tests.conftest import DATA
+
+SHAKESPEARE = str(DATA / "tinyshakespeare.txt")
 GEMMA_OFFSETS = [0, 250_000, 700_000]   # character offsets of the three plain-text passages
 PASSAGE_CHARS = 400
 LONG_PROMPT_TOKENS = 700                # > gemma3's sliding window of 512

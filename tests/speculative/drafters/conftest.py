@@ -6,9 +6,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True, scope="package")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(autouse=True)
+def _one_torch_thread(one_torch_thread):
+    """Every drafter test on one thread (the shared fixture in tests/conftest.py)."""
