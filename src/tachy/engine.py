@@ -177,6 +177,7 @@ class Engine:
                 tree = drafter.propose(ids, min(config.max_draft_tokens, room)).prune_to_spine()
                 if len(tree) > room:
                     tree = tree.truncate(room)
+                stats.draft_s += time.perf_counter() - step_start
             tokens = [root] + tree.tokens
             positions = cache.length + tree.position_offsets().to(device)
             mask = None
