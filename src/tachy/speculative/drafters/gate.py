@@ -82,8 +82,8 @@ class SpeedGate(Drafter):
 class GatedDefaultDrafter(SpeedGate):
     """``"gated"``: the default drafter behind the never-slower gate.
 
-    Measured (docs/benchmarks.md): on 128-token answers its exploration cost more than it saved (1.19x vs the
-    ungated drafter's 1.32x over vanilla), so it is opt-in until it learns across requests.
+    Measured (docs/benchmarks.md): on 128-token answers its exploration cost more than it saved (1.18x vs the
+    ungated drafter's 1.29x over vanilla), so it is opt-in until it learns across requests.
     """
 
     name = "gated"
