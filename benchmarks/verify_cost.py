@@ -14,6 +14,7 @@ import time
 import torch
 
 import tachy
+from tachy.cache import key_bucket
 
 
 def main() -> None:
@@ -28,7 +29,7 @@ def main() -> None:
     model = engine.model
     widths = [1, 2, 4, 8, 12, 16]
     with torch.inference_mode():
-        cache = model.new_cache(-(-(args.context + 128) // 64) * 64, fixed=True)
+        cache = model.new_cache(key_bucket(args.context + 128), fixed=True)
         model(torch.randint(0, 1000, (1, args.context)), torch.arange(args.context), cache, last_only=True)
         times: dict[int, list[float]] = {T: [] for T in widths}
         for _ in range(args.repeats):           # interleaved over widths

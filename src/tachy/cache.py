@@ -5,14 +5,22 @@ writes them at slots ``length .. length+T-1`` and every layer reads slots ``0 ..
 calls ``advance(T)``. Slot order is position order for everything committed, so a dropped draft costs nothing
 (``rollback``) and an accepted tree path costs one small gather (``keep``).
 
-``fixed=True`` makes every forward attend over the whole buffer (unused slots masked out). That is what makes
-speculative decoding exact in bf16: a query's attention then reduces over the same number of keys whether it
-is computed alone (plain decoding) or beside draft tokens (verification), and on this CPU the kernels then
-give it bitwise the same result. Size such a cache once (the engine uses prompt + max_new_tokens).
+``fixed=True`` hands attention the whole buffer (unused slots masked out), and the model then reads, for each
+row, the keys up to its slot's bucket (``key_bucket``). That is what makes speculative decoding exact in bf16:
+a query's attention reduces over the same number of keys whether it is computed alone (plain decoding) or
+beside draft tokens (verification), and on this CPU the kernels then give it bitwise the same result. Size
+such a cache once, to a whole number of buckets (the engine uses prompt + max_new_tokens, rounded up).
 """
 from __future__ import annotations
 
 import torch
+
+KEY_BUCKET = 64   # key counts come in multiples of this: some odd counts pick a kernel that is not row-invariant
+
+
+def key_bucket(n: int) -> int:
+    """``n`` rounded up to a whole number of key buckets."""
+    return -(-n // KEY_BUCKET) * KEY_BUCKET
 
 
 class KVCache:

@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .cache import key_bucket
 from .errors import ContextLengthError, InvalidArgumentError
 from .models.llama import Transformer
 from .sampling import SamplingConfig, make_generator, make_logits_processor, make_probs_fn, sample
@@ -148,10 +149,9 @@ class Engine:
         probs_fn = None if sampling.greedy else make_probs_fn(sampling)
         generator = None if sampling.greedy else make_generator(sampling.seed, self.device)
         model, device = self.model, self.device
-        # Sized once for the whole generation, and attended over whole (see KVCache): the same shapes for
-        # plain and speculative decoding, which is what makes their greedy outputs bitwise identical.
-        # (Rounded up to a multiple of 64: some odd key counts select a kernel variant that is not row-invariant.)
-        capacity = min(self.max_context, -(-(len(prompt_ids) + config.max_new_tokens) // 64) * 64)
+        # Sized once for the whole generation, in whole key buckets (see KVCache): the same shapes for plain
+        # and speculative decoding, which is what makes their greedy outputs bitwise identical.
+        capacity = min(self.max_context, key_bucket(len(prompt_ids) + config.max_new_tokens))
         cache = model.new_cache(capacity=capacity, fixed=True)
         stats.prompt_tokens = len(prompt_ids)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cache import KVCache
+from ..cache import KVCache, key_bucket
 from ..config import ModelConfig
 
 
@@ -223,14 +223,11 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
 
-KEY_BUCKET = 64
-
-
 def bucketed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, start: int, scale: float) -> Tensor:
     """Attention for one sequence whose T new rows are batch entries: q [T, Hkv, G, D], k/v [1, Hkv, S, D],
     mask [T, S] or None (all visible); returns [T, Hkv, G, D].
 
-    Row t (cache slot start + t) reads the first ``roundup(start + t + 1, KEY_BUCKET)`` keys, the count
+    Row t (cache slot start + t) reads the first ``key_bucket(start + t + 1)`` keys, the count
     one-token decoding at that slot reads too, so both compute the row with identical shapes and bits
     (see KVCache). Rows of one forward fall into at most a few buckets: one kernel call per bucket.
     """
@@ -238,7 +235,7 @@ def bucketed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sta
     out = torch.empty_like(q)
     t = 0
     while t < T:
-        keys = min(S, -(-(start + t + 1) // KEY_BUCKET) * KEY_BUCKET)
+        keys = min(S, key_bucket(start + t + 1))
         end = min(T, keys - start)            # rows whose own bucket is this one
         n = end - t
         with single_thread(q.device):
