@@ -186,7 +186,8 @@ def _register_extras() -> None:
     """Import optional subcommand modules; each appends its register function to EXTRA_COMMANDS."""
     import importlib
 
-    for module in ("tachy.bench.cli", "tachy.speculative.drafters.cli", "tachy.server.cli"):
+    for module in ("tachy.bench.cli", "tachy.speculative.drafters.cli", "tachy.server.cli", "tachy.eval.cli",
+                   "tachy.decoding.cli"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:
