@@ -38,6 +38,7 @@ def load(name_or_path: str | Path | None = None, dtype: str | None = None, devic
     max_context: cap the context window (saves rope-table memory on long-context models).
     """
     from .models import build_model
+    from .models.llama import Rope
     from .models.load import load_checkpoint
     from .models.quant import convert_weights
     from .registry import DEFAULT_MODEL, resolve_model
@@ -49,8 +50,12 @@ def load(name_or_path: str | Path | None = None, dtype: str | None = None, devic
     cfg, state_dict, tokenizer_dir = load_checkpoint(path, progress=progress)
     if max_context:
         cfg.max_seq_len = min(cfg.max_seq_len, max_context)
-    model = build_model(cfg)
+    with torch.device("meta"):   # no random init: the checkpoint's tensors are assigned in place
+        model = build_model(cfg)
     model.load_hf_state_dict(state_dict)
+    for module in model.modules():
+        if isinstance(module, Rope):
+            module.rebuild("cpu")
     model = convert_weights(model.to(dev), dtype).eval()
     tokenizer = Tokenizer.from_path(tokenizer_dir)
     name = str(name_or_path or DEFAULT_MODEL)

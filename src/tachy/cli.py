@@ -50,9 +50,11 @@ def generation_config(args: argparse.Namespace):
 
 def load_engine(args: argparse.Namespace):
     import tachy
+    from .registry import DEFAULT_MODEL, resolve_model
 
     start = time.perf_counter()
-    print(f"loading {args.model or 'smollm2-135m'} ...", file=sys.stderr, flush=True)
+    resolve_model(args.model or DEFAULT_MODEL)   # an unknown name fails here, before "loading ..." is printed
+    print(f"loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
     engine = tachy.load(args.model, dtype=args.dtype, device=args.device)
     print(f"loaded in {time.perf_counter() - start:.1f}s ({next(engine.model.parameters()).dtype}, "
           f"{engine.device})", file=sys.stderr, flush=True)

@@ -58,10 +58,19 @@ class Rope(nn.Module):
 
     def __init__(self, head_dim: int, max_len: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_frequencies(head_dim, theta, scaling))
-        angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.params = (head_dim, max_len, theta, scaling)
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        if self.cos.device.type != "meta":   # built on the meta device: tachy.load calls rebuild() later
+            self.rebuild(self.cos.device)
+
+    def rebuild(self, device: torch.device | str) -> None:
+        head_dim, max_len, theta, scaling = self.params
+        with torch.device(device):
+            angles = torch.outer(torch.arange(max_len, dtype=torch.float32),
+                                 rope_frequencies(head_dim, theta, scaling))
+            angles = torch.cat([angles, angles], dim=-1)
+            self.cos, self.sin = angles.cos(), angles.sin()
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         return self.cos[positions], self.sin[positions]
