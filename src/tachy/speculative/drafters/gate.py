@@ -44,12 +44,14 @@ class SpeedGate(Drafter):
         self.rng = random.Random(seed)
         self.cost: dict[int, float] = {}        # budget -> EMA seconds per committed token
         self.arm = self.budgets[-1]
-        self.started = 0.0
+        self.started: float | None = None   # when the current step's propose began
         self.steps = 0
 
     def reset(self, prompt_ids: Sequence[int]) -> None:
+        """A new sequence. The arm costs carry over: they describe the model and machine more than the text,
+        and the moving average lets the new text correct them within a few steps (re-measuring every arm
+        on each request cost more than it saved on short answers)."""
         self.inner.reset(prompt_ids)
-        self.cost.clear()
         self.steps = 0
 
     def choose(self) -> int:
@@ -71,19 +73,19 @@ class SpeedGate(Drafter):
     def update(self, ids: Sequence[int], accepted: int, logits: Tensor | None = None,
                tokens: Sequence[int] | None = None) -> None:
         self.inner.update(ids, accepted, logits, tokens)
-        if self.started:
+        if self.started is not None:
             per_token = (time.perf_counter() - self.started) / (accepted + 1)
             old = self.cost.get(self.arm)
             self.cost[self.arm] = per_token if old is None else (1 - self.decay) * old + self.decay * per_token
-            self.started = 0.0
+            self.started = None
         self.steps += 1
 
 
 class GatedDefaultDrafter(SpeedGate):
     """``"gated"``: the default drafter behind the never-slower gate.
 
-    Measured (docs/benchmarks.md): on 128-token answers its exploration cost more than it saved (1.18x vs the
-    ungated drafter's 1.29x over vanilla), so it is opt-in until it learns across requests.
+    Measured (docs/benchmarks.md) it is opt-in: see the speculative table for its speed next to the ungated
+    drafter's.
     """
 
     name = "gated"
