@@ -114,7 +114,8 @@ def test_default_drafter_prefers_long_context_matches():
     d = make_drafter("default")
     assert isinstance(d, DefaultDrafter) and d.needs_logits
     sam, rec = d.drafters
-    assert isinstance(sam, SuffixAutomatonDrafter) and isinstance(rec, TokenRecyclingDrafter)
+    assert isinstance(sam, SuffixAutomatonDrafter) and isinstance(rec, AdaptiveLength)
+    assert isinstance(rec.inner, TokenRecyclingDrafter) and rec.length == 4   # recycling starts at 4 nodes
     ctx = [10, 11, 12, 13, 14, 15, 10, 11, 12, 13]
     d.reset(ctx)
     assert d.propose(ctx, 3) == DraftTree.chain([14, 15, 10]) and d.chosen is sam
