@@ -233,13 +233,15 @@ class Engine:
         if isinstance(drafter, str) and not sampling.greedy and sampling.seed is not None:
             # A seed must reproduce the output: drafts then may depend on nothing but the text, so no state
             # learned in earlier calls and no timing gate (the ungated "default" stands in for "gated").
-            return make_drafter("default" if drafter == "gated" else drafter)
+            return _check_target(make_drafter("default" if drafter == "gated" else drafter), self)
         if isinstance(drafter, str):
             # one instance per name and engine: learned state (Token Recycling's table) carries across calls
             cache = self.__dict__.setdefault("_drafters", {})
             if drafter not in cache:
                 cache[drafter] = make_drafter(drafter)
+                _check_target(cache[drafter], self)
             return cache[drafter]
+        _check_target(drafter, self)
         return drafter
 
     # -- middle layer: text pieces ------------------------------------------------------------------------
@@ -304,6 +306,14 @@ class Engine:
     def stream_chat(self, messages: list[dict], config: GenerationConfig | None = None,
                     **kwargs) -> Iterator[GenerationResponse]:
         return self.stream(self.chat_prompt(messages), config, **kwargs)
+
+
+def _check_target(drafter: Drafter, engine: Engine) -> Drafter:
+    """Drafters that run a model of their own (draft-model) load it beside the target and check it fits."""
+    check = getattr(drafter, "check_target", None)
+    if check is not None:
+        check(engine)
+    return drafter
 
 
 def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:

@@ -180,3 +180,11 @@ def test_bench_malformed_prompt_file(tmp_path, capsys, monkeypatch):
     rc = main(["bench", "--prompts", str(bad), "--out", str(tmp_path / "out")])
     _, err = capsys.readouterr()
     assert rc == 2 and f"{bad}:2" in err and "Traceback" not in err
+
+
+def test_split_methods_keeps_drafter_options_together():
+    from tachy.bench.cli import split_methods
+
+    assert split_methods("vanilla, default,,pld") == ["vanilla", "default", "pld"]
+    assert split_methods("vanilla,draft-model:model=smollm2-135m,dtype=int8,default") == [
+        "vanilla", "draft-model:model=smollm2-135m,dtype=int8", "default"]

@@ -19,13 +19,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for path in [p for arg in args.prompts for p in arg.split(",") if p]:
         prompts += load_prompts(path)
     prompts = spread(prompts, args.limit)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = split_methods(args.methods)
     if "all" in methods:
-        methods = ["vanilla", *available_drafters()]
+        methods = ["vanilla", *available_drafters(runnable_only=True)]
     if not methods:
         raise TachyError("--methods is empty")
     known = ["vanilla", *available_drafters()]
-    unknown = [m for m in methods if m not in known]
+    unknown = [m for m in methods if m.partition(":")[0] not in known]   # "name:key=value" carries options
     if unknown:
         raise TachyError(f"unknown method {unknown[0]!r}; available: {', '.join(known)}")
     if args.max_new_tokens < 1:
@@ -36,6 +36,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     write_report(results, Path(args.out), command)
     print((Path(args.out) / "results.md").read_text())
     return 0
+
+
+def split_methods(text: str) -> list[str]:
+    """Comma-separated methods, where a drafter's own options may contain commas too.
+
+    >>> split_methods("vanilla,draft-model:model=smollm2-135m,dtype=int8,default")
+    ['vanilla', 'draft-model:model=smollm2-135m,dtype=int8', 'default']
+    """
+    methods: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if "=" in piece and ":" not in piece and methods and ":" in methods[-1]:
+            methods[-1] += "," + piece        # key=value continuing the previous method's options
+        elif piece:
+            methods.append(piece)
+    return methods
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -80,7 +80,7 @@ def run_bench(engine: Engine, prompts: list[Prompt], methods: list[str], max_new
 
     known = ["vanilla", *available_drafters()]
     for m in methods:
-        if m not in known:
+        if m.partition(":")[0] not in known:
             raise UnknownNameError(f"unknown method {m!r}; available: {', '.join(known)}")
     if "vanilla" not in methods:
         methods = ["vanilla", *methods]

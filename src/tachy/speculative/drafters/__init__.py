@@ -1,7 +1,7 @@
 """Model-free drafters for speculative decoding, and their registry.
 
-``DRAFTERS`` maps a name to a Drafter class; ``make_drafter(name, **kwargs)`` builds one. All drafters are
-pure Python/numpy over token ids, cheap per step (a few hundred microseconds at most).
+``DRAFTERS`` maps a name to a Drafter class; ``make_drafter(name, **kwargs)`` builds one. All drafters but
+``draft-model`` are pure Python/numpy over token ids, cheap per step (a few hundred microseconds at most).
 
 ======================  ==========================================================================
 name                    drafter
@@ -14,6 +14,7 @@ name                    drafter
 ``trigram``             :class:`AdaptiveTrigramDrafter`: tri-gram statistics with adaptive beam (ADED)
 ``rest``                :class:`DatastoreDrafter`: suffix-array retrieval from a corpus (REST)
 ``lookahead``           :class:`LookaheadDrafter`: n-gram pool fed by the model's own predictions
+``draft-model``         :class:`DraftModelDrafter`: greedy chains from a small model (``model=NAME_OR_PATH``)
 ======================  ==========================================================================
 
 Wrappers: :class:`FallbackDrafter` (first non-empty draft), :class:`CombinedDrafter` (union of drafts),
@@ -24,6 +25,7 @@ from __future__ import annotations
 from ...errors import InvalidArgumentError, UnknownNameError
 from .aded import AdaptiveTrigramDrafter, NgramTable
 from .base import Drafter, overlap_copy
+from .draft_model import DraftModelDrafter
 from .datastore import Datastore, DatastoreDrafter, build_datastore, build_suffix_array, frequency_tree
 from .fallback import AdaptiveLength, CombinedDrafter, DefaultDrafter, FallbackDrafter
 from .gate import GatedDefaultDrafter, SpeedGate
@@ -42,13 +44,14 @@ DRAFTERS: dict[str, type[Drafter]] = {
         AdaptiveTrigramDrafter,
         DatastoreDrafter,
         LookaheadDrafter,
+        DraftModelDrafter,
     )
 }
 
 
-def available_drafters() -> list[str]:
-    """Registered drafter names, sorted."""
-    return sorted(DRAFTERS)
+def available_drafters(runnable_only: bool = False) -> list[str]:
+    """Registered drafter names, sorted; ``runnable_only`` leaves out those that need options to run."""
+    return sorted(n for n, cls in DRAFTERS.items() if not (runnable_only and getattr(cls, "requires_options", False)))
 
 
 def _parse_value(text: str):
@@ -105,5 +108,5 @@ __all__ = [
     "TokenRecyclingDrafter", "make_template", "expand_template",
     "AdaptiveTrigramDrafter", "NgramTable",
     "DatastoreDrafter", "Datastore", "build_datastore", "build_suffix_array", "frequency_tree",
-    "LookaheadDrafter", "NgramPool",
+    "LookaheadDrafter", "NgramPool", "DraftModelDrafter",
 ]

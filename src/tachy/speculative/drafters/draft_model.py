@@ -1,0 +1,98 @@
+"""A small draft model proposes a greedy chain; the target verifies it (classic speculative decoding).
+
+Reference: Leviathan et al., "Fast Inference from Transformers via Speculative Decoding" (2023); Chen et al.,
+"Accelerating Large Language Model Decoding with Speculative Sampling" (2023).
+
+The draft model must share the target's tokenizer. It can be a smaller model of the same family, or the
+target itself in a cheaper weight format: ``draft-model:model=smollm2-135m,dtype=int4`` drafts with the int4
+copy of SmolLM2 for the bf16 target (about 2x fewer bytes per token; docs/benchmarks.md measures it).
+
+The drafter keeps its own KV cache over the committed tokens. Each step it feeds only what the cache lacks
+(the tokens committed since the last step that it did not draft itself), then decodes ``max_tokens`` tokens
+one by one. Tokens it drafted and the target accepted are already cached, so an accepted draft costs nothing
+to catch up on; a rejected tail is rolled back.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ...errors import InvalidArgumentError
+from ..tree import DraftTree
+from .base import Drafter
+
+
+class DraftModelDrafter(Drafter):
+    """Greedy chain drafts from a draft model.
+
+    model: a registry name, GGUF file or HF folder (loaded with ``tachy.load``), or a loaded
+    ``tachy.Engine``. dtype / device: as in ``tachy.load`` (device defaults to the target's).
+    min_confidence: stop the chain after a token the draft model gives less than this probability (its
+    later tokens would rarely be accepted, and each costs a draft forward); 0 drafts the full budget. 0.3
+    gave the best modeled speed for int4/int8 self-drafts on the dev prompts (docs/benchmarks.md).
+    """
+
+    name = "draft-model"
+    requires_options = True   # nothing to draft with until a model is named (`tachy bench --methods all` skips it)
+
+    def __init__(self, model=None, dtype: str | None = None, device: str | None = None,
+                 min_confidence: float = 0.3):
+        if not 0.0 <= min_confidence < 1.0:
+            raise InvalidArgumentError(f"min_confidence must lie in [0, 1), got {min_confidence}")
+        self.min_confidence = min_confidence
+        if model is None:
+            raise InvalidArgumentError("draft-model needs a model: --drafter draft-model:model=NAME_OR_PATH")
+        self.spec, self.dtype, self.device = model, dtype, device
+        self.engine = model if hasattr(model, "model") and hasattr(model, "tokenizer") else None
+        self.cache = None
+        self.cached: list[int] = []       # the tokens whose K/V the draft cache holds, in order
+
+    def check_target(self, target) -> None:
+        """Called by the engine with the target Engine: load the draft model beside it, check the vocabulary."""
+        if self.engine is None:
+            import tachy
+
+            self.engine = tachy.load(self.spec, dtype=self.dtype, device=self.device or str(target.device),
+                                     progress=False)
+        if self.engine.model.config.vocab_size > target.model.config.vocab_size:
+            raise InvalidArgumentError(
+                f"draft model vocabulary ({self.engine.model.config.vocab_size}) is larger than the target's "
+                f"({target.model.config.vocab_size}): the models must share a tokenizer")
+
+    def _restart(self) -> None:
+        if self.engine is None:
+            raise InvalidArgumentError("draft-model: the draft model is not loaded (Engine calls check_target)")
+        model = self.engine.model
+        self.cache = model.new_cache(capacity=256)
+        self.cached = []
+        self.agreed = 0                   # history up to here was fed (or agreed with the cache) last step
+
+    @torch.inference_mode()
+    def _draft(self, max_tokens: int) -> DraftTree:
+        model, cache, history = self.engine.model, self.cache, self.history
+        if len(history) >= model.config.max_seq_len - max_tokens:
+            return DraftTree.empty()
+        # the longest prefix of history already in the cache: only the last step's tokens can disagree
+        common = min(self.agreed, len(self.cached), len(history) - 1)   # the root is always fed, for its logits
+        while common < len(history) - 1 and common < len(self.cached) and self.cached[common] == history[common]:
+            common += 1
+        self.agreed = len(history)
+        cache.rollback(cache.length - common)
+        del self.cached[common:]
+        new = history[common:]
+        device = model.device
+        logits = model(torch.tensor([new], device=device), torch.arange(common, len(history), device=device),
+                       cache, last_only=True)
+        self.cached.extend(new)
+        draft: list[int] = []
+        while True:
+            token = int(logits[0, -1].argmax())
+            draft.append(token)
+            if len(draft) == max_tokens or (
+                    self.min_confidence and float(logits[0, -1].softmax(-1)[token]) < self.min_confidence):
+                break
+            logits = model(torch.tensor([[token]], device=device),
+                           torch.tensor([cache.length], device=device), cache)
+            self.cached.append(token)
+        return DraftTree.chain(draft)
