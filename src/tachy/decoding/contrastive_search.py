@@ -83,7 +83,7 @@ class ContrastiveSearch(Strategy):
                                              return_hidden=True)
             scores = degeneration_scores(top_probs, cand_hidden[0], context_hidden, self.penalty_alpha)
             best = int(scores.argmax())
-            cache.keep([base + best])
+            cache.keep([base - 1, base + best])   # keep() leaves slots before its first untouched
             token = int(top_ids[best])
             ids.append(token)
             context_hidden = torch.cat([context_hidden, cand_hidden[0, best:best + 1]])
