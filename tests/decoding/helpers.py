@@ -27,3 +27,20 @@ def tiny_engine(seed: int = 0, eos: tuple[int, ...] = (3,), **overrides):
     model = build_model(cfg)
     model.load_hf_state_dict(sd)
     return Engine(model.eval(), IdsTokenizer(list(eos)), name="tiny"), hf
+
+
+def smollm_tokenizer():
+    """The embedded model's real tokenizer (49152 tokens, byte-level BPE), without loading the model."""
+    from tachy.models.load import load_checkpoint
+    from tachy.registry import resolve_model
+    from tachy.tokenizer import Tokenizer
+
+    _, _, tok_dir = load_checkpoint(resolve_model("smollm2-135m"), progress=False)
+    return Tokenizer.from_path(tok_dir)
+
+
+def tiny_engine_with_tokenizer(tokenizer, seed: int = 0):
+    """A tiny random model over a real tokenizer's vocabulary: near-uniform, so constraints get stressed."""
+    engine, _ = tiny_engine(seed=seed, vocab_size=tokenizer.vocab_size, max_seq_len=512)
+    engine.tokenizer = tokenizer
+    return engine

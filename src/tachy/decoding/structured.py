@@ -36,8 +36,13 @@ if TYPE_CHECKING:
     from ..engine import Engine, GenerationConfig
     from ..tokenizer import Tokenizer
 
-# Any JSON object, nesting bounded (a regex cannot count brackets): what {"type": "json_object"} means here.
-JSON_OBJECT_SCHEMA = {"type": "object"}
+# What {"type": "json_object"} means here: a JSON object whose values are scalars, or arrays / objects of
+# scalars (a regex cannot count brackets, so nesting is bounded; two levels compile in 0.6 s against a 49k
+# vocabulary, outlines' own three-level {"type": "object"} takes 17 s).
+_SCALARS = [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+JSON_OBJECT_SCHEMA = {"type": "object", "additionalProperties": {"anyOf": _SCALARS + [
+    {"type": "array", "items": {"anyOf": _SCALARS}},
+    {"type": "object", "additionalProperties": {"anyOf": _SCALARS}}]}}
 WHITESPACE = r"[ ]?"   # between JSON tokens: at most one space (no runaway whitespace from a small model)
 
 
