@@ -1,8 +1,7 @@
 """Beam search on the embedded model (fp32) against transformers' beam search built from the same weights.
 
-transformers >= 4.56 no longer ships contrastive search or group (diverse) beam search in the library (they
-moved to Hub ``custom_generate`` repositories, which this offline CI cannot fetch), so those two are checked
-against their definitions on tiny models instead (test_contrastive_search.py, test_beam.py).
+Contrastive search and diverse beam search are compared in test_parity_legacy.py, against transformers
+versions that still ship them (<= 4.55); they also have definition tests on tiny models.
 """
 from __future__ import annotations
 
