@@ -18,11 +18,11 @@ class IdsTokenizer:
         return [int(t) for t in text.split()]
 
 
-def tiny_engine(seed: int = 0, eos: tuple[int, ...] = (3,), **overrides):
+def tiny_engine(seed: int = 0, eos: tuple[int, ...] = (3,), arch: str = "llama", **overrides):
     """(engine, hf twin): the same random weights in tachy and transformers, fp32."""
     from tachy.models import build_model
 
-    cfg = tiny_config("llama", **overrides)
+    cfg = tiny_config(arch, **overrides)
     hf, sd = hf_twin(cfg, seed)
     model = build_model(cfg)
     model.load_hf_state_dict(sd)

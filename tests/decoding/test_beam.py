@@ -135,3 +135,15 @@ def test_beam_rejects_sampling_and_explicit_drafters():
     with pytest.raises(InvalidArgumentError, match="drafter"):
         GenerationConfig(strategy="beam", drafter="pld")
     assert GenerationConfig(strategy="beam").drafter is None   # the default drafter is simply not used
+
+
+def test_beam_search_matches_transformers_on_gemma3_past_its_sliding_window():
+    """Gemma 3's local layers (window 8) with a 12-token prompt: beams batch through the sliding-window masks."""
+    for seed in range(2):
+        engine, hf = tiny_engine(seed=seed, eos=(12,), arch="gemma3")
+        prompt = list(range(5, 17))
+        for opts in CASES[:2]:
+            ours, _ = beam_tokens(engine, prompt, 8, **dict(opts))
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[12],
+                              pad_token_id=0, **opts)[0, len(prompt):].tolist()
+            assert ours == ref[:len(ours)] and all(t == 0 for t in ref[len(ours):]), (seed, opts, ours, ref)
