@@ -25,17 +25,19 @@ from .base import Strategy, register, row_contexts
 
 def anti_ngram_probs(context: Sequence[int], n: int, vocab_size: int) -> Tensor:
     """p_anti [V] for the next token after ``context``: the highest order (n-1 tokens of history down to 0)
-    whose history occurred earlier in the context; zeros for an empty context."""
-    probs = torch.zeros(vocab_size)
-    ctx = list(context)
-    for order in range(min(n - 1, len(ctx) - 1), -1, -1):
-        history = ctx[len(ctx) - order:] if order else []
-        followers = [ctx[i + order] for i in range(len(ctx) - order)
-                     if ctx[i:i + order] == history and 0 <= ctx[i + order] < vocab_size]
-        if followers:
-            counts = torch.bincount(torch.tensor(followers), minlength=vocab_size)[:vocab_size].float()
+    whose history occurred earlier in the context; zeros for an empty context. Vectorized over positions."""
+    ctx = torch.as_tensor(list(context), dtype=torch.long)
+    L = ctx.shape[0]
+    for order in range(min(n - 1, L - 1), -1, -1):
+        match = torch.ones(L - order, dtype=torch.bool)      # position i: ctx[i:i+order] == the last order tokens
+        for j in range(order):
+            match &= ctx[j:L - order + j] == ctx[L - order + j]
+        followers = ctx[order:][match]
+        followers = followers[(followers >= 0) & (followers < vocab_size)]
+        if followers.numel():
+            counts = torch.bincount(followers, minlength=vocab_size)[:vocab_size].float()
             return counts / counts.sum()
-    return probs
+    return torch.zeros(vocab_size)
 
 
 @register
