@@ -68,3 +68,29 @@ def test_cli_builds_the_config(tmp_path):
     assert cfg.response_format["json_schema"]["schema"]["required"] == ["a"]
     assert cfg.watermark == {"delta": 3}
     assert isinstance(args, argparse.Namespace)
+
+
+def test_cli_rejects_a_bad_schema_file(tmp_path, capsys):
+    from tachy.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "object", "properties": ')
+    assert main(["generate", "hi", "--json-schema", str(bad)]) == 2
+    assert "--json-schema" in capsys.readouterr().err
+    bad.write_text('{"type": "wibble"}')
+    assert main(["generate", "hi", "--json-schema", str(bad)]) == 2
+    assert "invalid JSON schema" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_watermark_detect_on_the_embedded_model(smollm, one_torch_thread, capsys):
+    from tachy.cli import main
+
+    msgs = [{"role": "user", "content": "Write a few sentences about the sea."}]
+    marked = smollm.chat(msgs, GenerationConfig(max_new_tokens=80, temperature=1.0, seed=0, watermark=True))
+    plain = smollm.chat(msgs, GenerationConfig(max_new_tokens=80, temperature=1.0, seed=0))
+    assert main(["watermark", "detect", marked]) == 0
+    out_marked = capsys.readouterr().out
+    assert main(["watermark", "detect", plain]) == 0
+    out_plain = capsys.readouterr().out
+    assert ": watermarked" in out_marked and "not watermarked" in out_plain, (out_marked, out_plain)
