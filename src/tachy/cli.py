@@ -37,10 +37,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 def generation_config(args: argparse.Namespace):
     """Validated before the model loads, so a bad value fails at once."""
+    from .decoding.cli import decoding_fields
     from .engine import GenerationConfig
     from .speculative.drafters import make_drafter
-
-    from .decoding.cli import decoding_fields
 
     if args.drafter not in (None, "none"):
         make_drafter(args.drafter)

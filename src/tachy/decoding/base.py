@@ -19,6 +19,7 @@ import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
+import torch
 from torch import Tensor
 
 from ..errors import InvalidArgumentError, UnknownNameError
@@ -157,3 +158,21 @@ def row_contexts(context, rows: int) -> list[list[int]]:
 def eos_ids(engine: "Engine", config: "GenerationConfig") -> list[int]:
     """The tokens that end a generation (none with ignore_eos, or for an engine without a tokenizer)."""
     return [] if config.ignore_eos else list(getattr(engine.tokenizer, "eos_token_ids", []) or [])
+
+
+def prefill(model, prompt_ids: Sequence[int], cache, hidden: bool = False):
+    """Forward a prompt in chunks (as the engine does) for any model view (e.g. a truncated amateur).
+    Returns the last position's logits [1, V], and with ``hidden`` also every position's final hidden
+    states [L, D] (contrastive search compares against them)."""
+    from ..engine import PREFILL_CHUNK
+
+    states, logits = [], None
+    for s in range(0, len(prompt_ids), PREFILL_CHUNK):
+        chunk = list(prompt_ids[s:s + PREFILL_CHUNK])
+        out = model(torch.tensor([chunk], device=model.device), torch.arange(s, s + len(chunk), device=model.device),
+                    cache, last_only=not hidden, return_hidden=hidden)
+        if hidden:
+            out, h = out
+            states.append(h[0])
+        logits = out[0, -1:]
+    return (logits, torch.cat(states)) if hidden else logits

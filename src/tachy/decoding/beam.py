@@ -26,7 +26,6 @@ All beams share one batched KV cache (``KVCache.select`` reorders it after each 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator
@@ -34,7 +33,7 @@ from typing import ClassVar, Iterator
 import torch
 
 from ..errors import InvalidArgumentError
-from .base import Strategy, eos_ids, logits_processor, register
+from .base import Strategy, eos_ids, logits_processor, prefill, register
 
 _NEG = -1.0e9
 
@@ -46,7 +45,7 @@ class _Group:
     size: int
     pool_size: int
     seqs: list[list[int]] = field(default_factory=list)
-    scores: torch.Tensor = None            # [size] accumulated (penalized) log-probs, sorted descending
+    scores: torch.Tensor | None = None     # [size] accumulated (penalized) log-probs, sorted descending
     pool: list[tuple[float, list[int]]] = field(default_factory=list)   # sorted best first
     improvable: bool = True
     done: bool = False
@@ -107,7 +106,7 @@ class BeamSearch(Strategy):
 
         start = time.perf_counter()
         cache = model.new_cache(capacity=len(prompt_ids) + max_new, fixed=False)
-        logits = engine._prefill(prompt_ids, cache).expand(K, -1)
+        logits = prefill(model, prompt_ids, cache).expand(K, -1)
         cache.select(torch.zeros(K, dtype=torch.long, device=device))
         stats.prompt_tokens = len(prompt_ids)
         stats.prefill_s = time.perf_counter() - start

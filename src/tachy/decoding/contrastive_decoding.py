@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError
 from ..sampling import make_generator, make_probs_fn, sample
-from .base import Strategy, eos_ids, logits_processor, register
+from .base import Strategy, eos_ids, logits_processor, prefill, register
 
 
 def truncated_model(model, num_layers: int):
@@ -68,8 +68,7 @@ class _TwoStreams(Strategy):
         runs = []
         for model, ids in ((engine.model, prompt_ids), (other_model, other_prompt)):
             cache = model.new_cache(capacity=len(ids) + max_new, fixed=False)
-            runs.append((model, cache, engine._prefill(ids, cache) if model is engine.model
-                         else _prefill(model, ids, cache)))
+            runs.append((model, cache, prefill(model, ids, cache)))
         logits = [r[2] for r in runs]
         stats.prompt_tokens = len(prompt_ids)
         stats.prefill_s = time.perf_counter() - start
@@ -93,12 +92,6 @@ class _TwoStreams(Strategy):
             logits = [model(tok, torch.tensor([cache.length], device=engine.device), cache)[0]
                       for model, cache, _ in runs]
             stats.decode_s += time.perf_counter() - t
-
-
-def _prefill(model, ids: list[int], cache) -> Tensor:
-    """Last-position logits [1, V] of a prompt (one chunk; the amateur's prompt is the target's)."""
-    tokens = torch.tensor([ids], device=model.device)
-    return model(tokens, torch.arange(len(ids), device=model.device), cache, last_only=True)[0]
 
 
 @register

@@ -21,7 +21,7 @@ from typing import ClassVar, Iterator
 import torch
 
 from ..errors import InvalidArgumentError
-from .base import Strategy, eos_ids, logits_processor, register
+from .base import Strategy, eos_ids, logits_processor, prefill, register
 
 
 def degeneration_scores(probs: torch.Tensor, candidates_hidden: torch.Tensor, context_hidden: torch.Tensor,
@@ -50,7 +50,7 @@ class ContrastiveSearch(Strategy):
             raise InvalidArgumentError(f"top_k must be a positive integer, got {self.top_k!r}")
 
     def search(self, engine, prompt_ids, config, stats) -> Iterator:
-        from ..engine import PREFILL_CHUNK, Step
+        from ..engine import Step
 
         model, device = engine.model, engine.device
         eos = set(eos_ids(engine, config))
@@ -59,14 +59,7 @@ class ContrastiveSearch(Strategy):
         k = self.top_k
         start = time.perf_counter()
         cache = model.new_cache(capacity=len(prompt_ids) + max_new + k, fixed=False)
-        hidden = []
-        for s in range(0, len(prompt_ids), PREFILL_CHUNK):
-            chunk = prompt_ids[s:s + PREFILL_CHUNK]
-            logits, h = model(torch.tensor([chunk], device=device), torch.arange(s, s + len(chunk), device=device),
-                              cache, return_hidden=True)
-            hidden.append(h[0])
-        context_hidden = torch.cat(hidden)            # [L, D]
-        logits = logits[0, -1:]                       # [1, V]
+        logits, context_hidden = prefill(model, prompt_ids, cache, hidden=True)   # [1, V], [L, D]
         stats.prompt_tokens = len(prompt_ids)
         stats.prefill_s = time.perf_counter() - start
         ids = list(prompt_ids)
