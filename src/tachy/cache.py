@@ -95,6 +95,12 @@ class KVCache:
             self.v[:, :, :, first:first + n] = self.v.index_select(3, index)
         self.length = first + n
 
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the batch rows ``index`` (LongTensor [B'], repeats allowed): beam search reorders its beams
+        and copies a prefilled prompt into every beam this way."""
+        self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
+        self.shape = (self.shape[0], int(index.shape[0]), *self.shape[2:])
+
     def reset(self) -> None:
         self.length = 0
 

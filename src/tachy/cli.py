@@ -37,6 +37,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 
 def generation_config(args: argparse.Namespace):
     """Validated before the model loads, so a bad value fails at once."""
+    from .decoding.cli import decoding_fields
     from .engine import GenerationConfig
     from .speculative.drafters import make_drafter
 
@@ -45,7 +46,7 @@ def generation_config(args: argparse.Namespace):
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                             seed=args.seed, stop=args.stop, drafter=args.drafter,
-                            max_draft_tokens=args.max_draft_tokens)
+                            max_draft_tokens=args.max_draft_tokens, **decoding_fields(args))
 
 
 def load_engine(args: argparse.Namespace):
@@ -198,4 +199,6 @@ def _register_extras() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m tachy.cli`: run the imported module's main, whose EXTRA_COMMANDS the subcommand modules fill
+    from tachy.cli import main as _main
+    sys.exit(_main())

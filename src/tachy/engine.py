@@ -18,7 +18,7 @@ import torch
 from .cache import key_bucket
 from .errors import ContextLengthError, InvalidArgumentError
 from .models.llama import Transformer
-from .sampling import SamplingConfig, make_generator, make_logits_processor, make_probs_fn, sample
+from .sampling import SamplingConfig, make_generator, make_probs_fn, sample
 from .speculative.drafters import Drafter, make_drafter
 from .speculative.tree import DraftTree
 from .speculative.verify import commit_exact, verify_greedy, verify_sampling
@@ -45,6 +45,13 @@ class GenerationConfig:
     ignore_eos: bool = False
     drafter: str | Drafter | None = "default"   # None or "none": plain decoding
     max_draft_tokens: int = 16                   # draft tree node budget per step
+    # decoding toolbox (tachy.decoding): a strategy by name with its options, a JSON-schema/regex constraint
+    # ({"type": "json_object"} / {"type": "json_schema", "json_schema": {"schema": ...}} / {"type": "regex",
+    # "regex": ...}) and a green-list watermark (True or {"gamma": .., "delta": .., "key": ..})
+    strategy: str = "default"
+    strategy_options: dict = field(default_factory=dict)
+    response_format: dict | None = None
+    watermark: bool | dict | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -57,6 +64,8 @@ class GenerationConfig:
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
             typical_p=self.typical_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed)
+        from .decoding import check_config
+        self.decoding = check_config(self)
 
 
 @dataclass
@@ -142,10 +151,14 @@ class Engine:
         if len(prompt_ids) >= self.max_context:
             raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; the context window of {self.name} "
                                      f"is {self.max_context}")
+        if config.decoding.is_search:   # beam search & co. drive the model themselves (tachy.decoding)
+            yield from config.decoding.search(self, prompt_ids, config, stats)
+            return
         self.warmup(config.max_draft_tokens + 1 if config.drafter not in (None, "none") else 1)
         sampling = config.sampling
         drafter = self._drafter(config.drafter, sampling)
-        processor = make_logits_processor(sampling)
+        from .decoding import logits_processor
+        processor = logits_processor(self, config, prompt_ids)
         probs_fn = None if sampling.greedy else make_probs_fn(sampling)
         generator = None if sampling.greedy else make_generator(sampling.seed, self.device)
         model, device = self.model, self.device

@@ -183,8 +183,9 @@ class Transformer(nn.Module):
         return [(self.rope(positions), mask)] * len(self.layers)
 
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, mask: Tensor | None = None,
-                last_only: bool = False) -> Tensor:
-        """tokens [B, T], positions [T], mask [T, length+T] bool or None (causal) -> float32 logits [B, T|1, V]."""
+                last_only: bool = False, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """tokens [B, T], positions [T], mask [T, length+T] bool or None (causal) -> float32 logits [B, T|1, V];
+        with ``return_hidden`` also the final-norm hidden states [B, T|1, hidden] (contrastive search)."""
         T = tokens.shape[1]
         cache.reserve(T)
         start, keys = cache.length, cache.key_count(T)
@@ -198,7 +199,9 @@ class Transformer(nn.Module):
         cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+        x = self.norm(x)
+        logits = self.lm_head(x).float()
+        return (logits, x) if return_hidden else logits
 
     # -- weights ------------------------------------------------------------------------------------------
     # Checkpoint (HF) names map onto ours by fusing q/k/v and gate/up; everything else keeps its name
