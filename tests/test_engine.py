@@ -91,6 +91,8 @@ def shakespeare_datastore(smollm, tmp_path_factory):
 def drafter_for(name: str, request) -> str | Drafter:
     if name == "rest":
         return DatastoreDrafter(datastore=request.getfixturevalue("shakespeare_datastore"))
+    if name == "draft-model":   # the target's own int4 copy drafts for the bf16 target
+        return "draft-model:model=smollm2-135m,dtype=int4"
     return name
 
 
