@@ -19,7 +19,7 @@ from .cache import key_bucket
 from .errors import ContextLengthError, InvalidArgumentError
 from .models.llama import Transformer
 from .sampling import SamplingConfig, make_generator, make_logits_processor, make_probs_fn, sample
-from .speculative.drafters import Drafter, make_drafter
+from .speculative.drafters import Drafter, make_drafter, prediction_drafter
 from .speculative.tree import DraftTree
 from .speculative.verify import commit_exact, verify_greedy, verify_sampling
 from .tokenizer import StreamDetokenizer, Tokenizer
@@ -45,6 +45,7 @@ class GenerationConfig:
     ignore_eos: bool = False
     drafter: str | Drafter | None = "default"   # None or "none": plain decoding
     max_draft_tokens: int = 16                   # draft tree node budget per step
+    prediction: str | list[int] | None = None    # expected output (Predicted Outputs): drafted from, losslessly
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -142,9 +143,14 @@ class Engine:
         if len(prompt_ids) >= self.max_context:
             raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; the context window of {self.name} "
                                      f"is {self.max_context}")
-        self.warmup(config.max_draft_tokens + 1 if config.drafter not in (None, "none") else 1)
+        drafting = config.drafter not in (None, "none") or config.prediction is not None
+        self.warmup(config.max_draft_tokens + 1 if drafting else 1)
         sampling = config.sampling
         drafter = self._drafter(config.drafter, sampling)
+        if config.prediction is not None:  # a fresh drafter per request: it knows this request's prediction
+            pred = config.prediction
+            pred_ids = self.tokenizer.encode(pred, add_special_tokens=False) if isinstance(pred, str) else pred
+            drafter = prediction_drafter(pred_ids, drafter)
         processor = make_logits_processor(sampling)
         probs_fn = None if sampling.greedy else make_probs_fn(sampling)
         generator = None if sampling.greedy else make_generator(sampling.seed, self.device)
