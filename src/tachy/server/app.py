@@ -115,6 +115,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
             if unsupported:
                 raise ApiError(400, f"{field} is not supported by tachy's server", param=field)
         prompt = body.prompt
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", param="prompt")
         if isinstance(prompt, str):
             prompts = [engine.tokenizer.encode(prompt)]
         elif prompt and all(isinstance(p, int) for p in prompt):
