@@ -160,13 +160,21 @@ def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
         for i in range(body.n):
             work.append((prompt_ids, GenerationConfig(
                 max_new_tokens=max_tokens or room,
-                temperature=1.0 if body.temperature is None else body.temperature,
+                temperature=_temperature(body.temperature),
                 top_p=1.0 if body.top_p is None else body.top_p,
                 presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
                 seed=None if body.seed is None else (body.seed + i) % 2**63, stop=body.stop_list(),
                 drafter=body.tachy.drafter, max_draft_tokens=body.tachy.max_draft_tokens,
                 prediction=body.prediction.text if body.prediction is not None else None)))
     return work
+
+
+def _temperature(value: float | None) -> float:
+    """OpenAI's default is 1. Below 1e-6 the answer is greedy anyway, and logits / temperature would overflow
+    to inf (NaN probabilities in tachy.sampling), so such temperatures are taken as 0."""
+    if value is None:
+        return 1.0
+    return 0.0 if value < 1e-6 else value
 
 
 # -- work -> response ---------------------------------------------------------------------------------------

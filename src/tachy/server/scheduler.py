@@ -117,7 +117,9 @@ class Scheduler:
                 job = self._running = self._waiting.popleft()
                 self.metrics.set_queue(len(self._waiting), True)
             try:
-                if not job.cancelled.is_set():
+                if job.cancelled.is_set():
+                    job.send("end")
+                else:
                     self._execute(job)
             finally:
                 with self._cond:
