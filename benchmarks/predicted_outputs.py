@@ -1,14 +1,16 @@
 """Predicted Outputs on a code-editing workload: tokens/s with and without ``prediction``, greedy.
 
-Prompts: the ``code_edit`` items of grounded_dev.jsonl (edit a function, "return the whole function"); the
-prediction is the original function (the code block of the prompt), as an editor plugin would send it.
+Prompts: the functions of the ``code_edit`` items of grounded_dev.jsonl, with either a small edit (workload
+``rename``: rename the function, change nothing else, return the whole function) or the file's own edit
+(workload ``code_edit``: add type hints and improve the docstring, which rewrites most lines). The prediction
+is the original function, as an editor plugin would send it.
 Methods, interleaved per prompt with a rotating order: plain decoding, the default drafter, the default
 drafter plus the prediction, and the prediction alone (no other drafter). Greedy outputs must be identical
 across methods (lossless); the script checks it and records it.
 
-    python benchmarks/predicted_outputs.py [--limit 8] [--max-new-tokens 256] [--repeats 2]
+    python benchmarks/predicted_outputs.py [--workload rename|code_edit] [--limit 8] [--max-new-tokens 256]
 
-writes docs/results/predicted_outputs/results.json and results.md.
+writes docs/results/predicted_outputs/<workload>.json and <workload>.md.
 """
 from __future__ import annotations
 
@@ -36,16 +38,19 @@ METHODS = {
 }
 
 
-def load_items(path: Path, limit: int) -> list[tuple[str, str, str]]:
+def load_items(path: Path, limit: int, workload: str) -> list[tuple[str, str, str]]:
     """(id, prompt, original code) of the code_edit items, shortest first."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     items = []
     for r in rows:
-        if r["category"] != "code_edit":
+        code = re.search(r"```python\n(.*?)```", r["turns"][0], re.S) if r["category"] == "code_edit" else None
+        name = re.search(r"def (\w+)", code.group(1)) if code else None
+        if not name:
             continue
-        code = re.search(r"```python\n(.*?)```", r["turns"][0], re.S)
-        if code:
-            items.append((r["id"], r["turns"][0], code.group(1)))
+        prompt = r["turns"][0] if workload == "code_edit" else (
+            f"Rename the function `{name.group(1)}` to `{name.group(1)}_v2`. Change nothing else and return "
+            f"the whole function.\n\n```python\n{code.group(1)}```")
+        items.append((r["id"], prompt, code.group(1)))
     return sorted(items, key=lambda x: len(x[1]))[:limit]
 
 
@@ -65,6 +70,7 @@ def run_once(engine, prompt_ids, code: str, method: dict, max_new_tokens: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--workload", choices=["rename", "code_edit"], default="rename")
     ap.add_argument("--limit", type=int, default=8, help="number of code_edit prompts (shortest first)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
@@ -74,7 +80,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     engine = tachy.load(args.model, progress=False)
     engine.warmup()
-    items = load_items(DATA, args.limit)
+    items = load_items(DATA, args.limit, args.workload)
     names = list(METHODS)
     per_prompt, lossless = [], True
     for p, (pid, prompt, code) in enumerate(items):
@@ -105,12 +111,13 @@ def main() -> None:
                                                            for r in per_prompt),
         }
     command = "python benchmarks/predicted_outputs.py " + " ".join(sys.argv[1:])
-    results = {"model": engine.name, "prompts": len(items), "max_new_tokens": args.max_new_tokens,
+    results = {"model": engine.name, "workload": args.workload, "prompts": len(items), "max_new_tokens": args.max_new_tokens,
                "repeats": args.repeats, "threads": args.threads, "lossless": lossless, "command": command,
                "summary": summary, "per_prompt": per_prompt}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = [f"Predicted Outputs, {engine.name}, {len(items)} code_edit prompts of grounded_dev.jsonl, greedy, "
+    (args.out / f"{args.workload}.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [f"Predicted Outputs, {engine.name}, workload `{args.workload}` on {len(items)} functions of the "
+             f"code_edit prompts of grounded_dev.jsonl, greedy, "
              f"{args.max_new_tokens} new tokens max, {args.threads} thread(s), medians over prompts of the median "
              f"of {args.repeats} interleaved runs. Outputs identical across methods: {lossless}.", "",
              f"Command: `{command}`", "",
@@ -121,7 +128,7 @@ def main() -> None:
         lines.append(f"| {m} | {s['median_decode_tps']:.1f} | {s['median_e2e_tps']:.1f} | "
                      f"{s['median_mean_accepted']:.2f} | {s['median_speedup_vs_plain']:.2f}x | "
                      f"{s['median_speedup_vs_default']:.2f}x |")
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{args.workload}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

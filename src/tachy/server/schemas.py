@@ -19,7 +19,7 @@ class TachyOptions(_Body):
 
     model_config = ConfigDict(extra="forbid")
     drafter: str = "default"          # a name from `tachy drafters`, "none" for plain decoding
-    max_draft_tokens: int = Field(16, ge=0, le=256)
+    max_draft_tokens: int = Field(16, ge=0, le=64)
 
 
 class StreamOptions(_Body):
