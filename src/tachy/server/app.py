@@ -8,6 +8,7 @@ the scheduler's worker thread (scheduler.py). Responses and stream chunks carry 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -73,7 +74,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         if api_key is None:
             return
         auth = request.headers.get("authorization", "")
-        if auth != f"Bearer {api_key}":
+        if not hmac.compare_digest(auth.encode(), f"Bearer {api_key}".encode()):
             raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 
@@ -103,7 +104,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         if not engine.tokenizer.has_chat_template:
             raise ApiError(400, f"model {model_name!r} has no chat template (a base model); "
                                 f"use /v1/completions", param="messages", code="no_chat_template")
-        prompt_ids = engine.chat_prompt([m.as_dict() for m in body.messages])
+        # tokenizing a large prompt takes a while: off the event loop
+        prompt_ids = await asyncio.to_thread(engine.chat_prompt, [m.as_dict() for m in body.messages])
         max_tokens = body.max_completion_tokens or body.max_tokens
         work = _work([prompt_ids], body, max_tokens, engine)
         return await _respond(request, scheduler, work, body, model_name, chat=True, tokenizer=engine.tokenizer)
@@ -117,15 +119,14 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         prompt = body.prompt
         if not prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        if isinstance(prompt, str):
-            prompts = [engine.tokenizer.encode(prompt)]
-        elif prompt and all(isinstance(p, int) for p in prompt):
-            if not all(0 <= t < engine.tokenizer.vocab_size for t in prompt):
-                raise ApiError(400, f"prompt token ids must be in [0, {engine.tokenizer.vocab_size})",
-                               param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            vocab = engine.config.vocab_size
+            if not all(0 <= t < vocab for t in prompt):
+                raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
             prompts = [list(prompt)]
         else:
-            prompts = [engine.tokenizer.encode(p) for p in prompt]
+            texts = [prompt] if isinstance(prompt, str) else prompt
+            prompts = await asyncio.to_thread(lambda: [engine.tokenizer.encode(t) for t in texts])
         work = _work(prompts, body, body.max_tokens, engine)
         return await _respond(request, scheduler, work, body, model_name, chat=False, tokenizer=engine.tokenizer)
 
