@@ -111,8 +111,8 @@ def main() -> None:
                                                            for r in per_prompt),
         }
     command = "python benchmarks/predicted_outputs.py " + " ".join(sys.argv[1:])
-    results = {"model": engine.name, "workload": args.workload, "prompts": len(items), "max_new_tokens": args.max_new_tokens,
-               "repeats": args.repeats, "threads": args.threads, "lossless": lossless, "command": command,
+    results = {"model": engine.name, "workload": args.workload, "prompts": len(items),
+               "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "threads": args.threads, "lossless": lossless, "command": command,
                "summary": summary, "per_prompt": per_prompt}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.workload}.json").write_text(json.dumps(results, indent=2) + "\n")

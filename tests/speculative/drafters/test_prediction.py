@@ -45,3 +45,11 @@ def test_prediction_is_lossless_on_a_code_edit(smollm, one_torch_thread):
                                                            prediction=prediction)))
         outputs.append([t for p in pieces for t in p.token_ids])
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_docstring_example():
+    import doctest
+
+    from tachy.speculative.drafters import prediction
+
+    assert doctest.testmod(prediction).failed == 0
