@@ -224,6 +224,16 @@ def test_full_queue_429_and_disconnect_frees_the_slot(server, client):
     _wait(lambda: _health(server) == {**_health(server), "queue_depth": 0, "running": 0})
 
 
+def test_non_stream_client_gone_frees_the_worker(server):
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 2000, "temperature": 0,
+            "tachy": {"drafter": "none"}}
+    with pytest.raises(httpx.TimeoutException):  # the client gives up after 2 s and closes the connection
+        httpx.post(f"{server}/v1/completions", json=body, headers=AUTH, timeout=2.0)
+    start = time.monotonic()
+    _wait(lambda: _health(server)["running"] == 0, timeout=30)
+    assert time.monotonic() - start < 10  # long before 2000 tokens
+
+
 def test_health_models_metrics(server, client):
     assert _health(server)["status"] == "ok"
     assert [m.id for m in client.models.list()] == [MODEL]

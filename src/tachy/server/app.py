@@ -84,8 +84,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": model_name, "queue_depth": scheduler.queue_depth,
-                             "running": int(scheduler.busy)})
+        return JSONResponse({"status": "shutting_down" if scheduler.closed else "ok", "model": model_name,
+                             "queue_depth": scheduler.queue_depth, "running": int(scheduler.busy)},
+                            status_code=503 if scheduler.closed else 200)
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -191,18 +192,22 @@ class _Reader:
         self.job, self.request = job, request
         self.watch = True
         self._get: asyncio.Future | None = None
+        self._checked = time.monotonic()
 
     async def next(self) -> tuple:
         while True:
             if self._get is None:
                 self._get = asyncio.ensure_future(self.job.channel.get())
             done, _ = await asyncio.wait({self._get}, timeout=0.5)
+            # checked every half second even while pieces flow: a non-streamed answer sends nothing until the end
+            if self.watch and time.monotonic() - self._checked > 0.5:
+                self._checked = time.monotonic()
+                if await self.request.is_disconnected():
+                    self.close()
+                    raise ClientGone()
             if done:
                 item, self._get = self._get.result(), None
                 return item
-            if self.watch and await self.request.is_disconnected():
-                self.close()
-                raise ClientGone()
 
     def close(self) -> None:
         self.job.cancelled.set()

@@ -76,6 +76,10 @@ class Scheduler:
         return len(self._waiting)
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def busy(self) -> bool:
         return self._running is not None
 
