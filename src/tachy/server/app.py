@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -18,33 +17,18 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine, GenerationConfig, GenerationResponse, GenerationStats
 from ..errors import ContextLengthError, TachyError
 from ..speculative.drafters import DRAFTERS, make_drafter
+from .http_errors import ApiError, BodyGuard, ClientGone, install_error_handlers
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, _Sampling, error_body
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
 
-log = logging.getLogger("tachy.server")
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's format with ``status``."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status)
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, model_name: str | None = None,
@@ -67,8 +51,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
 
     app = FastAPI(title="tachy", version="0.1.0", lifespan=lifespan)
     app.state.engine, app.state.scheduler, app.state.metrics = engine, scheduler, metrics
-    app.add_middleware(_Guard, max_body_bytes=max_body_bytes, metrics=metrics)
-    _install_error_handlers(app)
+    app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes, metrics=metrics)
+    install_error_handlers(app)
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -180,10 +164,6 @@ def _temperature(value: float | None) -> float:
 
 
 # -- work -> response ---------------------------------------------------------------------------------------
-class ClientGone(Exception):
-    """The client closed the connection while its request waited or ran."""
-
-
 class _Reader:
     """Reads a job's channel; while waiting, notices a client that went away and cancels the job (``watch``;
     a StreamingResponse watches for disconnects itself)."""
@@ -342,106 +322,3 @@ def _piece_json(piece: GenerationResponse, tokenizer) -> dict:
     else:
         segments = [[piece.text, bool(piece.from_draft) and all(piece.from_draft)]]
     return {"from_draft": piece.from_draft, "segments": segments, **_stats_json(piece.stats)}
-
-
-# -- errors and the body guard ------------------------------------------------------------------------------
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        if first.get("type") == "json_invalid":
-            return ApiError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', '')}".rstrip(": "),
-                            code="invalid_json").response()
-        param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid body")
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problems)"
-        return ApiError(400, message, param=param, code="invalid_value").response()
-
-    @app.exception_handler(ContextLengthError)
-    async def too_long(request: Request, exc: ContextLengthError) -> JSONResponse:
-        return ApiError(400, str(exc), param="messages", code="context_length_exceeded").response()
-
-    @app.exception_handler(TachyError)
-    async def tachy_error(request: Request, exc: TachyError) -> JSONResponse:
-        return ApiError(400, str(exc)).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(ClientGone)
-    async def gone(request: Request, exc: ClientGone) -> JSONResponse:
-        return JSONResponse(error_body("client closed the request"), status_code=499)  # nobody reads it
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(error_body("internal error", "server_error"), status_code=500)
-
-
-class _Guard:
-    """ASGI middleware: reads request bodies up to ``max_body_bytes`` (413 beyond, before the app parses
-    anything) and counts responses by endpoint and status for /metrics."""
-
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
-        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
-        status = [500]
-
-        async def counted_send(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            if scope["method"] in ("POST", "PUT", "PATCH"):
-                body = await self._read_body(receive)
-                if body is None:
-                    too_large = ApiError(413, f"request body over {self.max_body_bytes} bytes",
-                                         code="body_too_large").response()
-                    return await too_large(scope, receive, counted_send)
-                receive = _replay(body, receive)
-            await self.app(scope, receive, counted_send)
-        finally:
-            self.metrics.count_request(endpoint, status[0])
-
-    async def _read_body(self, receive) -> bytes | None:
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    """A receive that hands the buffered body over once, then listens to the client (for disconnects)."""
-    sent = False
-
-    async def replayed():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed
