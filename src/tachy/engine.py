@@ -19,7 +19,7 @@ from .cache import key_bucket
 from .errors import ContextLengthError, InvalidArgumentError
 from .models.llama import Transformer
 from .sampling import SamplingConfig, make_generator, make_probs_fn, sample
-from .speculative.drafters import Drafter, make_drafter
+from .speculative.drafters import Drafter, make_drafter, prediction_drafter
 from .speculative.tree import DraftTree
 from .speculative.verify import commit_exact, verify_greedy, verify_sampling
 from .tokenizer import StreamDetokenizer, Tokenizer
@@ -52,6 +52,7 @@ class GenerationConfig:
     strategy_options: dict = field(default_factory=dict)
     response_format: dict | None = None
     watermark: bool | dict | None = None
+    prediction: str | list[int] | None = None    # expected output (Predicted Outputs): drafted from, losslessly
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -154,9 +155,14 @@ class Engine:
         if config.decoding.is_search:   # beam search & co. drive the model themselves (tachy.decoding)
             yield from config.decoding.search(self, prompt_ids, config, stats)
             return
-        self.warmup(config.max_draft_tokens + 1 if config.drafter not in (None, "none") else 1)
+        drafting = config.drafter not in (None, "none") or config.prediction is not None
+        self.warmup(config.max_draft_tokens + 1 if drafting else 1)
         sampling = config.sampling
         drafter = self._drafter(config.drafter, sampling)
+        if config.prediction is not None:  # a fresh drafter per request: it knows this request's prediction
+            pred = config.prediction
+            pred_ids = self.tokenizer.encode(pred, add_special_tokens=False) if isinstance(pred, str) else pred
+            drafter = prediction_drafter(pred_ids, drafter)
         from .decoding import logits_processor
         processor = logits_processor(self, config, prompt_ids)
         probs_fn = None if sampling.greedy else make_probs_fn(sampling)

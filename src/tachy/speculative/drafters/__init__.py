@@ -30,6 +30,7 @@ from .datastore import Datastore, DatastoreDrafter, build_datastore, build_suffi
 from .fallback import AdaptiveLength, CombinedDrafter, DefaultDrafter, FallbackDrafter
 from .gate import GatedDefaultDrafter, SpeedGate
 from .lookahead import LookaheadDrafter, NgramPool
+from .prediction import prediction_drafter
 from .prompt_lookup import PromptLookupDrafter, find_ngram_continuations
 from .suffix_automaton import SuffixAutomaton, SuffixAutomatonDrafter, longest_previous_matches
 from .token_recycling import TokenRecyclingDrafter, expand_template, make_template
@@ -103,7 +104,7 @@ def make_drafter(name: str, **kwargs) -> Drafter:
 __all__ = [
     "DRAFTERS", "Drafter", "available_drafters", "make_drafter", "parse_drafter_spec", "overlap_copy",
     "DefaultDrafter", "GatedDefaultDrafter", "SpeedGate", "FallbackDrafter", "CombinedDrafter", "AdaptiveLength",
-    "PromptLookupDrafter", "find_ngram_continuations",
+    "PromptLookupDrafter", "find_ngram_continuations", "prediction_drafter",
     "SuffixAutomatonDrafter", "SuffixAutomaton", "longest_previous_matches",
     "TokenRecyclingDrafter", "make_template", "expand_template",
     "AdaptiveTrigramDrafter", "NgramTable",

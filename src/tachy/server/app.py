@@ -1,0 +1,324 @@
+"""The OpenAI-compatible HTTP layer: validate, tokenize, queue a Job, turn engine pieces into OpenAI JSON.
+
+Everything a client can get wrong is answered with a 4xx in OpenAI's error format before the request takes a
+queue slot (schema, model name, chat template, context window, drafter name); the generation itself runs in
+the scheduler's worker thread (scheduler.py). Responses and stream chunks carry OpenAI's fields plus a
+``tachy`` field (speed and, per streamed piece, which tokens were drafted) that OpenAI clients ignore.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..engine import Engine, GenerationConfig, GenerationResponse, GenerationStats
+from ..errors import ContextLengthError, TachyError
+from ..speculative.drafters import DRAFTERS, make_drafter
+from .http_errors import ApiError, BodyGuard, ClientGone, install_error_handlers
+from .metrics import Metrics
+from .schemas import ChatCompletionRequest, CompletionRequest, _Sampling, error_body
+from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 1 << 20
+
+
+def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, model_name: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, grace_s: float = 30.0, warmup: bool = True) -> FastAPI:
+    """The app serving ``engine`` under ``model_name`` (default: the engine's name).
+
+    max_queue: requests that may wait while one runs; more get 429. grace_s: how long shutdown lets the
+    running request finish before ending it.
+    """
+    model_name = model_name or engine.name
+    metrics = Metrics()
+    if warmup:
+        engine.warmup()  # kernels' one-time setup now, not in the first user's latency
+    scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics, grace_s=grace_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(scheduler.close)
+
+    app = FastAPI(title="tachy", version="0.1.0", lifespan=lifespan)
+    app.state.engine, app.state.scheduler, app.state.metrics = engine, scheduler, metrics
+    app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes, metrics=metrics)
+    install_error_handlers(app)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        if not hmac.compare_digest(auth.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "shutting_down" if scheduler.closed else "ok", "model": model_name,
+                             "queue_depth": scheduler.queue_depth, "running": int(scheduler.busy)},
+                            status_code=503 if scheduler.closed else 200)
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "tachy", "max_model_len": engine.max_context}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _check_common(body, model_name)
+        if body.logprobs:
+            raise ApiError(400, "logprobs are not supported by tachy's server", param="logprobs")
+        if not engine.tokenizer.has_chat_template:
+            raise ApiError(400, f"model {model_name!r} has no chat template (a base model); "
+                                f"use /v1/completions", param="messages", code="no_chat_template")
+        # tokenizing a large prompt takes a while: off the event loop
+        prompt_ids = await asyncio.to_thread(engine.chat_prompt, [m.as_dict() for m in body.messages])
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        work = _work([prompt_ids], body, max_tokens, engine)
+        return await _respond(request, scheduler, work, body, model_name, chat=True, tokenizer=engine.tokenizer)
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(body: CompletionRequest, request: Request):
+        _check_common(body, model_name)
+        for field, unsupported in (("logprobs", body.logprobs), ("echo", body.echo), ("suffix", body.suffix)):
+            if unsupported:
+                raise ApiError(400, f"{field} is not supported by tachy's server", param=field)
+        prompt = body.prompt
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            vocab = engine.config.vocab_size
+            if not all(0 <= t < vocab for t in prompt):
+                raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            prompts = [list(prompt)]
+        else:
+            texts = [prompt] if isinstance(prompt, str) else prompt
+            prompts = await asyncio.to_thread(lambda: [engine.tokenizer.encode(t) for t in texts])
+        work = _work(prompts, body, body.max_tokens, engine)
+        return await _respond(request, scheduler, work, body, model_name, chat=False, tokenizer=engine.tokenizer)
+
+    return app
+
+
+# -- request -> work ----------------------------------------------------------------------------------------
+def _check_common(body: _Sampling, model_name: str) -> None:
+    if body.model != model_name:
+        raise ApiError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
+                       param="model", code="model_not_found")
+    drafter = body.tachy.drafter
+    if ":" in drafter:  # options could name server files (a datastore): only the server's operator sets them
+        raise ApiError(400, "drafter options are not accepted in requests; pass a drafter name",
+                       param="tachy.drafter")
+    if drafter != "none" and drafter not in DRAFTERS:
+        make_drafter(drafter)  # raises UnknownNameError listing the available drafters
+
+
+def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
+          engine: Engine) -> list[tuple[list[int], GenerationConfig]]:
+    """(prompt ids, config) per choice: each prompt ``n`` times, seeds ``seed, seed + 1, ...``."""
+    work = []
+    for prompt_ids in prompts:
+        if not prompt_ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        room = engine.max_context - len(prompt_ids)
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            asked = f" plus {max_tokens} new tokens" if max_tokens is not None and room >= 1 else ""
+            raise ContextLengthError(f"this model's context window is {engine.max_context} tokens; the prompt "
+                                     f"has {len(prompt_ids)}{asked}")
+        for i in range(body.n):
+            work.append((prompt_ids, GenerationConfig(
+                max_new_tokens=max_tokens or room,
+                temperature=_temperature(body.temperature),
+                top_p=1.0 if body.top_p is None else body.top_p,
+                presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                seed=None if body.seed is None else (body.seed + i) % 2**63, stop=body.stop_list(),
+                drafter=body.tachy.drafter, max_draft_tokens=body.tachy.max_draft_tokens,
+                prediction=body.prediction.text if body.prediction is not None else None)))
+    return work
+
+
+def _temperature(value: float | None) -> float:
+    """OpenAI's default is 1. Below 1e-6 the answer is greedy anyway, and logits / temperature would overflow
+    to inf (NaN probabilities in tachy.sampling), so such temperatures are taken as 0."""
+    if value is None:
+        return 1.0
+    return 0.0 if value < 1e-6 else value
+
+
+# -- work -> response ---------------------------------------------------------------------------------------
+class _Reader:
+    """Reads a job's channel; while waiting, notices a client that went away and cancels the job (``watch``;
+    a StreamingResponse watches for disconnects itself)."""
+
+    def __init__(self, job: Job, request: Request):
+        self.job, self.request = job, request
+        self.watch = True
+        self._get: asyncio.Future | None = None
+        self._checked = time.monotonic()
+
+    async def next(self) -> tuple:
+        while True:
+            if self._get is None:
+                self._get = asyncio.ensure_future(self.job.channel.get())
+            done, _ = await asyncio.wait({self._get}, timeout=0.5)
+            # checked every half second even while pieces flow: a non-streamed answer sends nothing until the end
+            if self.watch and time.monotonic() - self._checked > 0.5:
+                self._checked = time.monotonic()
+                if await self.request.is_disconnected():
+                    self.close()
+                    raise ClientGone()
+            if done:
+                item, self._get = self._get.result(), None
+                return item
+
+    def close(self) -> None:
+        self.job.cancelled.set()
+        if self._get is not None:
+            self._get.cancel()
+
+
+def _raise_for(exc: Exception) -> None:
+    if isinstance(exc, TachyError):
+        raise exc
+    if isinstance(exc, ShuttingDown):
+        raise ApiError(503, str(exc), type="server_error", code="shutting_down")
+    raise exc
+
+
+async def _respond(request: Request, scheduler: Scheduler, work, body: _Sampling, model_name: str, chat: bool,
+                   tokenizer):
+    job = Job(work, asyncio.get_running_loop())
+    try:
+        scheduler.submit(job)
+    except QueueFull as e:
+        raise ApiError(429, str(e), type="rate_limit_exceeded", code="queue_full") from None
+    except ShuttingDown as e:
+        raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
+    reader = _Reader(job, request)
+    first = await reader.next()
+    if first[0] == "error":
+        reader.close()
+        _raise_for(first[2])
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    meta = {"id": rid, "created": int(time.time()), "model": model_name}
+    prompt_tokens = sum(len(p) for p, _ in work[::body.n])
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        reader.watch = False
+        events = _stream(reader, first, meta, chat, len(work), prompt_tokens, include_usage, tokenizer)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _collect(reader, first, meta, chat, len(work), prompt_tokens)
+
+
+async def _pieces(reader: _Reader, first: tuple) -> AsyncIterator[tuple]:
+    item = first
+    while item[0] != "end":
+        yield item
+        item = await reader.next()
+
+
+async def _collect(reader: _Reader, first: tuple, meta: dict, chat: bool, choices: int,
+                   prompt_tokens: int) -> JSONResponse:
+    texts, finish = [""] * choices, [None] * choices
+    stats: list[GenerationStats] = [GenerationStats() for _ in range(choices)]
+    async for kind, index, payload in _pieces(reader, first):
+        if kind == "error":
+            _raise_for(payload)
+        texts[index] += payload.text
+        stats[index] = payload.stats
+        finish[index] = payload.finish_reason or finish[index]
+    completion_tokens = sum(s.generated_tokens for s in stats)
+    if chat:
+        out = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": None}
+               for i, (t, f) in enumerate(zip(texts, finish))]
+    else:
+        out = [{"index": i, "text": t, "finish_reason": f, "logprobs": None}
+               for i, (t, f) in enumerate(zip(texts, finish))]
+    return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion", "choices": out,
+                         "usage": _usage(prompt_tokens, completion_tokens),
+                         "tachy": {"stats": [_stats_json(s) for s in stats]}})
+
+
+async def _stream(reader: _Reader, first: tuple, meta: dict, chat: bool, choices: int, prompt_tokens: int,
+                  include_usage: bool, tokenizer) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    usage_field = {"usage": None} if include_usage else {}
+
+    def chunk(index: int, text: str | None, finish: str | None, extra: dict | None = None,
+              role: bool = False) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        data = {**meta, "object": obj, "choices": [choice], **usage_field, **(extra or {})}
+        return f"data: {json.dumps(data)}\n\n"
+
+    completion_tokens = [0] * choices
+    started = [False] * choices
+    try:
+        async for kind, index, payload in _pieces(reader, first):
+            if kind == "error":
+                exc = payload
+                status = 400 if isinstance(exc, TachyError) else 503 if isinstance(exc, ShuttingDown) else 500
+                err = error_body(str(exc) if status < 500 else "internal error",
+                                 "invalid_request_error" if status < 500 else "server_error")
+                yield f"data: {json.dumps(err)}\n\n"
+                continue
+            piece: GenerationResponse = payload
+            if chat and not started[index]:
+                started[index] = True
+                yield chunk(index, None, None, role=True)
+            completion_tokens[index] = piece.stats.generated_tokens
+            if piece.text or piece.token_ids:
+                yield chunk(index, piece.text, None, {"tachy": _piece_json(piece, tokenizer)})
+            if piece.finish_reason is not None:
+                yield chunk(index, None if chat else "", piece.finish_reason)
+        if include_usage and not reader.job.cancelled.is_set():
+            usage = _usage(prompt_tokens, sum(completion_tokens))
+            yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        reader.close()  # a client gone mid-stream lands here too: the worker drops the job at its next step
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _stats_json(s: GenerationStats) -> dict:
+    return {"tokens_per_s": round(s.tokens_per_s, 2), "mean_accepted": round(s.mean_accepted, 3),
+            "generated_tokens": s.generated_tokens, "forwards": s.forwards, "drafted": s.drafted,
+            "accepted": s.accepted, "prefill_s": round(s.prefill_s, 4), "decode_s": round(s.decode_s, 4)}
+
+
+def _piece_json(piece: GenerationResponse, tokenizer) -> dict:
+    """The tachy extension of a stream chunk: which tokens were drafted, and the text of each where the piece
+    splits exactly into its tokens (so a page can shade every token; else the piece is one segment)."""
+    texts = [tokenizer.decode([t]) for t in piece.token_ids]
+    if "".join(texts) == piece.text:
+        segments = [[t, d] for t, d in zip(texts, piece.from_draft)]
+    else:
+        segments = [[piece.text, bool(piece.from_draft) and all(piece.from_draft)]]
+    return {"from_draft": piece.from_draft, "segments": segments, **_stats_json(piece.stats)}

@@ -1,0 +1,40 @@
+"""``tachy serve``: the OpenAI-compatible server on uvicorn (needs the ``server`` extra)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..cli import EXTRA_COMMANDS, add_model_args, load_engine
+from ..errors import TachyError
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ModuleNotFoundError as e:
+        raise TachyError(f"the server needs {e.name}: pip install 'tachy[server]'") from None
+    if args.max_queue < 0:
+        raise TachyError(f"--max-queue must be >= 0, got {args.max_queue}")
+    engine = load_engine(args)
+    app = create_app(engine, api_key=args.api_key, max_queue=args.max_queue, model_name=args.served_model_name)
+    print(f"serving {engine.name} on http://{args.host}:{args.port} (web page at /, OpenAI API under /v1)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a built-in chat page")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+EXTRA_COMMANDS.append(register)

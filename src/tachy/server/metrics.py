@@ -1,0 +1,80 @@
+"""Counters for GET /metrics in Prometheus' text format (no client library: a handful of numbers).
+
+Written by the worker thread and the HTTP handlers, read by the scrape: one lock around plain numbers.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+
+from ..engine import GenerationStats
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: collections.Counter[tuple[str, int]] = collections.Counter()  # (endpoint, status)
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.forwards = 0          # target forwards after prefill
+        self.accepted = 0          # drafted tokens the target accepted
+        self.decode_s = 0.0
+        self.generations = 0
+        self.busy_s = 0.0          # worker time spent on requests
+        self.queue_depth = 0
+        self.running = 0
+        self.last_tokens_per_s = 0.0
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self.requests[(endpoint, status)] += 1
+
+    def set_queue(self, depth: int, running: bool) -> None:
+        with self._lock:
+            self.queue_depth, self.running = depth, int(running)
+
+    def record_generation(self, stats: GenerationStats) -> None:
+        with self._lock:
+            self.generations += 1
+            self.prompt_tokens += stats.prompt_tokens
+            self.generated_tokens += stats.generated_tokens
+            self.forwards += stats.forwards
+            self.accepted += stats.accepted
+            self.decode_s += stats.decode_s
+            self.last_tokens_per_s = stats.tokens_per_s
+
+    def record_request_time(self, seconds: float) -> None:
+        with self._lock:
+            self.busy_s += seconds
+
+    def render(self) -> str:
+        """The exposition text (version 0.0.4)."""
+        with self._lock:
+            decoded = self.generated_tokens - self.generations  # the first token of each comes from prefill
+            rows = [
+                ("tachy_requests_total", "counter", "HTTP requests by endpoint and status code",
+                 [(f'{{endpoint="{e}",status="{s}"}}', n) for (e, s), n in sorted(self.requests.items())]),
+                ("tachy_generations_total", "counter", "completed generations (one per choice)",
+                 [("", self.generations)]),
+                ("tachy_prompt_tokens_total", "counter", "prompt tokens processed", [("", self.prompt_tokens)]),
+                ("tachy_generation_tokens_total", "counter", "tokens generated", [("", self.generated_tokens)]),
+                ("tachy_target_forwards_total", "counter", "target model forwards after prefill",
+                 [("", self.forwards)]),
+                ("tachy_accepted_draft_tokens_total", "counter", "drafted tokens accepted by the target",
+                 [("", self.accepted)]),
+                ("tachy_decode_seconds_total", "counter", "time spent decoding", [("", round(self.decode_s, 6))]),
+                ("tachy_tokens_per_second", "gauge", "decode tokens/s over all generations so far",
+                 [("", round(decoded / self.decode_s, 3) if self.decode_s else 0.0)]),
+                ("tachy_last_tokens_per_second", "gauge", "decode tokens/s of the last generation",
+                 [("", round(self.last_tokens_per_s, 3))]),
+                ("tachy_mean_accepted_tokens", "gauge",
+                 "tokens committed per target forward (accepted drafts + 1), over all generations",
+                 [("", round(1.0 + self.accepted / self.forwards, 4) if self.forwards else 0.0)]),
+                ("tachy_queue_depth", "gauge", "requests waiting for the worker", [("", self.queue_depth)]),
+                ("tachy_requests_running", "gauge", "requests being generated now", [("", self.running)]),
+            ]
+        out = []
+        for name, kind, help_text, samples in rows:
+            out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            out += [f"{name}{labels} {value}" for labels, value in samples]
+        return "\n".join(out) + "\n"

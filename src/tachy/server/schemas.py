@@ -1,0 +1,93 @@
+"""Request bodies of the OpenAI endpoints, with OpenAI's field names, and the OpenAI error body.
+
+Only what tachy acts on is declared; other OpenAI fields (``user``, ``metadata``, ``store`` ...) are accepted
+and ignored, as vLLM does, so that existing clients keep working. Ranges follow OpenAI's API reference.
+"""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TachyOptions(_Body):
+    """The tachy extension: ``"tachy": {"drafter": "default", "max_draft_tokens": 16}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    drafter: str = "default"          # a name from `tachy drafters`, "none" for plain decoding
+    max_draft_tokens: int = Field(16, ge=0, le=64)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Prediction(_Body):
+    """Predicted Outputs: the text the answer is expected to repeat (for example the file being edited)."""
+
+    type: Literal["content"]
+    content: Union[str, list[TextPart]]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatMessage(_Body):
+    role: str
+    content: Union[str, list[TextPart], None] = None
+
+    def as_dict(self) -> dict:
+        text = self.content if isinstance(self.content, str) or self.content is None else \
+            "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text or ""}
+
+
+class _Sampling(_Body):
+    """Fields shared by both endpoints."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Union[str, list[str], None] = Field(None)
+    seed: int | None = None
+    prediction: Prediction | None = None
+    tachy: TachyOptions = Field(default_factory=TachyOptions)
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
