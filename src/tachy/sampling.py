@@ -251,8 +251,8 @@ def make_probs_fn(cfg: SamplingConfig) -> ProbsFn:
 
     def probs_fn(logits: Tensor) -> Tensor:
         x = logits.to(torch.float32)
-        if temperature != 1.0:
-            x = x / temperature
+        if temperature != 1.0:   # shifted first: a tiny temperature then gives -inf, not inf - inf = NaN
+            x = (x - x.max(dim=-1, keepdim=True).values) / temperature
         for f in filters:
             x = f(x)
         return torch.softmax(x, dim=-1)

@@ -1,12 +1,15 @@
 """Contrastive search and diverse (group) beam search against transformers' own implementations.
 
 transformers 4.50-4.55 ships both in the library; from 4.56 they live in Hub ``custom_generate`` repositories
-(not reachable offline), so with a newer transformers these tests skip. To run them here:
+(not reachable offline), so with a newer transformers these tests skip; `make test` runs them
+against 4.55 installed beside the venv (`make test-legacy-parity`). By hand:
 
     pip install --target /tmp/tf455 --no-deps transformers==4.55.4 tokenizers==0.21.4 huggingface-hub==0.34.4
     PYTHONPATH=/tmp/tf455:src:. python -m pytest tests/decoding/test_parity_legacy.py
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -16,6 +19,8 @@ from tests.decoding.helpers import tiny_engine
 
 transformers = pytest.importorskip("transformers")
 _version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+if os.environ.get("TACHY_REQUIRE_LEGACY_PARITY") and _version >= (4, 56):   # `make test` must not skip these
+    raise RuntimeError(f"expected transformers 4.55 on PYTHONPATH, got {transformers.__version__}")
 pytestmark = pytest.mark.skipif(_version >= (4, 56), reason=f"transformers {transformers.__version__} has no "
                                 "built-in contrastive search / group beam search (moved to the Hub)")
 

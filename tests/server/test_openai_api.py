@@ -245,3 +245,26 @@ def test_health_models_metrics(server, client):
     assert values["tachy_queue_depth"] == 0
     assert values["tachy_mean_accepted_tokens"] >= 1.0
     assert values["tachy_tokens_per_second"] > 0
+
+
+def test_response_format_json_schema_parses_and_validates(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Give the largest city of France as JSON."}],
+        max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    data = json.loads(r.choices[0].message.content)
+    assert set(data) == {"city", "population"}
+    assert isinstance(data["city"], str) and isinstance(data["population"], int)
+
+
+def test_response_format_bad_schema_is_a_400(client):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
+                                       extra_body={"response_format": {"type": "yaml"}})

@@ -42,6 +42,18 @@ class Prediction(_Body):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class ResponseFormat(_Body):
+    """Structured output: ``{"type": "text" | "json_object"}`` or ``{"type": "json_schema", "json_schema":
+    {"name": ..., "schema": {...}}}``; tachy also takes ``{"type": "regex", "regex": "..."}``."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema", "regex"]
+
+    def as_config(self) -> dict | None:
+        """The ``GenerationConfig.response_format`` value (None for plain text)."""
+        return None if self.type == "text" else self.model_dump()
+
+
 class ChatMessage(_Body):
     role: str
     content: Union[str, list[TextPart], None] = None
@@ -67,6 +79,7 @@ class _Sampling(_Body):
     stop: Union[str, list[str], None] = Field(None)
     seed: int | None = None
     prediction: Prediction | None = None
+    response_format: ResponseFormat | None = None
     tachy: TachyOptions = Field(default_factory=TachyOptions)
 
     def stop_list(self) -> list[str]:
