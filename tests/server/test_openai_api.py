@@ -268,3 +268,17 @@ def test_response_format_bad_schema_is_a_400(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
                                        extra_body={"response_format": {"type": "yaml"}})
+
+
+def test_decoding_strategy_per_request(client, smollm):
+    """Beam search through the tachy extension gives the engine's beam search answer."""
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0,
+                                       extra_body={"tachy": {"strategy": "beam",
+                                                             "strategy_options": {"num_beams": 3}}})
+    expected = smollm.generate(smollm.chat_prompt(MESSAGES), greedy(max_new_tokens=8, strategy="beam",
+                                                                  strategy_options={"num_beams": 3}))
+    assert r.choices[0].message.content == expected
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
+                                       extra_body={"tachy": {"strategy": "nope"}})
+    assert "beam" in e.value.message    # the error lists the strategies

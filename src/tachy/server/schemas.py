@@ -15,11 +15,15 @@ class _Body(BaseModel):
 
 
 class TachyOptions(_Body):
-    """The tachy extension: ``"tachy": {"drafter": "default", "max_draft_tokens": 16}``."""
+    """The tachy extension: ``"tachy": {"drafter": "default", "max_draft_tokens": 16, "strategy": "beam",
+    "strategy_options": {"num_beams": 4}, "watermark": true}``."""
 
     model_config = ConfigDict(extra="forbid")
     drafter: str = "default"          # a name from `tachy drafters`, "none" for plain decoding
     max_draft_tokens: int = Field(16, ge=0, le=64)
+    strategy: str = "default"         # a decoding strategy (tachy.decoding): beam, contrastive_search, ...
+    strategy_options: dict = Field(default_factory=dict)
+    watermark: Union[bool, dict, None] = None
 
 
 class StreamOptions(_Body):
