@@ -1,7 +1,7 @@
 """Model-free drafters for speculative decoding, and their registry.
 
 ``DRAFTERS`` maps a name to a Drafter class; ``make_drafter(name, **kwargs)`` builds one. All drafters but
-``draft-model`` are pure Python/numpy over token ids, cheap per step (a few hundred microseconds at most).
+``draft-model`` and ``quantized-self`` are pure Python/numpy over token ids, cheap per step (a few hundred microseconds at most).
 
 ======================  ==========================================================================
 name                    drafter
@@ -15,6 +15,7 @@ name                    drafter
 ``rest``                :class:`DatastoreDrafter`: suffix-array retrieval from a corpus (REST)
 ``lookahead``           :class:`LookaheadDrafter`: n-gram pool fed by the model's own predictions
 ``draft-model``         :class:`DraftModelDrafter`: greedy chains from a small model (``model=NAME_OR_PATH``)
+``quantized-self``      :class:`QuantizedSelfDrafter`: suffix automaton, else the target's own int4 copy
 ======================  ==========================================================================
 
 Wrappers: :class:`FallbackDrafter` (first non-empty draft), :class:`CombinedDrafter` (union of drafts),
@@ -25,7 +26,7 @@ from __future__ import annotations
 from ...errors import InvalidArgumentError, UnknownNameError
 from .aded import AdaptiveTrigramDrafter, NgramTable
 from .base import Drafter, overlap_copy
-from .draft_model import DraftModelDrafter
+from .draft_model import DraftModelDrafter, QuantizedSelfDrafter
 from .datastore import Datastore, DatastoreDrafter, build_datastore, build_suffix_array, frequency_tree
 from .fallback import AdaptiveLength, CombinedDrafter, DefaultDrafter, FallbackDrafter
 from .gate import GatedDefaultDrafter, SpeedGate
@@ -46,6 +47,7 @@ DRAFTERS: dict[str, type[Drafter]] = {
         DatastoreDrafter,
         LookaheadDrafter,
         DraftModelDrafter,
+        QuantizedSelfDrafter,
     )
 }
 
@@ -109,5 +111,5 @@ __all__ = [
     "TokenRecyclingDrafter", "make_template", "expand_template",
     "AdaptiveTrigramDrafter", "NgramTable",
     "DatastoreDrafter", "Datastore", "build_datastore", "build_suffix_array", "frequency_tree",
-    "LookaheadDrafter", "NgramPool", "DraftModelDrafter",
+    "LookaheadDrafter", "NgramPool", "DraftModelDrafter", "QuantizedSelfDrafter",
 ]

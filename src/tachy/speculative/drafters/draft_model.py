@@ -21,13 +21,16 @@ import torch
 from ...errors import InvalidArgumentError
 from ..tree import DraftTree
 from .base import Drafter
+from .fallback import FallbackDrafter
+from .suffix_automaton import SuffixAutomatonDrafter
 
 
 class DraftModelDrafter(Drafter):
     """Greedy chain drafts from a draft model.
 
-    model: a registry name, GGUF file or HF folder (loaded with ``tachy.load``), or a loaded
-    ``tachy.Engine``. dtype / device: as in ``tachy.load`` (device defaults to the target's).
+    model: a registry name, GGUF file or HF folder (loaded with ``tachy.load``), a loaded ``tachy.Engine``,
+    or ``"self"``: the target's own checkpoint, loaded again in ``dtype`` (default int4).
+    dtype / device: as in ``tachy.load`` (device defaults to the target's).
     min_confidence: stop the chain after a token the draft model gives less than this probability (its
     later tokens would rarely be accepted, and each costs a draft forward); 0 drafts the full budget. 0.3
     gave the best modeled speed for int4/int8 self-drafts on the dev prompts (docs/benchmarks.md).
@@ -53,8 +56,10 @@ class DraftModelDrafter(Drafter):
         if self.engine is None:
             import tachy
 
-            self.engine = tachy.load(self.spec, dtype=self.dtype, device=self.device or str(target.device),
-                                     progress=False)
+            spec, dtype = self.spec, self.dtype
+            if spec == "self":
+                spec, dtype = target.name, dtype or "int4"
+            self.engine = tachy.load(spec, dtype=dtype, device=self.device or str(target.device), progress=False)
         if self.engine.model.config.vocab_size > target.model.config.vocab_size:
             raise InvalidArgumentError(
                 f"draft model vocabulary ({self.engine.model.config.vocab_size}) is larger than the target's "
@@ -96,3 +101,19 @@ class DraftModelDrafter(Drafter):
                            torch.tensor([cache.length], device=device), cache)
             self.cached.append(token)
         return DraftTree.chain(draft)
+
+
+class QuantizedSelfDrafter(FallbackDrafter):
+    """``"quantized-self"``: the suffix automaton when the context holds a match of ``min_match_len`` tokens,
+    else greedy chains from the target's own weights quantized to ``dtype`` (int4: about a third of bf16's
+    bytes per token). No second model and no training: the quantized copy agrees with the target on most
+    tokens, and verification keeps the output exactly the target's. Costs the quantized copy's memory."""
+
+    name = "quantized-self"
+
+    def __init__(self, dtype: str = "int4", min_match_len: int = 4, min_confidence: float = 0.3):
+        self.draft_model = DraftModelDrafter("self", dtype=dtype, min_confidence=min_confidence)
+        super().__init__([SuffixAutomatonDrafter(min_match_len=min_match_len), self.draft_model])
+
+    def check_target(self, target) -> None:
+        self.draft_model.check_target(target)
