@@ -17,7 +17,7 @@ def cmd_drafters(args: argparse.Namespace) -> int:
     for name in sorted(DRAFTERS):
         cls = DRAFTERS[name]
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        print(f"{name:<10} {summary}")
+        print(f"{name:<15} {summary}")
     print("\noptions: --drafter NAME:key=value,... (e.g. sam:min_match_len=3, rest:datastore=store.npz)")
     return 0
 
