@@ -10,6 +10,12 @@ row, the keys up to its slot's bucket (``key_bucket``). That is what makes specu
 a query's attention reduces over the same number of keys whether it is computed alone (plain decoding) or
 beside draft tokens (verification), and on this CPU the kernels then give it bitwise the same result. Size
 such a cache once, to a whole number of buckets (the engine uses prompt + max_new_tokens, rounded up).
+
+Compression (tachy.presses) separates the slot from the position: ``position`` is the next logical (rope)
+position and only advances/rolls back with tokens, while ``compact`` moves each (layer, head)'s kept entries
+down to slots ``0..n-1``. A compressed cache carries ``slot_pos`` (each slot's position, for sliding windows)
+and ``valid`` (head-wise budgets leave padding slots that attention must not read); both are None otherwise,
+so the uncompressed path is untouched.
 """
 from __future__ import annotations
 
@@ -32,7 +38,11 @@ class KVCache:
         self.fixed = fixed
         self.dtype, self.device = dtype, torch.device(device)
         self.length = 0
+        self.position = 0                          # next logical position (== length until compressed)
         self.k = self.v = torch.empty(0)
+        self.valid: torch.Tensor | None = None     # [layers, batch, kv_heads, capacity] bool, once compressed
+        self.slot_pos: torch.Tensor | None = None  # [layers, batch, kv_heads, capacity] long, once compressed
+        self.observer = None                       # press hook: observer(layer, q) during prefill
         self._allocate(capacity)
 
     def _allocate(self, capacity: int) -> None:
@@ -43,6 +53,9 @@ class KVCache:
             k[:, :, :, : self.length] = self.k[:, :, :, : self.length]
             v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
         self.k, self.v = k, v
+        if self.valid is not None:
+            self.valid = _grow(self.valid, capacity, self.length)
+            self.slot_pos = _grow(self.slot_pos, capacity, self.length)
 
     @property
     def capacity(self) -> int:
@@ -70,12 +83,14 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+        self.position += n
 
     def rollback(self, n: int) -> None:
         """Forget the newest ``n`` slots (a rejected draft)."""
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot roll back {n} of {self.length} cached tokens")
         self.length -= n
+        self.position -= n
 
     def keep(self, slots: list[int]) -> None:
         """Keep only ``slots`` (ascending) among the slots from ``slots[0]`` on; earlier slots stay untouched.
@@ -93,13 +108,85 @@ class KVCache:
             index = torch.tensor(slots, device=self.device)
             self.k[:, :, :, first:first + n] = self.k.index_select(3, index)
             self.v[:, :, :, first:first + n] = self.v.index_select(3, index)
+            if self.valid is not None:
+                self.valid[..., first:first + n] = self.valid.index_select(3, index)
+                self.slot_pos[..., first:first + n] = self.slot_pos.index_select(3, index)
+        self.position -= self.length - (first + n)
         self.length = first + n
 
     def reset(self) -> None:
-        self.length = 0
+        self.length = self.position = 0
+        self.valid = self.slot_pos = None
+
+    # -- compression ------------------------------------------------------------------------------------------
+    @property
+    def compressed(self) -> bool:
+        return self.valid is not None
+
+    def compact(self, kept: list[torch.Tensor]) -> None:
+        """Keep, for each layer, the slots ``kept[layer]`` [batch, kv_heads, n_layer] (ascending per head) and
+        move them down to slots ``0..n_layer-1``; layers with smaller budgets are padded to the largest and the
+        padding is marked invalid. The logical position does not change (kept keys carry their rope)."""
+        if len(kept) != self.shape[0]:
+            raise ValueError(f"compact() needs kept slots for all {self.shape[0]} layers, got {len(kept)}")
+        positions = self.slot_positions()
+        n = max(k.shape[-1] for k in kept)
+        valid = torch.zeros_like(positions, dtype=torch.bool)
+        for layer, idx in enumerate(kept):
+            m = idx.shape[-1]
+            index = idx.to(self.device)[..., None].expand(-1, -1, -1, self.shape[3])
+            self.k[layer, :, :, :m] = self.k[layer].gather(2, index)
+            self.v[layer, :, :, :m] = self.v[layer].gather(2, index)
+            positions[layer, :, :, :m] = positions[layer].gather(2, idx.to(self.device))
+            valid[layer, :, :, :m] = self.valid[layer].gather(2, idx.to(self.device)) if self.valid is not None \
+                else True
+        self.valid, self.slot_pos, self.length = valid, positions, n
+
+    def slot_positions(self) -> torch.Tensor:
+        """[layers, batch, kv_heads, capacity] logical position of each slot (slot index when uncompressed)."""
+        if self.slot_pos is not None:
+            return self.slot_pos.clone()
+        layers, batch, heads, _ = self.shape
+        return torch.arange(self.capacity, device=self.device).expand(layers, batch, heads, -1).clone()
+
+    def layer_mask(self, layer: int, mask: torch.Tensor, positions: torch.Tensor,
+                   window: int | None) -> torch.Tensor:
+        """Per-head mask [kv_heads, T, S] of a compressed cache: the slot mask [T, S] (causal or tree), less
+        the padding slots and, for a sliding-window layer, the keys ``window`` or more positions behind."""
+        S = mask.shape[1]
+        ok = mask[None] & self.valid[layer, 0, :, None, :S]
+        if window is not None:
+            ok = ok & (positions[None, :, None] - self.slot_pos[layer, 0, :, None, :S] < window)
+        return ok
+
+    def mark_new(self, positions: torch.Tensor) -> None:
+        """Record the slots and positions the next forward writes (compressed caches only)."""
+        end = self.length + positions.shape[0]
+        self.valid[..., self.length:end] = True
+        self.slot_pos[..., self.length:end] = positions
+
+    def clone(self) -> "KVCache":
+        """A deep copy (the eval compresses copies of one prefilled cache)."""
+        other = KVCache.__new__(KVCache)
+        other.__dict__.update(self.__dict__)
+        other.k, other.v = self.k.clone(), self.v.clone()
+        if self.valid is not None:
+            other.valid, other.slot_pos = self.valid.clone(), self.slot_pos.clone()
+        other.observer = None
+        return other
 
     @property
     def nbytes(self) -> int:
-        """Bytes of K/V actually held (the used slots), as compression reports will compare."""
+        """Bytes of K/V actually held (the used slots; for a compressed cache the valid entries only), as
+        compression reports compare."""
+        if self.valid is not None:
+            entries = int(self.valid[..., :self.length].sum())
+            return entries * self.shape[3] * self.k.element_size() * 2
         per_slot = self.k[:, :, :, :1].numel() * self.k.element_size() * 2
         return per_slot * self.length
+
+
+def _grow(t: torch.Tensor, capacity: int, length: int) -> torch.Tensor:
+    out = torch.zeros(*t.shape[:3], capacity, dtype=t.dtype, device=t.device)
+    out[..., :length] = t[..., :length]
+    return out
