@@ -62,6 +62,15 @@ class Press:
             q = torch.cat(chunks, dim=2)[:, :, -self.query_window:]
             chunks[:] = [q]
 
+    @property
+    def collected(self) -> dict[int, list[Tensor]]:
+        """The queries observed so far, per layer (to hand to other presses with ``adopt_queries``)."""
+        return self._queries
+
+    def adopt_queries(self, queries: dict[int, list[Tensor]]) -> None:
+        """Score with queries another press collected (tachy eval prefills once for a sweep of presses)."""
+        self._queries = dict(queries)
+
     def queries(self, layer: int) -> Tensor | None:
         chunks = self._queries.get(layer)
         return torch.cat(chunks, dim=2) if chunks else None
