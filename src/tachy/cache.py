@@ -15,7 +15,9 @@ Compression (tachy.presses) separates the slot from the position: ``position`` i
 position and only advances/rolls back with tokens, while ``compact`` moves each (layer, head)'s kept entries
 down to slots ``0..n-1``. A compressed cache carries ``slot_pos`` (each slot's position, for sliding windows)
 and ``valid`` (head-wise budgets leave padding slots that attention must not read); both are None otherwise,
-so the uncompressed path is untouched.
+so the uncompressed path is untouched. A quantized press (presses/kivi.py) moves the first slots into a
+low-precision ``prefix`` that attention reads dequantized; the full-precision buffer then starts at slot
+``prefix.length``.
 """
 from __future__ import annotations
 
@@ -43,23 +45,30 @@ class KVCache:
         self.valid: torch.Tensor | None = None     # [layers, batch, kv_heads, capacity] bool, once compressed
         self.slot_pos: torch.Tensor | None = None  # [layers, batch, kv_heads, capacity] long, once compressed
         self.observer = None                       # press hook: observer(layer, q) during prefill
+        self.prefix = None                         # quantized first slots: .length, .read(layer), .nbytes
         self._allocate(capacity)
 
     def _allocate(self, capacity: int) -> None:
         layers, batch, heads, dim = self.shape
-        k = torch.zeros(layers, batch, heads, capacity, dim, dtype=self.dtype, device=self.device)
+        base, held = self._base, self.length - self._base
+        k = torch.zeros(layers, batch, heads, capacity - base, dim, dtype=self.dtype, device=self.device)
         v = torch.zeros_like(k)
-        if self.length:
-            k[:, :, :, : self.length] = self.k[:, :, :, : self.length]
-            v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
+        if held:
+            k[:, :, :, :held] = self.k[:, :, :, :held]
+            v[:, :, :, :held] = self.v[:, :, :, :held]
         self.k, self.v = k, v
         if self.valid is not None:
             self.valid = _grow(self.valid, capacity, self.length)
             self.slot_pos = _grow(self.slot_pos, capacity, self.length)
 
     @property
+    def _base(self) -> int:
+        """First slot held in the full-precision buffer (0 unless a quantized prefix holds the earlier ones)."""
+        return 0 if self.prefix is None else self.prefix.length
+
+    @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self._base + self.k.shape[3]
 
     def reserve(self, new_tokens: int) -> None:
         """Make room for ``new_tokens`` more slots, growing geometrically so growth is rare."""
@@ -70,12 +79,23 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new keys/values [B, H, T, D] at the next slots; return the keys/values attention reads
         (the used slots, or the whole buffer when ``fixed``)."""
+        if self.prefix is not None:
+            return self._write_after_prefix(layer, k, v)
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         if self.fixed:
             return self.k[layer], self.v[layer]
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def _write_after_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        start = self.length - self._base
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        pk, pv = self.prefix.read(layer)
+        stop = None if self.fixed else end
+        return torch.cat([pk, self.k[layer, :, :, :stop]], 2), torch.cat([pv, self.v[layer, :, :, :stop]], 2)
 
     def key_count(self, new_tokens: int) -> int:
         """How many key slots a forward over ``new_tokens`` tokens attends over."""
@@ -101,13 +121,14 @@ class KVCache:
         if not slots:
             raise ValueError("keep() needs at least one slot")
         first = slots[0]
-        if any(b <= a for a, b in zip(slots, slots[1:])) or slots[-1] >= self.length or first < 0:
+        if any(b <= a for a, b in zip(slots, slots[1:])) or slots[-1] >= self.length or first < self._base:
             raise ValueError(f"slots must be ascending and below the cache length {self.length}: {slots}")
         n = len(slots)
         if slots[-1] != first + n - 1:  # not already contiguous: gather the survivors down
             index = torch.tensor(slots, device=self.device)
-            self.k[:, :, :, first:first + n] = self.k.index_select(3, index)
-            self.v[:, :, :, first:first + n] = self.v.index_select(3, index)
+            local, base = index - self._base, first - self._base
+            self.k[:, :, :, base:base + n] = self.k.index_select(3, local)
+            self.v[:, :, :, base:base + n] = self.v.index_select(3, local)
             if self.valid is not None:
                 self.valid[..., first:first + n] = self.valid.index_select(3, index)
                 self.slot_pos[..., first:first + n] = self.slot_pos.index_select(3, index)
@@ -115,8 +136,12 @@ class KVCache:
         self.length = first + n
 
     def reset(self) -> None:
+        capacity = self.capacity
         self.length = self.position = 0
         self.valid = self.slot_pos = None
+        if self.prefix is not None:
+            self.prefix = None
+            self._allocate(capacity)
 
     # -- compression ------------------------------------------------------------------------------------------
     @property
@@ -127,6 +152,8 @@ class KVCache:
         """Keep, for each layer, the slots ``kept[layer]`` [batch, kv_heads, n_layer] (ascending per head) and
         move them down to slots ``0..n_layer-1``; layers with smaller budgets are padded to the largest and the
         padding is marked invalid. The logical position does not change (kept keys carry their rope)."""
+        if self.prefix is not None:
+            raise ValueError("compact() a quantized cache: evict first, then quantize")
         if len(kept) != self.shape[0]:
             raise ValueError(f"compact() needs kept slots for all {self.shape[0]} layers, got {len(kept)}")
         positions = self.slot_positions()
@@ -165,6 +192,15 @@ class KVCache:
         self.valid[..., self.length:end] = True
         self.slot_pos[..., self.length:end] = positions
 
+    def freeze_prefix(self, prefix) -> None:
+        """Hand slots ``0..prefix.length-1`` to ``prefix`` (already holding them, quantized) and free them from
+        the full-precision buffer, which then starts at ``prefix.length``."""
+        if self.prefix is not None or not 0 < prefix.length <= self.length:
+            raise ValueError(f"cannot freeze {prefix.length} of {self.length} slots")
+        n = prefix.length
+        self.k, self.v = self.k[:, :, :, n:].clone(), self.v[:, :, :, n:].clone()
+        self.prefix = prefix
+
     def clone(self) -> "KVCache":
         """A deep copy (the eval compresses copies of one prefilled cache)."""
         other = KVCache.__new__(KVCache)
@@ -177,13 +213,17 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of K/V actually held (the used slots; for a compressed cache the valid entries only), as
-        compression reports compare."""
+        """Bytes of K/V actually held (the used slots; for a compressed cache the valid entries only, and the
+        quantized prefix's packed bytes and scales), as compression reports compare."""
+        base = self._base
+        prefix = 0 if self.prefix is None else self.prefix.nbytes
         if self.valid is not None:
-            entries = int(self.valid[..., :self.length].sum())
-            return entries * self.shape[3] * self.k.element_size() * 2
+            if base:  # padding slots (head-wise budgets) quantized along: count the valid share only
+                prefix = round(prefix * float(self.valid[..., :base].float().mean()))
+            entries = int(self.valid[..., base:self.length].sum())
+            return prefix + entries * self.shape[3] * self.k.element_size() * 2
         per_slot = self.k[:, :, :, :1].numel() * self.k.element_size() * 2
-        return per_slot * self.length
+        return prefix + per_slot * (self.length - base)
 
 
 def _grow(t: torch.Tensor, capacity: int, length: int) -> torch.Tensor:

@@ -51,6 +51,9 @@ def settings(presses: str, ratios: str) -> list[Setting]:
         names = available_presses()
     out = [Setting("full", 0.0)]
     for name in names:
+        if not make_press(name, 0.0).evicts:   # quantization alone: its size is set by bits, not a ratio
+            out.append(Setting(name, 0.0))
+            continue
         for ratio in parse_list(ratios, float, "ratio"):
             make_press(name, ratio)   # unknown name / ratio outside [0, 1) fail here
             out.append(Setting(name, ratio))
@@ -80,7 +83,7 @@ class Prefilled:
         """A copy of the prefilled cache compressed by ``setting`` (the cache itself for the baseline)."""
         cache = self.cache.clone()
         press = setting.make()
-        if press is not None:
+        if press is not None and press.active:
             press.adopt_queries(self.recorder.collected)
             press.apply(cache, self.memo)
         return cache

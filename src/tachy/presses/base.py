@@ -35,11 +35,17 @@ class Press:
     compression_ratio: float = 0.0
     name: ClassVar[str] = "press"
     query_window: ClassVar[int] = 0
+    evicts: ClassVar[bool] = True      # False: compresses by other means (quantization); ratio must be 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.compression_ratio, (int, float)) or not 0 <= self.compression_ratio < 1:
             raise InvalidArgumentError(f"compression_ratio must be in [0, 1), got {self.compression_ratio!r}")
         self._queries: dict[int, list[Tensor]] = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether applying it changes the cache (an evicting press at ratio 0 is skipped, bit for bit)."""
+        return self.compression_ratio > 0
 
     # -- collecting the prefill's queries ---------------------------------------------------------------------
     @contextmanager
@@ -164,7 +170,14 @@ def available_presses() -> list[str]:
 
 
 def make_press(name: str, compression_ratio: float = 0.0, **kwargs) -> Press:
-    """A press by registry name; an unknown name raises UnknownNameError listing the available ones."""
+    """A press by registry name; an unknown name raises UnknownNameError listing the available ones.
+    ``"a+b"`` applies a then b (e.g. ``snapkv+kivi2``); the ratio goes to the evicting parts."""
+    if "+" in name:
+        from .compose import ComposedPress
+
+        parts = [make_press(n, 0.0) for n in name.split("+")]
+        parts = [make_press(n, compression_ratio if p.evicts else 0.0) for n, p in zip(name.split("+"), parts)]
+        return ComposedPress(compression_ratio=compression_ratio, parts=parts)
     if name not in PRESSES:
         raise UnknownNameError(f"unknown press {name!r}; available: {', '.join(available_presses())}")
     return PRESSES[name](compression_ratio=compression_ratio, **kwargs)
