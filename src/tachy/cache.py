@@ -148,10 +148,12 @@ class KVCache:
     def compressed(self) -> bool:
         return self.valid is not None
 
-    def compact(self, kept: list[torch.Tensor]) -> None:
+    def compact(self, kept: list[torch.Tensor], counts: list[torch.Tensor] | None = None) -> None:
         """Keep, for each layer, the slots ``kept[layer]`` [batch, kv_heads, n_layer] (ascending per head) and
         move them down to slots ``0..n_layer-1``; layers with smaller budgets are padded to the largest and the
-        padding is marked invalid. The logical position does not change (kept keys carry their rope)."""
+        padding is marked invalid. Head-wise budgets: ``counts[layer]`` [batch, kv_heads] says how many of a
+        head's entries are real, the rest is padding. The logical position does not change (kept keys carry
+        their rope)."""
         if self.prefix is not None:
             raise ValueError("compact() a quantized cache: evict first, then quantize")
         if len(kept) != self.shape[0]:
@@ -167,6 +169,8 @@ class KVCache:
             positions[layer, :, :, :m] = positions[layer].gather(2, idx.to(self.device))
             valid[layer, :, :, :m] = self.valid[layer].gather(2, idx.to(self.device)) if self.valid is not None \
                 else True
+            if counts is not None:
+                valid[layer, :, :, :m] &= torch.arange(m, device=self.device) < counts[layer].to(self.device)[..., None]
         self.valid, self.slot_pos, self.length = valid, positions, n
 
     def slot_positions(self) -> torch.Tensor:

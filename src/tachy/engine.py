@@ -221,6 +221,7 @@ class Engine:
         With a press, all but the last prompt token are prefilled, compressed, and the last token then runs
         over the compressed cache: every generated token, the first included, comes from the compressed KV."""
         if press is not None and press.active and len(prompt_ids) > 1:
+            press.prepare(self.model)
             with press.observing(cache):
                 self._prefill(prompt_ids[:-1], cache)
             press.apply(cache)

@@ -26,6 +26,7 @@ def prompt_ids(n: int = PROMPT, seed: int = 0) -> list[int]:
 
 
 def prefilled(model, press, ids, capacity=128):
+    press.prepare(model)
     cache = model.new_cache(capacity=capacity, fixed=True)
     with press.observing(cache):
         logits = model(torch.tensor([ids]), torch.arange(len(ids)), cache)
@@ -46,9 +47,17 @@ def test_press_keeps_exactly_its_budget(llama, name, ratio):
     press.apply(cache)
     held = cache.valid[:, 0, :, :cache.length].sum(-1)          # [layers, kv_heads]
     budget = round(PROMPT * (1 - ratio))
+    layers, heads = llama.config.num_layers, llama.config.num_kv_heads
     if name == "pyramidkv":
-        assert int(held[:, 0].sum()) == budget * llama.config.num_layers
+        assert int(held[:, 0].sum()) == budget * layers
         assert held[0, 0] >= held[-1, 0]                          # bottom layers keep more
+    elif name == "ems":                                           # head-wise: each layer's total is exact
+        assert held.sum(1).eq(budget * heads).all(), held
+    elif name == "razor":   # protected heads keep all; the rest share the remainder (floor division)
+        protected = held.eq(PROMPT)
+        assert 1 <= int(protected.sum()) < layers * heads
+        assert budget * layers * heads - layers * heads <= int(held.sum()) <= budget * layers * heads \
+            or int(held[~protected].max()) == 4 + 1 + 16              # budget unreachable: minimal window
     else:
         assert held.eq(budget).all(), held
     assert cache.nbytes == int(held.sum()) * llama.config.head_dim * 4 * 2
@@ -120,7 +129,7 @@ def test_evicted_cache_decodes_like_the_full_cache_with_evicted_slots_masked(lla
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "streaming_llm"])
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "streaming_llm", "razor", "ems"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_speculative_greedy_equals_plain_greedy_under_a_press(arch, name):
     """Rollback after rejected drafts and tree commits keep the compressed cache consistent: a repetitive
@@ -140,7 +149,7 @@ def test_speculative_greedy_equals_plain_greedy_under_a_press(arch, name):
     assert accepted > 0   # drafts were actually accepted (and others rolled back)
     cfg = engine.model.config
     kept = round((len(ids) - 1) * 0.5) * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 2
-    assert held == [kept] * 3
+    assert held == [held[0]] * 3 and (held[0] == kept or name == "razor" and held[0] < 2 * kept)
 
 
 def test_pyramid_budgets_sum_and_shape():
@@ -165,3 +174,33 @@ def test_ratio_outside_zero_one_is_an_error(ratio):
         make_press("snapkv", ratio)
     with pytest.raises(InvalidArgumentError):
         GenerationConfig(press="snapkv", compression_ratio=ratio)
+
+
+@torch.inference_mode()
+def test_razor_keeps_retrieval_heads_whole_and_compensates_the_others(llama):
+    press = make_press("razor", 0.5)
+    cache, _ = prefilled(llama, press, prompt_ids())
+    full = cache.clone()
+    press.apply(cache)
+    held = cache.valid[:, 0, :, :cache.length].sum(-1)
+    layer, head = (held < PROMPT).nonzero()[0].tolist()
+    kept = kept_positions(cache, layer, head)
+    window = len(kept) - 5
+    assert kept[:4] == [0, 1, 2, 3] and kept[5:] == list(range(PROMPT - window, PROMPT))
+    dropped = full.k[layer, 0, head, 4:PROMPT - window].mean(0)       # slot 4: the compensation token
+    torch.testing.assert_close(cache.k[layer, 0, head, 4], dropped)
+    torch.testing.assert_close(cache.v[layer, 0, head, 4], full.v[layer, 0, head, 4:PROMPT - window].mean(0))
+    protected = (held == PROMPT).nonzero()[0].tolist()
+    torch.testing.assert_close(cache.k[protected[0], 0, protected[1], :PROMPT], full.k[protected[0], 0, protected[1], :PROMPT])
+
+
+def test_ems_merge_folds_evicted_tokens_into_their_nearest_kept_token():
+    from tachy.presses.ems import merge
+
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])
+    v = torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    w = torch.tensor([1.0, 1.0, 1.0, 3.0])
+    kept = torch.tensor([True, True, False, False])
+    merge(k, v, w, kept, torch.ones(4, dtype=torch.bool))
+    assert v[0].item() == pytest.approx((1 + 3) / 2) and v[1].item() == pytest.approx((2 + 3 * 4) / 4)
+    torch.testing.assert_close(k[1], torch.tensor([0.3 / 4, 3.7 / 4]))

@@ -84,6 +84,7 @@ class Prefilled:
         cache = self.cache.clone()
         press = setting.make()
         if press is not None and press.active:
+            press.prepare(self.engine.model)
             press.adopt_queries(self.recorder.collected)
             press.apply(cache, self.memo)
         return cache

@@ -94,16 +94,26 @@ class Press:
         if cache.compressed:
             raise InvalidArgumentError("the cache is already compressed")
         L, S = cache.shape[0], cache.length
-        kept = []
+        kept, counts = [], []
         for layer in range(L):
             keys, values = cache.k[layer, :, :, :S], cache.v[layer, :, :, :S]
-            kept.append(self.compress(cache, layer, self.queries(layer), keys, values, memo))
-        cache.compact(kept)
+            out = self.compress(cache, layer, self.queries(layer), keys, values, memo)
+            idx, count = out if isinstance(out, tuple) else (out, None)
+            kept.append(idx)
+            counts.append(count if count is not None else torch.full(idx.shape[:2], idx.shape[-1]))
+        cache.compact(kept, counts)
         self._queries = {}
 
     def compress(self, cache: KVCache, layer: int, queries: Tensor | None, keys: Tensor, values: Tensor,
-                 memo: dict | None = None) -> Tensor:
+                 memo: dict | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Kept slots [B, Hkv, n] ascending, or (slots, counts [B, Hkv]) for head-wise budgets: a head's first
+        ``count`` entries are kept, the rest is padding (see ``ragged``). A merging press may overwrite kept
+        entries of ``keys``/``values`` (views of the cache) in place before returning."""
         raise NotImplementedError
+
+    def prepare(self, model) -> None:
+        """Called with the model before prefill; a press that probes the model once (RazorAttention) does it
+        here. Default: nothing."""
 
 
 @dataclass
@@ -155,6 +165,14 @@ def protect(scores: Tensor, sinks: int = 0, window: int = 0) -> Tensor:
     if sinks:
         scores[..., :sinks] = 3 * PROTECTED
     return scores
+
+
+def ragged(per_head: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Head-wise selections (1-D ascending slot tensors of different lengths, one per kv head, batch 1) ->
+    (slots [1, Hkv, n] padded by repeating each head's last slot, counts [1, Hkv])."""
+    n = max(len(x) for x in per_head)
+    rows = [torch.cat([x, x[-1:].expand(n - len(x))]) for x in per_head]
+    return torch.stack(rows)[None], torch.tensor([[len(x) for x in per_head]])
 
 
 PRESSES: dict[str, type[Press]] = {}

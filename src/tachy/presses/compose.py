@@ -29,6 +29,10 @@ class ComposedPress(Press):
     def active(self) -> bool:
         return any(p.active for p in self.parts)
 
+    def prepare(self, model) -> None:
+        for part in self.parts:
+            part.prepare(model)
+
     def apply(self, cache, memo=None) -> None:
         for part in self.parts:
             if part.active:

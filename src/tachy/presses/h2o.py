@@ -24,10 +24,16 @@ class H2OPress(ScorerPress):
     query_window = -1
 
     def score(self, layer, queries, keys, values):
-        S = keys.shape[2]
-        total = torch.zeros(queries.shape[:2] + (S,), device=keys.device)
-        for end in range(S, 0, -self.chunk):   # queries end..end-chunk see keys up to themselves
-            start = max(0, end - self.chunk)
-            total[..., :end] += window_attention(queries[:, :, start:end], keys[:, :, :end]).sum(2)
-        recent = int(self.budget(layer, 0, S) * self.recent_share)
+        total = accumulated_attention(queries, keys, self.chunk)
+        recent = int(self.budget(layer, 0, keys.shape[2]) * self.recent_share)
         return protect(per_kv_head(total, keys.shape[1]), window=recent)
+
+
+def accumulated_attention(queries, keys, chunk: int = 512):
+    """[B, H, S]: attention each key received, summed over all S prompt queries (causal), in query chunks."""
+    S = keys.shape[2]
+    total = torch.zeros(queries.shape[:2] + (S,), device=keys.device)
+    for end in range(S, 0, -chunk):   # queries end-chunk..end see keys up to themselves
+        start = max(0, end - chunk)
+        total[..., :end] += window_attention(queries[:, :, start:end], keys[:, :, :end]).sum(2)
+    return total
