@@ -5,9 +5,10 @@ instead of discarding it.
 Based on Li et al. 2024, "EMS: Adaptive Evict-then-Merge Strategy for Head-wise KV Cache Compression Based on
 Global-Local Importance" (arXiv:2412.08521). Global importance: the mean attention a key received from the
 prompt queries that could see it (accumulated attention divided by their number, which removes H2O's bias to
-early tokens); local: SnapKV's window vote. Each is normalized per head and mixed with ``alpha`` (0.5). The
+early tokens); local: SnapKV's window vote. Each is normalized per head, mixed with ``alpha`` (0.5) and
+max-pooled over ``kernel`` (7) slots as in SnapKV (without pooling, multi-token facts lose their tail). The
 layer's budget ``n * Hkv`` goes to its top scores over all heads together (head-wise budgets), with ``sinks``
-(4) and the last ``window`` (32) tokens of every head kept. Merge: an evicted token joins the kept,
+(4) and the last ``window`` (32) tokens of every head kept. ``merging=False`` evicts only. Merge: an evicted token joins the kept,
 unprotected token whose key is most cosine-similar; that token's key and value become the score-weighted mean
 of the group.
 """
@@ -28,6 +29,8 @@ class EMSPress(Press):
     alpha: float = 0.5
     sinks: int = 4
     window: int = 32
+    kernel: int = 7
+    merging: bool = True          # False: evict only (the ablation)
     name = "ems"
     query_window = -1
 
@@ -37,11 +40,12 @@ class EMSPress(Press):
         seen_by = torch.arange(S, 0, -1, device=keys.device, dtype=torch.float32)    # queries that see key j
         glob = per_kv_head(accumulated_attention(queries, keys) / seen_by, keys.shape[1])
         local = per_kv_head(window_attention(queries[:, :, -self.window:], keys).mean(2), keys.shape[1])
-        return (self.alpha * glob / glob.sum(-1, keepdim=True)
-                + (1 - self.alpha) * local / local.sum(-1, keepdim=True))
+        mixed = (self.alpha * glob / glob.sum(-1, keepdim=True)
+                 + (1 - self.alpha) * local / local.sum(-1, keepdim=True))
+        return F.max_pool1d(mixed, self.kernel, stride=1, padding=self.kernel // 2)
 
     def compress(self, cache, layer, queries, keys, values, memo=None):
-        key = ("ems", self.alpha, self.window, layer)
+        key = ("ems", self.alpha, self.window, self.kernel, layer)
         score = memo.get(key) if memo is not None else None
         if score is None:
             score = self.importance(queries, keys)
@@ -54,7 +58,7 @@ class EMSPress(Press):
         chosen = torch.zeros(H * S, dtype=torch.bool, device=keys.device)
         chosen[top] = True
         chosen = chosen.view(H, S)
-        for h in range(H):
+        for h in range(H if self.merging else 0):
             merge(keys[0, h], values[0, h], score[0, h], chosen[h], ranked[h] < PROTECTED)
         return ragged([chosen[h].nonzero().flatten() for h in range(H)])
 
