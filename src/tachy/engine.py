@@ -56,10 +56,12 @@ class GenerationConfig:
             raise InvalidArgumentError(f"max_draft_tokens must be >= 0, got {self.max_draft_tokens}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if isinstance(self.press, str) and self.press != "none":
-            self.press = make_press(self.press, self.compression_ratio)
-        elif self.press == "none":
+        if self.press == "none":
             self.press = None
+        if isinstance(self.press, str):   # a Press object carries its own ratio
+            self.press = make_press(self.press, self.compression_ratio)
+        elif self.press is None and self.compression_ratio:
+            raise InvalidArgumentError("compression_ratio needs a press (see tachy.presses.available_presses())")
         self.sampling = SamplingConfig(
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
             typical_p=self.typical_p, repetition_penalty=self.repetition_penalty,

@@ -174,6 +174,8 @@ def test_ratio_outside_zero_one_is_an_error(ratio):
         make_press("snapkv", ratio)
     with pytest.raises(InvalidArgumentError):
         GenerationConfig(press="snapkv", compression_ratio=ratio)
+    with pytest.raises(InvalidArgumentError, match="needs a press"):
+        GenerationConfig(compression_ratio=0.5)
 
 
 @torch.inference_mode()
