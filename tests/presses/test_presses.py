@@ -206,3 +206,13 @@ def test_ems_merge_folds_evicted_tokens_into_their_nearest_kept_token():
     merge(k, v, w, kept, torch.ones(4, dtype=torch.bool))
     assert v[0].item() == pytest.approx((1 + 3) / 2) and v[1].item() == pytest.approx((2 + 3 * 4) / 4)
     torch.testing.assert_close(k[1], torch.tensor([0.3 / 4, 3.7 / 4]))
+
+
+@torch.inference_mode()
+def test_razor_protects_only_full_attention_layers_on_gemma():
+    model = tiny_model("gemma3").float()
+    press = make_press("razor", 0.5)
+    cache, _ = prefilled(model, press, prompt_ids())
+    press.apply(cache)
+    held = cache.valid[:, 0, 0, :cache.length].sum(-1)
+    assert held.tolist() == [held[0].item()] * 5 + [PROMPT]        # layer 5 is the only full-attention layer

@@ -6,7 +6,8 @@ Based on Tang et al. 2024, "RazorAttention: Efficient KV Cache Compression Throu
 (arXiv:2407.15891). Retrieval heads are found once per model with a synthetic probe: a random token sequence
 repeated twice; a head scores the attention its second-copy queries pay to the first copy at the same token
 (echo) and at the token after it (induction). The top ``heads`` fraction of kv heads (default 0.15, grouped
-query heads scored by their best member) are protected. The other heads share what is left of the budget
+query heads scored by their best member) are protected, chosen among full-attention layers only: a
+sliding-window layer (Gemma 3) never reads past its window, so keeping its whole cache would buy nothing. The other heads share what is left of the budget
 ``(1 - compression_ratio) * S`` per head on average: ``sinks`` (4) + 1 compensation token + the most recent
 tokens. When the protected heads alone exceed the budget, the others keep ``sinks`` + 1 + ``min_window`` (16)
 and the cache is larger than asked; ``nbytes`` reports what is held.
@@ -69,7 +70,8 @@ class RazorAttentionPress(Press):
         self._scores: torch.Tensor | None = None
 
     def prepare(self, model) -> None:
-        self._scores = retrieval_scores(model)
+        sliding = torch.tensor([t == "sliding" for t in model.config.layer_types])
+        self._scores = retrieval_scores(model).masked_fill(sliding[:, None], float("-inf"))
 
     def apply(self, cache, memo=None) -> None:
         if self._scores is None:
@@ -78,7 +80,8 @@ class RazorAttentionPress(Press):
         S = cache.length
         flat = self._scores.flatten()
         protected = torch.zeros_like(flat, dtype=torch.bool)
-        protected[flat.topk(max(1, round(self.heads * flat.numel()))).indices] = True
+        candidates = int(torch.isfinite(flat).sum())
+        protected[flat.topk(min(candidates, max(1, round(self.heads * flat.numel())))).indices] = True
         protected = protected.view(L, H)
         others = int((~protected).sum())
         total = round((1 - self.compression_ratio) * S) * L * H
