@@ -7,7 +7,8 @@ import torch
 
 from tachy import GenerationConfig, InvalidArgumentError, UnknownNameError
 from tachy.engine import Engine
-from tachy.presses import PRESSES, available_presses, make_press
+from tachy.presses import PRESSES, Press, available_presses, make_press
+from tachy.presses.base import ragged
 from tachy.presses.pyramidkv import pyramid_budgets
 from tests.conftest import tiny_model
 
@@ -216,3 +217,34 @@ def test_razor_protects_only_full_attention_layers_on_gemma():
     press.apply(cache)
     held = cache.valid[:, 0, 0, :cache.length].sum(-1)
     assert held.tolist() == [held[0].item()] * 5 + [PROMPT]        # layer 5 is the only full-attention layer
+
+
+class RaggedPress(Press):
+    """Head h of layer l keeps every (h + l + 2)-th slot: a different budget per head and per layer."""
+
+    def compress(self, cache, layer, queries, keys, values, memo=None):
+        S = keys.shape[2]
+        return ragged([torch.arange(S - 1, -1, -(h + layer + 2)).flip(0) for h in range(keys.shape[1])])
+
+
+@pytest.mark.parametrize("name,kwargs", [("ragged", {}), ("ems", {"merging": False}), ("pyramidkv", {})])
+@torch.inference_mode()
+def test_headwise_compaction_decodes_like_the_full_cache_with_per_head_masks(llama, name, kwargs):
+    """Compacted ragged budgets must equal the uncompacted cache with the evicted entries masked per head."""
+    ids = prompt_ids()
+    press = RaggedPress(0.5) if name == "ragged" else make_press(name, 0.5, **kwargs)
+    cache, _ = prefilled(llama, press, ids)
+    full = cache.clone()
+    press.apply(cache)
+    L, _, H, _ = cache.shape
+    full.valid = torch.zeros(L, 1, H, full.capacity, dtype=torch.bool)
+    full.slot_pos = torch.arange(full.capacity).expand(L, 1, H, -1).clone()
+    for layer in range(L):
+        for head in range(H):
+            full.valid[layer, 0, head, kept_positions(cache, layer, head)] = True
+    held = cache.valid[:, 0, :, :cache.length].sum(-1)
+    assert name != "ragged" or held[0].tolist() == [30, 20] and held[2].tolist() == [15, 12]
+    for step, tok in enumerate([7, 9]):
+        a = llama(torch.tensor([[tok]]), torch.tensor([PROMPT + step]), cache)
+        b = llama(torch.tensor([[tok]]), torch.tensor([PROMPT + step]), full)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
