@@ -12,15 +12,17 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def load(root: Path) -> dict:
-    """{(model, task): {"contexts": {context: {"full": run, (press, ratio): run}}}} merging -extra runs."""
+def load(root: Path, drop: list[str]) -> dict:
+    """{(model, task): {context: {"full": run, (press, ratio): run}}}, merging the runs of several folders
+    (a later folder, e.g. <run>-extra, overrides); ``drop`` lists "model:task:context:press" runs to leave out."""
     data: dict = defaultdict(lambda: defaultdict(dict))
     for path in sorted(root.glob("*/results.json")):
         r = json.loads(path.read_text())
         for base in r["baseline"]["per_context"]:
             data[(r["model"], r["task"])][base["context"]].setdefault("full", base)
         for run in r["runs"]:
-            data[(r["model"], r["task"])][run["context"]][(run["press"], run["ratio"])] = run
+            if f"{r['model']}:{r['task']}:{run['context']}:{run['press']}" not in drop:
+                data[(r["model"], r["task"])][run["context"]][(run["press"], run["ratio"])] = run
     return data
 
 
@@ -60,7 +62,11 @@ def plot(data: dict, task: str, path: Path) -> None:
     panels = [(m, c) for (m, t), per in sorted(data.items()) if t == task for c in sorted(per)]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5.2), squeeze=False)
+    names = sorted({k[0] for (m, t), per in data.items() if t == task for runs in per.values() for k in runs
+                    if k != "full"})
+    style = {n: (plt.cm.tab20(i % 20), "os^vD<>ph*"[i % 10]) for i, n in enumerate(names)}
+    handles = {}
     for ax, (model, context) in zip(axes[0], panels):
         runs = data[(model, task)][context]
         full = runs["full"]
@@ -72,16 +78,17 @@ def plot(data: dict, task: str, path: Path) -> None:
                 by_press[key[0]].append((r["kv_bytes"] / full["kv_bytes"], value(r)))
         for press, pts in sorted(by_press.items()):
             pts.sort()
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=press,
-                    ls="--" if any(q in press for q in ("kivi", "gear")) else "-")
-        ax.axhline(value(full), color="black", lw=0.8, ls=":", label="full cache")
+            color, marker = style[press]
+            handles[press], = ax.plot([x for x, _ in pts], [y for _, y in pts], marker=marker, color=color,
+                                      label=press, ls="--" if any(q in press for q in ("kivi", "gear")) else "-")
+        handles["full cache"] = ax.axhline(value(full), color="black", lw=0.8, ls=":", label="full cache")
         ax.set_xlabel("fraction of the full KV bytes held")
         ax.set_ylabel("needle accuracy (%)" if task == "needle" else "perplexity change (%)")
         if task == "ppl":
             ax.set_yscale("symlog", linthresh=5)
         ax.set_title(f"{model}, {context} tokens")
-        ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=8, fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -89,13 +96,17 @@ def plot(data: dict, task: str, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default="docs/results/presses")
-    root = Path(ap.parse_args().results)
-    data = load(root)
+    ap.add_argument("--drop", action="append", default=[], help="model:task:context:press to leave out")
+    args = ap.parse_args()
+    root = Path(args.results)
+    data = load(root, args.drop)
     models = sorted({m for m, _ in data})
     lines = ["Needle accuracy (5 depths), perplexity change vs the full cache (2 windows x 256 tokens of "
              "tinyshakespeare), and the KV bytes held as a fraction of the full cache's (reduction factor).", ""]
     for model in models:
         lines += table(data, model)
+    if args.drop:
+        lines += ["Left out (stale runs): " + ", ".join(args.drop), ""]
     (root / "summary.md").write_text("\n".join(lines))
     plot(data, "needle", root / "needle_vs_kv.png")
     plot(data, "ppl", root / "ppl_vs_kv.png")
