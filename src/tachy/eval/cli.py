@@ -26,7 +26,6 @@ def _common(args: argparse.Namespace, flag: str):
 
 def cmd_needle(args: argparse.Namespace) -> int:
     from .needle import run_needle
-    from .report import write_report
 
     depths = parse_list(args.depths, float, "depth")
     if any(not 0 <= d <= 1 for d in depths):

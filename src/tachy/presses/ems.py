@@ -3,7 +3,7 @@ share of the layer's budget its scores earn, and merge every evicted token into 
 instead of discarding it.
 
 Based on Li et al. 2024, "EMS: Adaptive Evict-then-Merge Strategy for Head-wise KV Cache Compression Based on
-Global-Local Importance" (arXiv:2412.08521). Global importance: the mean attention a key received from the
+Global-Local Importance". Global importance: the mean attention a key received from the
 prompt queries that could see it (accumulated attention divided by their number, which removes H2O's bias to
 early tokens); local: SnapKV's window vote. Each is normalized per head, mixed with ``alpha`` (0.5) and
 max-pooled over ``kernel`` (7) slots as in SnapKV (without pooling, multi-token facts lose their tail). The
