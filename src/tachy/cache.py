@@ -10,6 +10,14 @@ row, the keys up to its slot's bucket (``key_bucket``). That is what makes specu
 a query's attention reduces over the same number of keys whether it is computed alone (plain decoding) or
 beside draft tokens (verification), and on this CPU the kernels then give it bitwise the same result. Size
 such a cache once, to a whole number of buckets (the engine uses prompt + max_new_tokens, rounded up).
+
+Compression (tachy.presses) separates the slot from the position: ``position`` is the next logical (rope)
+position and only advances/rolls back with tokens, while ``compact`` moves each (layer, head)'s kept entries
+down to slots ``0..n-1``. A compressed cache carries ``slot_pos`` (each slot's position, for sliding windows)
+and ``valid`` (head-wise budgets leave padding slots that attention must not read); both are None otherwise,
+so the uncompressed path is untouched. A quantized press (presses/kivi.py) moves the first slots into a
+low-precision ``prefix`` that attention reads dequantized; the full-precision buffer then starts at slot
+``prefix.length``.
 """
 from __future__ import annotations
 
@@ -32,21 +40,35 @@ class KVCache:
         self.fixed = fixed
         self.dtype, self.device = dtype, torch.device(device)
         self.length = 0
+        self.position = 0                          # next logical position (== length until compressed)
         self.k = self.v = torch.empty(0)
+        self.valid: torch.Tensor | None = None     # [layers, batch, kv_heads, capacity] bool, once compressed
+        self.slot_pos: torch.Tensor | None = None  # [layers, batch, kv_heads, capacity] long, once compressed
+        self.observer = None                       # press hook: observer(layer, q) during prefill
+        self.prefix = None                         # quantized first slots: .length, .read(layer), .nbytes
         self._allocate(capacity)
 
     def _allocate(self, capacity: int) -> None:
         layers, batch, heads, dim = self.shape
-        k = torch.zeros(layers, batch, heads, capacity, dim, dtype=self.dtype, device=self.device)
+        base, held = self._base, self.length - self._base
+        k = torch.zeros(layers, batch, heads, capacity - base, dim, dtype=self.dtype, device=self.device)
         v = torch.zeros_like(k)
-        if self.length:
-            k[:, :, :, : self.length] = self.k[:, :, :, : self.length]
-            v[:, :, :, : self.length] = self.v[:, :, :, : self.length]
+        if held:
+            k[:, :, :, :held] = self.k[:, :, :, :held]
+            v[:, :, :, :held] = self.v[:, :, :, :held]
         self.k, self.v = k, v
+        if self.valid is not None:
+            self.valid = _grow(self.valid, capacity, self.length)
+            self.slot_pos = _grow(self.slot_pos, capacity, self.length)
+
+    @property
+    def _base(self) -> int:
+        """First slot held in the full-precision buffer (0 unless a quantized prefix holds the earlier ones)."""
+        return 0 if self.prefix is None else self.prefix.length
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self._base + self.k.shape[3]
 
     def reserve(self, new_tokens: int) -> None:
         """Make room for ``new_tokens`` more slots, growing geometrically so growth is rare."""
@@ -57,6 +79,8 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new keys/values [B, H, T, D] at the next slots; return the keys/values attention reads
         (the used slots, or the whole buffer when ``fixed``)."""
+        if self.prefix is not None:
+            return self._write_after_prefix(layer, k, v)
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
@@ -64,18 +88,29 @@ class KVCache:
             return self.k[layer], self.v[layer]
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def _write_after_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        start = self.length - self._base
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        pk, pv = self.prefix.read(layer)
+        stop = None if self.fixed else end
+        return torch.cat([pk, self.k[layer, :, :, :stop]], 2), torch.cat([pv, self.v[layer, :, :, :stop]], 2)
+
     def key_count(self, new_tokens: int) -> int:
         """How many key slots a forward over ``new_tokens`` tokens attends over."""
         return self.capacity if self.fixed else self.length + new_tokens
 
     def advance(self, n: int) -> None:
         self.length += n
+        self.position += n
 
     def rollback(self, n: int) -> None:
         """Forget the newest ``n`` slots (a rejected draft)."""
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot roll back {n} of {self.length} cached tokens")
         self.length -= n
+        self.position -= n
 
     def keep(self, slots: list[int]) -> None:
         """Keep only ``slots`` (ascending) among the slots from ``slots[0]`` on; earlier slots stay untouched.
@@ -86,13 +121,18 @@ class KVCache:
         if not slots:
             raise ValueError("keep() needs at least one slot")
         first = slots[0]
-        if any(b <= a for a, b in zip(slots, slots[1:])) or slots[-1] >= self.length or first < 0:
+        if any(b <= a for a, b in zip(slots, slots[1:])) or slots[-1] >= self.length or first < self._base:
             raise ValueError(f"slots must be ascending and below the cache length {self.length}: {slots}")
         n = len(slots)
         if slots[-1] != first + n - 1:  # not already contiguous: gather the survivors down
             index = torch.tensor(slots, device=self.device)
-            self.k[:, :, :, first:first + n] = self.k.index_select(3, index)
-            self.v[:, :, :, first:first + n] = self.v.index_select(3, index)
+            local, base = index - self._base, first - self._base
+            self.k[:, :, :, base:base + n] = self.k.index_select(3, local)
+            self.v[:, :, :, base:base + n] = self.v.index_select(3, local)
+            if self.valid is not None:
+                self.valid[..., first:first + n] = self.valid.index_select(3, index)
+                self.slot_pos[..., first:first + n] = self.slot_pos.index_select(3, index)
+        self.position -= self.length - (first + n)
         self.length = first + n
 
     def select(self, index: torch.Tensor) -> None:
@@ -102,10 +142,101 @@ class KVCache:
         self.shape = (self.shape[0], int(index.shape[0]), *self.shape[2:])
 
     def reset(self) -> None:
-        self.length = 0
+        capacity = self.capacity
+        self.length = self.position = 0
+        self.valid = self.slot_pos = None
+        if self.prefix is not None:
+            self.prefix = None
+            self._allocate(capacity)
+
+    # -- compression ------------------------------------------------------------------------------------------
+    @property
+    def compressed(self) -> bool:
+        return self.valid is not None
+
+    def compact(self, kept: list[torch.Tensor], counts: list[torch.Tensor] | None = None) -> None:
+        """Keep, for each layer, the slots ``kept[layer]`` [batch, kv_heads, n_layer] (ascending per head) and
+        move them down to slots ``0..n_layer-1``; layers with smaller budgets are padded to the largest and the
+        padding is marked invalid. Head-wise budgets: ``counts[layer]`` [batch, kv_heads] says how many of a
+        head's entries are real, the rest is padding. The logical position does not change (kept keys carry
+        their rope)."""
+        if self.prefix is not None:
+            raise ValueError("compact() a quantized cache: evict first, then quantize")
+        if len(kept) != self.shape[0]:
+            raise ValueError(f"compact() needs kept slots for all {self.shape[0]} layers, got {len(kept)}")
+        positions = self.slot_positions()
+        n = max(k.shape[-1] for k in kept)
+        valid = torch.zeros_like(positions, dtype=torch.bool)
+        for layer, idx in enumerate(kept):
+            m = idx.shape[-1]
+            index = idx.to(self.device)[..., None].expand(-1, -1, -1, self.shape[3])
+            self.k[layer, :, :, :m] = self.k[layer].gather(2, index)
+            self.v[layer, :, :, :m] = self.v[layer].gather(2, index)
+            positions[layer, :, :, :m] = positions[layer].gather(2, idx.to(self.device))
+            valid[layer, :, :, :m] = self.valid[layer].gather(2, idx.to(self.device)) if self.valid is not None \
+                else True
+            if counts is not None:
+                valid[layer, :, :, :m] &= torch.arange(m, device=self.device) < counts[layer].to(self.device)[..., None]
+        self.valid, self.slot_pos, self.length = valid, positions, n
+
+    def slot_positions(self) -> torch.Tensor:
+        """[layers, batch, kv_heads, capacity] logical position of each slot (slot index when uncompressed)."""
+        if self.slot_pos is not None:
+            return self.slot_pos.clone()
+        layers, batch, heads, _ = self.shape
+        return torch.arange(self.capacity, device=self.device).expand(layers, batch, heads, -1).clone()
+
+    def layer_mask(self, layer: int, mask: torch.Tensor, positions: torch.Tensor,
+                   window: int | None) -> torch.Tensor:
+        """Per-head mask [kv_heads, T, S] of a compressed cache: the slot mask [T, S] (causal or tree), less
+        the padding slots and, for a sliding-window layer, the keys ``window`` or more positions behind."""
+        S = mask.shape[1]
+        ok = mask[None] & self.valid[layer, 0, :, None, :S]
+        if window is not None:
+            ok = ok & (positions[None, :, None] - self.slot_pos[layer, 0, :, None, :S] < window)
+        return ok
+
+    def mark_new(self, positions: torch.Tensor) -> None:
+        """Record the slots and positions the next forward writes (compressed caches only)."""
+        end = self.length + positions.shape[0]
+        self.valid[..., self.length:end] = True
+        self.slot_pos[..., self.length:end] = positions
+
+    def freeze_prefix(self, prefix) -> None:
+        """Hand slots ``0..prefix.length-1`` to ``prefix`` (already holding them, quantized) and free them from
+        the full-precision buffer, which then starts at ``prefix.length``."""
+        if self.prefix is not None or not 0 < prefix.length <= self.length:
+            raise ValueError(f"cannot freeze {prefix.length} of {self.length} slots")
+        n = prefix.length
+        self.k, self.v = self.k[:, :, :, n:].clone(), self.v[:, :, :, n:].clone()
+        self.prefix = prefix
+
+    def clone(self) -> "KVCache":
+        """A deep copy (the eval compresses copies of one prefilled cache)."""
+        other = KVCache.__new__(KVCache)
+        other.__dict__.update(self.__dict__)
+        other.k, other.v = self.k.clone(), self.v.clone()
+        if self.valid is not None:
+            other.valid, other.slot_pos = self.valid.clone(), self.slot_pos.clone()
+        other.observer = None
+        return other
 
     @property
     def nbytes(self) -> int:
-        """Bytes of K/V actually held (the used slots), as compression reports will compare."""
+        """Bytes of K/V actually held (the used slots; for a compressed cache the valid entries only, and the
+        quantized prefix's packed bytes and scales), as compression reports compare."""
+        base = self._base
+        prefix = 0 if self.prefix is None else self.prefix.nbytes
+        if self.valid is not None:
+            if base:  # padding slots (head-wise budgets) quantized along: count the valid share only
+                prefix = round(prefix * float(self.valid[..., :base].float().mean()))
+            entries = int(self.valid[..., base:self.length].sum())
+            return prefix + entries * self.shape[3] * self.k.element_size() * 2
         per_slot = self.k[:, :, :, :1].numel() * self.k.element_size() * 2
-        return per_slot * self.length
+        return prefix + per_slot * (self.length - base)
+
+
+def _grow(t: torch.Tensor, capacity: int, length: int) -> torch.Tensor:
+    out = torch.zeros(*t.shape[:3], capacity, dtype=t.dtype, device=t.device)
+    out[..., :length] = t[..., :length]
+    return out

@@ -33,6 +33,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default="default",
                    help="speculative drafter: default, none, or a name from `tachy drafters`")
     p.add_argument("--max-draft-tokens", type=int, default=16)
+    p.add_argument("--press", default=None, help="KV-cache compression after prefill (see docs/presses.md)")
+    p.add_argument("--ratio", type=float, default=0.0, help="fraction of the prompt's KV the press removes")
 
 
 def generation_config(args: argparse.Namespace):
@@ -46,7 +48,8 @@ def generation_config(args: argparse.Namespace):
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                             seed=args.seed, stop=args.stop, drafter=args.drafter,
-                            max_draft_tokens=args.max_draft_tokens, **decoding_fields(args))
+                            max_draft_tokens=args.max_draft_tokens, press=args.press,
+                            compression_ratio=args.ratio, **decoding_fields(args))
 
 
 def load_engine(args: argparse.Namespace):

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .cache import key_bucket
+from .presses import Press, make_press
 from .errors import ContextLengthError, InvalidArgumentError
 from .models.llama import Transformer
 from .sampling import SamplingConfig, make_generator, make_probs_fn, sample
@@ -53,6 +54,8 @@ class GenerationConfig:
     response_format: dict | None = None
     watermark: bool | dict | None = None
     prediction: str | list[int] | None = None    # expected output (Predicted Outputs): drafted from, losslessly
+    press: str | Press | None = None             # KV-cache compression after prefill (tachy.presses)
+    compression_ratio: float = 0.0               # fraction of the prompt's KV the press removes
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -61,6 +64,12 @@ class GenerationConfig:
             raise InvalidArgumentError(f"max_draft_tokens must be >= 0, got {self.max_draft_tokens}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.press == "none":
+            self.press = None
+        if isinstance(self.press, str):   # a Press object carries its own ratio
+            self.press = make_press(self.press, self.compression_ratio)
+        elif self.press is None and self.compression_ratio:
+            raise InvalidArgumentError("compression_ratio needs a press (see tachy.presses.available_presses())")
         self.sampling = SamplingConfig(
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
             typical_p=self.typical_p, repetition_penalty=self.repetition_penalty,
@@ -175,7 +184,7 @@ class Engine:
         stats.prompt_tokens = len(prompt_ids)
 
         start = time.perf_counter()
-        logits = self._prefill(prompt_ids, cache)
+        logits = self._prefill(prompt_ids, cache, config.press)
         ids = list(prompt_ids)
         root = self._choose(logits, ids, processor, probs_fn, generator)
         ids.append(root)
@@ -187,10 +196,10 @@ class Engine:
         stats.generated_tokens = 1
         yield Step([root], 0, 0)
 
-        while cache.length + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:
+        while cache.position + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:
             step_start = time.perf_counter()
             # no drafting past the context window or the token budget (the bonus token is always produced)
-            room = min(self.max_context - cache.length - 2, config.max_new_tokens - stats.generated_tokens - 1)
+            room = min(self.max_context - cache.position - 2, config.max_new_tokens - stats.generated_tokens - 1)
             tree = DraftTree.empty()
             if drafter is not None and config.max_draft_tokens and room > 0:
                 tree = drafter.propose(ids, min(config.max_draft_tokens, room)).prune_to_spine()
@@ -198,7 +207,7 @@ class Engine:
                     tree = tree.truncate(room)
                 stats.draft_s += time.perf_counter() - step_start
             tokens = [root] + tree.tokens
-            positions = cache.length + tree.position_offsets().to(device)
+            positions = cache.position + tree.position_offsets().to(device)
             mask = None
             if len(tree):
                 mask = torch.cat([torch.ones(len(tokens), cache.length, dtype=torch.bool, device=device),
@@ -227,8 +236,18 @@ class Engine:
             stats.decode_s += time.perf_counter() - step_start
             yield Step(new, len(accepted), len(tree))
 
-    def _prefill(self, prompt_ids: list[int], cache) -> torch.Tensor:
-        """Forward the prompt in chunks (bounded attention memory); return the last position's logits [1, V]."""
+    def _prefill(self, prompt_ids: list[int], cache, press: Press | None = None) -> torch.Tensor:
+        """Forward the prompt in chunks (bounded attention memory); return the last position's logits [1, V].
+
+        With a press, all but the last prompt token are prefilled, compressed, and the last token then runs
+        over the compressed cache: every generated token, the first included, comes from the compressed KV."""
+        if press is not None and press.active and len(prompt_ids) > 1:
+            press.prepare(self.model)
+            with press.observing(cache):
+                self._prefill(prompt_ids[:-1], cache)
+            press.apply(cache)
+            tokens = torch.tensor([prompt_ids[-1:]], device=self.device)
+            return self.model(tokens, torch.tensor([cache.position], device=self.device), cache)[0]
         logits = None
         for s in range(0, len(prompt_ids), PREFILL_CHUNK):
             chunk = prompt_ids[s:s + PREFILL_CHUNK]

@@ -94,3 +94,10 @@ def test_cli_watermark_detect_on_the_embedded_model(smollm, one_torch_thread, ca
     assert main(["watermark", "detect", plain]) == 0
     out_plain = capsys.readouterr().out
     assert ": watermarked" in out_marked and "not watermarked" in out_plain, (out_marked, out_plain)
+
+
+def test_search_strategies_reject_presses_and_predictions():
+    with pytest.raises(InvalidArgumentError, match="own search loop"):
+        GenerationConfig(strategy="beam", press="snapkv", compression_ratio=0.5)
+    with pytest.raises(InvalidArgumentError, match="own search loop"):
+        GenerationConfig(strategy="contrastive_search", prediction="hello")

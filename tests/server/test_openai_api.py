@@ -282,3 +282,14 @@ def test_decoding_strategy_per_request(client, smollm):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4,
                                        extra_body={"tachy": {"strategy": "nope"}})
     assert "beam" in e.value.message    # the error lists the strategies
+
+
+def test_kv_press_per_request(client, smollm):
+    prompt = "Once upon a time, in a land far away, there lived a king who had three daughters. " * 6
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                  extra_body={"tachy": {"press": "snapkv", "compression_ratio": 0.5}})
+    assert r.choices[0].text == smollm.generate(prompt, greedy(max_new_tokens=8, press="snapkv",
+                                                               compression_ratio=0.5))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body={"tachy": {"press": "nope"}})
+    assert "snapkv" in e.value.message   # the error lists the presses

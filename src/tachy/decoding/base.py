@@ -55,6 +55,9 @@ class Strategy:
                 raise InvalidArgumentError(f"strategy {self.name!r} cannot run with speculative drafts "
                                            f"(drafter={config.drafter!r}); use drafter='none'")
             config.drafter = None
+        if self.is_search and (getattr(config, "press", None) is not None or config.prediction is not None):
+            raise InvalidArgumentError(f"strategy {self.name!r} runs its own search loop: KV presses and "
+                                       "predictions apply to the default strategy only")
 
     @property
     def is_search(self) -> bool:

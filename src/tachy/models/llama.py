@@ -105,6 +105,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache.observer is not None:  # a KV press collecting the prefill's queries (tachy.presses)
+            cache.observer(self.layer, q * self.scale)
         k, v = cache.write(self.layer, k, v)
         groups = self.heads // self.kv_heads
         if cache.fixed and B == 1:
@@ -114,7 +116,9 @@ class Attention(nn.Module):
             return self.o_proj(bucketed_attention(q, k, v, mask, cache.length, self.scale).reshape(1, T, -1))
         # Grouped-query attention: the G query heads sharing a kv head become G*T queries over that head.
         q = q.reshape(B, self.kv_heads, groups * T, self.head_dim)
-        if mask is not None and groups > 1:
+        if mask is not None and mask.dim() == 3:   # per kv head [Hkv, T, S] (compressed cache)
+            mask = mask.repeat(1, groups, 1)[None]
+        elif mask is not None and groups > 1:
             mask = mask.repeat(groups, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.view(B, self.heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
@@ -189,12 +193,18 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         cache.reserve(T)
         start, keys = cache.length, cache.key_count(T)
-        if mask is None and (T > 1 or keys > start + T):
+        if mask is None and (T > 1 or keys > start + T or cache.compressed):
             mask = causal_mask(start, T, tokens.device)
         if mask is not None and mask.shape[1] < keys:  # fixed-size cache: slots not yet written are invisible
             mask = F.pad(mask, (0, keys - mask.shape[1]), value=False)
         x = self.embed(tokens)
-        for layer, (rope, layer_mask) in zip(self.layers, self.attention_inputs(positions, cache.length, mask)):
+        inputs = self.attention_inputs(positions, cache.length, mask)
+        if cache.compressed:  # slots no longer equal positions: per-head masks from the cache (cache.py)
+            cache.mark_new(positions)
+            windows = [self.config.sliding_window if t == "sliding" else None for t in self.config.layer_types]
+            inputs = [(rope, cache.layer_mask(i, mask, positions, w)) for i, ((rope, _), w) in
+                      enumerate(zip(inputs, windows))]
+        for layer, (rope, layer_mask) in zip(self.layers, inputs):
             x = layer(x, rope, cache, layer_mask)
         cache.advance(T)
         if last_only:
@@ -253,9 +263,16 @@ def bucketed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sta
         with single_thread(q.device):
             out[t:end] = F.scaled_dot_product_attention(
                 q[t:end], k[:, :, :keys].expand(n, -1, -1, -1), v[:, :, :keys].expand(n, -1, -1, -1),
-                attn_mask=None if mask is None else mask[t:end, None, None, :keys], scale=scale)
+                attn_mask=None if mask is None else _rows(mask, t, end, keys), scale=scale)
         t = end
     return out
+
+
+def _rows(mask: Tensor, t: int, end: int, keys: int) -> Tensor:
+    """Rows t..end of a [T, S] mask, or of a per-kv-head [Hkv, T, S] one, shaped [n, 1|Hkv, 1, keys]."""
+    if mask.dim() == 3:
+        return mask[:, t:end, :keys].transpose(0, 1)[:, :, None]
+    return mask[t:end, None, None, :keys]
 
 
 @contextmanager

@@ -152,7 +152,8 @@ def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
                 seed=None if body.seed is None else (body.seed + i) % 2**63, stop=body.stop_list(),
                 drafter=body.tachy.drafter, max_draft_tokens=body.tachy.max_draft_tokens,
                 strategy=body.tachy.strategy, strategy_options=body.tachy.strategy_options,
-                watermark=body.tachy.watermark,
+                watermark=body.tachy.watermark, press=body.tachy.press,
+                compression_ratio=body.tachy.compression_ratio,
                 prediction=body.prediction.text if body.prediction is not None else None,
                 response_format=body.response_format.as_config() if body.response_format is not None else None)))
     return work

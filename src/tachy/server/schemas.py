@@ -16,7 +16,7 @@ class _Body(BaseModel):
 
 class TachyOptions(_Body):
     """The tachy extension: ``"tachy": {"drafter": "default", "max_draft_tokens": 16, "strategy": "beam",
-    "strategy_options": {"num_beams": 4}, "watermark": true}``."""
+    "strategy_options": {"num_beams": 4}, "watermark": true, "press": "snapkv", "compression_ratio": 0.5}``."""
 
     model_config = ConfigDict(extra="forbid")
     drafter: str = "default"          # a name from `tachy drafters`, "none" for plain decoding
@@ -24,6 +24,8 @@ class TachyOptions(_Body):
     strategy: str = "default"         # a decoding strategy (tachy.decoding): beam, contrastive_search, ...
     strategy_options: dict = Field(default_factory=dict)
     watermark: Union[bool, dict, None] = None
+    press: str | None = None          # KV-cache compression (tachy.presses), e.g. "snapkv" or "snapkv+kivi4"
+    compression_ratio: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class StreamOptions(_Body):

@@ -1,0 +1,60 @@
+"""Perplexity under compression: prefill ``context`` tokens of a text, compress, then score the next
+``tokens`` tokens teacher-forced over the compressed cache (one forward). Several windows spread over the text
+average out its local difficulty; every setting sees the same windows and the same prefill.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..engine import Engine
+from .sweep import Prefilled, Setting
+
+
+def run_ppl(engine: Engine, text: str, contexts: list[int], settings: list[Setting], tokens: int = 256,
+            windows: int = 2, progress: bool = True) -> dict:
+    """Perplexity of every setting at every context length; returns the results.json dictionary."""
+    need = max(contexts) + tokens
+    ids = engine.tokenizer.encode(text[: need * 8 * windows], add_special_tokens=False)
+    if len(ids) < need:
+        raise ValueError(f"the text has only {len(ids)} tokens; {need} needed")
+    starts = [round(k * (len(ids) - need) / max(1, windows - 1)) for k in range(windows)]
+    bos = [engine.tokenizer.bos_token_id] if engine.tokenizer.bos_token_id is not None else []
+    nll = {(s.label, c): [] for s in settings for c in contexts}
+    kv_bytes = {(s.label, c): [] for s in settings for c in contexts}
+    bar = tqdm(total=len(contexts) * windows * len(settings), disable=not progress, desc="ppl")
+    for context in contexts:
+        for start in starts:
+            prompt = bos + ids[start:start + context - len(bos)]
+            target = ids[start + context - len(bos): start + context - len(bos) + tokens]
+            pre = Prefilled(engine, prompt, tokens)
+            for s in settings:
+                cache = pre.compressed(s)
+                kv_bytes[(s.label, context)].append(cache.nbytes)
+                x = torch.tensor([target], device=engine.device)
+                positions = cache.position + torch.arange(tokens, device=engine.device)
+                logits = engine.model(x, positions, cache)[0, :-1].float()
+                nll[(s.label, context)].append(float(F.cross_entropy(logits, x[0, 1:], reduction="sum")))
+                bar.update()
+    bar.close()
+
+    def ppl(label: str, context: int) -> float:
+        return math.exp(sum(nll[(label, context)]) / (windows * (tokens - 1)))
+
+    def mean_bytes(label: str, context: int) -> int:
+        return round(sum(kv_bytes[(label, context)]) / windows)
+
+    full = settings[0].label
+    return {
+        "model": engine.name, "task": "ppl", "contexts": contexts, "tokens": tokens, "windows": windows,
+        "baseline": {"ppl": math.exp(sum(sum(nll[(full, c)]) for c in contexts)
+                                     / (len(contexts) * windows * (tokens - 1))),
+                     "kv_bytes": round(sum(mean_bytes(full, c) for c in contexts) / len(contexts)),
+                     "per_context": [{"context": c, "ppl": ppl(full, c), "kv_bytes": mean_bytes(full, c)}
+                                     for c in contexts]},
+        "runs": [{"press": s.press, "ratio": s.ratio, "context": c, "ppl": ppl(s.label, c),
+                  "kv_bytes": mean_bytes(s.label, c)} for s in settings[1:] for c in contexts],
+    }

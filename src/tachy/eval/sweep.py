@@ -1,0 +1,104 @@
+"""What needle.py and ppl.py share: the press sweep, one prefill per prompt, compressed copies, greedy decode.
+
+The expensive part of a long-context eval is the prefill, so each prompt is prefilled once (recording every
+layer's queries), and each press/ratio compresses a *copy* of that cache with those queries. Scores that do
+not depend on the ratio (SnapKV's votes, H2O's accumulated attention) are computed once per prompt (memo).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..cache import KVCache, key_bucket
+from ..engine import Engine
+from ..errors import InvalidArgumentError, TachyError
+from ..presses import Press, available_presses, make_press
+
+DEFAULT_HAYSTACK = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@dataclass
+class Setting:
+    """One press at one ratio ("full" is the uncompressed baseline)."""
+
+    press: str
+    ratio: float
+
+    @property
+    def label(self) -> str:
+        return "full" if self.press == "full" else f"{self.press}@{self.ratio:g}"
+
+    def make(self) -> Press | None:
+        return None if self.press == "full" else make_press(self.press, self.ratio)
+
+
+def parse_list(text: str, kind=str, what: str = "value") -> list:
+    try:
+        items = [kind(x.strip()) for x in str(text).split(",") if x.strip()]
+    except ValueError as e:
+        raise InvalidArgumentError(f"bad {what} list {text!r}: {e}") from None
+    if not items:
+        raise InvalidArgumentError(f"empty {what} list")
+    return items
+
+
+def settings(presses: str, ratios: str) -> list[Setting]:
+    """The baseline plus every press at every ratio; each is validated before any model loads."""
+    names = parse_list(presses, what="press")
+    if "all" in names:
+        names = available_presses()
+    out = [Setting("full", 0.0)]
+    for name in names:
+        if not make_press(name, 0.0).evicts:   # quantization alone: its size is set by bits, not a ratio
+            out.append(Setting(name, 0.0))
+            continue
+        for ratio in parse_list(ratios, float, "ratio"):
+            make_press(name, ratio)   # unknown name / ratio outside [0, 1) fail here
+            out.append(Setting(name, ratio))
+    return out
+
+
+def read_text(path: str | Path | None, flag: str) -> str:
+    path = Path(path) if path else DEFAULT_HAYSTACK
+    if not path.is_file():
+        raise TachyError(f"{path} not found; pass {flag} FILE (a plain-text file)")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+class Prefilled:
+    """A prompt prefilled once: the cache and the queries every layer saw (for scoring presses)."""
+
+    def __init__(self, engine: Engine, ids: list[int], extra: int):
+        self.engine, self.ids = engine, ids
+        model = engine.model
+        self.cache = model.new_cache(capacity=key_bucket(len(ids) + extra), fixed=True)
+        self.recorder = make_press("h2o")          # records every query of every layer
+        self.memo: dict = {}
+        with self.recorder.observing(self.cache):
+            engine._prefill(ids, self.cache)
+
+    def compressed(self, setting: Setting) -> KVCache:
+        """A copy of the prefilled cache compressed by ``setting`` (the cache itself for the baseline)."""
+        cache = self.cache.clone()
+        press = setting.make()
+        if press is not None and press.active:
+            press.prepare(self.engine.model)
+            press.adopt_queries(self.recorder.collected)
+            press.apply(cache, self.memo)
+        return cache
+
+
+def greedy(engine: Engine, cache: KVCache, token: int, n: int) -> list[int]:
+    """Forward ``token`` at the cache's next position, then decode greedily; return the ``n`` new tokens."""
+    out: list[int] = []
+    eos = set(engine.tokenizer.eos_token_ids)
+    for _ in range(n):
+        logits = engine.model(torch.tensor([[token]], device=engine.device),
+                              torch.tensor([cache.position], device=engine.device), cache)
+        token = int(logits[0, -1].argmax())
+        if token in eos:
+            break
+        out.append(token)
+    return out

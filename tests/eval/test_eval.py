@@ -1,0 +1,57 @@
+"""tachy eval: sweep parsing and bad input (fast), and a real-model smoke run of both tasks (slow, < 60 s)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tachy.cli import main
+from tachy.errors import InvalidArgumentError, UnknownNameError
+from tachy.eval.sweep import settings
+from tachy.presses import available_presses
+
+
+def test_settings_sweep_every_press_and_ratio_after_the_baseline():
+    s = settings("snapkv,streaming_llm", "0.25,0.5")
+    assert [x.label for x in s] == ["full", "snapkv@0.25", "snapkv@0.5", "streaming_llm@0.25",
+                                    "streaming_llm@0.5"]
+    assert [x.label for x in settings("kivi4,snapkv+kivi2", "0.5")] == ["full", "kivi4@0", "snapkv+kivi2@0.5"]
+    assert len(settings("all", "0.5")) == 1 + len(available_presses())
+
+
+def test_settings_reject_unknown_presses_and_bad_ratios():
+    with pytest.raises(UnknownNameError, match="snapkv"):
+        settings("snapkv,nope", "0.5")
+    with pytest.raises(InvalidArgumentError):
+        settings("snapkv", "0.5,1.0")
+    with pytest.raises(InvalidArgumentError):
+        settings("snapkv", "half")
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["eval", "needle", "--press", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: unknown press 'nope'; available:")
+    assert main(["eval", "ppl", "--text", str(tmp_path / "missing.txt"), "--out", str(tmp_path)]) == 2
+    assert "missing.txt not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_needle_and_ppl_smoke_on_the_real_model(tmp_path):
+    out = tmp_path / "needle"
+    assert main(["eval", "needle", "--context", "384", "--depths", "0.5", "--press", "snapkv,kivi4",
+                 "--ratio", "0.5", "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["model"] == "smollm2-135m" and r["baseline"]["accuracy"] == 1.0   # the full cache finds it
+    assert [(x["press"], x["ratio"], x["context"]) for x in r["runs"]] == [("snapkv", 0.5, 384), ("kivi4", 0.0, 384)]
+    snap = r["runs"][0]
+    assert abs(snap["kv_bytes"] * 2 - r["baseline"]["kv_bytes"]) <= r["baseline"]["kv_bytes"] * 0.01
+    assert (out / "needle.png").stat().st_size > 0 and "| snapkv | 0.5 |" in (out / "results.md").read_text()
+
+    out = tmp_path / "ppl"
+    assert main(["eval", "ppl", "--context", "256", "--tokens", "32", "--windows", "1", "--press", "streaming_llm",
+                 "--ratio", "0.5", "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert 1 < r["baseline"]["ppl"] < 1000 and r["runs"][0]["ppl"] != r["baseline"]["ppl"]
+    assert (out / "ppl.png").stat().st_size > 0
