@@ -31,6 +31,9 @@ class DraftModelDrafter(Drafter):
     model: a registry name, GGUF file or HF folder (loaded with ``tachy.load``), a loaded ``tachy.Engine``,
     or ``"self"``: the target's own checkpoint, loaded again in ``dtype`` (default int4).
     dtype / device: as in ``tachy.load`` (device defaults to the target's).
+    context: the draft model reads at most the last ``context`` tokens of the prompt. Drafts need little
+    context (the suffix automaton handles copying from far back), while prefilling a long prompt through a
+    quantized model costs more than the whole generation saves (int4 prefill is slower than bf16 here).
     min_confidence: stop the chain after a token the draft model gives less than this probability (its
     later tokens would rarely be accepted, and each costs a draft forward); 0 drafts the full budget. 0.3
     gave the best modeled speed for int4/int8 self-drafts on the dev prompts (docs/benchmarks.md).
@@ -40,7 +43,10 @@ class DraftModelDrafter(Drafter):
     requires_options = True   # nothing to draft with until a model is named (`tachy bench --methods all` skips it)
 
     def __init__(self, model=None, dtype: str | None = None, device: str | None = None,
-                 min_confidence: float = 0.3):
+                 min_confidence: float = 0.3, context: int = 128):
+        if context < 1:
+            raise InvalidArgumentError(f"context must be a positive number of tokens, got {context}")
+        self.context = context
         if not 0.0 <= min_confidence < 1.0:
             raise InvalidArgumentError(f"min_confidence must lie in [0, 1), got {min_confidence}")
         self.min_confidence = min_confidence
@@ -71,23 +77,27 @@ class DraftModelDrafter(Drafter):
         model = self.engine.model
         self.cache = model.new_cache(capacity=256)
         self.cached = []
-        self.agreed = 0                   # history up to here was fed (or agreed with the cache) last step
+        self.offset = 0                   # history[offset:] is what the draft model sees
+        self.agreed = 0                   # history[offset:][:agreed] was fed (or agreed with the cache) last step
 
     @torch.inference_mode()
     def _draft(self, max_tokens: int) -> DraftTree:
         model, cache, history = self.engine.model, self.cache, self.history
-        if len(history) >= model.config.max_seq_len - max_tokens:
+        if len(history) - self.offset >= model.config.max_seq_len - max_tokens:
             return DraftTree.empty()
-        # the longest prefix of history already in the cache: only the last step's tokens can disagree
-        common = min(self.agreed, len(self.cached), len(history) - 1)   # the root is always fed, for its logits
-        while common < len(history) - 1 and common < len(self.cached) and self.cached[common] == history[common]:
+        if not self.cached:   # a new sequence: the draft cache starts ``context`` tokens before its end
+            self.offset = max(0, len(history) - self.context)
+        seen = history[self.offset:]     # what the draft cache should hold (rope is relative: positions from 0)
+        # the longest prefix of it already in the cache: only the last step's tokens can disagree
+        common = min(self.agreed, len(self.cached), len(seen) - 1)   # the root is always fed, for its logits
+        while common < len(seen) - 1 and common < len(self.cached) and self.cached[common] == seen[common]:
             common += 1
-        self.agreed = len(history)
+        self.agreed = len(seen)
         cache.rollback(cache.length - common)
         del self.cached[common:]
-        new = history[common:]
+        new = seen[common:]
         device = model.device
-        logits = model(torch.tensor([new], device=device), torch.arange(common, len(history), device=device),
+        logits = model(torch.tensor([new], device=device), torch.arange(common, len(seen), device=device),
                        cache, last_only=True)
         self.cached.extend(new)
         draft: list[int] = []
@@ -111,8 +121,9 @@ class QuantizedSelfDrafter(FallbackDrafter):
 
     name = "quantized-self"
 
-    def __init__(self, dtype: str = "int4", min_match_len: int = 4, min_confidence: float = 0.3):
-        self.draft_model = DraftModelDrafter("self", dtype=dtype, min_confidence=min_confidence)
+    def __init__(self, dtype: str = "int4", min_match_len: int = 4, min_confidence: float = 0.3,
+                 context: int = 128):
+        self.draft_model = DraftModelDrafter("self", dtype=dtype, min_confidence=min_confidence, context=context)
         super().__init__([SuffixAutomatonDrafter(min_match_len=min_match_len), self.draft_model])
 
     def check_target(self, target) -> None:
