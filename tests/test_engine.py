@@ -22,7 +22,8 @@ import torch
 import tachy
 from tachy import ContextLengthError, GenerationConfig, InvalidArgumentError, UnknownNameError
 from tachy.engine import Engine
-from tachy.speculative.drafters import Drafter, DatastoreDrafter, available_drafters, build_datastore
+from tachy.speculative.drafters import (DRAFTERS, Drafter, DatastoreDrafter, DraftModelDrafter, available_drafters,
+                                       build_datastore)
 from tachy.speculative.tree import DraftTree
 from tests.conftest import tiny_model
 
@@ -166,7 +167,9 @@ def test_lossless_greedy_tiny_models(arch):
         ref = [t for s in engine.generate_tokens(prompt, GenerationConfig(max_new_tokens=new, drafter=None))
                for t in s.tokens]
         assert len(ref) == new
-        drafters: list = list(available_drafters()) + [OracleDrafter(prompt + ref, vocab, seed=trial)]
+        model_free = [n for n in available_drafters() if not hasattr(DRAFTERS[n], "check_target")]
+        drafters: list = model_free + [OracleDrafter(prompt + ref, vocab, seed=trial),
+                                       DraftModelDrafter(Engine(tiny_model(arch, seed=2), tokenizer=None))]
         for d in drafters:
             label = d if isinstance(d, str) else d.name
             steps = list(engine.generate_tokens(prompt, GenerationConfig(max_new_tokens=new, drafter=d)))
