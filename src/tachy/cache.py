@@ -250,15 +250,31 @@ class BatchKVCache(KVCache):
         super().__init__(*args, fixed=True, **kwargs)
         self.lengths = [0] * self.shape[1]
         self.rows: list[int] = []              # cache rows of the next forward's batch entries, in order
+        self._index: tuple | None = None       # (rows, slots, groups) of the next forward, built once
 
     def reserve(self, new_tokens: int) -> None:
         if any(self.lengths[r] + new_tokens > self.capacity for r in self.rows):
             raise ValueError("a batch row is full: grow() the cache before its forward")
+        self._index = None
+
+    def index(self) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+        """For the next forward: the cache rows and write slots [B], and the entries grouped by key count:
+        ``(key_bucket(length + 1), batch entries, their cache rows)`` (models/llama.py ``ragged_attention``)."""
+        if self._index is None:
+            lengths = [self.lengths[r] for r in self.rows]
+            buckets = [key_bucket(n + 1) for n in lengths]
+            groups = []
+            for keys in sorted(set(buckets)):
+                entries = [b for b, n in enumerate(buckets) if n == keys]
+                groups.append((keys, torch.tensor(entries, device=self.device),
+                               torch.tensor([self.rows[b] for b in entries], device=self.device)))
+            self._index = (torch.tensor(self.rows, device=self.device), torch.tensor(lengths, device=self.device),
+                           groups)
+        return self._index
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k/v [B, H, 1, D], entry b for cache row ``rows[b]``; returns the whole buffer [batch, H, S, D]."""
-        rows = torch.tensor(self.rows, device=self.device)
-        slots = torch.tensor([self.lengths[r] for r in self.rows], device=self.device)
+        rows, slots, _ = self.index()
         self.k[layer][rows, :, slots] = k[:, :, 0]
         self.v[layer][rows, :, slots] = v[:, :, 0]
         return self.k[layer], self.v[layer]
@@ -266,6 +282,7 @@ class BatchKVCache(KVCache):
     def advance(self, n: int) -> None:
         for r in self.rows:
             self.lengths[r] += n
+        self._index = None
 
     def load(self, row: int, cache: KVCache) -> None:
         """Copy a single sequence's (uncompressed) cache into ``row``."""
@@ -289,7 +306,7 @@ class BatchKVCache(KVCache):
         """Per distinct window (None: full attention): [B, 1, 1, capacity] bool, entry b sees its row's slots
         up to its new token, and with a window only the keys less than ``window`` positions behind it."""
         slots = torch.arange(self.capacity, device=self.device)
-        new = torch.tensor([self.lengths[r] for r in self.rows], device=self.device)[:, None]
+        new = self.index()[1][:, None]
         masks = {}
         for w in set(windows):
             ok = slots <= new

@@ -111,8 +111,7 @@ class Attention(nn.Module):
         groups = self.heads // self.kv_heads
         if cache.ragged:  # a batch of sequences, one new token each (BatchKVCache, tachy.batch)
             q = q.view(B, self.kv_heads, groups, self.head_dim)
-            lengths = [cache.lengths[r] for r in cache.rows]
-            return self.o_proj(ragged_attention(q, k, v, mask, cache.rows, lengths, self.scale).reshape(B, 1, -1))
+            return self.o_proj(ragged_attention(q, k, v, mask, cache.index()[2], self.scale).reshape(B, 1, -1))
         if cache.fixed and B == 1:
             # Exact mode: each new token is its own batch entry over the shared (broadcast) keys, so its
             # attention runs with the very shapes of one-token decoding and gives the same bits (see KVCache).
@@ -287,21 +286,16 @@ def bucketed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sta
     return out
 
 
-def ragged_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, rows: list[int], lengths: list[int],
-                     scale: float) -> Tensor:
+def ragged_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, groups: list, scale: float) -> Tensor:
     """Attention for a batch of sequences with one new token each: q [B, Hkv, G, D]; k/v the cache buffers
-    [batch, Hkv, S, D]; mask [B, 1, 1, S]. Entry b reads cache row ``rows[b]``'s first
-    ``key_bucket(lengths[b] + 1)`` keys, the shapes one-token decoding of that sequence alone has
+    [batch, Hkv, S, D]; mask [B, 1, 1, S]; ``groups`` from ``BatchKVCache.index()``. Entry b reads its cache
+    row's first ``key_bucket(length + 1)`` keys, the shapes one-token decoding of that sequence alone has
     (bucketed_attention), so it gets the same bits. Entries with the same bucket share one kernel call."""
     out = torch.empty_like(q)
-    buckets = [key_bucket(n + 1) for n in lengths]
-    for keys in sorted(set(buckets)):
-        entries = [b for b, n in enumerate(buckets) if n == keys]
-        idx = torch.tensor(entries, device=q.device)
-        src = torch.tensor([rows[b] for b in entries], device=q.device)
+    for keys, entries, rows in groups:
         with single_thread(q.device):
-            out[idx] = F.scaled_dot_product_attention(q[idx], k[src, :, :keys], v[src, :, :keys],
-                                                      attn_mask=mask[idx, :, :, :keys], scale=scale)
+            out[entries] = F.scaled_dot_product_attention(q[entries], k[rows, :, :keys], v[rows, :, :keys],
+                                                          attn_mask=mask[entries, :, :, :keys], scale=scale)
     return out
 
 
