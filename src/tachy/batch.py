@@ -22,7 +22,7 @@ press, a prediction) cannot be rows (:func:`batchable`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -58,7 +58,7 @@ class Row:
     slot: int = -1          # cache row, -1 once left
     root: int = 0           # the last chosen token: the next forward's input
     limit: int = 0          # cache length at which the context window is full
-    done: bool = field(default=False)
+    done: bool = False
 
 
 class BatchDecoder:
