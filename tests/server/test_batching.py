@@ -100,3 +100,32 @@ def test_cancel_and_shutdown_end_batch_rows():
     assert cancelled and all(p.finish_reason is None for _, _, p in cancelled)
     for items in aborted:
         assert items[-1][2].finish_reason == "abort"
+
+
+def test_a_failed_batch_forward_fails_its_jobs_and_the_worker_lives_on(monkeypatch):
+    from tachy.batch import BatchDecoder
+
+    engine, _ = tiny_engine(seed=1, eos=(3,))
+
+    def boom(self):
+        raise RuntimeError("forward failed")
+
+    monkeypatch.setattr(BatchDecoder, "step", boom)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine, max_batch=4)
+        config = GenerationConfig(max_new_tokens=5, ignore_eos=True)
+        jobs = [Job([([5 + i, 6], config)], loop) for i in range(3)]
+        submit_together(sched, jobs)
+        failed = [await drain(j) for j in jobs]
+        after = Job([([5, 6], config)], loop)   # alone: the engine's own path
+        sched.submit(after)
+        ok = await drain(after)
+        sched.close()
+        return failed, ok
+
+    failed, ok = asyncio.run(main())
+    for items in failed:
+        assert items[-1][0] == "error" and "forward failed" in str(items[-1][2])
+    assert ok[-1][2].finish_reason == "length"

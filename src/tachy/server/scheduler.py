@@ -184,7 +184,7 @@ class Scheduler:
                 self.metrics.record_batch_step(len(decoder.rows))
                 state.dispatch(decoder.step())
             except Exception as e:  # noqa: BLE001 - the forward failed: every row's request gets the error
-                for job in list(state.jobs):
+                for job, *_ in list(state.jobs.values()):
                     state.end(job, e)
                 return
 
