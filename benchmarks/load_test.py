@@ -4,8 +4,11 @@ Starts its own server (a subprocess running `tachy serve` on a free loopback por
 a time first (the baseline), then the load: chat and completion requests, every other one streamed (with
 usage in the last chunk), greedy, ``--max-tokens`` new tokens each, prompts from vicuna_bench.jsonl. A
 request counts as failed unless it returns 200 with a complete body (for streams: usage and ``[DONE]``).
+With several ``--max-batch`` values the same load runs against a fresh server per value, back to back
+(1 = one request at a time, no batching).
 
-    python benchmarks/load_test.py [--requests 200] [--concurrency 16] [--max-tokens 32] [--threads 1]
+    python benchmarks/load_test.py [--requests 96] [--concurrency 16] [--max-tokens 32] [--threads 2] \
+        [--max-batch 1 8]
 
 writes docs/results/server_load/results.json and results.md.
 """
@@ -27,11 +30,12 @@ PROMPTS = ROOT.parent / "shared" / "data" / "vicuna_bench.jsonl"
 OUT = ROOT / "docs" / "results" / "server_load"
 
 
-def start_server(model: str, port: int, threads: int, max_queue: int) -> subprocess.Popen:
+def start_server(model: str, port: int, threads: int, max_queue: int, max_batch: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
     code = "import sys; from tachy.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.Popen([sys.executable, "-c", code, "serve", "--model", model, "--port", str(port),
-                             "--max-queue", str(max_queue), "--log-level", "warning"], env=env)
+                             "--max-queue", str(max_queue), "--max-batch", str(max_batch), "--log-level", "warning"],
+                            env=env)
 
 
 async def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -122,54 +126,67 @@ def _pct(sorted_values: list[float], p: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--baseline-requests", type=int, default=16, help="one-at-a-time requests first")
+    ap.add_argument("--baseline-requests", type=int, default=8, help="one-at-a-time requests first")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the server")
+    ap.add_argument("--max-batch", type=int, nargs="+", default=[1, 8],
+                    help="one server and load run per value (1: no batching)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     from tachy.server.background import free_port
 
     prompts = [json.loads(line)["turns"][0] for line in PROMPTS.read_text().splitlines() if line.strip()]
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = start_server(args.model, port, args.threads, max_queue=max(args.concurrency, 64))
-    try:
-        model = asyncio.run(wait_ready(base, proc))
-        single = asyncio.run(run_load(base, model, prompts, args.baseline_requests, 1, args.max_tokens))
-        print(f"one at a time: {single}", file=sys.stderr, flush=True)
-        load = asyncio.run(run_load(base, model, prompts, args.requests, args.concurrency, args.max_tokens))
-        print(f"load: {load}", file=sys.stderr, flush=True)
-        metrics = httpx.get(f"{base}/metrics").text
-    finally:
-        proc.terminate()  # SIGTERM: uvicorn shuts down gracefully
+    single, loads, model = None, {}, args.model
+    for max_batch in args.max_batch:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = start_server(args.model, port, args.threads, max(args.concurrency, 64), max_batch)
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    mean_accepted = next((float(line.split()[1]) for line in metrics.splitlines()
-                          if line.startswith("tachy_mean_accepted_tokens ")), None)
+            model = asyncio.run(wait_ready(base, proc))
+            if single is None:
+                single = asyncio.run(run_load(base, model, prompts, args.baseline_requests, 1, args.max_tokens))
+                print(f"one at a time: {single}", file=sys.stderr, flush=True)
+            load = asyncio.run(run_load(base, model, prompts, args.requests, args.concurrency, args.max_tokens))
+            metrics = {line.split()[0]: float(line.split()[1]) for line in httpx.get(f"{base}/metrics").text.splitlines()
+                       if line and not line.startswith("#") and "{" not in line}
+            steps = metrics.get("tachy_batch_steps_total", 0)
+            load["mean_batch_rows"] = round(metrics["tachy_batch_rows_total"] / steps, 2) if steps else None
+            load["mean_accepted_tokens"] = metrics.get("tachy_mean_accepted_tokens")
+            loads[max_batch] = load
+            print(f"load, max_batch={max_batch}: {load}", file=sys.stderr, flush=True)
+        finally:
+            proc.terminate()  # SIGTERM: uvicorn shuts down gracefully
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     command = "python benchmarks/load_test.py " + " ".join(sys.argv[1:])
     results = {"model": model, "max_tokens": args.max_tokens, "server_threads": args.threads, "command": command,
-               "single": single, "load": load, "server_mean_accepted_tokens": mean_accepted,
-               "aggregate_vs_single": round(load["tokens_per_s"] / single["tokens_per_s"], 3)}
+               "single": single, "load": {str(k): v for k, v in loads.items()},
+               "aggregate_vs_single": {str(k): round(v["tokens_per_s"] / single["tokens_per_s"], 3)
+                                       for k, v in loads.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    rows = [("one at a time", single), (f"concurrency {args.concurrency}", load)]
+    rows = [("one at a time", single)] + [(f"concurrency {args.concurrency}, max_batch={k}", v)
+                                          for k, v in loads.items()]
     lines = [f"Load test of `tachy serve` ({model}, {args.threads} torch thread(s)), loopback, greedy, "
-             f"{args.max_tokens} new tokens max, chat/completion x stream/non-stream evenly mixed.", "",
+             f"{args.max_tokens} new tokens max, chat/completion x stream/non-stream evenly mixed; the same "
+             f"requests against a fresh server per max_batch, back to back.", "",
              f"Command: `{command}`", "",
              "| run | requests | failed | wall s | completion tokens | aggregate tokens/s | p50 latency s | "
-             "p99 latency s | p50 time to first chunk s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "p99 latency s | p50 time to first chunk s | mean batch rows |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows:
         lines.append(f"| {name} | {r['requests']} | {r['failed']} | {r['wall_s']} | {r['completion_tokens']} | "
-                     f"{r['tokens_per_s']} | {r['latency_p50_s']} | {r['latency_p99_s']} | {r['ttft_p50_s']} |")
-    lines += ["", f"Aggregate tokens/s under load / one at a time: {results['aggregate_vs_single']}x "
-              f"(one worker, no batching: requests queue, so latency grows with concurrency)."]
+                     f"{r['tokens_per_s']} | {r['latency_p50_s']} | {r['latency_p99_s']} | {r['ttft_p50_s']} | "
+                     f"{r.get('mean_batch_rows') or '-'} |")
+    lines += ["", "Aggregate tokens/s under load / one at a time: " + ", ".join(
+        f"max_batch={k}: {v}x" for k, v in results["aggregate_vs_single"].items()) + "."]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    if load["failed"]:
+    if any(v["failed"] for v in loads.values()):
         sys.exit(1)
 
 

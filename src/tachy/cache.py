@@ -33,6 +33,7 @@ def key_bucket(n: int) -> int:
 
 class KVCache:
     can_rollback = True
+    ragged = False     # True: BatchKVCache (rows at their own lengths)
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int = 256, batch: int = 1,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", fixed: bool = False):
@@ -234,6 +235,85 @@ class KVCache:
             return prefix + entries * self.shape[3] * self.k.element_size() * 2
         per_slot = self.k[:, :, :, :1].numel() * self.k.element_size() * 2
         return prefix + per_slot * (self.length - base)
+
+
+class BatchKVCache(KVCache):
+    """Independent sequences in the rows of one fixed-size buffer, each at its own length (continuous batching,
+    tachy.batch). A forward runs one new token for each cache row in ``rows`` and writes it at that row's
+    slot ``lengths[row]``; attention then reads, per row, its own ``key_bucket(length + 1)`` keys, the shapes
+    one-token decoding of that sequence alone has (models/llama.py ``ragged_attention``)."""
+
+    ragged = True
+    can_rollback = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, fixed=True, **kwargs)
+        self.lengths = [0] * self.shape[1]
+        self.rows: list[int] = []              # cache rows of the next forward's batch entries, in order
+        self._index: tuple | None = None       # (rows, slots, groups) of the next forward, built once
+
+    def reserve(self, new_tokens: int) -> None:
+        if any(self.lengths[r] + new_tokens > self.capacity for r in self.rows):
+            raise ValueError("a batch row is full: grow() the cache before its forward")
+        self._index = None
+
+    def index(self) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+        """For the next forward: the cache rows and write slots [B], and the entries grouped by key count:
+        ``(key_bucket(length + 1), batch entries, their cache rows)`` (models/llama.py ``ragged_attention``)."""
+        if self._index is None:
+            lengths = [self.lengths[r] for r in self.rows]
+            buckets = [key_bucket(n + 1) for n in lengths]
+            groups = []
+            for keys in sorted(set(buckets)):
+                entries = [b for b, n in enumerate(buckets) if n == keys]
+                groups.append((keys, torch.tensor(entries, device=self.device),
+                               torch.tensor([self.rows[b] for b in entries], device=self.device)))
+            self._index = (torch.tensor(self.rows, device=self.device), torch.tensor(lengths, device=self.device),
+                           groups)
+        return self._index
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k/v [B, H, 1, D], entry b for cache row ``rows[b]``; returns the whole buffer [batch, H, S, D]."""
+        rows, slots, _ = self.index()
+        self.k[layer][rows, :, slots] = k[:, :, 0]
+        self.v[layer][rows, :, slots] = v[:, :, 0]
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n: int) -> None:
+        for r in self.rows:
+            self.lengths[r] += n
+        self._index = None
+
+    def load(self, row: int, cache: KVCache) -> None:
+        """Copy a single sequence's (uncompressed) cache into ``row``."""
+        n = cache.length
+        if n > self.capacity:
+            self.grow(n)
+        self.k[:, row, :, :n] = cache.k[:, 0, :, :n]
+        self.v[:, row, :, :n] = cache.v[:, 0, :, :n]
+        self.lengths[row] = n
+
+    def grow(self, capacity: int) -> None:
+        """At least ``capacity`` slots per row (rows keep their keys)."""
+        if capacity > self.capacity:
+            held = max(self.lengths)
+            k = torch.zeros(*self.k.shape[:3], capacity, self.k.shape[4], dtype=self.dtype, device=self.device)
+            v = torch.zeros_like(k)
+            k[:, :, :, :held], v[:, :, :, :held] = self.k[:, :, :, :held], self.v[:, :, :, :held]
+            self.k, self.v = k, v
+
+    def row_masks(self, windows: list[int | None]) -> dict[int | None, torch.Tensor]:
+        """Per distinct window (None: full attention): [B, 1, 1, capacity] bool, entry b sees its row's slots
+        up to its new token, and with a window only the keys less than ``window`` positions behind it."""
+        slots = torch.arange(self.capacity, device=self.device)
+        new = self.index()[1][:, None]
+        masks = {}
+        for w in set(windows):
+            ok = slots <= new
+            if w is not None:
+                ok = ok & (new - slots < w)
+            masks[w] = ok[:, None, None]
+        return masks
 
 
 def _grow(t: torch.Tensor, capacity: int, length: int) -> torch.Tensor:

@@ -155,12 +155,7 @@ class Engine:
         """Yield one Step per target forward until max_new_tokens are committed (the last step may overshoot
         by nothing: drafts are capped to the budget) or the context is full. EOS is the caller's business."""
         stats = stats if stats is not None else GenerationStats()
-        prompt_ids = list(prompt_ids)
-        if not prompt_ids:
-            raise InvalidArgumentError("the prompt is empty")
-        if len(prompt_ids) >= self.max_context:
-            raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; the context window of {self.name} "
-                                     f"is {self.max_context}")
+        prompt_ids = self.check_prompt(prompt_ids)
         if config.decoding.is_search:   # beam search & co. drive the model themselves (tachy.decoding)
             yield from config.decoding.search(self, prompt_ids, config, stats)
             return
@@ -236,6 +231,15 @@ class Engine:
             stats.decode_s += time.perf_counter() - step_start
             yield Step(new, len(accepted), len(tree))
 
+    def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise InvalidArgumentError("the prompt is empty")
+        if len(prompt_ids) >= self.max_context:
+            raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; the context window of {self.name} "
+                                     f"is {self.max_context}")
+        return prompt_ids
+
     def _prefill(self, prompt_ids: list[int], cache, press: Press | None = None) -> torch.Tensor:
         """Forward the prompt in chunks (bounded attention memory); return the last position's logits [1, V].
 
@@ -288,44 +292,17 @@ class Engine:
         """Stream text pieces for a raw prompt (a string is tokenized with the model's special tokens)."""
         config = config or GenerationConfig(**kwargs)
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        eos = set() if config.ignore_eos else set(self.tokenizer.eos_token_ids)
-        detok = StreamDetokenizer(self.tokenizer)
         stats = GenerationStats()
-        text, emitted = "", 0   # text decoded so far, and how much of it was already sent
-        hold = max((len(s) for s in config.stop), default=0)  # keep back what could start a stop string
-        produced = 0
-        pending_ids: list[int] = []        # tokens behind text not yet sent (held back for stop strings)
-        pending_draft: list[bool] = []
+        text = TextStream(self.tokenizer, config, stats)
         steps = self.generate_tokens(prompt_ids, config, stats)
         try:
             for step in steps:
-                tokens, finish = step.tokens, None
-                for i, tok in enumerate(tokens):
-                    if tok in eos:
-                        tokens, finish = tokens[:i], "stop"
-                        break
-                if finish is None and produced + len(tokens) >= config.max_new_tokens:
-                    tokens, finish = tokens[:config.max_new_tokens - produced], "length"
-                produced += len(tokens)
-                stats.generated_tokens = produced
-                pending_ids += tokens
-                pending_draft += [i < step.accepted for i in range(len(tokens))]
-                for tok in tokens:
-                    text += detok.add(tok)
-                if finish is not None:
-                    text += detok.flush()
-                cut = _find_stop(text, config.stop, emitted)
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
-                if finish is None and len(text) - emitted <= hold and hold:
-                    continue  # nothing safe to send yet: the tokens wait in pending_ids
-                upto = len(text) if finish is not None else len(text) - hold
-                piece, emitted = text[emitted:upto], max(emitted, upto)
-                yield GenerationResponse(piece, pending_ids, pending_draft, stats, finish)
-                pending_ids, pending_draft = [], []
-                if finish is not None:
-                    return
-            yield GenerationResponse(text[emitted:] + detok.flush(), pending_ids, pending_draft, stats, "length")
+                piece = text.push(step)
+                if piece is not None:
+                    yield piece
+                    if piece.finish_reason is not None:
+                        return
+            yield text.end()
         finally:
             steps.close()
 
@@ -344,6 +321,56 @@ class Engine:
     def stream_chat(self, messages: list[dict], config: GenerationConfig | None = None,
                     **kwargs) -> Iterator[GenerationResponse]:
         return self.stream(self.chat_prompt(messages), config, **kwargs)
+
+
+class TextStream:
+    """Steps of one generation -> text pieces: EOS, the token budget, stop strings (text that could begin one
+    is held back until it cannot) and streaming detokenization. Engine.stream and tachy.batch share it."""
+
+    def __init__(self, tokenizer: Tokenizer, config: GenerationConfig, stats: GenerationStats):
+        self.config, self.stats = config, stats
+        self.eos = set() if config.ignore_eos else set(tokenizer.eos_token_ids)
+        self.detok = StreamDetokenizer(tokenizer)
+        self.text, self.emitted = "", 0   # text decoded so far, and how much of it was already sent
+        self.hold = max((len(s) for s in config.stop), default=0)  # keep back what could start a stop string
+        self.produced = 0
+        self.pending_ids: list[int] = []   # tokens behind text not yet sent (held back for stop strings)
+        self.pending_draft: list[bool] = []
+
+    def push(self, step: Step) -> GenerationResponse | None:
+        """The piece this step makes sendable (finish_reason set on the last one), or None while held back."""
+        config, tokens, finish = self.config, step.tokens, None
+        for i, tok in enumerate(tokens):
+            if tok in self.eos:
+                tokens, finish = tokens[:i], "stop"
+                break
+        if finish is None and self.produced + len(tokens) >= config.max_new_tokens:
+            tokens, finish = tokens[:config.max_new_tokens - self.produced], "length"
+        self.produced += len(tokens)
+        self.stats.generated_tokens = self.produced
+        self.pending_ids += tokens
+        self.pending_draft += [i < step.accepted for i in range(len(tokens))]
+        for tok in tokens:
+            self.text += self.detok.add(tok)
+        if finish is not None:
+            self.text += self.detok.flush()
+        cut = _find_stop(self.text, config.stop, self.emitted)
+        if cut is not None:
+            self.text, finish = self.text[:cut], "stop"
+        if finish is None and len(self.text) - self.emitted <= self.hold and self.hold:
+            return None  # nothing safe to send yet: the tokens wait in pending_ids
+        upto = len(self.text) if finish is not None else len(self.text) - self.hold
+        piece, self.emitted = self.text[self.emitted:upto], max(self.emitted, upto)
+        return self._send(piece, finish)
+
+    def end(self) -> GenerationResponse:
+        """The last piece when the steps ran out (the context window is full)."""
+        return self._send(self.text[self.emitted:] + self.detok.flush(), "length")
+
+    def _send(self, piece: str, finish: str | None) -> GenerationResponse:
+        out = GenerationResponse(piece, self.pending_ids, self.pending_draft, self.stats, finish)
+        self.pending_ids, self.pending_draft = [], []
+        return out
 
 
 def _check_target(drafter: Drafter, engine: Engine) -> Drafter:

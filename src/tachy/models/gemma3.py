@@ -39,6 +39,9 @@ class Gemma3Transformer(Transformer):
         x = self.embed_tokens(tokens)
         return (x * torch.tensor(self.config.embed_scale, dtype=x.dtype)).to(self.dtype)
 
+    def layer_ropes(self) -> list[Rope]:
+        return [self.local_rope if s else self.rope for s in self.sliding]
+
     def attention_inputs(self, positions: Tensor, start: int, mask: Tensor | None) -> list[tuple]:
         full = (self.rope(positions), mask)
         local = (self.local_rope(positions), sliding_window_mask(positions, start, mask, self.config.sliding_window))

@@ -109,6 +109,9 @@ class Attention(nn.Module):
             cache.observer(self.layer, q * self.scale)
         k, v = cache.write(self.layer, k, v)
         groups = self.heads // self.kv_heads
+        if cache.ragged:  # a batch of sequences, one new token each (BatchKVCache, tachy.batch)
+            q = q.view(B, self.kv_heads, groups, self.head_dim)
+            return self.o_proj(ragged_attention(q, k, v, mask, cache.index()[2], self.scale).reshape(B, 1, -1))
         if cache.fixed and B == 1:
             # Exact mode: each new token is its own batch entry over the shared (broadcast) keys, so its
             # attention runs with the very shapes of one-token decoding and gives the same bits (see KVCache).
@@ -186,19 +189,34 @@ class Transformer(nn.Module):
         """Per layer: (rope cos/sin, mask). All layers share them here; Gemma 3 overrides for local layers."""
         return [(self.rope(positions), mask)] * len(self.layers)
 
+    def layer_ropes(self) -> list[Rope]:
+        """Per layer: its rope table (Gemma 3's local layers have their own)."""
+        return [self.rope] * len(self.layers)
+
+    def row_inputs(self, positions: Tensor, cache: KVCache) -> list[tuple]:
+        """attention_inputs for a BatchKVCache: positions [B] (one new token per row), per-row masks."""
+        windows = [self.config.sliding_window if t == "sliding" else None for t in self.config.layer_types]
+        masks = cache.row_masks(windows)
+        ropes = {id(r): r(positions[:, None, None]) for r in self.layer_ropes()}
+        return [(ropes[id(r)], masks[w]) for r, w in zip(self.layer_ropes(), windows)]
+
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, mask: Tensor | None = None,
                 last_only: bool = False, return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """tokens [B, T], positions [T], mask [T, length+T] bool or None (causal) -> float32 logits [B, T|1, V];
+        for a BatchKVCache tokens [B, 1] and positions [B], one per row in ``cache.rows``;
         with ``return_hidden`` also the final-norm hidden states [B, T|1, hidden] (contrastive search)."""
         T = tokens.shape[1]
         cache.reserve(T)
         start, keys = cache.length, cache.key_count(T)
-        if mask is None and (T > 1 or keys > start + T or cache.compressed):
+        if mask is None and not cache.ragged and (T > 1 or keys > start + T or cache.compressed):
             mask = causal_mask(start, T, tokens.device)
         if mask is not None and mask.shape[1] < keys:  # fixed-size cache: slots not yet written are invisible
             mask = F.pad(mask, (0, keys - mask.shape[1]), value=False)
         x = self.embed(tokens)
-        inputs = self.attention_inputs(positions, cache.length, mask)
+        if cache.ragged:  # positions [B]: each row at its own length (tachy.batch)
+            inputs = self.row_inputs(positions, cache)
+        else:
+            inputs = self.attention_inputs(positions, cache.length, mask)
         if cache.compressed:  # slots no longer equal positions: per-head masks from the cache (cache.py)
             cache.mark_new(positions)
             windows = [self.config.sliding_window if t == "sliding" else None for t in self.config.layer_types]
@@ -265,6 +283,19 @@ def bucketed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sta
                 q[t:end], k[:, :, :keys].expand(n, -1, -1, -1), v[:, :, :keys].expand(n, -1, -1, -1),
                 attn_mask=None if mask is None else _rows(mask, t, end, keys), scale=scale)
         t = end
+    return out
+
+
+def ragged_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, groups: list, scale: float) -> Tensor:
+    """Attention for a batch of sequences with one new token each: q [B, Hkv, G, D]; k/v the cache buffers
+    [batch, Hkv, S, D]; mask [B, 1, 1, S]; ``groups`` from ``BatchKVCache.index()``. Entry b reads its cache
+    row's first ``key_bucket(length + 1)`` keys, the shapes one-token decoding of that sequence alone has
+    (bucketed_attention), so it gets the same bits. Entries with the same bucket share one kernel call."""
+    out = torch.empty_like(q)
+    for keys, entries, rows in groups:
+        with single_thread(q.device):
+            out[entries] = F.scaled_dot_product_attention(q[entries], k[rows, :, :keys], v[rows, :, :keys],
+                                                          attn_mask=mask[entries, :, :, :keys], scale=scale)
     return out
 
 

@@ -32,17 +32,19 @@ MAX_BODY_BYTES = 1 << 20
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, model_name: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, grace_s: float = 30.0, warmup: bool = True) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, grace_s: float = 30.0, warmup: bool = True,
+               max_batch: int = 8) -> FastAPI:
     """The app serving ``engine`` under ``model_name`` (default: the engine's name).
 
     max_queue: requests that may wait while one runs; more get 429. grace_s: how long shutdown lets the
-    running request finish before ending it.
+    running request finish before ending it. max_batch: how many overlapping requests decode together (one
+    forward per step, scheduler.py); 1 runs them one at a time.
     """
     model_name = model_name or engine.name
     metrics = Metrics()
     if warmup:
         engine.warmup()  # kernels' one-time setup now, not in the first user's latency
-    scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics, grace_s=grace_s)
+    scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics, grace_s=grace_s, max_batch=max_batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -69,7 +71,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse({"status": "shutting_down" if scheduler.closed else "ok", "model": model_name,
-                             "queue_depth": scheduler.queue_depth, "running": int(scheduler.busy)},
+                             "queue_depth": scheduler.queue_depth, "running": scheduler.running},
                             status_code=503 if scheduler.closed else 200)
 
     @app.get("/metrics")

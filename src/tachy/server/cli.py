@@ -17,8 +17,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise TachyError(f"the server needs {e.name}: pip install 'tachy[server]'") from None
     if args.max_queue < 0:
         raise TachyError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_batch < 1:
+        raise TachyError(f"--max-batch must be >= 1, got {args.max_batch}")
     engine = load_engine(args)
-    app = create_app(engine, api_key=args.api_key, max_queue=args.max_queue, model_name=args.served_model_name)
+    app = create_app(engine, api_key=args.api_key, max_queue=args.max_queue, model_name=args.served_model_name,
+                     max_batch=args.max_batch)
     print(f"serving {engine.name} on http://{args.host}:{args.port} (web page at /, OpenAI API under /v1)",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
@@ -32,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="overlapping requests decoded together, one forward per step (1: one at a time)")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

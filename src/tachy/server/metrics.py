@@ -24,14 +24,21 @@ class Metrics:
         self.queue_depth = 0
         self.running = 0
         self.last_tokens_per_s = 0.0
+        self.batch_steps = 0       # batched forwards (scheduler batches) and the rows they ran
+        self.batch_rows = 0
 
     def count_request(self, endpoint: str, status: int) -> None:
         with self._lock:
             self.requests[(endpoint, status)] += 1
 
-    def set_queue(self, depth: int, running: bool) -> None:
+    def set_queue(self, depth: int, running: int) -> None:
         with self._lock:
             self.queue_depth, self.running = depth, int(running)
+
+    def record_batch_step(self, rows: int) -> None:
+        with self._lock:
+            self.batch_steps += 1
+            self.batch_rows += rows
 
     def record_generation(self, stats: GenerationStats) -> None:
         with self._lock:
@@ -72,6 +79,10 @@ class Metrics:
                  [("", round(1.0 + self.accepted / self.forwards, 4) if self.forwards else 0.0)]),
                 ("tachy_queue_depth", "gauge", "requests waiting for the worker", [("", self.queue_depth)]),
                 ("tachy_requests_running", "gauge", "requests being generated now", [("", self.running)]),
+                ("tachy_batch_steps_total", "counter", "batched forwards (overlapping requests decoded together)",
+                 [("", self.batch_steps)]),
+                ("tachy_batch_rows_total", "counter", "rows over all batched forwards (mean batch = rows/steps)",
+                 [("", self.batch_rows)]),
             ]
         out = []
         for name, kind, help_text, samples in rows:

@@ -1,17 +1,26 @@
-"""One worker thread owns the engine and runs generations one at a time, first come first served.
+"""One worker thread owns the engine; it runs a lone request by itself and overlapping ones as a batch.
 
 Why one thread: the engine (its model, its cached drafters with their learned state) is not thread-safe, and
 on a CPU a single generation already uses every core it is given, so running two at once only slows both.
 The HTTP side never waits on the model: each request is a :class:`Job` with a channel (an asyncio queue fed
 through ``loop.call_soon_threadsafe``) that the async endpoint reads piece by piece.
 
-* Bounded queue: at most ``max_queue`` jobs wait (besides the one running); :meth:`Scheduler.submit` raises
+* Batching policy (``max_batch`` > 1): the worker takes the oldest job. If no other job waits, it runs alone
+  on the engine's own path (speculative decoding with the request's drafter), so single-request latency is
+  today's. If others wait, it starts a batch (tachy.batch.BatchDecoder: one forward per step for all rows,
+  plain decoding): every choice of every job is a row, and waiting jobs join at step boundaries while rows
+  are free, in FIFO order. A job whose options need the single path (a search strategy, a press, a
+  prediction: ``batch.batchable``) runs alone: it stops admission until the batch drains. Requests that arrive
+  while a lone generation runs wait for it to end. Greedy output is the same either way (batched rows are
+  exact, speculative decoding is lossless); a seeded sampled request reproduces its lone ``drafter="none"``
+  output when batched, not its speculative one.
+* Bounded queue: at most ``max_queue`` jobs wait (besides the running ones); :meth:`Scheduler.submit` raises
   :class:`QueueFull` beyond that, which the app answers with 429, instead of piling up work.
 * Cancellation: a client that goes away sets ``job.cancelled``; the worker checks it between pieces (one
-  target forward each), closes the engine's stream (which frees the request's KV cache) and moves on. A job
-  cancelled while still waiting is skipped.
+  target forward each), closes the engine's stream or removes the job's batch rows (which frees their KV
+  cache) and moves on. A job cancelled while still waiting is skipped.
 * Shutdown: :meth:`Scheduler.close` refuses new jobs, ends the waiting ones with an error, lets the running
-  one finish for up to ``grace_s`` seconds, then cancels it; its stream ends with ``finish_reason="abort"``.
+  ones finish for up to ``grace_s`` seconds, then cancels them; their streams end with ``finish_reason="abort"``.
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..batch import BatchDecoder, Row, batchable
 from ..engine import Engine, GenerationConfig, GenerationResponse, GenerationStats
 from .metrics import Metrics
 
@@ -61,12 +71,13 @@ class Job:
 class Scheduler:
     """A FIFO of jobs and the worker thread that runs them on ``engine``."""
 
-    def __init__(self, engine: Engine, max_queue: int = 64, metrics: Metrics | None = None, grace_s: float = 30.0):
-        self.engine, self.max_queue, self.grace_s = engine, max_queue, grace_s
+    def __init__(self, engine: Engine, max_queue: int = 64, metrics: Metrics | None = None, grace_s: float = 30.0,
+                 max_batch: int = 1):
+        self.engine, self.max_queue, self.grace_s, self.max_batch = engine, max_queue, grace_s, max_batch
         self.metrics = metrics or Metrics()
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
-        self._running: Job | None = None
+        self._running: list[Job] = []
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="tachy-worker", daemon=True)
         self._thread.start()
@@ -80,18 +91,23 @@ class Scheduler:
         return self._closed
 
     @property
+    def running(self) -> int:
+        """Requests being generated now (more than one while a batch runs)."""
+        return len(self._running)
+
+    @property
     def busy(self) -> bool:
-        return self._running is not None
+        return bool(self._running)
 
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._waiting) >= self.max_queue and (self._running is not None or self._waiting):
+            if len(self._waiting) >= self.max_queue and (self._running or self._waiting):
                 raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting "
                                 f"(max_queue={self.max_queue}); retry later")
             self._waiting.append(job)
-            self.metrics.set_queue(len(self._waiting), self._running is not None)
+            self.metrics.set_queue(len(self._waiting), bool(self._running))
             self._cond.notify()
 
     def close(self) -> None:
@@ -104,8 +120,7 @@ class Scheduler:
             job.send("error", None, ShuttingDown("the server is shutting down"))
             job.send("end")
         self._thread.join(self.grace_s)
-        running = self._running
-        if running is not None:
+        for running in list(self._running):
             running.aborted = True
             running.cancelled.set()
         self._thread.join(5.0)
@@ -118,17 +133,60 @@ class Scheduler:
                     self._cond.wait()
                 if not self._waiting:
                     return
-                job = self._running = self._waiting.popleft()
+                job = self._waiting.popleft()
+                self._running = [job]
                 self.metrics.set_queue(len(self._waiting), True)
+                together = self.max_batch > 1 and self._batchable(job) and any(
+                    not j.cancelled.is_set() for j in self._waiting)
             try:
                 if job.cancelled.is_set():
                     job.send("end")
+                elif together:
+                    self._run_batch(job)
                 else:
                     self._execute(job)
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running = []
                     self.metrics.set_queue(len(self._waiting), False)
+
+    @staticmethod
+    def _batchable(job: Job) -> bool:
+        return all(batchable(config) for _, config in job.work)
+
+    # -- batches -------------------------------------------------------------------------------------------
+    def _run_batch(self, first: Job) -> None:
+        """Run ``first`` and every batchable job that arrives meanwhile as rows of one BatchDecoder, until
+        none is left (see the module docstring)."""
+        decoder = BatchDecoder(self.engine, self.max_batch)
+        state = _BatchState(self, decoder)
+        state.admit(first)
+        while True:
+            with self._cond:  # join at a step boundary, FIFO, while rows are free
+                while (self._waiting and not self._closed and len(state.pending) < decoder.free
+                       and self._batchable(self._waiting[0])):
+                    job = self._waiting.popleft()
+                    self._running.append(job)
+                    state.admit(job)
+                self.metrics.set_queue(len(self._waiting), len(self._running))
+            state.drop_cancelled()
+            while state.pending and decoder.free:
+                job, index = state.pending.popleft()
+                try:
+                    state.dispatch(decoder.add(*job.work[index], tag=(job, index)))
+                except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                    state.end(job, e)
+            if not decoder.rows:
+                if not state.pending:
+                    return
+                continue
+            try:
+                self.metrics.record_batch_step(len(decoder.rows))
+                state.dispatch(decoder.step())
+            except Exception as e:  # noqa: BLE001 - the forward failed: every row's request gets the error
+                for job, *_ in list(state.jobs.values()):
+                    state.end(job, e)
+                return
 
     def _execute(self, job: Job) -> None:
         start = time.perf_counter()
@@ -156,3 +214,68 @@ class Scheduler:
             self.metrics.record_request_time(time.perf_counter() - start)
             job.send("end")
 
+
+
+class _BatchState:
+    """Bookkeeping of one batch run: each job's rows still to join (``pending``) or running, its last piece
+    per choice, its start time; a job ends (``end``) when all its choices finished, failed or were cancelled."""
+
+    def __init__(self, scheduler: Scheduler, decoder: BatchDecoder):
+        self.scheduler, self.decoder = scheduler, decoder
+        self.pending: collections.deque[tuple[Job, int]] = collections.deque()
+        self.jobs: dict[int, tuple[Job, int, float, dict]] = {}   # id(job) -> (job, choices left, start, last)
+
+    def admit(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            job.send("end")
+            self._forget(job)
+            return
+        self.jobs[id(job)] = (job, len(job.work), time.perf_counter(), {})
+        self.pending.extend((job, index) for index in range(len(job.work)))
+
+    def dispatch(self, events: list[tuple[Row, GenerationResponse]]) -> None:
+        for row, piece in events:
+            job, index = row.tag
+            if id(job) not in self.jobs:
+                continue
+            last = dataclasses.replace(piece, stats=dataclasses.replace(piece.stats))
+            self.jobs[id(job)][3][index] = last
+            job.send("piece", index, last)
+            if piece.finish_reason is not None:
+                self.scheduler.metrics.record_generation(last.stats)
+                j, left, start, lasts = self.jobs[id(job)]
+                self.jobs[id(job)] = (j, left - 1, start, lasts)
+                if left == 1:
+                    self.end(job)
+
+    def drop_cancelled(self) -> None:
+        for job, *_ in list(self.jobs.values()):
+            if job.cancelled.is_set():
+                self.end(job, cancelled=True)
+
+    def end(self, job: Job, error: Exception | None = None, cancelled: bool = False) -> None:
+        """Remove the job's rows (their cache rows are free at once) and close its channel."""
+        if id(job) not in self.jobs:
+            return
+        _, _, start, lasts = self.jobs.pop(id(job))
+        self.pending = collections.deque(p for p in self.pending if p[0] is not job)
+        for row in [r for r in self.decoder.rows if r.tag[0] is job]:
+            self.decoder.remove(row)
+            if cancelled:
+                index = row.tag[1]
+                stats = lasts[index].stats if index in lasts else dataclasses.replace(row.stats)
+                self.scheduler.metrics.record_generation(stats)
+                if job.aborted:
+                    job.send("piece", index, GenerationResponse("", [], [], stats, "abort"))
+        if error is not None:
+            if not isinstance(error, ValueError) and type(error).__module__.split(".")[0] != "tachy":
+                log.error("generation failed", exc_info=error)
+            job.send("error", None, error)
+        self.scheduler.metrics.record_request_time(time.perf_counter() - start)
+        self._forget(job)
+        job.send("end")
+
+    def _forget(self, job: Job) -> None:
+        with self.scheduler._cond:
+            running = self.scheduler._running
+            self.scheduler._running = [j for j in running if j is not job]

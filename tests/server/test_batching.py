@@ -1,0 +1,131 @@
+"""The scheduler's batches on a tiny real engine: overlapping jobs decode together and each gets what it gets
+alone; a lone job keeps the single path; cancellation and shutdown end batch rows."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from tachy.engine import GenerationConfig
+from tachy.server.scheduler import Job, Scheduler
+from tests.decoding.helpers import tiny_engine
+from tests.server.test_scheduler import drain
+
+
+def alone(engine, prompt, config):
+    pieces = list(engine.stream(prompt, dataclasses.replace(config, drafter=None)))
+    return "".join(p.text for p in pieces), pieces[-1].finish_reason
+
+
+def submit_together(sched: Scheduler, jobs: list[Job]) -> None:
+    """Queue all jobs before the worker looks (it holds the same lock), so they overlap."""
+    with sched._cond:
+        for j in jobs:
+            sched.submit(j)
+
+
+def texts(items, choices: int) -> list[tuple[str, str | None]]:
+    out = [["", None] for _ in range(choices)]
+    for kind, index, piece in items:
+        assert kind == "piece"
+        out[index][0] += piece.text
+        out[index][1] = piece.finish_reason or out[index][1]
+    return [tuple(x) for x in out]
+
+
+def test_overlapping_jobs_batch_and_match_alone():
+    engine, _ = tiny_engine(seed=1, eos=(3,))
+    work = [([5 + i, 9, 11 + i], GenerationConfig(max_new_tokens=8 + 3 * i, ignore_eos=i % 2 == 0,
+                                                   stop=["17"] if i == 3 else []))
+            for i in range(7)]
+    seeded = GenerationConfig(max_new_tokens=12, temperature=0.8, seed=5, ignore_eos=True)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine, max_batch=3)
+        jobs = [Job([w], loop) for w in work] + [Job([([7, 7], seeded), ([8, 8], seeded)], loop)]  # n=2
+        submit_together(sched, jobs)
+        results = [await drain(j) for j in jobs]
+        sched.close()
+        return results, sched.metrics
+
+    results, metrics = asyncio.run(main())
+    for (prompt, config), items in zip(work, results):
+        assert texts(items, 1) == [alone(engine, prompt, config)]
+    assert texts(results[-1], 2) == [alone(engine, [7, 7], seeded), alone(engine, [8, 8], seeded)]
+    assert metrics.batch_steps > 0 and metrics.batch_rows / metrics.batch_steps > 1.5
+    assert metrics.generations == len(work) + 2
+
+
+def test_lone_job_and_unbatchable_job_take_the_single_path():
+    engine, _ = tiny_engine(seed=1, eos=(3,))
+    beam = GenerationConfig(max_new_tokens=6, strategy="beam")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine, max_batch=4)
+        lone = Job([([5, 6], GenerationConfig(max_new_tokens=5))], loop)
+        sched.submit(lone)
+        first = await drain(lone)
+        jobs = [Job([([5, 6], beam)], loop), Job([([5, 6], beam)], loop)]
+        submit_together(sched, jobs)
+        rest = [await drain(j) for j in jobs]
+        sched.close()
+        return first, rest, sched.metrics.batch_steps
+
+    first, rest, steps = asyncio.run(main())
+    assert steps == 0
+    assert texts(first, 1)[0][0] == alone(engine, [5, 6], GenerationConfig(max_new_tokens=5))[0]
+    assert texts(rest[0], 1) == texts(rest[1], 1) == [alone(engine, [5, 6], beam)]
+
+
+def test_cancel_and_shutdown_end_batch_rows():
+    engine, _ = tiny_engine(seed=1, eos=(3,), max_seq_len=4096)
+    endless = GenerationConfig(max_new_tokens=4000, ignore_eos=True)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine, max_batch=4, grace_s=0.3)
+        jobs = [Job([([5 + i, 6], endless)], loop) for i in range(3)]
+        short = Job([([9, 9], GenerationConfig(max_new_tokens=4, ignore_eos=True))], loop)
+        submit_together(sched, jobs + [short])
+        done_short = await drain(short)
+        jobs[0].cancelled.set()          # a client that left mid-batch
+        cancelled = await drain(jobs[0])
+        assert sched.running == 2
+        await asyncio.to_thread(sched.close)
+        return done_short, cancelled, [await drain(j) for j in jobs[1:]]
+
+    done_short, cancelled, aborted = asyncio.run(main())
+    assert texts(done_short, 1) == [alone(engine, [9, 9], GenerationConfig(max_new_tokens=4, ignore_eos=True))]
+    assert cancelled and all(p.finish_reason is None for _, _, p in cancelled)
+    for items in aborted:
+        assert items[-1][2].finish_reason == "abort"
+
+
+def test_a_failed_batch_forward_fails_its_jobs_and_the_worker_lives_on(monkeypatch):
+    from tachy.batch import BatchDecoder
+
+    engine, _ = tiny_engine(seed=1, eos=(3,))
+
+    def boom(self):
+        raise RuntimeError("forward failed")
+
+    monkeypatch.setattr(BatchDecoder, "step", boom)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine, max_batch=4)
+        config = GenerationConfig(max_new_tokens=5, ignore_eos=True)
+        jobs = [Job([([5 + i, 6], config)], loop) for i in range(3)]
+        submit_together(sched, jobs)
+        failed = [await drain(j) for j in jobs]
+        after = Job([([5, 6], config)], loop)   # alone: the engine's own path
+        sched.submit(after)
+        ok = await drain(after)
+        sched.close()
+        return failed, ok
+
+    failed, ok = asyncio.run(main())
+    for items in failed:
+        assert items[-1][0] == "error" and "forward failed" in str(items[-1][2])
+    assert ok[-1][2].finish_reason == "length"
