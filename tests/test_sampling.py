@@ -97,6 +97,15 @@ def test_temperature():
     assert torch.allclose(got, torch.softmax(logits / 0.5, -1))
 
 
+def test_tiny_temperature_gives_the_argmax_not_nan():
+    """logits / 1e-300 overflows to inf - inf = NaN unless the logits are shifted by their max first."""
+    logits = torch.tensor([[1.0, 2.0, 3.0], [-5.0, 7.5, 7.0]])
+    for temperature in (1e-300, 1e-40):
+        got = make_probs_fn(SamplingConfig(temperature=temperature, top_p=0.9, min_p=0.1))(logits)
+        assert not got.isnan().any()
+        assert torch.equal(got, torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+
+
 def test_greedy_probs_are_one_hot():
     got = make_probs_fn(SamplingConfig())(torch.tensor([[0.1, 3.0, -1.0], [5.0, 0.0, 1.0]]))
     assert got.tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]

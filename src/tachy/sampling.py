@@ -226,6 +226,9 @@ def _typical_p(logits: Tensor, mass: float) -> Tensor:
     return logits.masked_fill(drop, _NEG_INF)
 
 
+TINY_TEMPERATURE = torch.finfo(torch.float32).tiny
+
+
 def make_probs_fn(cfg: SamplingConfig) -> ProbsFn:
     """One callable ``logits [N, V] -> probs [N, V] float32``: the exact distribution tokens are drawn from.
 
@@ -251,8 +254,11 @@ def make_probs_fn(cfg: SamplingConfig) -> ProbsFn:
 
     def probs_fn(logits: Tensor) -> Tensor:
         x = logits.to(torch.float32)
-        if temperature != 1.0:   # shifted first: a tiny temperature then gives -inf, not inf - inf = NaN
-            x = (x - x.max(dim=-1, keepdim=True).values) / temperature
+        if temperature != 1.0:
+            # Shifted first, so a tiny temperature sends every non-maximal logit to -inf (not inf - inf = NaN);
+            # below float32's smallest normal the limit (the argmax) is already reached, and the divisor
+            # itself would round to 0 (0 / 0 = NaN).
+            x = (x - x.max(dim=-1, keepdim=True).values) / max(temperature, TINY_TEMPERATURE)
         for f in filters:
             x = f(x)
         return torch.softmax(x, dim=-1)

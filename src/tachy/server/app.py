@@ -162,8 +162,8 @@ def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
 
 
 def _temperature(value: float | None) -> float:
-    """OpenAI's default is 1. Below 1e-6 the answer is greedy anyway, and logits / temperature would overflow
-    to inf (NaN probabilities in tachy.sampling), so such temperatures are taken as 0."""
+    """OpenAI's default is 1. Below 1e-6 the distribution is the argmax anyway, so such temperatures run as
+    greedy decoding (greedy verification of drafts, no sampling generator), as llama.cpp does."""
     if value is None:
         return 1.0
     return 0.0 if value < 1e-6 else value
