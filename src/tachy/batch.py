@@ -27,11 +27,9 @@ from typing import Sequence
 
 import torch
 
-from .cache import BatchKVCache, key_bucket
-from .decoding import logits_processor
+from .cache import BatchKVCache
 from .engine import Engine, GenerationConfig, GenerationResponse, GenerationStats, Step, TextStream
 from .errors import InvalidArgumentError
-from .sampling import make_generator, make_probs_fn
 from .speculative.tree import DraftTree
 from .speculative.verify import verify_greedy, verify_sampling
 
@@ -86,14 +84,12 @@ class BatchDecoder:
             raise InvalidArgumentError("search strategies, presses and predictions cannot run in a batch")
         prompt_ids = engine.check_prompt(prompt_ids)
         engine.warmup(1)
-        sampling, stats = config.sampling, GenerationStats(prompt_tokens=len(prompt_ids))
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
         row = Row(tag, config, list(prompt_ids), stats, TextStream(engine.tokenizer, config, stats),
-                  logits_processor(engine, config, prompt_ids),
-                  None if sampling.greedy else make_probs_fn(sampling),
-                  None if sampling.greedy else make_generator(sampling.seed, engine.device))
+                  *engine.token_choice(config, prompt_ids))
         start = time.perf_counter()
         # the cache a lone generation would prefill into (same capacity, hence the same bits)
-        capacity = min(engine.max_context, key_bucket(len(prompt_ids) + config.max_new_tokens))
+        capacity = engine.cache_capacity(len(prompt_ids), config.max_new_tokens)
         single = engine.model.new_cache(capacity=capacity, fixed=True)
         logits = engine._prefill(row.ids, single)
         row.root = engine._choose(logits, row.ids, row.processor, row.probs_fn, row.generator)
@@ -169,7 +165,7 @@ class BatchDecoder:
     def _place(self, row: Row, single) -> None:
         """Copy a prefilled sequence into a free cache row (growing the cache to the row's whole need)."""
         engine = self.engine
-        need = min(engine.max_context, key_bucket(single.length + row.config.max_new_tokens))
+        need = engine.cache_capacity(single.length, row.config.max_new_tokens)
         if self.cache is None:
             cfg = engine.config
             self.cache = BatchKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, need, self.max_batch,

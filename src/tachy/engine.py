@@ -167,15 +167,9 @@ class Engine:
             pred = config.prediction
             pred_ids = self.tokenizer.encode(pred, add_special_tokens=False) if isinstance(pred, str) else pred
             drafter = prediction_drafter(pred_ids, drafter)
-        from .decoding import logits_processor
-        processor = logits_processor(self, config, prompt_ids)
-        probs_fn = None if sampling.greedy else make_probs_fn(sampling)
-        generator = None if sampling.greedy else make_generator(sampling.seed, self.device)
+        processor, probs_fn, generator = self.token_choice(config, prompt_ids)
         model, device = self.model, self.device
-        # Sized once for the whole generation, in whole key buckets (see KVCache): the same shapes for plain
-        # and speculative decoding, which is what makes their greedy outputs bitwise identical.
-        capacity = min(self.max_context, key_bucket(len(prompt_ids) + config.max_new_tokens))
-        cache = model.new_cache(capacity=capacity, fixed=True)
+        cache = model.new_cache(capacity=self.cache_capacity(len(prompt_ids), config.max_new_tokens), fixed=True)
         stats.prompt_tokens = len(prompt_ids)
 
         start = time.perf_counter()
@@ -259,6 +253,21 @@ class Engine:
             positions = torch.arange(s, s + len(chunk), device=self.device)
             logits = self.model(tokens, positions, cache, last_only=True)[0]
         return logits
+
+    def cache_capacity(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """A generation's fixed cache size, in whole key buckets (see KVCache): the same shapes for plain,
+        speculative and batched decoding, which is what makes their greedy outputs bitwise identical."""
+        return min(self.max_context, key_bucket(prompt_tokens + max_new_tokens))
+
+    def token_choice(self, config: GenerationConfig, prompt_ids: Sequence[int]) -> tuple:
+        """How one generation picks its tokens: (logits processor or None, probs_fn or None for greedy,
+        generator or None for greedy), shared by the engine's loop, batched rows and search strategies."""
+        from .decoding import logits_processor   # tachy.decoding imports the engine's types
+
+        sampling = config.sampling
+        return (logits_processor(self, config, prompt_ids),
+                None if sampling.greedy else make_probs_fn(sampling),
+                None if sampling.greedy else make_generator(sampling.seed, self.device))
 
     @staticmethod
     def _choose(logits, context: list[int], processor, probs_fn, generator) -> int:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
 from ..cli import EXTRA_COMMANDS, add_model_args, load_engine

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError
-from ..sampling import make_generator, make_probs_fn, sample
-from .base import Strategy, eos_ids, logits_processor, prefill, register
+from ..sampling import sample
+from .base import Strategy, eos_ids, prefill, register
 
 
 def truncated_model(model, num_layers: int):
@@ -60,10 +60,7 @@ class _TwoStreams(Strategy):
         other_model, other_prompt = self.streams(engine, prompt_ids)
         eos = set(eos_ids(engine, config))
         max_new = min(config.max_new_tokens, engine.max_context - max(len(prompt_ids), len(other_prompt)) - 1)
-        processor = logits_processor(engine, config, prompt_ids)
-        sampling = config.sampling
-        probs_fn = None if sampling.greedy else make_probs_fn(sampling)
-        generator = None if sampling.greedy else make_generator(sampling.seed, engine.device)
+        processor, probs_fn, generator = engine.token_choice(config, prompt_ids)
         start = time.perf_counter()
         runs = []
         for model, ids in ((engine.model, prompt_ids), (other_model, other_prompt)):

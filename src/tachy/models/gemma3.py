@@ -8,7 +8,7 @@ window and their own rope base for every global layer.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..cache import KVCache
 from ..config import ModelConfig

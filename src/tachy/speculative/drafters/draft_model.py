@@ -14,8 +14,6 @@ to catch up on; a rejected tail is rolled back.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from ...errors import InvalidArgumentError
