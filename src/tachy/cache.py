@@ -94,9 +94,12 @@ class KVCache:
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        pk, pv = self.prefix.read(layer)
         stop = None if self.fixed else end
-        return torch.cat([pk, self.k[layer, :, :, :stop]], 2), torch.cat([pv, self.v[layer, :, :, :stop]], 2)
+        tail_k, tail_v = self.k[layer, :, :, :stop], self.v[layer, :, :, :stop]
+        if hasattr(self.prefix, "attend"):   # attention reads the prefix itself (tachy.presses.int4kv)
+            return tail_k, tail_v
+        pk, pv = self.prefix.read(layer)
+        return torch.cat([pk, tail_k], 2), torch.cat([pv, tail_v], 2)
 
     def key_count(self, new_tokens: int) -> int:
         """How many key slots a forward over ``new_tokens`` tokens attends over."""

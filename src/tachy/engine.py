@@ -180,6 +180,8 @@ class Engine:
         if drafter is not None:
             t = time.perf_counter()
             drafter.reset(prompt_ids)
+            if hasattr(drafter, "attach_cache"):   # a self-draft reads the target's K/V (draft_model.py)
+                drafter.attach_cache(cache)
             stats.draft_s += time.perf_counter() - t
         stats.prefill_s = time.perf_counter() - start
         stats.generated_tokens = 1
@@ -278,13 +280,18 @@ class Engine:
             return int(logits.argmax(-1))
         return int(sample(probs_fn(logits), generator))
 
+    def load_drafter(self, name: str = "default") -> Drafter | None:
+        """The engine's drafter ``name``, built now (the default drafter's int4 copy takes a second or so):
+        a server calls this at start-up rather than in its first request."""
+        return self._drafter(name, SamplingConfig())
+
     def _drafter(self, drafter: str | Drafter | None, sampling: SamplingConfig) -> Drafter | None:
         if drafter is None or drafter == "none":
             return None
         if isinstance(drafter, str) and not sampling.greedy and sampling.seed is not None:
             # A seed must reproduce the output: drafts then may depend on nothing but the text, so no state
-            # learned in earlier calls and no timing gate (the ungated "default" stands in for "gated").
-            return _check_target(make_drafter("default" if drafter == "gated" else drafter), self)
+            # learned in earlier calls and no timing gate (the ungated "model-free" stands in for "gated").
+            return _check_target(make_drafter("model-free" if drafter == "gated" else drafter), self)
         if isinstance(drafter, str):
             # one instance per name and engine: learned state (Token Recycling's table) carries across calls
             cache = self.__dict__.setdefault("_drafters", {})

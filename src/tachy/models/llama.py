@@ -73,15 +73,23 @@ class Rope(nn.Module):
             self.cos, self.sin = angles.cos(), angles.sin()
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return self.cos[positions], self.sin[positions]
+        """cos and the signed sin [-sin, +sin] that apply_rope wants, at ``positions``."""
+        return self.cos[positions], self.signed_sin[positions]
+
+    @property
+    def signed_sin(self) -> Tensor:
+        if getattr(self, "_signed_sin_of", None) is not self.sin:
+            half = self.sin.shape[-1] // 2
+            self._signed_sin = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
+            self._signed_sin_of = self.sin
+        return self._signed_sin
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, T, D]; cos/sin [T, D]. Computed in float32 like the reference."""
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """x [B, H, T, D]; cos/signed_sin [T, D] from Rope. Computed in float32 like the reference:
+    x * cos + rotate_half(x) * sin, where rotate_half(x) * sin = roll(x, D/2) * [-sin, +sin] exactly."""
     dtype, x = x.dtype, x.float()
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(dtype)
+    return (x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin).to(dtype)
 
 
 class Attention(nn.Module):
@@ -98,17 +106,22 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache, mask: Tensor | None) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.qkv_proj(x)
+        v = qkv[..., -self.split[2]:].view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is None:   # rope on q and k heads together: one set of ops instead of two
+            qk = qkv[..., :-self.split[2]].view(B, T, self.heads + self.kv_heads, self.head_dim)
+            q, k = apply_rope(qk.transpose(1, 2), *rope).split([self.heads, self.kv_heads], dim=1)
+        else:
+            q, k, _ = qkv.split(self.split, dim=-1)
+            q = self.q_norm(q.view(B, T, self.heads, self.head_dim).transpose(1, 2))
+            k = self.k_norm(k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2))
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache.observer is not None:  # a KV press collecting the prefill's queries (tachy.presses)
             cache.observer(self.layer, q * self.scale)
         k, v = cache.write(self.layer, k, v)
         groups = self.heads // self.kv_heads
+        if hasattr(cache.prefix, "attend"):  # a quantized prefix attention reads in place (tachy.presses.int4kv)
+            return self.o_proj(prefix_attention(q, k, v, mask, cache, self.layer, self.scale))
         if cache.ragged:  # a batch of sequences, one new token each (BatchKVCache, tachy.batch)
             q = q.view(B, self.kv_heads, groups, self.head_dim)
             return self.o_proj(ragged_attention(q, k, v, mask, cache.index()[2], self.scale).reshape(B, 1, -1))
@@ -263,9 +276,11 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
 
-def bucketed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, start: int, scale: float) -> Tensor:
+def bucketed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, start: int, scale: float,
+                       with_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Attention for one sequence whose T new rows are batch entries: q [T, Hkv, G, D], k/v [1, Hkv, S, D],
-    mask [T, S] or None (all visible); returns [T, Hkv, G, D].
+    mask [T, S] or None (all visible); returns [T, Hkv, G, D] (and the log-sum-exp [T, Hkv, G] with
+    ``with_lse``, CPU only).
 
     Row t (cache slot start + t) reads the first ``key_bucket(start + t + 1)`` keys, the count
     one-token decoding at that slot reads too, so both compute the row with identical shapes and bits
@@ -273,17 +288,57 @@ def bucketed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sta
     """
     T, S = q.shape[0], k.shape[2]
     out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if with_lse else None
     t = 0
     while t < T:
         keys = min(S, key_bucket(start + t + 1))
         end = min(T, keys - start)            # rows whose own bucket is this one
         n = end - t
+        args = (q[t:end], k[:, :, :keys].expand(n, -1, -1, -1), v[:, :, :keys].expand(n, -1, -1, -1),
+                None if mask is None else _rows(mask, t, end, keys))
         with single_thread(q.device):
-            out[t:end] = F.scaled_dot_product_attention(
-                q[t:end], k[:, :, :keys].expand(n, -1, -1, -1), v[:, :, :keys].expand(n, -1, -1, -1),
-                attn_mask=None if mask is None else _rows(mask, t, end, keys), scale=scale)
+            if with_lse:
+                out[t:end], lse[t:end] = attention_with_lse(*args, scale)
+            else:
+                out[t:end] = F.scaled_dot_product_attention(*args[:3], attn_mask=args[3], scale=scale)
         t = end
-    return out
+    return (out, lse) if with_lse else out
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """PyTorch's CPU flash attention, which also returns each row's log-sum-exp [B, H, L] (float32).
+    mask: bool, True = visible, broadcastable to [B, H, L, S]."""
+    if mask is not None:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
+    return out, lse
+
+
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cache: KVCache, layer: int,
+                     scale: float) -> Tensor:
+    """Attention when the cache's first slots are a quantized prefix that attends in place
+    (``cache.prefix.attend``, tachy.presses.int4kv): the prefix and the full-precision tail are attended apart
+    and merged by their log-sum-exp. q [1, H, T, D]; k/v the tail buffers [1, Hkv, S, D]; mask None,
+    [T, P+S] or per kv head [Hkv, T, P+S] over prefix then tail slots. Returns [1, T, H*D]."""
+    from ..presses.int4kv import merge_attention
+
+    _, H, T, D = q.shape
+    Hkv, P = k.shape[1], cache.prefix.length
+    G = H // Hkv
+    rows = q.reshape(Hkv, G, T, D).transpose(1, 2)                  # [Hkv, T, G, D]: row (t, g) of each head
+    row_mask = None if mask is None else mask.repeat_interleave(G, dim=-2)   # [..., T*G, P+S]
+    out_p, lse_p = cache.prefix.attend(layer, rows.reshape(Hkv, T * G, D),
+                                       None if row_mask is None else row_mask[..., :P], scale)
+    if cache.fixed:  # exact mode: each row reads the tail keys one-token decoding reads (bucketed_attention)
+        tail_mask = None if mask is None else mask[..., P:]
+        out_t, lse_t = bucketed_attention(rows.transpose(0, 1), k, v, tail_mask, cache.length - P, scale, True)
+        out_t, lse_t = out_t.transpose(0, 1).reshape(Hkv, T * G, D), lse_t.transpose(0, 1).reshape(Hkv, T * G)
+    else:
+        tail_mask = None if row_mask is None else row_mask[..., P:].reshape(1, -1, T * G, k.shape[2])
+        out_t, lse_t = attention_with_lse(rows.reshape(1, Hkv, T * G, D), k, v, tail_mask, scale)
+        out_t, lse_t = out_t[0], lse_t[0]
+    out = merge_attention(out_p, lse_p, out_t.float(), lse_t)
+    return out.view(Hkv, T, G, D).transpose(0, 1).reshape(1, T, H * D).to(q.dtype)
 
 
 def ragged_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, groups: list, scale: float) -> Tensor:

@@ -12,6 +12,8 @@ for plain decoding, bf16 for speculative decoding.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -172,3 +174,37 @@ def _replace_linears(module: nn.Module, make) -> None:
                 setattr(module, name, new)
         else:
             _replace_linears(child, make)
+
+
+def is_float_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, SplitKLinear, TransposedLinear))
+
+
+def plain_linear(module: nn.Module) -> nn.Linear:
+    """The nn.Linear a float linear layer (Linear, SplitKLinear, TransposedLinear) computes."""
+    if isinstance(module, nn.Linear):
+        return module
+    weight = torch.cat(list(module.parts), dim=1) if isinstance(module, SplitKLinear) else module.weight_t.t()
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return linear
+
+
+def quantized_copy(model: nn.Module, dtype: str = "int4") -> nn.Module:
+    """A copy of a loaded float model with its linear layers in ``dtype`` (int8/int4), built from the weights
+    in memory (no reload). A bf16 embedding table is shared with the original, not copied."""
+    embedding = model.embed_tokens.weight
+    memo = {id(embedding): embedding} if embedding.dtype == torch.bfloat16 else {}
+    clone = copy.deepcopy(model, memo)
+    _replace_float_linears(clone)
+    return convert_weights(clone, dtype)
+
+
+def _replace_float_linears(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, (SplitKLinear, TransposedLinear)):
+            setattr(module, name, plain_linear(child))
+        else:
+            _replace_float_linears(child)

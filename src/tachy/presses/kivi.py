@@ -6,7 +6,8 @@ values per token (groups of ``value_group`` channels), both asymmetric to ``bits
 Based on Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache" (arXiv:2402.02750).
 The quantized prefix is packed (two 4-bit or four 2-bit codes per byte) with fp16 scales and zero points and
 moved out of the full-precision buffer (``KVCache.freeze_prefix``); attention reads it dequantized, so every
-decode step pays a dequantization of the prefix: the memory shrinks, the speed does not improve on a CPU.
+decode step pays a dequantization of the prefix: the memory shrinks, the speed does not improve on a CPU
+(int4kv.py chooses a layout the int4 matmul kernel reads in place, and decodes faster than the full cache).
 Tokens generated after the prompt stay in full precision (KIVI re-quantizes them every ``residual`` tokens).
 
 bits: 4 or 2; residual: full-precision recent tokens (default 32); key_group: tokens per key scale

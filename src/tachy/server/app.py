@@ -44,6 +44,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
     metrics = Metrics()
     if warmup:
         engine.warmup()  # kernels' one-time setup now, not in the first user's latency
+        engine.load_drafter("default")
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics, grace_s=grace_s, max_batch=max_batch)
 
     @asynccontextmanager

@@ -72,3 +72,75 @@ def test_short_draft_context_is_still_exact():
     plain, _ = generate(target, prompt, None)
     spec, stats = generate(target, prompt, DraftModelDrafter(twin, min_confidence=0.0, context=8))
     assert spec == plain and stats.accepted > 0
+
+
+def bf16_engine(arch: str = "llama", seed: int = 1) -> Engine:
+    from tachy.models.quant import convert_weights
+
+    return Engine(convert_weights(tiny_model(arch, seed=seed), "bf16"), tokenizer=None, name="tiny")
+
+
+def test_quantized_copy_is_int4_shares_a_bf16_embedding_and_leaves_the_target_alone():
+    import torch
+
+    from tachy.models.quant import Int4Linear, Int8Linear, quantized_copy
+
+    target = bf16_engine()
+    tokens, positions = torch.tensor([[3, 5, 7, 9]]), torch.arange(4)
+    before = target.model(tokens, positions, target.model.new_cache())
+    copy = quantized_copy(target.model, "int4")
+    linears = [m for m in copy.modules() if isinstance(m, (Int4Linear, Int8Linear, torch.nn.Linear))]
+    assert linears and all(isinstance(m, (Int4Linear, Int8Linear)) for m in linears)
+    assert copy.embed_tokens.weight is target.model.embed_tokens.weight          # shared, not copied
+    assert isinstance(target.model.layers[0].mlp.down_proj, torch.nn.Linear)     # the target keeps its layers
+    assert torch.equal(target.model(tokens, positions, target.model.new_cache()), before)
+    drafted = copy(tokens, positions, copy.new_cache())
+    assert (drafted.argmax(-1) == before.argmax(-1)).float().mean() >= 0.75     # a close copy of the target
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_quantized_self_drafts_over_the_target_cache_and_is_exact(arch):
+    target = bf16_engine(arch)
+    drafter = make_drafter("quantized-self", min_match_len=50)   # no suffix matches: every draft is the copy's
+    rng = random.Random(3)
+    accepted = 0
+    for _ in range(4):
+        prompt = [rng.randrange(101) for _ in range(rng.randint(5, 40))]
+        plain, _ = generate(target, prompt, None)
+        spec, stats = generate(target, prompt, drafter)
+        assert spec == plain
+        accepted += stats.accepted
+        # it read the target's cache: no cache of its own was filled
+        assert drafter.draft_model.target_cache is not None and drafter.draft_model.cached == []
+    assert accepted > 0
+
+
+def test_quantized_self_keeps_its_own_cache_under_a_press():
+    target = bf16_engine()
+    drafter = make_drafter("quantized-self", min_match_len=50)
+    prompt = [random.Random(4).randrange(101) for _ in range(90)]
+    config = GenerationConfig(max_new_tokens=20, drafter=drafter, max_draft_tokens=5, press="streaming_llm",
+                              compression_ratio=0.5)
+    plain = [t for s in target.generate_tokens(prompt, GenerationConfig(
+        max_new_tokens=20, drafter=None, press="streaming_llm", compression_ratio=0.5)) for t in s.tokens]
+    spec = [t for s in target.generate_tokens(prompt, config) for t in s.tokens]
+    assert spec == plain
+    assert drafter.draft_model.target_cache is None and drafter.draft_model.cached   # K/V mean other slots
+
+
+def test_default_drafts_with_the_int4_copy_on_a_float_cpu_target_and_model_free_otherwise():
+    from tachy.models.quant import convert_weights
+    from tachy.speculative.drafters import DefaultDrafter, ModelFreeDrafter, QuantizedSelfDrafter
+
+    target = bf16_engine()
+    d = make_drafter("default")
+    assert isinstance(d, DefaultDrafter) and isinstance(d.inner, ModelFreeDrafter) and d.needs_logits
+    d.check_target(target)
+    assert isinstance(d.inner, QuantizedSelfDrafter) and not d.needs_logits
+    other = make_drafter("default")
+    other.check_target(target)
+    assert other.inner.draft_model.engine is d.inner.draft_model.engine       # one int4 copy per target
+    int4_target = Engine(convert_weights(tiny_model("llama", seed=1), "int4"), tokenizer=None)
+    d = make_drafter("default")
+    d.check_target(int4_target)
+    assert isinstance(d.inner, ModelFreeDrafter)

@@ -1,10 +1,10 @@
-"""Fallback, combination and adaptive-length wrappers, and the default drafter."""
+"""Fallback, combination and adaptive-length wrappers, and the model-free drafter."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tachy.speculative.drafters import (AdaptiveLength, CombinedDrafter, DefaultDrafter, Drafter,
+from tachy.speculative.drafters import (AdaptiveLength, CombinedDrafter, Drafter, ModelFreeDrafter,
                                         FallbackDrafter, PromptLookupDrafter, SuffixAutomatonDrafter,
                                         TokenRecyclingDrafter, make_drafter)
 from tachy.speculative.tree import DraftTree
@@ -110,9 +110,9 @@ def test_adaptive_length_is_capped_by_the_budget():
     assert ad.length == 4
 
 
-def test_default_drafter_prefers_long_context_matches():
-    d = make_drafter("default")
-    assert isinstance(d, DefaultDrafter) and d.needs_logits
+def test_model_free_drafter_prefers_long_context_matches():
+    d = make_drafter("model-free")
+    assert isinstance(d, ModelFreeDrafter) and d.needs_logits
     sam, rec = d.drafters
     assert isinstance(sam, SuffixAutomatonDrafter) and isinstance(rec, AdaptiveLength)
     assert isinstance(rec.inner, TokenRecyclingDrafter) and rec.length == 4   # recycling starts at 4 nodes

@@ -6,8 +6,9 @@
 ======================  ==========================================================================
 name                    drafter
 ======================  ==========================================================================
-``default``             :class:`DefaultDrafter`: suffix automaton, else Token Recycling
-``gated``               :class:`GatedDefaultDrafter`: ``default`` behind the never-slower gate
+``default``             :class:`DefaultDrafter`: ``quantized-self`` on a CPU float target, else ``model-free``
+``model-free``          :class:`ModelFreeDrafter`: suffix automaton, else Token Recycling
+``gated``               :class:`GatedModelFreeDrafter`: ``model-free`` behind the never-slower gate
 ``pld``                 :class:`PromptLookupDrafter`: n-gram lookup in the context
 ``sam``                 :class:`SuffixAutomatonDrafter`: longest suffix match (SAM-Decoding)
 ``recycling``           :class:`TokenRecyclingDrafter`: top-k adjacency from verify logits
@@ -28,8 +29,9 @@ from .aded import AdaptiveTrigramDrafter, NgramTable
 from .base import Drafter, overlap_copy
 from .draft_model import DraftModelDrafter, QuantizedSelfDrafter
 from .datastore import Datastore, DatastoreDrafter, build_datastore, build_suffix_array, frequency_tree
-from .fallback import AdaptiveLength, CombinedDrafter, DefaultDrafter, FallbackDrafter
-from .gate import GatedDefaultDrafter, SpeedGate
+from .default import DefaultDrafter
+from .fallback import AdaptiveLength, CombinedDrafter, FallbackDrafter, ModelFreeDrafter
+from .gate import GatedModelFreeDrafter, SpeedGate
 from .lookahead import LookaheadDrafter, NgramPool
 from .prediction import prediction_drafter
 from .prompt_lookup import PromptLookupDrafter, find_ngram_continuations
@@ -38,8 +40,9 @@ from .token_recycling import TokenRecyclingDrafter, expand_template, make_templa
 
 DRAFTERS: dict[str, type[Drafter]] = {
     cls.name: cls for cls in (
-        GatedDefaultDrafter,
+        GatedModelFreeDrafter,
         DefaultDrafter,
+        ModelFreeDrafter,
         PromptLookupDrafter,
         SuffixAutomatonDrafter,
         TokenRecyclingDrafter,
@@ -105,7 +108,7 @@ def make_drafter(name: str, **kwargs) -> Drafter:
 
 __all__ = [
     "DRAFTERS", "Drafter", "available_drafters", "make_drafter", "parse_drafter_spec", "overlap_copy",
-    "DefaultDrafter", "GatedDefaultDrafter", "SpeedGate", "FallbackDrafter", "CombinedDrafter", "AdaptiveLength",
+    "DefaultDrafter", "ModelFreeDrafter", "GatedModelFreeDrafter", "SpeedGate", "FallbackDrafter", "CombinedDrafter", "AdaptiveLength",
     "PromptLookupDrafter", "find_ngram_continuations", "prediction_drafter",
     "SuffixAutomatonDrafter", "SuffixAutomaton", "longest_previous_matches",
     "TokenRecyclingDrafter", "make_template", "expand_template",

@@ -11,8 +11,16 @@ The drafter keeps its own KV cache over the committed tokens. Each step it feeds
 (the tokens committed since the last step that it did not draft itself), then decodes ``max_tokens`` tokens
 one by one. Tokens it drafted and the target accepted are already cached, so an accepted draft costs nothing
 to catch up on; a rejected tail is rolled back.
+
+When the draft model is the target's own checkpoint in another weight format (``model=self``,
+``quantized-self``), it needs no cache of its own: the engine hands it the target's cache
+(:meth:`DraftModelDrafter.attach_cache`), and it drafts over the target's exact K/V of every committed token,
+writing its draft tokens' K/V into the free slots past the cache's length, which the verify forward then
+overwrites. No catch-up forwards, no prefill of its own, and the whole prompt as context.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -27,11 +35,11 @@ class DraftModelDrafter(Drafter):
     """Greedy chain drafts from a draft model.
 
     model: a registry name, GGUF file or HF folder (loaded with ``tachy.load``), a loaded ``tachy.Engine``,
-    or ``"self"``: the target's own checkpoint, loaded again in ``dtype`` (default int4).
+    or ``"self"``: the target's own weights, copied in memory to ``dtype`` (default int4).
     dtype / device: as in ``tachy.load`` (device defaults to the target's).
-    context: the draft model reads at most the last ``context`` tokens of the prompt. Drafts need little
-    context (the suffix automaton handles copying from far back), while prefilling a long prompt through a
-    quantized model costs more than the whole generation saves (int4 prefill is slower than bf16 here).
+    context: with a cache of its own, the draft model reads at most the last ``context`` tokens of the
+    prompt: prefilling a long prompt through a quantized model costs more than the whole generation saves
+    (int4 prefill is slower than bf16 here). A self-draft reading the target's cache sees the whole context.
     min_confidence: stop the chain after a token the draft model gives less than this probability (its
     later tokens would rarely be accepted, and each costs a draft forward); 0 drafts the full budget. 0.3
     gave the best modeled speed for int4/int8 self-drafts on the dev prompts (docs/benchmarks.md).
@@ -54,32 +62,60 @@ class DraftModelDrafter(Drafter):
         self.engine = model if hasattr(model, "model") and hasattr(model, "tokenizer") else None
         self.cache = None
         self.cached: list[int] = []       # the tokens whose K/V the draft cache holds, in order
+        self.shares_target_kv = False     # the draft model is the target's own checkpoint (model="self")
+        self.target_cache = None          # the target's cache this sequence, when shared (attach_cache)
 
     def check_target(self, target) -> None:
         """Called by the engine with the target Engine: load the draft model beside it, check the vocabulary."""
-        if self.engine is None:
+        if self.engine is None and self.spec == "self":   # the target's weights, quantized in memory
+            from ...engine import Engine
+            from ...models.quant import quantized_copy
+
+            dtype = self.dtype or "int4"
+            copies = target.__dict__.setdefault("_quantized_copies", {})   # one copy per target and dtype
+            if dtype not in copies:
+                copies[dtype] = Engine(quantized_copy(target.model, dtype), target.tokenizer,
+                                       f"{target.name} ({dtype})")
+            self.engine = copies[dtype]
+            self.shares_target_kv = True
+        elif self.engine is None:
             import tachy
 
-            spec, dtype = self.spec, self.dtype
-            if spec == "self":
-                spec, dtype = target.name, dtype or "int4"
-            self.engine = tachy.load(spec, dtype=dtype, device=self.device or str(target.device), progress=False)
+            self.engine = tachy.load(self.spec, dtype=self.dtype, device=self.device or str(target.device),
+                                     progress=False)
         if self.engine.model.config.vocab_size > target.model.config.vocab_size:
             raise InvalidArgumentError(
                 f"draft model vocabulary ({self.engine.model.config.vocab_size}) is larger than the target's "
                 f"({target.model.config.vocab_size}): the models must share a tokenizer")
+
+    def attach_cache(self, cache) -> None:
+        """Called by the engine after prefill and ``reset`` with this sequence's target cache. Shared only when the K/V mean
+        the same thing to both models: the target's own checkpoint, a plain cache (no press), same dtype."""
+        model = self.engine.model if self.engine is not None else None
+        cfg = model.config if model is not None else None
+        self.target_cache = cache if (
+            self.shares_target_kv and cache.prefix is None and not cache.compressed and not cache.ragged
+            and cache.shape == (cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim)
+            and cache.dtype == model.dtype and cache.device == model.device) else None
 
     def _restart(self) -> None:
         if self.engine is None:
             raise InvalidArgumentError("draft-model: the draft model is not loaded (Engine calls check_target)")
         model = self.engine.model
         self.cache = model.new_cache(capacity=256)
+        self.target_cache = None          # a new sequence: the engine attaches its cache after reset
         self.cached = []
         self.offset = 0                   # history[offset:] is what the draft model sees
         self.agreed = 0                   # history[offset:][:agreed] was fed (or agreed with the cache) last step
 
     @torch.inference_mode()
     def _draft(self, max_tokens: int) -> DraftTree:
+        target = self.target_cache
+        if target is not None and target.length == len(self.history) - 1:   # in step: the root is not cached
+            view = copy.copy(target)      # shares the buffers; its own length, and the free slots to write
+            view.fixed = False
+            return self._chain(self._forward([self.history[-1]], view), view, max_tokens)
+        self.target_cache = None          # out of step with the target (not expected): own cache from now on
         model, cache, history = self.engine.model, self.cache, self.history
         if len(history) - self.offset >= model.config.max_seq_len - max_tokens:
             return DraftTree.empty()
@@ -94,28 +130,36 @@ class DraftModelDrafter(Drafter):
         cache.rollback(cache.length - common)
         del self.cached[common:]
         new = seen[common:]
-        device = model.device
-        logits = model(torch.tensor([new], device=device), torch.arange(common, len(seen), device=device),
-                       cache, last_only=True)
         self.cached.extend(new)
+        return self._chain(self._forward(new, cache), cache, max_tokens, self.cached)
+
+    def _forward(self, tokens: list[int], cache) -> torch.Tensor:
+        """The draft model's next-token logits [V] after feeding ``tokens`` at the cache's next positions."""
+        device = self.engine.model.device
+        positions = torch.arange(cache.position, cache.position + len(tokens), device=device)
+        return self.engine.model(torch.tensor([tokens], device=device), positions, cache, last_only=True)[0, -1]
+
+    def _chain(self, logits: torch.Tensor, cache, max_tokens: int, cached: list[int] | None = None) -> DraftTree:
+        """Greedy tokens from ``logits`` on, until the budget or a token below ``min_confidence``; each
+        token but the last is fed to the cache (and appended to ``cached``)."""
         draft: list[int] = []
         while True:
-            token = int(logits[0, -1].argmax())
+            token = int(logits.argmax())
             draft.append(token)
             if len(draft) == max_tokens or (
-                    self.min_confidence and float(logits[0, -1].softmax(-1)[token]) < self.min_confidence):
-                break
-            logits = model(torch.tensor([[token]], device=device),
-                           torch.tensor([cache.length], device=device), cache)
-            self.cached.append(token)
-        return DraftTree.chain(draft)
+                    self.min_confidence and float(logits.softmax(-1)[token]) < self.min_confidence):
+                return DraftTree.chain(draft)
+            logits = self._forward([token], cache)
+            if cached is not None:
+                cached.append(token)
 
 
 class QuantizedSelfDrafter(FallbackDrafter):
     """``"quantized-self"``: the suffix automaton when the context holds a match of ``min_match_len`` tokens,
     else greedy chains from the target's own weights quantized to ``dtype`` (int4: about a third of bf16's
     bytes per token). No second model and no training: the quantized copy agrees with the target on most
-    tokens, and verification keeps the output exactly the target's. Costs the quantized copy's memory."""
+    tokens, and verification keeps the output exactly the target's. It drafts over the target's own K/V
+    (see the module docstring). Costs the quantized copy's memory."""
 
     name = "quantized-self"
 
@@ -126,3 +170,6 @@ class QuantizedSelfDrafter(FallbackDrafter):
 
     def check_target(self, target) -> None:
         self.draft_model.check_target(target)
+
+    def attach_cache(self, cache) -> None:
+        self.draft_model.attach_cache(cache)

@@ -7,8 +7,9 @@
 * :class:`AdaptiveLength`: wraps any drafter and moves its node budget with acceptance: grows after a draft
   accepted to its deepest node, shrinks after a shorter acceptance (the heuristic of transformers' assisted
   generation: ``+grow`` / ``-shrink``).
-* :class:`DefaultDrafter` (``"default"``): suffix automaton when the longest match has at least
-  ``min_match_len`` tokens, else Token Recycling. ``"gated"`` is this behind the never-slower gate (gate.py).
+* :class:`ModelFreeDrafter` (``"model-free"``): suffix automaton when the longest match has at least
+  ``min_match_len`` tokens, else Token Recycling. ``"gated"`` is this behind the never-slower gate (gate.py);
+  ``"default"`` uses it where drafting with the target's int4 copy does not pay (default.py).
 
 All of them forward ``reset`` and ``update`` to every inner drafter (with the logits only to those that want
 them), so each keeps its incremental state. An inner drafter whose draft was not the one verified learns
@@ -164,8 +165,8 @@ class AdaptiveLength(Drafter):
         return f"AdaptiveLength({self.inner!r}, length={self.length})"
 
 
-class DefaultDrafter(FallbackDrafter):
-    """``"default"``: the suffix automaton's chain when the context holds a match of at least
+class ModelFreeDrafter(FallbackDrafter):
+    """``"model-free"``: the suffix automaton's chain when the context holds a match of at least
     ``min_match_len`` tokens, else a Token Recycling draft (SAM-Decoding with Token Recycling as its
     auxiliary drafter). Options are passed to the two drafters.
 
@@ -175,7 +176,7 @@ class DefaultDrafter(FallbackDrafter):
     whole budget. Measured with `tachy bench` on the 30 dev prompts: 1.29x -> 1.32x over plain decoding.
     """
 
-    name = "default"
+    name = "model-free"
 
     def __init__(self, min_match_len: int = 4, k: int = 8, num_nodes: int = 48, recycling_tokens: int = 4):
         recycling = AdaptiveLength(TokenRecyclingDrafter(k=k, num_nodes=num_nodes), initial=recycling_tokens)

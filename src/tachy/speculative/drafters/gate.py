@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..tree import DraftTree
 from .base import Drafter
-from .fallback import DefaultDrafter
+from .fallback import ModelFreeDrafter
 
 
 class SpeedGate(Drafter):
@@ -81,15 +81,15 @@ class SpeedGate(Drafter):
         self.steps += 1
 
 
-class GatedDefaultDrafter(SpeedGate):
-    """``"gated"``: the default drafter behind the never-slower gate.
+class GatedModelFreeDrafter(SpeedGate):
+    """``"gated"``: the model-free drafter behind the never-slower gate.
 
-    Opt-in: docs/benchmarks.md measures it slower than the ungated drafter on 128-token answers (1.23x vs
-    1.32x over plain decoding), its exploration costing more than it saves.
+    Opt-in: docs/benchmarks.md measures it slower than the ungated drafter on 128-token answers, its
+    exploration costing more than it saves.
     """
 
     name = "gated"
 
     def __init__(self, min_match_len: int = 4, k: int = 8, num_nodes: int = 48,
                  budgets: Sequence[int] = (0, 4, 8, 16), explore: float = 0.1):
-        super().__init__(DefaultDrafter(min_match_len=min_match_len, k=k, num_nodes=num_nodes), budgets, explore)
+        super().__init__(ModelFreeDrafter(min_match_len=min_match_len, k=k, num_nodes=num_nodes), budgets, explore)

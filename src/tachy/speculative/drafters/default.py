@@ -1,0 +1,71 @@
+"""``"default"``: the engine's speculative configuration, picked per target model.
+
+On a CPU target with float weights (bf16 or fp32), the target's own weights quantized to int4 draft: the
+suffix automaton when the context holds a long match, else greedy chains from the int4 copy, which reads
+the target's K/V cache instead of keeping one (:class:`QuantizedSelfDrafter`). That copy agrees with the
+target on most tokens and costs about a third of a target step per token here, so it gave the best measured
+speed (docs/benchmarks.md), at the price of the int4 copy's memory (84 MB for SmolLM2-135M; a bf16
+embedding table is shared with the target, not copied).
+
+Elsewhere (a target already in int8/int4, where a copy in int4 saves nothing, or a GPU, where the int4
+kernel is CPU-only) it is the model-free drafter: suffix automaton, else Token Recycling.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+
+from ...models.quant import is_float_linear
+from ..tree import DraftTree
+from .base import Drafter
+from .draft_model import QuantizedSelfDrafter
+from .fallback import ModelFreeDrafter
+
+
+def self_draft_pays(target) -> bool:
+    """Whether an int4 copy of ``target`` (an Engine) would be cheaper per token than the target itself."""
+    model = target.model
+    return model.device.type == "cpu" and is_float_linear(model.layers[0].mlp.down_proj)
+
+
+class DefaultDrafter(Drafter):
+    """Delegates to ``quantized-self`` or ``model-free`` (see the module docstring); ``model-free`` until the
+    engine shows it the target (``check_target``)."""
+
+    name = "default"
+
+    def __init__(self, min_match_len: int = 4):
+        self.min_match_len = min_match_len
+        self.inner: Drafter = ModelFreeDrafter(min_match_len=min_match_len)
+        self.last_tree = DraftTree.empty()
+
+    @property
+    def needs_logits(self) -> bool:   # type: ignore[override]
+        return self.inner.needs_logits
+
+    def check_target(self, target) -> None:
+        if self_draft_pays(target) and not isinstance(self.inner, QuantizedSelfDrafter):
+            self.inner = QuantizedSelfDrafter(min_match_len=self.min_match_len)
+        check = getattr(self.inner, "check_target", None)
+        if check is not None:
+            check(target)
+
+    def attach_cache(self, cache) -> None:
+        attach = getattr(self.inner, "attach_cache", None)
+        if attach is not None:
+            attach(cache)
+
+    def reset(self, prompt_ids: Sequence[int]) -> None:
+        self.inner.reset(prompt_ids)
+
+    def propose(self, ids: Sequence[int], max_tokens: int) -> DraftTree:
+        self.last_tree = self.inner.propose(ids, max_tokens)
+        return self.last_tree
+
+    def update(self, ids: Sequence[int], accepted: int, logits: Tensor | None = None,
+               tokens: Sequence[int] | None = None) -> None:
+        self.inner.update(ids, accepted, logits, tokens)
+
+    def __repr__(self) -> str:
+        return f"DefaultDrafter({self.inner!r})"
