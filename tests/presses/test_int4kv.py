@@ -1,15 +1,14 @@
 """int4kv: 4-bit KV attended in place by the int4 kernel. Checks the packed layout against a plain float
-reference, the byte count, the log-sum-exp merge, bad input, and exact speculative decoding over it."""
+reference, the byte count, the log-sum-exp merge and bad input (exact speculative decoding over it:
+test_kivi.py's test_speculative_greedy_equals_plain_greedy_over_quantized_kv)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tachy import GenerationConfig, InvalidArgumentError
-from tachy.engine import Engine
+from tachy import InvalidArgumentError
 from tachy.models.llama import attention_with_lse
 from tachy.presses import make_press
-from tachy.presses.compose import ComposedPress
 from tachy.presses.int4kv import Int4KVPrefix, merge_attention
 from tests.conftest import tiny_model
 from tests.presses.test_presses import prefilled, prompt_ids
@@ -94,20 +93,3 @@ def test_int4kv_cache_keeps_a_multiple_of_32_tokens_packed_and_decodes_close_to_
         a = model(torch.tensor([[token]]), torch.tensor([80 + step]), cache)[0, -1]
         b = model(torch.tensor([[token]]), torch.tensor([80 + step]), full)[0, -1]
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
-
-
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-@pytest.mark.parametrize("evict", [False, True])
-def test_speculative_greedy_equals_plain_greedy_over_int4kv(arch, evict):
-    model = tiny_model(arch, head_dim=32).float()
-    engine = Engine(model, tokenizer=None, name="tiny")
-    ids = (prompt_ids(12, seed=1) * 6)[:70]
-    int4kv = make_press("int4kv", 0.0, residual=8)
-    press = ComposedPress(0.5, parts=[make_press("snapkv", 0.5), int4kv]) if evict else int4kv
-    outs, accepted = {}, 0
-    for drafter in (None, "pld"):
-        steps = list(engine.generate_tokens(ids, GenerationConfig(max_new_tokens=30, drafter=drafter,
-                                                                  press=press)))
-        outs[drafter] = [t for s in steps for t in s.tokens]
-        accepted += sum(s.accepted for s in steps)
-    assert outs[None] == outs["pld"] and accepted > 0

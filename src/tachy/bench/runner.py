@@ -86,8 +86,12 @@ def run_bench(engine: Engine, prompts: list[Prompt], methods: list[str], max_new
         methods = ["vanilla", *methods]
     configs = {m: method_config(m, max_new_tokens, max_draft_tokens) for m in methods}
     runs: dict[str, list[Run]] = {m: [] for m in methods}
-    # warm-up so that the first measured prompt pays no one-time costs
+    # warm-up so that the first measured prompt pays no one-time costs: kernels' setup, and each drafter built
+    # (a draft model loaded, the default drafter's int4 copy made) before timing
     engine.generate(engine.tokenizer.encode("Hello"), GenerationConfig(max_new_tokens=4, drafter=None))
+    for config in configs.values():
+        if config.drafter is not None:
+            engine.load_drafter(config.drafter)
     bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="run", disable=not progress)
     for i, prompt in enumerate(prompts):
         order = methods[i % len(methods):] + methods[:i % len(methods)]
