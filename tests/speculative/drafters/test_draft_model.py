@@ -144,3 +144,15 @@ def test_default_drafts_with_the_int4_copy_on_a_float_cpu_target_and_model_free_
     d = make_drafter("default")
     d.check_target(int4_target)
     assert isinstance(d.inner, ModelFreeDrafter)
+
+
+def test_a_prediction_in_front_of_quantized_self_still_shares_the_target_cache():
+    from tachy.speculative.drafters import prediction_drafter
+
+    target = bf16_engine()
+    inner = make_drafter("quantized-self", min_match_len=50)
+    prompt = [random.Random(6).randrange(101) for _ in range(30)]
+    plain, _ = generate(target, prompt, None)
+    spec, stats = generate(target, prompt, prediction_drafter([7, 8, 9, 10], inner))
+    assert spec == plain and stats.accepted > 0
+    assert inner.draft_model.target_cache is not None and inner.draft_model.cached == []

@@ -167,9 +167,3 @@ class QuantizedSelfDrafter(FallbackDrafter):
                  context: int = 128):
         self.draft_model = DraftModelDrafter("self", dtype=dtype, min_confidence=min_confidence, context=context)
         super().__init__([SuffixAutomatonDrafter(min_match_len=min_match_len), self.draft_model])
-
-    def check_target(self, target) -> None:
-        self.draft_model.check_target(target)
-
-    def attach_cache(self, cache) -> None:
-        self.draft_model.attach_cache(cache)

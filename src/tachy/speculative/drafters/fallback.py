@@ -54,6 +54,18 @@ class _Composite(Drafter):
         for d in self.drafters:
             d.update(ids, accepted, logits if d.needs_logits else None, tokens)
 
+    def check_target(self, target) -> None:
+        """Let inner drafters that run a model load it beside the target (draft_model.py)."""
+        for d in self.drafters:
+            if hasattr(d, "check_target"):
+                d.check_target(target)
+
+    def attach_cache(self, cache) -> None:
+        """Hand the target's cache on to inner drafters that read it (a self-draft, draft_model.py)."""
+        for d in self.drafters:
+            if hasattr(d, "attach_cache"):
+                d.attach_cache(cache)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.drafters!r})"
 
