@@ -30,8 +30,9 @@ def self_draft_pays(target) -> bool:
 
 
 class DefaultDrafter(Drafter):
-    """Delegates to ``quantized-self`` or ``model-free`` (see the module docstring); ``model-free`` until the
-    engine shows it the target (``check_target``)."""
+    """quantized-self (the target's own int4 copy) on a CPU float target, else model-free.
+
+    ``model-free`` until the engine shows it the target (``check_target``); see the module docstring."""
 
     name = "default"
 
