@@ -68,6 +68,12 @@ class KVCache:
         return 0 if self.prefix is None else self.prefix.length
 
     @property
+    def prefix_attends(self) -> bool:
+        """The quantized prefix computes its own attention (tachy.presses.int4kv): ``write`` returns only the
+        full-precision tail and the model merges the two (models/llama.py ``prefix_attention``)."""
+        return hasattr(self.prefix, "attend")
+
+    @property
     def capacity(self) -> int:
         return self._base + self.k.shape[3]
 
@@ -96,7 +102,7 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         stop = None if self.fixed else end
         tail_k, tail_v = self.k[layer, :, :, :stop], self.v[layer, :, :, :stop]
-        if hasattr(self.prefix, "attend"):   # attention reads the prefix itself (tachy.presses.int4kv)
+        if self.prefix_attends:
             return tail_k, tail_v
         pk, pv = self.prefix.read(layer)
         return torch.cat([pk, tail_k], 2), torch.cat([pv, tail_v], 2)

@@ -180,8 +180,9 @@ class Engine:
         if drafter is not None:
             t = time.perf_counter()
             drafter.reset(prompt_ids)
-            if hasattr(drafter, "attach_cache"):   # a self-draft reads the target's K/V (draft_model.py)
-                drafter.attach_cache(cache)
+            attach = getattr(drafter, "attach_cache", None)   # a self-draft reads the target's K/V
+            if attach is not None:
+                attach(cache)
             stats.draft_s += time.perf_counter() - t
         stats.prefill_s = time.perf_counter() - start
         stats.generated_tokens = 1

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tachy import InvalidArgumentError
-from tachy.models.llama import attention_with_lse
+from tachy.models.llama import attention_with_lse, merge_attention
 from tachy.presses import make_press
-from tachy.presses.int4kv import Int4KVPrefix, merge_attention
+from tachy.presses.int4kv import Int4KVPrefix
 from tests.conftest import tiny_model
 from tests.presses.test_presses import prefilled, prompt_ids
 

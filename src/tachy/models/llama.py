@@ -120,7 +120,7 @@ class Attention(nn.Module):
             cache.observer(self.layer, q * self.scale)
         k, v = cache.write(self.layer, k, v)
         groups = self.heads // self.kv_heads
-        if hasattr(cache.prefix, "attend"):  # a quantized prefix attention reads in place (tachy.presses.int4kv)
+        if cache.prefix_attends:  # a quantized prefix attention reads in place (tachy.presses.int4kv)
             return self.o_proj(prefix_attention(q, k, v, mask, cache, self.layer, self.scale))
         if cache.ragged:  # a batch of sequences, one new token each (BatchKVCache, tachy.batch)
             q = q.view(B, self.kv_heads, groups, self.head_dim)
@@ -314,14 +314,18 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sca
     return out, lse
 
 
+def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """Softmax attention over two disjoint key sets, from each set's output and log-sum-exp."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    return out_a * (lse_a - lse).exp()[..., None] + out_b * (lse_b - lse).exp()[..., None]
+
+
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cache: KVCache, layer: int,
                      scale: float) -> Tensor:
     """Attention when the cache's first slots are a quantized prefix that attends in place
     (``cache.prefix.attend``, tachy.presses.int4kv): the prefix and the full-precision tail are attended apart
     and merged by their log-sum-exp. q [1, H, T, D]; k/v the tail buffers [1, Hkv, S, D]; mask None,
     [T, P+S] or per kv head [Hkv, T, P+S] over prefix then tail slots. Returns [1, T, H*D]."""
-    from ..presses.int4kv import merge_attention
-
     _, H, T, D = q.shape
     Hkv, P = k.shape[1], cache.prefix.length
     G = H // Hkv

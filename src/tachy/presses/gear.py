@@ -77,13 +77,9 @@ class GEARPress(KIVIPress):
     rank: int = 4
     outliers: float = 0.01
 
-    def apply(self, cache, memo=None) -> None:
-        n = cache.length - self.residual
-        if n <= 0 or cache.prefix is not None:
-            return
-        group = self.value_group or cache.shape[3]
-        cache.freeze_prefix(GEARPrefix(cache.k[:, :, :, :n], cache.v[:, :, :, :n], self.bits, self.key_group,
-                                       group, self.rank, self.outliers))
+    def quantize(self, k: Tensor, v: Tensor) -> GEARPrefix:
+        return GEARPrefix(k, v, self.bits, self.key_group, self.value_group or k.shape[-1], self.rank,
+                          self.outliers)
 
 
 @register

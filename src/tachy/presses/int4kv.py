@@ -106,12 +106,6 @@ class Int4KVPrefix:
         return sum(t.numel() * t.element_size() for t in [*held, self.channel_scale, self.unit])
 
 
-def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
-    """Softmax attention over two disjoint key sets, from each set's output and log-sum-exp."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    return out_a * (lse_a - lse).exp()[..., None] + out_b * (lse_b - lse).exp()[..., None]
-
-
 @register
 @dataclass
 class Int4KVPress(KIVIPress):
@@ -122,13 +116,13 @@ class Int4KVPress(KIVIPress):
     key_group: int = 32
     name = "int4kv"
 
-    def apply(self, cache, memo=None) -> None:
-        n = (cache.length - self.residual) // TOKEN_MULTIPLE * TOKEN_MULTIPLE
-        if n <= 0 or cache.prefix is not None:
-            return
-        if cache.shape[3] not in (32, 64, 128, 256):
+    def prefix_length(self, cache) -> int:
+        return super().prefix_length(cache) // TOKEN_MULTIPLE * TOKEN_MULTIPLE
+
+    def quantize(self, k: Tensor, v: Tensor) -> Int4KVPrefix:
+        if k.shape[-1] not in (32, 64, 128, 256):
             raise InvalidArgumentError(f"int4kv needs a head dimension of 32, 64, 128 or 256 (the kernel's group "
-                                       f"sizes), this model has {cache.shape[3]}; use kivi4")
-        if cache.device.type != "cpu":
+                                       f"sizes), this model has {k.shape[-1]}; use kivi4")
+        if k.device.type != "cpu":
             raise InvalidArgumentError("int4kv runs on PyTorch's CPU int4 kernel; on this device use kivi4")
-        cache.freeze_prefix(Int4KVPrefix(cache.k[:, :, :, :n], cache.v[:, :, :, :n], self.key_group))
+        return Int4KVPrefix(k, v, self.key_group)

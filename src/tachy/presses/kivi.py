@@ -119,12 +119,18 @@ class KIVIPress(Press):
         return True
 
     def apply(self, cache, memo=None) -> None:
-        n = cache.length - self.residual
+        n = self.prefix_length(cache)
         if n <= 0 or cache.prefix is not None:
             return
-        group = self.value_group or cache.shape[3]
-        cache.freeze_prefix(QuantizedPrefix(cache.k[:, :, :, :n], cache.v[:, :, :, :n], self.bits,
-                                            self.key_group, group))
+        cache.freeze_prefix(self.quantize(cache.k[:, :, :, :n], cache.v[:, :, :, :n]))
+
+    def prefix_length(self, cache) -> int:
+        """How many of the first slots to quantize: all but the ``residual`` most recent."""
+        return cache.length - self.residual
+
+    def quantize(self, k: Tensor, v: Tensor):
+        """The quantized prefix holding k, v [layers, B, Hkv, n, D]."""
+        return QuantizedPrefix(k, v, self.bits, self.key_group, self.value_group or k.shape[-1])
 
 
 @register

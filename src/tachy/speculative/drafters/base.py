@@ -125,6 +125,12 @@ class Drafter:
         self.sync(ids)
         self._learn(accepted, logits, tokens)
 
+    def check_target(self, target) -> None:
+        """Called once by the engine that adopts this drafter (a draft model loads beside the target)."""
+
+    def attach_cache(self, cache) -> None:
+        """Called after prefill and ``reset`` with this sequence's target cache (a self-draft reads it)."""
+
     # ------------------------------------------------------------------------------ shared helpers
 
     def sync(self, ids: Sequence[int]) -> None:

@@ -48,14 +48,10 @@ class DefaultDrafter(Drafter):
     def check_target(self, target) -> None:
         if self_draft_pays(target) and not isinstance(self.inner, QuantizedSelfDrafter):
             self.inner = QuantizedSelfDrafter(min_match_len=self.min_match_len)
-        check = getattr(self.inner, "check_target", None)
-        if check is not None:
-            check(target)
+        self.inner.check_target(target)
 
     def attach_cache(self, cache) -> None:
-        attach = getattr(self.inner, "attach_cache", None)
-        if attach is not None:
-            attach(cache)
+        self.inner.attach_cache(cache)
 
     def reset(self, prompt_ids: Sequence[int]) -> None:
         self.inner.reset(prompt_ids)

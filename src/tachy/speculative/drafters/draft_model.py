@@ -89,14 +89,17 @@ class DraftModelDrafter(Drafter):
                 f"({target.model.config.vocab_size}): the models must share a tokenizer")
 
     def attach_cache(self, cache) -> None:
-        """Called by the engine after prefill and ``reset`` with this sequence's target cache. Shared only when the K/V mean
-        the same thing to both models: the target's own checkpoint, a plain cache (no press), same dtype."""
-        model = self.engine.model if self.engine is not None else None
-        cfg = model.config if model is not None else None
-        self.target_cache = cache if (
-            self.shares_target_kv and cache.prefix is None and not cache.compressed and not cache.ragged
-            and cache.shape == (cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim)
-            and cache.dtype == model.dtype and cache.device == model.device) else None
+        """Read the target's cache this sequence, when its K/V mean the same thing to the draft model: the
+        target's own checkpoint, a plain cache (no press), the same dtype and device."""
+        self.target_cache = None
+        if not self.shares_target_kv:
+            return
+        model = self.engine.model
+        cfg = model.config
+        if (cache.prefix is None and not cache.compressed and not cache.ragged
+                and cache.shape == (cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim)
+                and cache.dtype == model.dtype and cache.device == model.device):
+            self.target_cache = cache
 
     def _restart(self) -> None:
         if self.engine is None:

@@ -11,7 +11,7 @@
   ``min_match_len`` tokens, else Token Recycling. ``"gated"`` is this behind the never-slower gate (gate.py);
   ``"default"`` uses it where drafting with the target's int4 copy does not pay (default.py).
 
-All of them forward ``reset`` and ``update`` to every inner drafter (with the logits only to those that want
+All of them forward ``reset``, ``update``, ``check_target`` and ``attach_cache`` to every inner drafter (with the logits only to those that want
 them), so each keeps its incremental state. An inner drafter whose draft was not the one verified learns
 the committed tokens but recognizes (:meth:`Drafter.proposed`) that ``accepted`` is not about its draft.
 """
@@ -55,16 +55,12 @@ class _Composite(Drafter):
             d.update(ids, accepted, logits if d.needs_logits else None, tokens)
 
     def check_target(self, target) -> None:
-        """Let inner drafters that run a model load it beside the target (draft_model.py)."""
         for d in self.drafters:
-            if hasattr(d, "check_target"):
-                d.check_target(target)
+            d.check_target(target)
 
     def attach_cache(self, cache) -> None:
-        """Hand the target's cache on to inner drafters that read it (a self-draft, draft_model.py)."""
         for d in self.drafters:
-            if hasattr(d, "attach_cache"):
-                d.attach_cache(cache)
+            d.attach_cache(cache)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.drafters!r})"
@@ -158,6 +154,12 @@ class AdaptiveLength(Drafter):
         self.length = self.initial
         self.last_tree = DraftTree.empty()
         self.inner.reset(prompt_ids)
+
+    def check_target(self, target) -> None:
+        self.inner.check_target(target)
+
+    def attach_cache(self, cache) -> None:
+        self.inner.attach_cache(cache)
 
     def propose(self, ids: Sequence[int], max_tokens: int) -> DraftTree:
         self._cap = max(max_tokens, self.min_tokens)

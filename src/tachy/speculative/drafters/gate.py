@@ -54,6 +54,12 @@ class SpeedGate(Drafter):
         self.inner.reset(prompt_ids)
         self.steps = 0
 
+    def check_target(self, target) -> None:
+        self.inner.check_target(target)
+
+    def attach_cache(self, cache) -> None:
+        self.inner.attach_cache(cache)
+
     def choose(self) -> int:
         untried = [b for b in reversed(self.budgets) if b not in self.cost]
         if untried:  # measure every arm once, largest first
