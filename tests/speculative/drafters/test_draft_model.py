@@ -64,6 +64,20 @@ def test_min_confidence_cuts_chains_short():
         DraftModelDrafter(draft, min_confidence=1.0)
 
 
+def test_max_len_caps_the_chain():
+    target = Engine(tiny_model("llama", seed=1), tokenizer=None)
+    twin = Engine(tiny_model("llama", seed=1), tokenizer=None)
+    prompt = [random.Random(2).randrange(101) for _ in range(12)]
+    plain, _ = generate(target, prompt, None)
+    drafter = DraftModelDrafter(twin, min_confidence=0.0, max_len=2)
+    spec, stats = generate(target, prompt, drafter)
+    assert spec == plain
+    assert stats.drafted == stats.accepted > 0 and 2 < stats.mean_accepted <= 3   # chains of 2, all accepted
+    assert len(drafter.propose(prompt, 5)) == 2
+    with pytest.raises(InvalidArgumentError):
+        DraftModelDrafter(twin, max_len=-1)
+
+
 def test_short_draft_context_is_still_exact():
     """The draft model reads only the prompt's last tokens: drafts change, the output does not."""
     target = Engine(tiny_model("llama", seed=1), tokenizer=None)

@@ -43,19 +43,24 @@ class DraftModelDrafter(Drafter):
     min_confidence: stop the chain after a token the draft model gives less than this probability (its
     later tokens would rarely be accepted, and each costs a draft forward); 0 drafts the full budget. 0.3
     gave the best modeled speed for int4/int8 self-drafts on the dev prompts (docs/benchmarks.md).
+    max_len: the longest chain (0: the engine's draft budget). Each draft token costs a draft forward, so a
+    long chain of confident tokens can cost more than the verify forward saves.
     """
 
     name = "draft-model"
     requires_options = True   # nothing to draft with until a model is named (`tachy bench --methods all` skips it)
 
     def __init__(self, model=None, dtype: str | None = None, device: str | None = None,
-                 min_confidence: float = 0.3, context: int = 128):
+                 min_confidence: float = 0.3, context: int = 128, max_len: int = 0):
         if context < 1:
             raise InvalidArgumentError(f"context must be a positive number of tokens, got {context}")
         self.context = context
         if not 0.0 <= min_confidence < 1.0:
             raise InvalidArgumentError(f"min_confidence must lie in [0, 1), got {min_confidence}")
         self.min_confidence = min_confidence
+        if max_len < 0:
+            raise InvalidArgumentError(f"max_len must be >= 0, got {max_len}")
+        self.max_len = max_len
         if model is None:
             raise InvalidArgumentError("draft-model needs a model: --drafter draft-model:model=NAME_OR_PATH")
         self.spec, self.dtype, self.device = model, dtype, device
@@ -113,6 +118,8 @@ class DraftModelDrafter(Drafter):
 
     @torch.inference_mode()
     def _draft(self, max_tokens: int) -> DraftTree:
+        if self.max_len:
+            max_tokens = min(max_tokens, self.max_len)
         target = self.target_cache
         if target is not None and target.length == len(self.history) - 1:   # in step: the root is not cached
             view = copy.copy(target)      # shares the buffers; its own length, and the free slots to write
@@ -162,11 +169,17 @@ class QuantizedSelfDrafter(FallbackDrafter):
     else greedy chains from the target's own weights quantized to ``dtype`` (int4: about a third of bf16's
     bytes per token). No second model and no training: the quantized copy agrees with the target on most
     tokens, and verification keeps the output exactly the target's. It drafts over the target's own K/V
-    (see the module docstring). Costs the quantized copy's memory."""
+    (see the module docstring). Costs the quantized copy's memory.
+
+    max_len: int4 chains stop at 8 tokens (a suffix-automaton copy can still fill the engine's budget): each
+    int4 token costs about 0.3 of a target step, so a long confident chain costs more than it saves. On the 30
+    dev prompts (docs/benchmarks.md) 8 gave 1.80x vs 1.57x for the engine's 16 in one interleaved run (1.78x
+    in a run before it: overall, within this machine's noise) and code editing 2.62x vs 2.21x (2.34x)."""
 
     name = "quantized-self"
 
     def __init__(self, dtype: str = "int4", min_match_len: int = 4, min_confidence: float = 0.3,
-                 context: int = 128):
-        self.draft_model = DraftModelDrafter("self", dtype=dtype, min_confidence=min_confidence, context=context)
+                 context: int = 128, max_len: int = 8):
+        self.draft_model = DraftModelDrafter("self", dtype=dtype, min_confidence=min_confidence, context=context,
+                                             max_len=max_len)
         super().__init__([SuffixAutomatonDrafter(min_match_len=min_match_len), self.draft_model])
