@@ -20,7 +20,7 @@ MODULES = ["__init__", "base", "prompt_lookup", "suffix_automaton", "token_recyc
 VOCAB = 40
 STREAM = make_stream(1200, VOCAB, seed=1)
 # drafters that run a model of their own need a target engine (tests in test_draft_model.py and test_engine.py)
-MODEL_FREE = sorted(name for name, cls in DRAFTERS.items() if not hasattr(cls, "check_target"))
+MODEL_FREE = sorted(name for name, cls in DRAFTERS.items() if not cls.needs_target)
 
 
 def build(name: str) -> Drafter:
@@ -33,6 +33,7 @@ def build(name: str) -> Drafter:
 
 def test_registry_names():
     assert {"default", "pld", "sam", "recycling", "trigram", "rest", "lookahead"} <= set(DRAFTERS)
+    assert {"default", "model-free", "gated", "pld", "sam", "recycling", "trigram", "rest", "lookahead"} <= set(MODEL_FREE)
     assert available_drafters() == sorted(DRAFTERS)
     for name, cls in DRAFTERS.items():
         assert cls.name == name

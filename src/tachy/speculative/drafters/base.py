@@ -98,6 +98,7 @@ class Drafter:
 
     name: ClassVar[str] = "base"
     needs_logits: ClassVar[bool] = False
+    needs_target: ClassVar[bool] = False   # drafts with a model: propose needs check_target(engine) first
 
     # ------------------------------------------------------------------------------------- protocol
 

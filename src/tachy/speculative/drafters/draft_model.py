@@ -49,6 +49,7 @@ class DraftModelDrafter(Drafter):
 
     name = "draft-model"
     requires_options = True   # nothing to draft with until a model is named (`tachy bench --methods all` skips it)
+    needs_target = True
 
     def __init__(self, model=None, dtype: str | None = None, device: str | None = None,
                  min_confidence: float = 0.3, context: int = 128, max_len: int = 0):
@@ -177,6 +178,7 @@ class QuantizedSelfDrafter(FallbackDrafter):
     in a run before it: overall, within this machine's noise) and code editing 2.62x vs 2.21x (2.34x)."""
 
     name = "quantized-self"
+    needs_target = True
 
     def __init__(self, dtype: str = "int4", min_match_len: int = 4, min_confidence: float = 0.3,
                  context: int = 128, max_len: int = 8):
