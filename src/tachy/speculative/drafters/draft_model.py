@@ -174,8 +174,8 @@ class QuantizedSelfDrafter(FallbackDrafter):
 
     max_len: int4 chains stop at 8 tokens (a suffix-automaton copy can still fill the engine's budget): each
     int4 token costs about 0.3 of a target step, so a long confident chain costs more than it saves. On the 30
-    dev prompts (docs/benchmarks.md) 8 gave 1.80x vs 1.57x for the engine's 16 in one interleaved run (1.78x
-    in a run before it: overall, within this machine's noise) and code editing 2.62x vs 2.21x (2.34x)."""
+    dev prompts the cap mostly helps code editing (2.62x vs 2.21-2.34x); overall its gain is within this
+    machine's noise (docs/benchmarks.md, "Later change")."""
 
     name = "quantized-self"
     needs_target = True
