@@ -167,7 +167,7 @@ def test_lossless_greedy_tiny_models(arch):
         ref = [t for s in engine.generate_tokens(prompt, GenerationConfig(max_new_tokens=new, drafter=None))
                for t in s.tokens]
         assert len(ref) == new
-        model_free = [n for n in available_drafters() if not hasattr(DRAFTERS[n], "check_target")]
+        model_free = [n for n in available_drafters() if not DRAFTERS[n].needs_target]
         drafters: list = model_free + [OracleDrafter(prompt + ref, vocab, seed=trial),
                                        DraftModelDrafter(Engine(tiny_model(arch, seed=2), tokenizer=None))]
         for d in drafters:
