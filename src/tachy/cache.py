@@ -21,6 +21,9 @@ low-precision ``prefix`` that attention reads dequantized; the full-precision bu
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 KEY_BUCKET = 64   # key counts come in multiples of this: some odd counts pick a kernel that is not row-invariant
@@ -106,6 +109,18 @@ class KVCache:
             return tail_k, tail_v
         pk, pv = self.prefix.read(layer)
         return torch.cat([pk, tail_k], 2), torch.cat([pv, tail_v], 2)
+
+    @contextmanager
+    def plain_rows(self) -> Iterator[None]:
+        """Forwards inside the block attend like a growing cache: one causal attention over the used slots,
+        not ``fixed``'s per-row buckets. For the prompt: plain and speculative decoding share its prefill, so its
+        rows need not reproduce one-token decoding, and the per-row path is about 2x slower there (measured:
+        1.7 vs 0.8 s for a 700-token SmolLM2 prompt, most of it attention)."""
+        fixed, self.fixed = self.fixed, False
+        try:
+            yield
+        finally:
+            self.fixed = fixed
 
     def key_count(self, new_tokens: int) -> int:
         """How many key slots a forward over ``new_tokens`` tokens attends over."""

@@ -250,11 +250,12 @@ class Engine:
             tokens = torch.tensor([prompt_ids[-1:]], device=self.device)
             return self.model(tokens, torch.tensor([cache.position], device=self.device), cache)[0]
         logits = None
-        for s in range(0, len(prompt_ids), PREFILL_CHUNK):
-            chunk = prompt_ids[s:s + PREFILL_CHUNK]
-            tokens = torch.tensor([chunk], device=self.device)
-            positions = torch.arange(s, s + len(chunk), device=self.device)
-            logits = self.model(tokens, positions, cache, last_only=True)[0]
+        with cache.plain_rows():
+            for s in range(0, len(prompt_ids), PREFILL_CHUNK):
+                chunk = prompt_ids[s:s + PREFILL_CHUNK]
+                tokens = torch.tensor([chunk], device=self.device)
+                positions = torch.arange(s, s + len(chunk), device=self.device)
+                logits = self.model(tokens, positions, cache, last_only=True)[0]
         return logits
 
     def cache_capacity(self, prompt_tokens: int, max_new_tokens: int) -> int:

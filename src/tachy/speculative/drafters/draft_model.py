@@ -25,6 +25,7 @@ import copy
 import torch
 
 from ...errors import InvalidArgumentError
+from ...models.draft_step import DraftStep
 from ..tree import DraftTree
 from .base import Drafter
 from .fallback import FallbackDrafter
@@ -70,6 +71,7 @@ class DraftModelDrafter(Drafter):
         self.cached: list[int] = []       # the tokens whose K/V the draft cache holds, in order
         self.shares_target_kv = False     # the draft model is the target's own checkpoint (model="self")
         self.target_cache = None          # the target's cache this sequence, when shared (attach_cache)
+        self.step: DraftStep | None = None
 
     def check_target(self, target) -> None:
         """Called by the engine with the target Engine: load the draft model beside it, check the vocabulary."""
@@ -145,7 +147,12 @@ class DraftModelDrafter(Drafter):
         return self._chain(self._forward(new, cache), cache, max_tokens, self.cached)
 
     def _forward(self, tokens: list[int], cache) -> torch.Tensor:
-        """The draft model's next-token logits [V] after feeding ``tokens`` at the cache's next positions."""
+        """The draft model's next-token logits [V] after feeding ``tokens`` at the cache's next positions.
+        One token (every chain step) takes the lean DraftStep; catching up on several takes the model."""
+        if len(tokens) == 1 and DraftStep.supports(cache):
+            if self.step is None or self.step.model is not self.engine.model:
+                self.step = DraftStep(self.engine.model)
+            return self.step(tokens[0], cache)
         device = self.engine.model.device
         positions = torch.arange(cache.position, cache.position + len(tokens), device=device)
         return self.engine.model(torch.tensor([tokens], device=device), positions, cache, last_only=True)[0, -1]

@@ -1,0 +1,122 @@
+"""DraftStep: one-token decoding with as few ops as possible, for a draft model only.
+
+A draft token's only job is to be a good guess: the target verifies it, so the draft's numerics need not match
+the target's or Hugging Face's. ``Transformer.forward`` pays for exactness and generality on every call
+(float32 norms and rope, masks, press and batch hooks, dtype casts); for the int4 self-draft, which is bound
+by op dispatch rather than by memory (docs/benchmarks.md, section 2), that is most of a step. This step
+computes the same model for one new token at the cache's next slot with bf16 norms and rope, the int4 kernel
+called directly, and no mask (a plain cache holds only visible keys; a sliding layer reads its window).
+
+Works for both architectures (Llama family and Gemma 3) on a plain KVCache: not ``fixed``, no press, batch 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cache import KVCache
+from .quant import Int4Linear
+
+
+def fast_linear(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The module as a function of a [1, in] input, calling the packed int4 kernel directly where it can."""
+    if isinstance(module, Int4Linear) and module.cpu_kernel and module.bias is None:
+        weight, group, scales = module.weight, module.group_size, module.scales_and_zeros
+        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scales)
+    return module
+
+
+def norm_weight(norm: nn.Module | None, dtype: torch.dtype) -> Tensor | None:
+    """An RMSNorm's effective scale (Gemma's ``1 + w`` folded in), in ``dtype``."""
+    return None if norm is None else (norm.weight.float() + norm.offset).to(dtype)
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: Tensor
+    qkv: Callable
+    qk_norm: Tensor | None          # [H + Hkv, D]: q_norm's scale on the query heads, k_norm's on the key heads
+    o: Callable
+    post_attn_norm: Tensor | None   # Gemma's sandwich norms; None for Llama
+    mlp_norm: Tensor
+    gate_up: Callable
+    down: Callable
+    post_mlp_norm: Tensor | None
+    rope: int                       # index into DraftStep.ropes
+    window: int | None              # sliding-window layers read only their last ``window`` keys
+
+
+class DraftStep:
+    """``DraftStep(model)(token, cache)`` -> the next-token logits [V] (float32) after ``token``, written at the
+    cache's next slot (the cache advances by one, as after ``model(...)``)."""
+
+    def __init__(self, model: nn.Module):
+        cfg, dtype = model.config, model.dtype
+        self.model, self.dtype, self.eps = model, dtype, cfg.norm_eps
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale, self.embed_scale = cfg.attn_scale, cfg.embed_scale
+        self.act = F.silu if cfg.hidden_act == "silu" else (lambda x: F.gelu(x, approximate="tanh"))
+        ropes = model.layer_ropes()
+        self.ropes = [(r.cos.to(dtype), r.signed_sin.to(dtype)) for r in dict.fromkeys(ropes)]
+        rope_index = {id(r): i for i, r in enumerate(dict.fromkeys(ropes))}
+        self.layers = []
+        for i, block in enumerate(model.layers):
+            attn, sandwich = block.self_attn, hasattr(block, "pre_feedforward_layernorm")
+            self.layers.append(LayerWeights(
+                attn_norm=norm_weight(block.input_layernorm, dtype), qkv=fast_linear(attn.qkv_proj),
+                qk_norm=None if attn.q_norm is None else torch.cat([
+                    norm_weight(attn.q_norm, dtype).expand(self.heads, -1),
+                    norm_weight(attn.k_norm, dtype).expand(self.kv_heads, -1)]),
+                o=fast_linear(attn.o_proj),
+                post_attn_norm=norm_weight(block.post_attention_layernorm, dtype) if sandwich else None,
+                mlp_norm=norm_weight(block.pre_feedforward_layernorm if sandwich else block.post_attention_layernorm,
+                                     dtype),
+                gate_up=fast_linear(block.mlp.gate_up_proj), down=fast_linear(block.mlp.down_proj),
+                post_mlp_norm=norm_weight(block.post_feedforward_layernorm, dtype) if sandwich else None,
+                rope=rope_index[id(ropes[i])],
+                window=cfg.sliding_window if cfg.layer_types[i] == "sliding" else None))
+        self.final_norm = norm_weight(model.norm, dtype)
+        self.lm_head = fast_linear(model.lm_head)
+
+    @staticmethod
+    def supports(cache: KVCache) -> bool:
+        return (not cache.fixed and cache.prefix is None and not cache.compressed and not cache.ragged
+                and cache.shape[1] == 1 and cache.observer is None)
+
+    @torch.inference_mode()
+    def __call__(self, token: int, cache: KVCache) -> Tensor:
+        cache.reserve(1)
+        slot, H, Hkv, D, eps = cache.length, self.heads, self.kv_heads, self.head_dim, self.eps
+        x = self.model.embed_tokens.weight[token].view(1, -1).to(self.dtype)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        hidden = (x.shape[-1],)
+        ropes = [(cos[slot], sin[slot]) for cos, sin in self.ropes]
+        for i, w in enumerate(self.layers):
+            qkv = w.qkv(F.rms_norm(x, hidden, w.attn_norm, eps))
+            qk = qkv[0, :(H + Hkv) * D].view(H + Hkv, D)     # rope (and q/k norms) on all heads at once
+            if w.qk_norm is not None:
+                qk = F.rms_norm(qk, (D,), eps=eps) * w.qk_norm
+            cos, sin = ropes[w.rope]
+            qk = qk * cos + qk.roll(D // 2, -1) * sin
+            cache.k[i, 0, :, slot] = qk[H:]
+            cache.v[i, 0, :, slot] = qkv[0, (H + Hkv) * D:].view(Hkv, D)
+            q = qk[:H].view(1, Hkv, H // Hkv, D)
+            first = 0 if w.window is None else max(0, slot + 1 - w.window)
+            out = F.scaled_dot_product_attention(q, cache.k[i, :, :, first:slot + 1], cache.v[i, :, :, first:slot + 1],
+                                                 scale=self.scale)
+            out = w.o(out.view(1, -1))
+            if w.post_attn_norm is not None:
+                out = F.rms_norm(out, hidden, w.post_attn_norm, eps)
+            x = x + out
+            gate, up = w.gate_up(F.rms_norm(x, hidden, w.mlp_norm, eps)).chunk(2, dim=-1)
+            out = w.down(self.act(gate) * up)
+            if w.post_mlp_norm is not None:
+                out = F.rms_norm(out, hidden, w.post_mlp_norm, eps)
+            x = x + out
+        cache.advance(1)
+        return self.lm_head(F.rms_norm(x, hidden, self.final_norm, eps))[0].float()
