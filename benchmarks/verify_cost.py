@@ -3,7 +3,10 @@
 This ratio decides what speculative decoding can gain: a step committing k tokens pays cost(T) / cost(1).
 Uses the engine's exact attention path (fixed-size cache), as generation does.
 
-    python benchmarks/verify_cost.py [--model smollm2-135m] [--context 300]
+    python benchmarks/verify_cost.py [--model smollm2-135m] [--context 300] [--dtype int4] [--draft-step]
+
+``--draft-step`` also times DraftStep (models/draft_step.py), the lean one-token step draft tokens run, in the
+same interleaved loop.
 """
 from __future__ import annotations
 
@@ -11,10 +14,13 @@ import argparse
 import statistics
 import time
 
+import copy
+
 import torch
 
 import tachy
 from tachy.cache import key_bucket
+from tachy.models.draft_step import DraftStep
 
 
 def main() -> None:
@@ -23,6 +29,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--draft-step", action="store_true", help="also time DraftStep's one-token step")
     args = ap.parse_args()
     engine = tachy.load(args.model, dtype=args.dtype, progress=False)
     engine.warmup(17)
@@ -32,7 +39,14 @@ def main() -> None:
         cache = model.new_cache(key_bucket(args.context + 128), fixed=True)
         model(torch.randint(0, 1000, (1, args.context)), torch.arange(args.context), cache, last_only=True)
         times: dict[int, list[float]] = {T: [] for T in widths}
+        lean, step_times = DraftStep(model), []
         for _ in range(args.repeats):           # interleaved over widths
+            if args.draft_step:
+                view = copy.copy(cache)         # DraftStep reads a growing view of the same buffers
+                view.fixed = False
+                start = time.perf_counter()
+                lean(7, view)
+                step_times.append(time.perf_counter() - start)
             for T in widths:
                 L = cache.length
                 mask = torch.ones(T, L + T, dtype=torch.bool).tril(L)
@@ -46,6 +60,9 @@ def main() -> None:
     for T in widths:
         med = statistics.median(times[T])
         print(f"| {T} | {1000 * med:.1f} | {med / base:.2f}x |")
+    if args.draft_step:
+        med = statistics.median(step_times)
+        print(f"| DraftStep, 1 | {1000 * med:.1f} | {med / base:.2f}x |")
 
 
 if __name__ == "__main__":
