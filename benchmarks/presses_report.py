@@ -14,9 +14,12 @@ from pathlib import Path
 
 def load(root: Path, drop: list[str]) -> dict:
     """{(model, task): {context: {"full": run, (press, ratio): run}}}, merging the runs of several folders
-    (a later folder, e.g. <run>-extra, overrides); ``drop`` lists "model:task:context:press" runs to leave out."""
+    (a later folder, e.g. <run>-extra, overrides); ``drop`` lists "model:task:context:press" runs, or whole
+    folders by name, to leave out."""
     data: dict = defaultdict(lambda: defaultdict(dict))
     for path in sorted(root.glob("*/results.json")):
+        if path.parent.name in drop:
+            continue
         r = json.loads(path.read_text())
         for base in r["baseline"]["per_context"]:
             data[(r["model"], r["task"])][base["context"]].setdefault("full", base)
@@ -96,7 +99,7 @@ def plot(data: dict, task: str, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default="docs/results/presses")
-    ap.add_argument("--drop", action="append", default=[], help="model:task:context:press to leave out")
+    ap.add_argument("--drop", action="append", default=[], help="model:task:context:press, or a results folder, to leave out")
     args = ap.parse_args()
     root = Path(args.results)
     data = load(root, args.drop)
@@ -106,7 +109,7 @@ def main() -> None:
     for model in models:
         lines += table(data, model)
     if args.drop:
-        lines += ["Left out (stale runs): " + ", ".join(args.drop), ""]
+        lines += ["Left out: " + ", ".join(args.drop), ""]
     (root / "summary.md").write_text("\n".join(lines))
     plot(data, "needle", root / "needle_vs_kv.png")
     plot(data, "ppl", root / "ppl_vs_kv.png")
