@@ -61,7 +61,7 @@ class DraftStep:
         self.scale, self.embed_scale = cfg.attn_scale, cfg.embed_scale
         self.act = F.silu if cfg.hidden_act == "silu" else (lambda x: F.gelu(x, approximate="tanh"))
         ropes = model.layer_ropes()
-        self.ropes = [(r.cos.to(dtype), r.signed_sin.to(dtype)) for r in dict.fromkeys(ropes)]
+        self.ropes = [(r.cos, r.signed_sin) for r in dict.fromkeys(ropes)]   # float32 tables, shared
         rope_index = {id(r): i for i, r in enumerate(dict.fromkeys(ropes))}
         self.layers = []
         for i, block in enumerate(model.layers):
@@ -95,7 +95,7 @@ class DraftStep:
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         hidden = (x.shape[-1],)
-        ropes = [(cos[slot], sin[slot]) for cos, sin in self.ropes]
+        ropes = [(cos[slot].to(self.dtype), sin[slot].to(self.dtype)) for cos, sin in self.ropes]
         for i, w in enumerate(self.layers):
             qkv = w.qkv(F.rms_norm(x, hidden, w.attn_norm, eps))
             qk = qkv[0, :(H + Hkv) * D].view(H + Hkv, D)     # rope (and q/k norms) on all heads at once
