@@ -32,7 +32,7 @@ def fast_linear(module: nn.Module) -> Callable[[Tensor], Tensor]:
 
 def norm_weight(norm: nn.Module | None, dtype: torch.dtype) -> Tensor | None:
     """An RMSNorm's effective scale (Gemma's ``1 + w`` folded in), in ``dtype``."""
-    return None if norm is None else (norm.weight.float() + norm.offset).to(dtype)
+    return None if norm is None else norm.scale.to(dtype)
 
 
 @dataclass

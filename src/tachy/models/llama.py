@@ -29,9 +29,14 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.ones(dim) if offset == 0 else torch.zeros(dim))
 
+    @property
+    def scale(self) -> Tensor:
+        """The float32 factor the normalized input is multiplied by (``w``, or Gemma's ``1 + w``)."""
+        return self.weight.float() + self.offset
+
     def forward(self, x: Tensor) -> Tensor:
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return (y * (self.weight.float() + self.offset)).to(x.dtype)
+        return (y * self.scale).to(x.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> Tensor:
