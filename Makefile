@@ -36,7 +36,7 @@ run: setup
 	$(VENV)/bin/tachy generate --chat "Write a Python function that checks whether a number is prime, then explain it." --max-new-tokens 128
 
 test: dev $(LEGACY_TF)/.done
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 	$(MAKE) --no-print-directory test-legacy-parity
 
 test-legacy-parity: $(LEGACY_TF)/.done

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TACHY=${TACHY:-tachy}
-PRESSES=${PRESSES:-streaming_llm,snapkv,h2o,vatp,pyramidkv,razor,ems,kivi4,kivi2,gear4,gear2,int4kv,snapkv+kivi4,razor+kivi4,snapkv+int4kv,razor+int4kv}
+PRESSES=${PRESSES:-streaming_llm,snapkv,h2o,vatp,pyramidkv,razor,headkv,ems,kivi4,kivi2,gear4,gear2,int4kv,snapkv+kivi4,razor+kivi4,headkv+kivi4,snapkv+int4kv,razor+int4kv,headkv+int4kv}
 RATIOS=${RATIOS:-0.25,0.5,0.75}
 OUT=${OUT:-docs/results/presses}
 models=("$@")

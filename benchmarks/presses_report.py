@@ -21,11 +21,13 @@ def load(root: Path, drop: list[str]) -> dict:
         if path.parent.name in drop:
             continue
         r = json.loads(path.read_text())
-        for base in r["baseline"]["per_context"]:
-            data[(r["model"], r["task"])][base["context"]].setdefault("full", base)
-        for run in r["runs"]:
+        bases = {base["context"]: base for base in r["baseline"]["per_context"]}
+        for context, base in bases.items():
+            data[(r["model"], r["task"])][context].setdefault("full", base)
+        for run in r["runs"]:   # each run keeps its own folder's full cache, its reference for ppl Δ
             if f"{r['model']}:{r['task']}:{run['context']}:{run['press']}" not in drop:
-                data[(r["model"], r["task"])][run["context"]][(run["press"], run["ratio"])] = run
+                data[(r["model"], r["task"])][run["context"]][(run["press"], run["ratio"])] = \
+                    dict(run, reference=bases[run["context"]])
     return data
 
 
@@ -43,7 +45,7 @@ def table(data: dict, model: str) -> list[str]:
             n, p = needle.get(c, {}).get(key), ppl.get(c, {}).get(key)
             nf, pf = needle.get(c, {}).get("full"), ppl.get(c, {}).get("full")
             out.append(f"{100 * n['accuracy']:.0f}%" if n else "-")
-            out.append(f"{100 * (p['ppl'] / pf['ppl'] - 1):+.1f}%" if p and key != "full" else
+            out.append(f"{100 * (p['ppl'] / p['reference']['ppl'] - 1):+.1f}%" if p and key != "full" else
                        (f"{pf['ppl']:.2f}" if pf and key == "full" else "-"))
             ref, full = (n or p), (nf or pf)
             out.append(f"{ref['kv_bytes'] / full['kv_bytes']:.3f} ({full['kv_bytes'] / ref['kv_bytes']:.1f}x)"
@@ -74,7 +76,7 @@ def plot(data: dict, task: str, path: Path) -> None:
         runs = data[(model, task)][context]
         full = runs["full"]
         value = (lambda r: 100 * r["accuracy"]) if task == "needle" else \
-            (lambda r: 100 * (r["ppl"] / full["ppl"] - 1))
+            (lambda r: 100 * (r["ppl"] / r.get("reference", full)["ppl"] - 1))
         by_press = defaultdict(list)
         for key, r in runs.items():
             if key != "full":

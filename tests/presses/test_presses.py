@@ -59,6 +59,10 @@ def test_press_keeps_exactly_its_budget(llama, name, ratio):
         assert 1 <= int(protected.sum()) < layers * heads
         assert budget * layers * heads - layers * heads <= int(held.sum()) <= budget * layers * heads \
             or int(held[~protected].max()) == 4 + 1 + 16              # budget unreachable: minimal window
+    elif name == "headkv":  # retrieval heads keep all; the rest share the remainder, at least sinks + window
+        protected = held.eq(PROMPT)
+        assert 1 <= int(protected.sum()) < layers * heads
+        assert int(held.sum()) == budget * layers * heads or held[~protected].eq(4 + 32).all()
     else:
         assert held.eq(budget).all(), held
     assert cache.nbytes == int(held.sum()) * llama.config.head_dim * 4 * 2
@@ -76,7 +80,7 @@ def test_streaming_llm_keeps_sinks_and_recent_window(llama):
     assert kept_positions(cache) == [0, 1, 2, 3] + list(range(PROMPT - 26, PROMPT))
 
 
-@pytest.mark.parametrize("name", ["snapkv", "vatp", "pyramidkv"])
+@pytest.mark.parametrize("name", ["snapkv", "vatp", "pyramidkv", "headkv"])
 @torch.inference_mode()
 def test_window_presses_never_drop_the_observation_window(llama, name):
     press = make_press(name, 0.5, window=8)
@@ -130,7 +134,7 @@ def test_evicted_cache_decodes_like_the_full_cache_with_evicted_slots_masked(lla
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "streaming_llm", "razor", "ems"])
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "streaming_llm", "razor", "ems", "headkv"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_speculative_greedy_equals_plain_greedy_under_a_press(arch, name):
     """Rollback after rejected drafts and tree commits keep the compressed cache consistent: a repetitive
@@ -150,7 +154,7 @@ def test_speculative_greedy_equals_plain_greedy_under_a_press(arch, name):
     assert accepted > 0   # drafts were actually accepted (and others rolled back)
     cfg = engine.model.config
     kept = round((len(ids) - 1) * 0.5) * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 2
-    assert held == [held[0]] * 3 and (held[0] == kept or name == "razor" and held[0] < 2 * kept)
+    assert held == [held[0]] * 3 and (held[0] == kept or name in ("razor", "headkv") and held[0] < 2 * kept)
 
 
 def test_pyramid_budgets_sum_and_shape():
@@ -195,6 +199,28 @@ def test_razor_keeps_retrieval_heads_whole_and_compensates_the_others(llama):
     torch.testing.assert_close(cache.v[layer, 0, head, 4], full.v[layer, 0, head, 4:PROMPT - window].mean(0))
     protected = (held == PROMPT).nonzero()[0].tolist()
     torch.testing.assert_close(cache.k[protected[0], 0, protected[1], :PROMPT], full.k[protected[0], 0, protected[1], :PROMPT])
+
+
+@torch.inference_mode()
+def test_headkv_keeps_retrieval_heads_whole_and_the_voted_tokens_of_the_others(llama):
+    press = make_press("headkv", 0.4, window=8)
+    cache, _ = prefilled(llama, press, prompt_ids())
+    full = cache.clone()
+    votes = [press.attention_votes(press.queries(i), full.k[i, :, :, :PROMPT])[0] for i in range(cache.shape[0])]
+    press.apply(cache)
+    layers, heads = llama.config.num_layers, llama.config.num_kv_heads
+    held = cache.valid[:, 0, :, :cache.length].sum(-1)
+    protected = held.eq(PROMPT)
+    assert protected.tolist() == press._protected.tolist() and 1 <= int(protected.sum()) < layers * heads
+    assert int(held.sum()) == round(PROMPT * 0.6) * layers * heads          # the budget, exactly
+    assert int(held[~protected].max()) - int(held[~protected].min()) <= 1    # the rest shared evenly
+    layer, head = (~protected).nonzero()[0].tolist()
+    kept = kept_positions(cache, layer, head)
+    assert kept[:4] == [0, 1, 2, 3] and kept[-8:] == list(range(PROMPT - 8, PROMPT))
+    dropped = sorted(set(range(4, PROMPT - 8)) - set(kept))   # between sinks and window: the most voted survive
+    assert len(dropped) and votes[layer][head, kept[4:-8]].min() >= votes[layer][head, dropped].max()
+    p_layer, p_head = protected.nonzero()[0].tolist()
+    torch.testing.assert_close(cache.k[p_layer, 0, p_head, :PROMPT], full.k[p_layer, 0, p_head, :PROMPT])
 
 
 def test_ems_merge_folds_evicted_tokens_into_their_nearest_kept_token():

@@ -57,8 +57,9 @@ class SplitKLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         xs = x.to(torch.bfloat16).split(self.chunk, dim=-1)
-        y = F.linear(xs[0], self.parts[0]).float()
-        for xi, wi in zip(xs[1:], self.parts[1:]):
+        parts = list(self.parts)    # (slicing a ParameterList builds a new module on every call)
+        y = F.linear(xs[0], parts[0]).float()
+        for xi, wi in zip(xs[1:], parts[1:]):
             y = y + F.linear(xi, wi).float()
         if self.bias is not None:
             y = y + self.bias.float()

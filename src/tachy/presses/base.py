@@ -125,13 +125,18 @@ class ScorerPress(Press):
         """[B, Hkv, S] importance of each cached slot."""
         raise NotImplementedError
 
-    def compress(self, cache, layer, queries, keys, values, memo=None):
+    def scores(self, layer: int, queries: Tensor | None, keys: Tensor, values: Tensor, memo: dict | None) -> Tensor:
+        """``score``, kept in ``memo`` (when given) for the other ratios of a sweep."""
         key = (repr(dataclasses.replace(self, compression_ratio=0.0)), layer)
         scores = memo.get(key) if memo is not None else None
         if scores is None:
             scores = self.score(layer, queries, keys, values).float()
             if memo is not None:
                 memo[key] = scores
+        return scores
+
+    def compress(self, cache, layer, queries, keys, values, memo=None):
+        scores = self.scores(layer, queries, keys, values, memo)
         n = self.budget(layer, cache.shape[0], keys.shape[2])
         return scores.topk(n, dim=-1).indices.sort(dim=-1).values
 

@@ -57,6 +57,22 @@ class _Recorder(Press):
     query_window = -1
 
 
+def full_attention_scores(model) -> torch.Tensor:
+    """retrieval_scores with sliding-window layers at -inf: such a layer never reads past its window, so
+    keeping its whole cache would buy nothing."""
+    sliding = torch.tensor([t == "sliding" for t in model.config.layer_types])
+    return retrieval_scores(model).masked_fill(sliding[:, None], float("-inf"))
+
+
+def retrieval_heads(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """[layers, kv_heads] bool: the top ``fraction`` of kv heads by ``scores`` (at least one, never a -inf one)."""
+    flat = scores.flatten()
+    protected = torch.zeros_like(flat, dtype=torch.bool)
+    candidates = int(torch.isfinite(flat).sum())
+    protected[flat.topk(min(candidates, max(1, round(fraction * flat.numel())))).indices] = True
+    return protected.view(scores.shape)
+
+
 @register
 @dataclass
 class RazorAttentionPress(Press):
@@ -70,19 +86,14 @@ class RazorAttentionPress(Press):
         self._scores: torch.Tensor | None = None
 
     def prepare(self, model) -> None:
-        sliding = torch.tensor([t == "sliding" for t in model.config.layer_types])
-        self._scores = retrieval_scores(model).masked_fill(sliding[:, None], float("-inf"))
+        self._scores = full_attention_scores(model)
 
     def apply(self, cache, memo=None) -> None:
         if self._scores is None:
             raise RuntimeError("RazorAttentionPress.prepare(model) must run before apply()")
         L, B, H, _ = cache.shape
         S = cache.length
-        flat = self._scores.flatten()
-        protected = torch.zeros_like(flat, dtype=torch.bool)
-        candidates = int(torch.isfinite(flat).sum())
-        protected[flat.topk(min(candidates, max(1, round(self.heads * flat.numel())))).indices] = True
-        protected = protected.view(L, H)
+        protected = retrieval_heads(self._scores, self.heads)
         others = int((~protected).sum())
         total = round((1 - self.compression_ratio) * S) * L * H
         per_other = (total - int(protected.sum()) * S) // max(1, others)
