@@ -247,6 +247,12 @@ class KVCache:
         return other
 
     @property
+    def uncompressed_nbytes(self) -> int:
+        """Bytes a plain cache in this dtype would hold for the same tokens (what ``nbytes`` is compared to)."""
+        layers, batch, heads, dim = self.shape
+        return self.position * layers * batch * heads * dim * 2 * torch.finfo(self.dtype).bits // 8
+
+    @property
     def nbytes(self) -> int:
         """Bytes of K/V actually held (the used slots; for a compressed cache the valid entries only, and the
         quantized prefix's packed bytes and scales), as compression reports compare."""

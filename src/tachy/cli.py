@@ -71,7 +71,14 @@ def print_stats(stats, file=None) -> None:
     print(f"\n[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated | prefill "
           f"{stats.prefill_s * 1000:.0f} ms | decode {stats.tokens_per_s:.1f} tokens/s | "
           f"{stats.mean_accepted:.2f} tokens per forward | drafter {stats.draft_s * 1000:.0f} ms, "
-          f"model {model_s * 1000:.0f} ms]", file=file, flush=True)
+          f"model {model_s * 1000:.0f} ms{kv_held(stats)}]", file=file, flush=True)
+
+
+def kv_held(stats) -> str:
+    """' | KV 12.3 MiB (2.0x less)' when a press shrank the cache, else ''."""
+    if not stats.kv_bytes or stats.kv_bytes >= stats.kv_full_bytes:
+        return ""
+    return f" | KV {stats.kv_bytes / 2**20:.1f} MiB ({stats.kv_full_bytes / stats.kv_bytes:.1f}x less)"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -97,6 +97,8 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     draft_s: float = 0.0         # time inside the drafter (propose + update)
+    kv_bytes: int = 0            # K/V bytes the cache holds (after any press), as of the last step
+    kv_full_bytes: int = 0       # what an uncompressed cache would hold for the same tokens
 
     @property
     def mean_accepted(self) -> float:
@@ -186,6 +188,7 @@ class Engine:
             stats.draft_s += time.perf_counter() - t
         stats.prefill_s = time.perf_counter() - start
         stats.generated_tokens = 1
+        stats.kv_bytes, stats.kv_full_bytes = cache.nbytes, cache.uncompressed_nbytes
         yield Step([root], 0, 0)
 
         while cache.position + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:
@@ -225,6 +228,7 @@ class Engine:
             stats.drafted += len(tree)
             stats.accepted += len(accepted)
             stats.generated_tokens += len(new)
+            stats.kv_bytes, stats.kv_full_bytes = cache.nbytes, cache.uncompressed_nbytes
             stats.decode_s += time.perf_counter() - step_start
             yield Step(new, len(accepted), len(tree))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tachy import GenerationConfig, InvalidArgumentError, UnknownNameError
-from tachy.engine import Engine
+from tachy.engine import Engine, GenerationStats
 from tachy.presses import PRESSES, Press, available_presses, make_press
 from tachy.presses.base import ragged
 from tachy.presses.pyramidkv import pyramid_budgets
@@ -274,3 +274,20 @@ def test_headwise_compaction_decodes_like_the_full_cache_with_per_head_masks(lla
         a = llama(torch.tensor([[tok]]), torch.tensor([PROMPT + step]), cache)
         b = llama(torch.tensor([[tok]]), torch.tensor([PROMPT + step]), full)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_generation_stats_report_the_kv_bytes_held():
+    """GenerationStats carries what the cache holds after the press, next to what a plain cache would hold."""
+    engine = Engine(tiny_model("llama").float(), tokenizer=None, name="tiny")
+    cfg = engine.model.config
+    per_token = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * 4      # float32 K and V
+    ids, held = prompt_ids(), {}
+    for press in (None, make_press("snapkv", 0.5)):
+        stats = GenerationStats()
+        steps = list(engine.generate_tokens(ids, GenerationConfig(max_new_tokens=10, press=press), stats))
+        cached = len(ids) + sum(len(s.tokens) for s in steps) - 1                 # the last token is not fed
+        assert stats.kv_full_bytes == cached * per_token
+        held[press is None] = stats.kv_bytes
+    assert held[True] == (len(ids) + 9) * per_token
+    kept = round((len(ids) - 1) * 0.5) + 1 + 9      # half the prompt but its last token, then every new token
+    assert held[False] == kept * per_token

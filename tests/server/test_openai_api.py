@@ -290,6 +290,8 @@ def test_kv_press_per_request(client, smollm):
                                   extra_body={"tachy": {"press": "snapkv", "compression_ratio": 0.5}})
     assert r.choices[0].text == smollm.generate(prompt, greedy(max_new_tokens=8, press="snapkv",
                                                                compression_ratio=0.5))
+    stats = r.model_extra["tachy"]["stats"][0]
+    assert 0 < stats["kv_bytes"] < 0.6 * stats["kv_full_bytes"]    # the press's saving, reported
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body={"tachy": {"press": "nope"}})
     assert "snapkv" in e.value.message   # the error lists the presses

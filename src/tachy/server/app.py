@@ -317,7 +317,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def _stats_json(s: GenerationStats) -> dict:
     return {"tokens_per_s": round(s.tokens_per_s, 2), "mean_accepted": round(s.mean_accepted, 3),
             "generated_tokens": s.generated_tokens, "forwards": s.forwards, "drafted": s.drafted,
-            "accepted": s.accepted, "prefill_s": round(s.prefill_s, 4), "decode_s": round(s.decode_s, 4)}
+            "accepted": s.accepted, "prefill_s": round(s.prefill_s, 4), "decode_s": round(s.decode_s, 4),
+            "kv_bytes": s.kv_bytes, "kv_full_bytes": s.kv_full_bytes}
 
 
 def _piece_json(piece: GenerationResponse, tokenizer) -> dict:
