@@ -190,11 +190,21 @@ class Engine:
         stats.generated_tokens = 1
         stats.kv_bytes, stats.kv_full_bytes = cache.nbytes, cache.uncompressed_nbytes
         yield Step([root], 0, 0)
+        # a press that also evicts while decoding (StreamingLLM's evict_every): back to the post-prefill size
+        # each time the cache has grown by evict_every slots
+        press = config.press
+        evict_every = getattr(press, "evict_every", 0) if press is not None and press.active else 0
+        budget = cache.length
 
         while cache.position + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:
             step_start = time.perf_counter()
-            # no drafting past the context window or the token budget (the bonus token is always produced)
+            if evict_every and cache.length >= budget + evict_every:
+                press.evict_while_decoding(cache, budget)
+            # no drafting past the context window or the token budget (the bonus token is always produced),
+            # nor past the next eviction (plain and speculative decoding then evict at the same cache sizes)
             room = min(self.max_context - cache.position - 2, config.max_new_tokens - stats.generated_tokens - 1)
+            if evict_every:
+                room = min(room, budget + evict_every - cache.length - 1)
             tree = DraftTree.empty()
             if drafter is not None and config.max_draft_tokens and room > 0:
                 tree = drafter.propose(ids, min(config.max_draft_tokens, room)).prune_to_spine()

@@ -291,3 +291,50 @@ def test_generation_stats_report_the_kv_bytes_held():
     assert held[True] == (len(ids) + 9) * per_token
     kept = round((len(ids) - 1) * 0.5) + 1 + 9      # half the prompt but its last token, then every new token
     assert held[False] == kept * per_token
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_streaming_llm_evicting_while_decoding_bounds_the_cache_and_stays_exact(arch):
+    """With evict_every the cache is cut back to its post-prefill size every 8 new slots: memory stays bounded,
+    and plain and speculative decoding (drafts stop at the next eviction) give the same tokens."""
+    engine = Engine(tiny_model(arch).float(), tokenizer=None, name="tiny")
+    cfg = engine.model.config
+    per_token = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * 4
+    ids = (prompt_ids(12, seed=1) * 6)[:70]
+    press = make_press("streaming_llm:evict_every=8", 0.5)
+    budget = round(69 * 0.5) + 1                       # the compressed prompt and its last token
+    outs, accepted = {}, 0
+    for drafter in (None, "pld", "default"):
+        stats, held = GenerationStats(), []
+        for step in engine.generate_tokens(ids, GenerationConfig(max_new_tokens=40, drafter=drafter, press=press),
+                                           stats):
+            held.append(stats.kv_bytes)
+            outs.setdefault(drafter, []).extend(step.tokens)
+        accepted += stats.accepted
+        assert max(held) <= (budget + 8) * per_token < stats.kv_full_bytes
+        assert min(held[1:]) >= budget * per_token
+    assert outs[None] == outs["pld"] == outs["default"] and len(outs[None]) == 40
+    assert accepted > 0
+
+
+@torch.inference_mode()
+def test_streaming_llm_eviction_while_decoding_keeps_sinks_and_the_newest_tokens(llama):
+    press = make_press("streaming_llm", 0.5, evict_every=4)
+    cache, _ = prefilled(llama, press, prompt_ids())
+    press.apply(cache)
+    budget = cache.length                             # 30: 4 sinks + the 26 newest prompt tokens
+    for step, tok in enumerate([5, 6, 7, 8, 9]):
+        llama(torch.tensor([[tok]]), torch.tensor([PROMPT + step]), cache)
+    press.evict_while_decoding(cache, budget)
+    assert cache.length == budget and cache.position == PROMPT + 5
+    assert kept_positions(cache, 1, 1) == [0, 1, 2, 3] + list(range(PROMPT + 5 - 26, PROMPT + 5))
+
+
+def test_press_options_in_the_name_and_their_errors():
+    assert make_press("streaming_llm:evict_every=64", 0.5).evict_every == 64
+    with pytest.raises(InvalidArgumentError):
+        make_press("streaming_llm:evict_every=-1", 0.5)
+    with pytest.raises(InvalidArgumentError, match="nope"):
+        make_press("snapkv:nope=1", 0.5)
+    with pytest.raises(InvalidArgumentError, match="single press"):
+        make_press("snapkv+kivi4:window=8", 0.5)

@@ -195,7 +195,14 @@ def available_presses() -> list[str]:
 def make_press(name: str, compression_ratio: float = 0.0, **kwargs) -> Press:
     """A press by registry name; an unknown name raises UnknownNameError listing the available ones.
     ``"a+b"`` applies a then b (e.g. ``snapkv+kivi2``); the ratio goes to the evicting parts."""
+    if ":" in name:     # "name:key=value,..." options, as for drafters and strategies
+        from ..speculative.drafters import parse_drafter_spec
+
+        name, options = parse_drafter_spec(name)
+        kwargs = {**options, **kwargs}
     if "+" in name:
+        if kwargs:
+            raise InvalidArgumentError(f"press options apply to a single press, not to the composition {name!r}")
         from .compose import ComposedPress
 
         parts = [make_press(n, 0.0) for n in name.split("+")]
@@ -203,4 +210,7 @@ def make_press(name: str, compression_ratio: float = 0.0, **kwargs) -> Press:
         return ComposedPress(compression_ratio=compression_ratio, parts=parts)
     if name not in PRESSES:
         raise UnknownNameError(f"unknown press {name!r}; available: {', '.join(available_presses())}")
-    return PRESSES[name](compression_ratio=compression_ratio, **kwargs)
+    try:
+        return PRESSES[name](compression_ratio=compression_ratio, **kwargs)
+    except TypeError as e:
+        raise InvalidArgumentError(f"press {name!r}: {e}") from None
