@@ -247,10 +247,15 @@ class KVCache:
         return other
 
     @property
+    def _entry_bytes(self) -> int:
+        """Bytes of one (layer, batch row, kv head) slot: its key and its value."""
+        return self.shape[3] * self.k.element_size() * 2
+
+    @property
     def uncompressed_nbytes(self) -> int:
         """Bytes a plain cache in this dtype would hold for the same tokens (what ``nbytes`` is compared to)."""
-        layers, batch, heads, dim = self.shape
-        return self.position * layers * batch * heads * dim * 2 * torch.finfo(self.dtype).bits // 8
+        layers, batch, heads, _ = self.shape
+        return self.position * layers * batch * heads * self._entry_bytes
 
     @property
     def nbytes(self) -> int:
@@ -262,9 +267,9 @@ class KVCache:
             if base:  # padding slots (head-wise budgets) quantized along: count the valid share only
                 prefix = round(prefix * float(self.valid[..., :base].float().mean()))
             entries = int(self.valid[..., base:self.length].sum())
-            return prefix + entries * self.shape[3] * self.k.element_size() * 2
-        per_slot = self.k[:, :, :, :1].numel() * self.k.element_size() * 2
-        return prefix + per_slot * (self.length - base)
+            return prefix + entries * self._entry_bytes
+        layers, batch, heads, _ = self.shape
+        return prefix + layers * batch * heads * self._entry_bytes * (self.length - base)
 
 
 class BatchKVCache(KVCache):

@@ -193,7 +193,7 @@ class Engine:
         # a press that also evicts while decoding (StreamingLLM's evict_every): back to the post-prefill size
         # each time the cache has grown by evict_every slots
         press = config.press
-        evict_every = getattr(press, "evict_every", 0) if press is not None and press.active else 0
+        evict_every = press.evict_every if press is not None and press.active else 0
         budget = cache.length
 
         while cache.position + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:

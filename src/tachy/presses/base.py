@@ -36,6 +36,7 @@ class Press:
     name: ClassVar[str] = "press"
     query_window: ClassVar[int] = 0
     evicts: ClassVar[bool] = True      # False: compresses by other means (quantization); ratio must be 0
+    evict_every: ClassVar[int] = 0     # > 0: also evicts while decoding (evict_while_decoding), every N new slots
 
     def __post_init__(self) -> None:
         if not isinstance(self.compression_ratio, (int, float)) or not 0 <= self.compression_ratio < 1:
@@ -114,6 +115,11 @@ class Press:
     def prepare(self, model) -> None:
         """Called with the model before prefill; a press that probes the model once (RazorAttention) does it
         here. Default: nothing."""
+
+    def evict_while_decoding(self, cache: KVCache, budget: int) -> None:
+        """Cut the cache back to ``budget`` slots during decoding; the engine calls it each time the cache has
+        grown by ``evict_every`` slots past its size after prefill. Only presses with ``evict_every`` do."""
+        raise NotImplementedError(f"{self.name} does not evict while decoding")
 
 
 @dataclass
