@@ -36,6 +36,17 @@ def agreement(model, answers: list[tuple[list[int], list[int]]], keep: list[int]
     return hits / total
 
 
+def target_answers(target, data: str, prompts: int = 8, tokens: int = 96) -> list[tuple[list[int], list[int]]]:
+    """(prompt, greedy answer) token lists of ``target`` for ``prompts`` dev prompts spread over the files."""
+    answers = []
+    for p in spread(sum((load_prompts(f"{data}/{f}.jsonl") for f in FILES), []), prompts):
+        ids = target.chat_prompt([{"role": "user", "content": p.turns[0]}])[-200:]
+        out = [t for r in target.stream(ids, GenerationConfig(max_new_tokens=tokens, drafter=None))
+               for t in r.token_ids]
+        answers.append((ids, out))
+    return answers
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -43,12 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     target = tachy.load(args.model, progress=False)
     draft = tachy.load(args.model, dtype="int4", progress=False).model
-    prompts = spread(sum((load_prompts(f"{args.data}/{f}.jsonl") for f in FILES), []), 8)
-    answers = []
-    for p in prompts:
-        ids = target.chat_prompt([{"role": "user", "content": p.turns[0]}])[-200:]
-        out = [t for r in target.stream(ids, GenerationConfig(max_new_tokens=96, drafter=None)) for t in r.token_ids]
-        answers.append((ids, out))
+    answers = target_answers(target, args.data)
     n = len(draft.layers)
     variants = {
         "all layers": list(range(n)),

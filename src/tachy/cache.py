@@ -50,6 +50,7 @@ class KVCache:
         self.slot_pos: torch.Tensor | None = None  # [layers, batch, kv_heads, capacity] long, once compressed
         self.observer = None                       # press hook: observer(layer, q) during prefill
         self.prefix = None                         # quantized first slots: .length, .read(layer), .nbytes
+        self._layer_views: tuple | None = None     # (k, v, per-layer views), see layer_views
         self._allocate(capacity)
 
     def _allocate(self, capacity: int) -> None:
@@ -79,6 +80,15 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self._base + self.k.shape[3]
+
+    def layer_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (k, v) [B, H, capacity, D], views of the buffers kept until these are replaced: a lean
+        one-token step (models/draft_step.py) then indexes one small tensor per write and read instead of the
+        whole 5-dim buffer, a few dispatches fewer per layer."""
+        views = self._layer_views
+        if views is None or views[0] is not self.k or views[1] is not self.v:
+            views = self._layer_views = (self.k, self.v, [(self.k[i], self.v[i]) for i in range(self.shape[0])])
+        return views[2]
 
     def reserve(self, new_tokens: int) -> None:
         """Make room for ``new_tokens`` more slots, growing geometrically so growth is rare."""

@@ -31,8 +31,15 @@ def fast_linear(module: nn.Module) -> Callable[[Tensor], Tensor]:
 
 
 def norm_weight(norm: nn.Module | None, dtype: torch.dtype) -> Tensor | None:
-    """An RMSNorm's effective scale (Gemma's ``1 + w`` folded in), in ``dtype``."""
-    return None if norm is None else norm.scale.to(dtype)
+    """An RMSNorm's effective scale (Gemma's ``1 + w`` folded in) times sqrt(width), in ``dtype``: see rms_norm."""
+    return None if norm is None else (norm.scale.float() * norm.scale.shape[-1] ** 0.5).to(dtype)
+
+
+def rms_norm(x: Tensor, weight: Tensor) -> Tensor:
+    """RMSNorm in three ops: x * w * sqrt(width) / ||x|| (``weight`` from norm_weight). It drops the norm's
+    epsilon, which only matters for near-zero rows, and is ~3x faster than ``F.rms_norm`` on a bf16 row here
+    (5 vs 14 us), which is most of a draft step's norm time (61 norms per SmolLM2 step)."""
+    return x * weight / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
 
 
 @dataclass
@@ -56,7 +63,7 @@ class DraftStep:
 
     def __init__(self, model: nn.Module):
         cfg, dtype = model.config, model.dtype
-        self.model, self.dtype, self.eps = model, dtype, cfg.norm_eps
+        self.model, self.dtype = model, dtype
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale, self.embed_scale = cfg.attn_scale, cfg.embed_scale
         self.act = F.silu if cfg.hidden_act == "silu" else (lambda x: F.gelu(x, approximate="tanh"))
@@ -90,33 +97,31 @@ class DraftStep:
     @torch.inference_mode()
     def __call__(self, token: int, cache: KVCache) -> Tensor:
         cache.reserve(1)
-        slot, H, Hkv, D, eps = cache.length, self.heads, self.kv_heads, self.head_dim, self.eps
+        slot, H, Hkv, D = cache.length, self.heads, self.kv_heads, self.head_dim
         x = self.model.embed_tokens.weight[token].view(1, -1).to(self.dtype)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
-        hidden = (x.shape[-1],)
         ropes = [(cos[slot].to(self.dtype), sin[slot].to(self.dtype)) for cos, sin in self.ropes]
-        for i, w in enumerate(self.layers):
-            qkv = w.qkv(F.rms_norm(x, hidden, w.attn_norm, eps))
-            qk = qkv[0, :(H + Hkv) * D].view(H + Hkv, D)     # rope (and q/k norms) on all heads at once
+        for w, (k, v) in zip(self.layers, cache.layer_views()):
+            qkv = w.qkv(rms_norm(x, w.attn_norm)).view(H + 2 * Hkv, D)
+            qk, new_v = qkv.split([H + Hkv, Hkv])       # rope (and q/k norms) on all heads at once
             if w.qk_norm is not None:
-                qk = F.rms_norm(qk, (D,), eps=eps) * w.qk_norm
+                qk = rms_norm(qk, w.qk_norm)
             cos, sin = ropes[w.rope]
             qk = qk * cos + qk.roll(D // 2, -1) * sin
-            cache.k[i, 0, :, slot] = qk[H:]
-            cache.v[i, 0, :, slot] = qkv[0, (H + Hkv) * D:].view(Hkv, D)
-            q = qk[:H].view(1, Hkv, H // Hkv, D)
+            k[0, :, slot] = qk[H:]
+            v[0, :, slot] = new_v
             first = 0 if w.window is None else max(0, slot + 1 - w.window)
-            out = F.scaled_dot_product_attention(q, cache.k[i, :, :, first:slot + 1], cache.v[i, :, :, first:slot + 1],
-                                                 scale=self.scale)
+            out = F.scaled_dot_product_attention(qk[:H].view(1, Hkv, H // Hkv, D), k[:, :, first:slot + 1],
+                                                 v[:, :, first:slot + 1], scale=self.scale)
             out = w.o(out.view(1, -1))
             if w.post_attn_norm is not None:
-                out = F.rms_norm(out, hidden, w.post_attn_norm, eps)
+                out = rms_norm(out, w.post_attn_norm)
             x = x + out
-            gate, up = w.gate_up(F.rms_norm(x, hidden, w.mlp_norm, eps)).chunk(2, dim=-1)
+            gate, up = w.gate_up(rms_norm(x, w.mlp_norm)).chunk(2, dim=-1)
             out = w.down(self.act(gate) * up)
             if w.post_mlp_norm is not None:
-                out = F.rms_norm(out, hidden, w.post_mlp_norm, eps)
+                out = rms_norm(out, w.post_mlp_norm)
             x = x + out
         cache.advance(1)
-        return self.lm_head(F.rms_norm(x, hidden, self.final_norm, eps))[0].float()
+        return self.lm_head(rms_norm(x, self.final_norm))[0].float()

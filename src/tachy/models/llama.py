@@ -135,6 +135,9 @@ class Attention(nn.Module):
             # attention runs with the very shapes of one-token decoding and gives the same bits (see KVCache).
             q = q.view(self.kv_heads, groups, T, self.head_dim).permute(2, 0, 1, 3)     # [T, Hkv, G, D]
             return self.o_proj(bucketed_attention(q, k, v, mask, cache.length, self.scale).reshape(1, T, -1))
+        if mask is None and T > 1:   # causal from an empty cache (Transformer.forward): the prompt's first chunk
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         # Grouped-query attention: the G query heads sharing a kv head become G*T queries over that head.
         q = q.reshape(B, self.kv_heads, groups * T, self.head_dim)
         if mask is not None and mask.dim() == 3:   # per kv head [Hkv, T, S] (compressed cache)
@@ -226,7 +229,10 @@ class Transformer(nn.Module):
         T = tokens.shape[1]
         cache.reserve(T)
         start, keys = cache.length, cache.key_count(T)
-        if mask is None and not cache.ragged and (T > 1 or keys > start + T or cache.compressed):
+        # No mask means causal: over the cache for one token, or over the new tokens alone from an empty cache
+        # (a prompt's first chunk), where attention takes the causal kernel, which skips the masked half.
+        from_empty = start == 0 and keys == T and cache.prefix is None and not cache.prefix_attends
+        if mask is None and not cache.ragged and (T > 1 and not from_empty or keys > start + T or cache.compressed):
             mask = causal_mask(start, T, tokens.device)
         if mask is not None and mask.shape[1] < keys:  # fixed-size cache: slots not yet written are invisible
             mask = F.pad(mask, (0, keys - mask.shape[1]), value=False)

@@ -36,9 +36,11 @@ class DefaultDrafter(Drafter):
 
     name = "default"
 
-    def __init__(self, min_match_len: int = 4):
-        self.min_match_len = min_match_len
-        self.inner: Drafter = ModelFreeDrafter(min_match_len=min_match_len)
+    def __init__(self, min_match_len: int | None = None):
+        """min_match_len: the suffix automaton's shortest match; by default each inner drafter's own (4 for
+        model-free, 8 for quantized-self)."""
+        self.options = {} if min_match_len is None else {"min_match_len": min_match_len}
+        self.inner: Drafter = ModelFreeDrafter(**self.options)
         self.last_tree = DraftTree.empty()
 
     @property
@@ -47,7 +49,7 @@ class DefaultDrafter(Drafter):
 
     def check_target(self, target) -> None:
         if self_draft_pays(target) and not isinstance(self.inner, QuantizedSelfDrafter):
-            self.inner = QuantizedSelfDrafter(min_match_len=self.min_match_len)
+            self.inner = QuantizedSelfDrafter(**self.options)
         self.inner.check_target(target)
 
     def attach_cache(self, cache) -> None:

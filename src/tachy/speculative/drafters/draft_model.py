@@ -53,7 +53,7 @@ class DraftModelDrafter(Drafter):
     needs_target = True
 
     def __init__(self, model=None, dtype: str | None = None, device: str | None = None,
-                 min_confidence: float = 0.3, context: int = 128, max_len: int = 0):
+                 min_confidence: float = 0.3, context: int = 128, max_len: int = 0, rescore_top: int = 8):
         if context < 1:
             raise InvalidArgumentError(f"context must be a positive number of tokens, got {context}")
         self.context = context
@@ -63,6 +63,9 @@ class DraftModelDrafter(Drafter):
         if max_len < 0:
             raise InvalidArgumentError(f"max_len must be >= 0, got {max_len}")
         self.max_len = max_len
+        if rescore_top < 0:
+            raise InvalidArgumentError(f"rescore_top must be >= 0, got {rescore_top}")
+        self.rescore_top = rescore_top
         if model is None:
             raise InvalidArgumentError("draft-model needs a model: --drafter draft-model:model=NAME_OR_PATH")
         self.spec, self.dtype, self.device = model, dtype, device
@@ -80,11 +83,11 @@ class DraftModelDrafter(Drafter):
             from ...models.quant import quantized_copy
 
             dtype = self.dtype or "int4"
-            copies = target.__dict__.setdefault("_quantized_copies", {})   # one copy per target and dtype
-            if dtype not in copies:
-                copies[dtype] = Engine(quantized_copy(target.model, dtype), target.tokenizer,
-                                       f"{target.name} ({dtype})")
-            self.engine = copies[dtype]
+            copies = target.__dict__.setdefault("_quantized_copies", {})   # one copy per target and variant
+            if (dtype, self.rescore_top) not in copies:
+                copies[dtype, self.rescore_top] = Engine(quantized_copy(target.model, dtype, self.rescore_top),
+                                                         target.tokenizer, f"{target.name} ({dtype})")
+            self.engine = copies[dtype, self.rescore_top]
             self.shares_target_kv = True
         elif self.engine is None:
             import tachy
@@ -179,16 +182,19 @@ class QuantizedSelfDrafter(FallbackDrafter):
     tokens, and verification keeps the output exactly the target's. It drafts over the target's own K/V
     (see the module docstring). Costs the quantized copy's memory.
 
-    max_len: int4 chains stop at 8 tokens (a suffix-automaton copy can still fill the engine's budget): each
-    int4 token costs about 0.3 of a target step, so a long confident chain costs more than it saves. On the 30
-    dev prompts the cap mostly helps code editing (2.62x vs 2.21-2.34x); overall its gain is within this
-    machine's noise (docs/benchmarks.md, "Later change")."""
+    The copy's output layer recomputes its 8 largest logits with the target's float output weights
+    (``rescore_top``, :class:`~tachy.models.quant.RescoredLinear`): for SmolLM2 nearly all of the int4 copy's
+    disagreements came from its int4 output layer, and with it the copy's chains of 16 tokens were accepted
+    whole 3 times in 4 on the dev prompts. So chains are long (``max_len`` 16, the engine's default budget) and
+    stop only below ``min_confidence`` 0.1, and the suffix automaton drafts only on matches of 8+ tokens
+    (``min_match_len``); shorter matches guess worse than the copy does. docs/benchmarks.md has the A/B runs.
+    """
 
     name = "quantized-self"
     needs_target = True
 
-    def __init__(self, dtype: str = "int4", min_match_len: int = 4, min_confidence: float = 0.3,
-                 context: int = 128, max_len: int = 8):
+    def __init__(self, dtype: str = "int4", min_match_len: int = 8, min_confidence: float = 0.1,
+                 context: int = 128, max_len: int = 16, rescore_top: int = 8):
         self.draft_model = DraftModelDrafter("self", dtype=dtype, min_confidence=min_confidence, context=context,
-                                             max_len=max_len)
+                                             max_len=max_len, rescore_top=rescore_top)
         super().__init__([SuffixAutomatonDrafter(min_match_len=min_match_len), self.draft_model])
