@@ -208,11 +208,13 @@ class RescoredLinear(nn.Module):
         self.quantized, self.weight, self.top = quantized, weight, top   # ``weight`` is shared, not copied
 
     def forward(self, x: Tensor) -> Tensor:
-        """Float32 logits: the quantized layer's, with its ``top`` largest recomputed."""
+        """Float32 logits: the quantized layer's, with its ``top`` largest recomputed (in the weights' dtype)."""
         y = self.quantized(x).float()
         top = y.topk(self.top, dim=-1).indices                                              # [..., top]
         rows = self.weight.index_select(0, top.flatten()).view(*top.shape, -1).float()     # [..., top, in]
-        return y.scatter_(-1, top, (rows @ x.float().unsqueeze(-1)).squeeze(-1))
+        exact = (rows @ x.float().unsqueeze(-1)).squeeze(-1)
+        # rounded as the float layer rounds its output, so near-ties break the way the target's do
+        return y.scatter_(-1, top, exact.to(self.weight.dtype).float())
 
 
 def quantized_copy(model: nn.Module, dtype: str = "int4", rescore_top: int = 0) -> nn.Module:
