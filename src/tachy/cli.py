@@ -70,8 +70,13 @@ def print_stats(stats, file=None) -> None:
     model_s = max(stats.decode_s - stats.draft_s, 0.0)
     print(f"\n[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated | prefill "
           f"{stats.prefill_s * 1000:.0f} ms | decode {stats.tokens_per_s:.1f} tokens/s | "
-          f"{stats.mean_accepted:.2f} tokens per forward | drafter {stats.draft_s * 1000:.0f} ms, "
-          f"model {model_s * 1000:.0f} ms{kv_held(stats)}]", file=file, flush=True)
+          f"{stats.mean_accepted:.2f} tokens per forward | drafter {stats.draft_s * 1000:.0f} ms"
+          f"{draft_model(stats)}, model {model_s * 1000:.0f} ms{kv_held(stats)}]", file=file, flush=True)
+
+
+def draft_model(stats) -> str:
+    """' (740 in the draft model)' when the drafter ran a draft model, else ''."""
+    return f" ({stats.draft_model_s * 1000:.0f} in the draft model)" if stats.draft_model_s else ""
 
 
 def kv_held(stats) -> str:

@@ -97,6 +97,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     draft_s: float = 0.0         # time inside the drafter (propose + update)
+    draft_model_s: float = 0.0   # of draft_s, the draft model's forwards (the rest is drafting logic)
     kv_bytes: int = 0            # K/V bytes the cache holds (after any press), as of the last step
     kv_full_bytes: int = 0       # what an uncompressed cache would hold for the same tokens
 
@@ -211,6 +212,7 @@ class Engine:
                 if len(tree) > room:
                     tree = tree.truncate(room)
                 stats.draft_s += time.perf_counter() - step_start
+                stats.draft_model_s = drafter.model_s
             tokens = [root] + tree.tokens
             positions = cache.position + tree.position_offsets().to(device)
             mask = None

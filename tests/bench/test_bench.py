@@ -134,8 +134,11 @@ def test_bench_end_to_end(cached_load, bench_file, tmp_path, capsys):
     assert results["methods"]["vanilla"]["identical"] is True
     assert results["methods"]["vanilla"]["speedup"] == pytest.approx(1.0)
     assert results["methods"]["vanilla"]["mean_accepted"] == pytest.approx(1.0)
+    for m in results["methods"].values():   # pld has no draft model: its drafter time is all drafting logic
+        assert m["draft_model_time_share"] == 0.0 <= m["draft_time_share"]
     md = (out / "results.md").read_text()
     assert "| pld |" in md and "| vanilla |" in md and md in stdout
+    assert "| drafter time | of which draft model |" in md
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -30,6 +30,7 @@ class Run:
     forwards: int = 0
     accepted: int = 0
     draft_s: float = 0.0
+    draft_model_s: float = 0.0
     outputs: list[list[int]] = field(default_factory=list)
 
 
@@ -63,6 +64,7 @@ def run_prompt(engine: Engine, prompt: Prompt, config: GenerationConfig) -> Run:
         run.forwards += stats.forwards
         run.accepted += stats.accepted
         run.draft_s += stats.draft_s
+        run.draft_model_s += stats.draft_model_s
         run.outputs.append(out)
         messages.append({"role": "assistant", "content": engine.tokenizer.decode(out)})
     return run
@@ -142,6 +144,7 @@ def summarize(engine: Engine, prompts: list[Prompt], runs: dict[str, list[Run]],
             "speedup_without_loops": _rate([rs[i] for i in clean]) / clean_base if clean_base else 0.0,
             "not_identical": [p.id for p, same in zip(prompts, identical) if not same],
             "draft_time_share": sum(r.draft_s for r in rs) / total_s if total_s else 0.0,
+            "draft_model_time_share": sum(r.draft_model_s for r in rs) / total_s if total_s else 0.0,
             "tokens": sum(r.tokens for r in rs),
             "seconds": total_s,
         }
@@ -177,12 +180,13 @@ def markdown_table(results: dict, command: str) -> str:
              f"{results['max_new_tokens']} new tokens per turn. Looping vanilla outputs: "
              f"{len(results['looping_prompts'])}/{results['prompts']}.", "", f"Command: `{command}`", "",
              "| method | tokens/s | speedup | speedup w/o loops | median prompt speedup | tokens/forward "
-             "| identical | drafter time |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| identical | drafter time | of which draft model |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, r in methods.items():
         lines.append(f"| {m} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['speedup_without_loops']:.2f}x | "
                      f"{r['median_prompt_speedup']:.2f}x | {r['mean_accepted']:.2f} | "
-                     f"{'yes' if r['identical'] else 'NO'} | {100 * r['draft_time_share']:.1f}% |")
+                     f"{'yes' if r['identical'] else 'NO'} | {100 * r['draft_time_share']:.1f}% | "
+                     f"{100 * r['draft_model_time_share']:.1f}% |")
     lines += ["", "Per category: speedup (tokens per forward)", "",
               "| method | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
     for m, r in methods.items():

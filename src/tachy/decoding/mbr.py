@@ -94,6 +94,7 @@ class MBR(Strategy):
             stats.drafted += sample_stats.drafted
             stats.accepted += sample_stats.accepted
             stats.draft_s += sample_stats.draft_s
+            stats.draft_model_s += sample_stats.draft_model_s
         best, means = mbr_select(samples, utility)
         self.last_samples, self.last_utilities = samples, means   # for inspection and tests
         stats.prompt_tokens = len(prompt_ids)

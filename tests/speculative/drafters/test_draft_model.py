@@ -126,7 +126,12 @@ def test_quantized_self_drafts_over_the_target_cache_and_is_exact(arch):
         accepted += stats.accepted
         # it read the target's cache: no cache of its own was filled
         assert drafter.draft_model.target_cache is not None and drafter.draft_model.cached == []
+        # the copy's forwards are timed apart from the drafting logic, per sequence
+        assert 0 < stats.draft_model_s <= stats.draft_s
+        assert stats.draft_model_s == drafter.model_s == drafter.draft_model.model_s
     assert accepted > 0
+    _, stats = generate(target, prompt, make_drafter("model-free"))
+    assert stats.draft_s > 0 and stats.draft_model_s == 0.0
 
 
 def test_quantized_self_keeps_its_own_cache_under_a_press():

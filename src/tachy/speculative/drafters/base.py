@@ -132,6 +132,12 @@ class Drafter:
     def attach_cache(self, cache) -> None:
         """Called after prefill and ``reset`` with this sequence's target cache (a self-draft reads it)."""
 
+    @property
+    def model_s(self) -> float:
+        """Seconds spent in draft-model forwards since ``reset`` (0 without a draft model): the engine reports
+        them apart from the rest of the drafter's time, which is the drafting logic's own overhead."""
+        return 0.0
+
     # ------------------------------------------------------------------------------ shared helpers
 
     def sync(self, ids: Sequence[int]) -> None:

@@ -55,6 +55,10 @@ class DefaultDrafter(Drafter):
     def attach_cache(self, cache) -> None:
         self.inner.attach_cache(cache)
 
+    @property
+    def model_s(self) -> float:
+        return self.inner.model_s
+
     def reset(self, prompt_ids: Sequence[int]) -> None:
         self.inner.reset(prompt_ids)
 

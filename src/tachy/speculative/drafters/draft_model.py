@@ -21,6 +21,7 @@ overwrites. No catch-up forwards, no prefill of its own, and the whole prompt as
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 
@@ -75,6 +76,7 @@ class DraftModelDrafter(Drafter):
         self.shares_target_kv = False     # the draft model is the target's own checkpoint (model="self")
         self.target_cache = None          # the target's cache this sequence, when shared (attach_cache)
         self.step: DraftStep | None = None
+        self._model_s = 0.0
 
     def check_target(self, target) -> None:
         """Called by the engine with the target Engine: load the draft model beside it, check the vocabulary."""
@@ -119,6 +121,7 @@ class DraftModelDrafter(Drafter):
         self.cache = model.new_cache(capacity=256)
         self.target_cache = None          # a new sequence: the engine attaches its cache after reset
         self.cached = []
+        self._model_s = 0.0               # seconds in draft-model forwards this sequence (model_s)
         self.offset = 0                   # history[offset:] is what the draft model sees
         self.agreed = 0                   # history[offset:][:agreed] was fed (or agreed with the cache) last step
 
@@ -149,16 +152,25 @@ class DraftModelDrafter(Drafter):
         self.cached.extend(new)
         return self._chain(self._forward(new, cache), cache, max_tokens, self.cached)
 
+    @property
+    def model_s(self) -> float:
+        return self._model_s
+
     def _forward(self, tokens: list[int], cache) -> torch.Tensor:
         """The draft model's next-token logits [V] after feeding ``tokens`` at the cache's next positions.
         One token (every chain step) takes the lean DraftStep; catching up on several takes the model."""
+        start = time.perf_counter()
         if len(tokens) == 1 and DraftStep.supports(cache):
             if self.step is None or self.step.model is not self.engine.model:
                 self.step = DraftStep(self.engine.model)
-            return self.step(tokens[0], cache)
-        device = self.engine.model.device
-        positions = torch.arange(cache.position, cache.position + len(tokens), device=device)
-        return self.engine.model(torch.tensor([tokens], device=device), positions, cache, last_only=True)[0, -1]
+            logits = self.step(tokens[0], cache)
+        else:
+            device = self.engine.model.device
+            positions = torch.arange(cache.position, cache.position + len(tokens), device=device)
+            logits = self.engine.model(torch.tensor([tokens], device=device), positions, cache,
+                                       last_only=True)[0, -1]
+        self._model_s += time.perf_counter() - start
+        return logits
 
     def _chain(self, logits: torch.Tensor, cache, max_tokens: int, cached: list[int] | None = None) -> DraftTree:
         """Greedy tokens from ``logits`` on, until the budget or a token below ``min_confidence``; each

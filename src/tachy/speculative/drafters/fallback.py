@@ -62,6 +62,10 @@ class _Composite(Drafter):
         for d in self.drafters:
             d.attach_cache(cache)
 
+    @property
+    def model_s(self) -> float:
+        return sum(d.model_s for d in self.drafters)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.drafters!r})"
 
@@ -160,6 +164,10 @@ class AdaptiveLength(Drafter):
 
     def attach_cache(self, cache) -> None:
         self.inner.attach_cache(cache)
+
+    @property
+    def model_s(self) -> float:
+        return self.inner.model_s
 
     def propose(self, ids: Sequence[int], max_tokens: int) -> DraftTree:
         self._cap = max(max_tokens, self.min_tokens)

@@ -60,6 +60,10 @@ class SpeedGate(Drafter):
     def attach_cache(self, cache) -> None:
         self.inner.attach_cache(cache)
 
+    @property
+    def model_s(self) -> float:
+        return self.inner.model_s
+
     def choose(self) -> int:
         untried = [b for b in reversed(self.budgets) if b not in self.cost]
         if untried:  # measure every arm once, largest first
