@@ -145,7 +145,8 @@ def summarize(engine: Engine, prompts: list[Prompt], runs: dict[str, list[Run]],
             "identical": all(identical),
             "per_category": per_category,
             "median_prompt_speedup": statistics.median(per_prompt_speedup) if per_prompt_speedup else 0.0,
-            "speedup_without_loops": _rate([rs[i] for i in clean]) / clean_base if clean_base else 0.0,
+            # None when every vanilla answer loops (nothing to compare)
+            "speedup_without_loops": _rate([rs[i] for i in clean]) / clean_base if clean_base else None,
             "not_identical": [p.id for p, same in zip(prompts, identical) if not same],
             "draft_time_share": sum(r.draft_s for r in rs) / total_s if total_s else 0.0,
             "draft_model_time_share": sum(r.draft_model_s for r in rs) / total_s if total_s else 0.0,
@@ -187,7 +188,9 @@ def markdown_table(results: dict, command: str) -> str:
              "| identical | drafter time | of which draft model |",
              "|---|---|---|---|---|---|---|---|---|"]
     for m, r in methods.items():
-        lines.append(f"| {m} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['speedup_without_loops']:.2f}x | "
+        clean = r["speedup_without_loops"]
+        lines.append(f"| {m} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+                     f"{'-' if clean is None else f'{clean:.2f}x'} | "
                      f"{r['median_prompt_speedup']:.2f}x | {r['mean_accepted']:.2f} | "
                      f"{'yes' if r['identical'] else 'NO'} | {100 * r['draft_time_share']:.1f}% | "
                      f"{100 * r['draft_model_time_share']:.1f}% |")
