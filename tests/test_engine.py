@@ -415,7 +415,10 @@ def test_stream_text_equals_generate_and_decode(smollm, story, drafter):
     assert ids == ref_ids and text == ref_text
     assert text == smollm.tokenizer.decode(ids)
     assert smollm.generate(prompt, max_new_tokens=40, drafter=drafter, ignore_eos=True) == text
-    assert len([p for p in pieces if p.text]) > 5   # really streamed, not one piece at the end
+    # really streamed, not one piece at the end: a piece per target forward or so (the default drafter commits
+    # a dozen tokens per forward, so it streams in fewer, larger pieces)
+    text_pieces = [p for p in pieces if p.text]
+    assert len(text_pieces) > 1 and len(text_pieces) >= pieces[-1].stats.forwards // 2
     for p in pieces:
         assert len(p.from_draft) == len(p.token_ids)
     if drafter is None:   # a string prompt is tokenized the same way

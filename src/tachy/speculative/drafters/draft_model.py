@@ -47,6 +47,9 @@ class DraftModelDrafter(Drafter):
     gave the best modeled speed for int4/int8 self-drafts on the dev prompts (docs/benchmarks.md).
     max_len: the longest chain (0: the engine's draft budget). Each draft token costs a draft forward, so a
     long chain of confident tokens can cost more than the verify forward saves.
+    rescore_top: with ``model="self"``, the quantized copy's output layer recomputes its ``rescore_top``
+    largest logits with the target's float output weights (:class:`~tachy.models.quant.RescoredLinear`;
+    0: plain quantized logits). Ignored for a separate draft model.
     """
 
     name = "draft-model"
