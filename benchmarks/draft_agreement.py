@@ -11,21 +11,13 @@ the target itself stays below 1). Same answers and protocol as layer_skip_agreem
 """
 from __future__ import annotations
 
-import argparse
+from layer_skip_agreement import agreement, target_from_args
 
-from layer_skip_agreement import agreement, target_answers
-
-import tachy
 from tachy.models.quant import Int8Linear, RescoredLinear, plain_linear, quantized_copy
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data", default="../shared/data")
-    args = ap.parse_args()
-    target = tachy.load(args.model, progress=False)
-    answers = target_answers(target, args.data)
+    _, target, answers = target_from_args(__doc__.splitlines()[0])
     model = target.model
     head = plain_linear(model.lm_head)
 

@@ -47,14 +47,19 @@ def target_answers(target, data: str, prompts: int = 8, tokens: int = 96) -> lis
     return answers
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def target_from_args(description: str):
+    """``--model`` / ``--data`` parsed, the bf16 target loaded, and its answers: (args, target, answers)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default="../shared/data")
     args = ap.parse_args()
     target = tachy.load(args.model, progress=False)
+    return args, target, target_answers(target, args.data)
+
+
+def main() -> None:
+    args, target, answers = target_from_args(__doc__.splitlines()[0])
     draft = tachy.load(args.model, dtype="int4", progress=False).model
-    answers = target_answers(target, args.data)
     n = len(draft.layers)
     variants = {
         "all layers": list(range(n)),

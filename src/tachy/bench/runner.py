@@ -92,11 +92,8 @@ def run_bench(engine: Engine, prompts: list[Prompt], methods: list[str], max_new
     # warm-up so that the first measured prompt pays no one-time costs: kernels' setup, and each drafter built
     # (a draft model loaded, the default drafter's int4 copy made) and run once before timing (the method
     # that happened to come first used to pay up to a third of its first prompt's time for it)
-    engine.generate(engine.tokenizer.encode("Hello"), GenerationConfig(max_new_tokens=4, drafter=None))
     warm_prompt = engine.tokenizer.encode("Write a short story about a robot who learns to paint.")
-    for config in configs.values():
-        if config.drafter is not None:
-            engine.load_drafter(config.drafter)
+    for config in configs.values():   # vanilla among them; generate builds and keeps each named drafter
         engine.generate(warm_prompt, dataclasses.replace(config, max_new_tokens=32))
     bar = tqdm(total=len(prompts) * len(methods), desc="bench", unit="run", disable=not progress)
     for i, prompt in enumerate(prompts):
