@@ -56,3 +56,23 @@ def test_supports_only_a_plain_growing_cache():
     assert DraftStep.supports(model.new_cache())
     assert not DraftStep.supports(model.new_cache(fixed=True))     # exact mode: the target's own path
     assert not DraftStep.supports(model.new_cache(batch=2))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_several_tokens_at_once_match_one_at_a_time(arch):
+    """Feeding a guessed continuation in one call gives each token's logits and K/V as feeding them one by
+    one (float32; gemma3's local layers, with a window of 8, mask per row inside the window)."""
+    model = tiny_model(arch, norm_eps=0.0)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=gen)
+    step = DraftStep(model)
+    with torch.inference_mode():
+        cache = model.new_cache(capacity=16)
+        model(ids[:, :20], torch.arange(20), cache)
+        twin = copy.deepcopy(cache)
+        one_by_one = torch.stack([step(int(t), cache) for t in ids[0, 20:]])
+        together = step(ids[0, 20:].tolist(), twin)
+    assert together.shape == one_by_one.shape
+    assert (together - one_by_one).abs().max() < 1e-4
+    assert twin.length == cache.length == 30
+    assert (twin.k[..., :30, :] - cache.k[..., :30, :]).abs().max() < 1e-5

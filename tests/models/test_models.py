@@ -150,3 +150,29 @@ def test_load_rejects_mismatched_checkpoint():
     _, sd = hf_twin(cfg)
     with pytest.raises(ValueError, match="shape"):
         bad.load_hf_state_dict(sd)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_verify_attention_on_two_threads_gives_each_row_the_bits_of_one_token_decoding(dtype):
+    """A verify forward's attention (several rows, bucketed_attention) keeps both threads for bf16 and must
+    still give every row exactly what one-token decoding at that slot computes (on one thread), or greedy
+    speculative decoding would drift from plain decoding. float32 calls stay on one thread."""
+    from tachy.cache import key_bucket
+    from tachy.models.llama import bucketed_attention
+
+    gen = torch.Generator().manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for start, T in [(0, 5), (60, 9), (250, 17), (333, 17), (700, 3)]:
+            S = key_bucket(start + T)
+            q = torch.randn(T, 3, 3, 64, generator=gen).to(dtype) * 3
+            k = torch.randn(1, 3, S, 64, generator=gen).to(dtype) * 3
+            v = torch.randn(1, 3, S, 64, generator=gen).to(dtype)
+            mask = torch.arange(S)[None, :] <= (start + torch.arange(T))[:, None]
+            together = bucketed_attention(q, k, v, mask, start, 0.125)
+            for t in range(T):
+                alone = bucketed_attention(q[t:t + 1], k, v, mask[t:t + 1], start + t, 0.125)
+                assert torch.equal(together[t], alone[0]), (dtype, start, T, t)
+    finally:
+        torch.set_num_threads(before)

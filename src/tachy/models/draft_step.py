@@ -12,7 +12,7 @@ Works for both architectures (Llama family and Gemma 3) on a plain KVCache: not 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,26 +95,40 @@ class DraftStep:
                 and cache.shape[1] == 1 and cache.observer is None)
 
     @torch.inference_mode()
-    def __call__(self, token: int, cache: KVCache) -> Tensor:
-        cache.reserve(1)
+    def __call__(self, tokens: int | Sequence[int], cache: KVCache) -> Tensor:
+        """Feed ``tokens`` (one, or a few: a guessed continuation the draft model checks in one forward) at
+        the cache's next slots; the next-token logits float32 [V] after a single token, [len(tokens), V]
+        after several, one row per token. The cache advances by all of them."""
+        single = isinstance(tokens, int)
+        ids = [tokens] if single else list(tokens)
+        n = len(ids)
+        cache.reserve(n)
         slot, H, Hkv, D = cache.length, self.heads, self.kv_heads, self.head_dim
-        x = self.model.embed_tokens.weight[token].view(1, -1).to(self.dtype)
+        group, end = H // Hkv, slot + n
+        x = self.model.embed_tokens.weight[ids[0] if n == 1 else torch.tensor(ids)].view(n, -1).to(self.dtype)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
-        ropes = [(cos[slot].to(self.dtype), sin[slot].to(self.dtype)) for cos, sin in self.ropes]
+        ropes = [(cos[slot:end, None].to(self.dtype), sin[slot:end, None].to(self.dtype)) for cos, sin in self.ropes]
+        masks: dict[int | None, Tensor | None] = {}
         for w, (k, v) in zip(self.layers, cache.layer_views()):
-            qkv = w.qkv(rms_norm(x, w.attn_norm)).view(H + 2 * Hkv, D)
-            qk, new_v = qkv.split([H + Hkv, Hkv])       # rope (and q/k norms) on all heads at once
+            qkv = w.qkv(rms_norm(x, w.attn_norm)).view(n, H + 2 * Hkv, D)
+            qk, new_v = qkv.split([H + Hkv, Hkv], dim=1)   # rope (and q/k norms) on all heads at once
             if w.qk_norm is not None:
                 qk = rms_norm(qk, w.qk_norm)
             cos, sin = ropes[w.rope]
             qk = qk * cos + qk.roll(D // 2, -1) * sin
-            k[0, :, slot] = qk[H:]
-            v[0, :, slot] = new_v
-            first = 0 if w.window is None else max(0, slot + 1 - w.window)
-            out = F.scaled_dot_product_attention(qk[:H].view(1, Hkv, H // Hkv, D), k[:, :, first:slot + 1],
-                                                 v[:, :, first:slot + 1], scale=self.scale)
-            out = w.o(out.view(1, -1))
+            k[0, :, slot:end] = qk[:, H:].transpose(0, 1)
+            v[0, :, slot:end] = new_v.transpose(0, 1)
+            first = 0 if w.window is None else max(0, slot + 1 - w.window)   # the first token's window
+            if w.window not in masks:
+                masks[w.window] = self._mask(slot, n, first, w.window, group)
+            # queries grouped by their key head ([Hkv, group * n, D]), so attention needs no repeated K/V
+            q = qk[:, :H].view(Hkv, group, D) if n == 1 else qk[:, :H].view(n, Hkv, group, D).permute(1, 2, 0, 3)
+            out = F.scaled_dot_product_attention(q.reshape(1, Hkv, group * n, D), k[:, :, first:end],
+                                                 v[:, :, first:end], attn_mask=masks[w.window], scale=self.scale)
+            if n > 1:
+                out = out.view(Hkv, group, n, D).permute(2, 0, 1, 3)
+            out = w.o(out.reshape(n, H * D))
             if w.post_attn_norm is not None:
                 out = rms_norm(out, w.post_attn_norm)
             x = x + out
@@ -123,5 +137,19 @@ class DraftStep:
             if w.post_mlp_norm is not None:
                 out = rms_norm(out, w.post_mlp_norm)
             x = x + out
-        cache.advance(1)
-        return self.lm_head(rms_norm(x, self.final_norm))[0].float()
+        cache.advance(n)
+        logits = self.lm_head(rms_norm(x, self.final_norm)).float()
+        return logits[0] if single else logits
+
+    @staticmethod
+    def _mask(slot: int, n: int, first: int, window: int | None, group: int) -> Tensor | None:
+        """Which keys ``first..slot+n-1`` each of ``n`` new tokens at ``slot..`` sees (causal, and within a
+        sliding window), repeated for the ``group`` query heads per key head; None when it sees them all."""
+        if n == 1:
+            return None
+        query = torch.arange(slot, slot + n)[:, None]
+        key = torch.arange(first, slot + n)[None, :]
+        visible = key <= query
+        if window is not None:
+            visible &= key > query - window
+        return visible.repeat(group, 1)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from tachy.engine import Engine, GenerationConfig, GenerationStats
 from tachy.errors import InvalidArgumentError
-from tachy.speculative.drafters import DraftModelDrafter, make_drafter
+from tachy.speculative.drafters import DraftModelDrafter, SuffixAutomatonDrafter, make_drafter
 from tests.conftest import tiny_model
 
 
@@ -177,3 +178,48 @@ def test_a_prediction_in_front_of_quantized_self_still_shares_the_target_cache()
     spec, stats = generate(target, prompt, prediction_drafter([7, 8, 9, 10], inner))
     assert spec == plain and stats.accepted > 0
     assert inner.draft_model.target_cache is not None and inner.draft_model.cached == []
+
+
+class CountingCache:
+    """Stands in for a KV cache in the chain logic: only its length matters there."""
+    length = 0
+
+    def rollback(self, n: int) -> None:
+        self.length -= n
+
+
+def test_guessed_continuations_give_the_same_chain_in_fewer_forwards():
+    """With ``guess_len`` the draft model checks what followed the chain's match in the context, a few tokens
+    per forward, and keeps only the guesses it would have chosen itself: the chain is the one it drafts token
+    by token, the cache holds exactly the fed tokens, and copied text costs fewer forwards."""
+    successor = {t: (7 * t + 3) % 50 for t in range(50)}     # the 'draft model': one sure next token each
+
+    def chain(history: list[int], guess_len: int) -> tuple[list[int], int, int]:
+        drafter = DraftModelDrafter("self", guess_len=guess_len, max_len=12, min_confidence=0.1)
+        drafter.guesses = SuffixAutomatonDrafter(min_match_len=8)
+        drafter.guesses.reset(history)
+        forwards = []
+
+        def forward(tokens, cache, every_row=False):
+            forwards.append(len(tokens))
+            cache.length += len(tokens)
+            rows = torch.full((len(tokens), 50), -10.0)
+            rows[torch.arange(len(tokens)), [successor[t] for t in tokens]] = 10.0
+            return rows if every_row else rows[-1]
+
+        drafter._forward = forward
+        cache = CountingCache()
+        tokens = drafter._chain([history[-1]], cache, 12).tokens
+        return tokens, len(forwards), cache.length
+
+    walk = [1]
+    for _ in range(40):
+        walk.append(successor[walk[-1]])
+    history = walk[:20] + [49] + walk[21:30] + [0, 1]   # the model's own text, with a wrong token inside it
+    plain, plain_forwards, plain_cached = chain(history, 0)
+    guessed, guessed_forwards, guessed_cached = chain(history, 3)
+    assert guessed == plain and len(plain) == 12
+    assert plain_forwards == 12 and guessed_forwards < 8
+    # the cache holds the root and the chain but its last token (and that one too when a guess ended the chain),
+    # never a rejected guess
+    assert plain_cached == 12 and guessed_cached in (12, 13)

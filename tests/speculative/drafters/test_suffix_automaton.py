@@ -6,6 +6,7 @@ import random
 import pytest
 
 from tachy.speculative.drafters import SuffixAutomaton, SuffixAutomatonDrafter, longest_previous_matches
+from tachy.speculative.drafters.suffix_automaton import DraftMatch
 from tachy.speculative.tree import DraftTree
 
 
@@ -120,3 +121,34 @@ def test_reset_starts_a_new_automaton():
     d.reset([7, 1])
     assert d.propose([7, 1], 2) == DraftTree.empty()
     assert len(d.sam) == 2
+
+
+def test_draft_match_walks_a_draft_past_the_context_and_finds_what_followed():
+    sam = SuffixAutomatonDrafter()
+    sam.reset([5, 1, 2, 3, 4, 9, 7])
+    match = DraftMatch(sam)
+    match.push(1)
+    match.push(2)                                     # text ... 9, 7, 1, 2: "1 2" occurred, then 3 4 9
+    assert match.continuation(3, min_match_len=2) == [3, 4, 9]
+    assert match.continuation(3, min_match_len=3) == []
+    match.push(8)                                     # 8 never occurred: no match
+    assert match.continuation(3, min_match_len=1) == []
+
+
+def test_draft_match_is_the_longest_suffix_found_in_the_context():
+    rng = random.Random(0)
+    for _ in range(200):
+        history = [rng.randrange(4) for _ in range(rng.randint(1, 30))]
+        draft = [rng.randrange(4) for _ in range(rng.randint(1, 6))]
+        sam = SuffixAutomatonDrafter()
+        sam.reset(history)
+        match = DraftMatch(sam)
+        for t in draft:
+            match.push(t)
+        text = history + draft
+        longest = max(n for n in range(len(text) + 1)
+                      if n == 0 or any(history[i:i + n] == text[-n:] for i in range(len(history))))
+        assert match.length == longest
+        if longest:
+            assert history[match.end - longest + 1:match.end + 1] == text[-longest:]
+            assert match.continuation(5, 1) == history[match.end + 1:match.end + 6]

@@ -141,6 +141,34 @@ def longest_previous_matches(tokens: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
+class DraftMatch:
+    """The longest match in the context of the context's text followed by a draft still being built, walked one
+    draft token at a time (O(1) amortized each), and what followed that match in the context.
+
+    A draft model checks this guessed continuation in one forward instead of decoding it token by token
+    (:class:`~tachy.speculative.drafters.draft_model.DraftModelDrafter`, ``guess_len``)."""
+
+    __slots__ = ("sam", "state", "length", "end")
+
+    def __init__(self, drafter: "SuffixAutomatonDrafter"):
+        self.sam = drafter.sam
+        self.state, self.length, self.end = drafter.match_state, drafter.match_len, drafter.match_end
+
+    def push(self, token: int) -> None:
+        tokens, length = self.sam.tokens, self.length
+        self.state, self.length = self.sam.step(self.state, length, token)
+        if self.length == length + 1 and 0 <= self.end < len(tokens) - 1 and tokens[self.end + 1] == token:
+            self.end += 1         # the occurrence followed so far goes on (the most recent one, see _consume)
+        else:
+            self.end = self.sam.end[self.state] if self.length else -1
+
+    def continuation(self, max_tokens: int, min_match_len: int) -> list[int]:
+        """Up to ``max_tokens`` tokens that followed the match in the context; none for a shorter match."""
+        if self.length < min_match_len:
+            return []
+        return self.sam.tokens[self.end + 1:self.end + 1 + max_tokens]
+
+
 @dataclass(repr=False)
 class SuffixAutomatonDrafter(Drafter):
     """SAM-Decoding drafter: a chain copied after the longest suffix match (context first, then corpus).
