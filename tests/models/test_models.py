@@ -153,10 +153,11 @@ def test_load_rejects_mismatched_checkpoint():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_verify_attention_on_two_threads_gives_each_row_the_bits_of_one_token_decoding(dtype):
-    """A verify forward's attention (several rows, bucketed_attention) keeps both threads for bf16 and must
-    still give every row exactly what one-token decoding at that slot computes (on one thread), or greedy
-    speculative decoding would drift from plain decoding. float32 calls stay on one thread."""
+def test_verify_attention_gives_each_row_the_bits_of_one_token_decoding_with_two_threads_set(dtype):
+    """A verify forward's attention (several rows, bucketed_attention) must give every row exactly what
+    one-token decoding at that slot computes, whatever the thread count, or greedy speculative decoding would
+    drift from plain decoding. (Letting a call of several rows keep two threads passed this on random data but
+    not on SmolLM2's activations: 5 of 34 grounded prompts drifted; so every call runs on one thread.)"""
     from tachy.cache import key_bucket
     from tachy.models.llama import bucketed_attention
 

@@ -307,7 +307,7 @@ def bucketed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sta
         n = end - t
         args = (q[t:end], k[:, :, :keys].expand(n, -1, -1, -1), v[:, :, :keys].expand(n, -1, -1, -1),
                 None if mask is None else _rows(mask, t, end, keys))
-        with single_thread(q, n):
+        with single_thread(q.device):
             if with_lse:
                 out[t:end], lse[t:end] = attention_with_lse(*args, scale)
             else:
@@ -363,7 +363,7 @@ def ragged_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, groups: list
     (bucketed_attention), so it gets the same bits. Entries with the same bucket share one kernel call."""
     out = torch.empty_like(q)
     for keys, entries, rows in groups:
-        with single_thread(q, len(entries)):
+        with single_thread(q.device):
             out[entries] = F.scaled_dot_product_attention(q[entries], k[rows, :, :keys], v[rows, :, :keys],
                                                           attn_mask=mask[entries, :, :, :keys], scale=scale)
     return out
@@ -377,18 +377,12 @@ def _rows(mask: Tensor, t: int, end: int, keys: int) -> Tensor:
 
 
 @contextmanager
-def single_thread(q: Tensor, entries: int = 1):
-    """Run a CPU attention kernel over ``entries`` batch entries on one thread where a row's bits would
-    otherwise depend on its batch.
-
-    PyTorch's CPU flash attention gives each (entry, kv head) work item to one thread, but a call with a
-    single work item runs its matrix products outside the parallel region, where they may use every thread
-    and sum in another order. So one-token decoding runs on one thread, and so does a float32 call (MKL's
-    products differ with threads: 592 of 1080 rows did). A bf16/fp16 call of two or more entries keeps its
-    threads: each row then equals the same row computed alone on one thread (measured: 0 of 1080 rows
-    differ, for 1-8 kv heads and head sizes 64-256), at about half the time on two threads.
-    Setting the thread count costs about 15 us per call."""
-    if q.device.type != "cpu" or torch.get_num_threads() == 1 or (entries > 1 and q.dtype != torch.float32):
+def single_thread(device: torch.device):
+    """Run a CPU kernel on one thread. PyTorch's CPU flash attention splits a small workload (one-token
+    decoding) over threads differently than a large one (a verify forward), which changes a row's reduction
+    order; on one thread the row's bits do not depend on its batch (measured: 0 of 748 rows differ, vs. a
+    few with two threads). Costs about 15 us per call."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
         yield
         return
     threads = torch.get_num_threads()
