@@ -5,8 +5,8 @@ Uses the engine's exact attention path (fixed-size cache), as generation does.
 
     python benchmarks/verify_cost.py [--model smollm2-135m] [--context 300] [--dtype int4] [--draft-step]
 
-``--draft-step`` also times DraftStep (models/draft_step.py), the lean one-token step draft tokens run, in the
-same interleaved loop.
+``--draft-step`` also times DraftStep (models/draft_step.py), the lean step draft tokens run, feeding 1 to 5
+tokens (a chain step, and a step that also checks a guessed continuation), in the same interleaved loop.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--draft-step", action="store_true", help="also time DraftStep's one-token step")
+    ap.add_argument("--draft-step", action="store_true", help="also time DraftStep feeding 1-5 tokens")
     args = ap.parse_args()
     engine = tachy.load(args.model, dtype=args.dtype, progress=False)
     engine.warmup(17)
@@ -37,14 +37,15 @@ def main() -> None:
         cache = model.new_cache(key_bucket(args.context + 128), fixed=True)
         model(torch.randint(0, 1000, (1, args.context)), torch.arange(args.context), cache, last_only=True)
         times: dict[int, list[float]] = {T: [] for T in widths}
-        lean, step_times = DraftStep(model) if args.draft_step else None, []
+        lean = DraftStep(model) if args.draft_step else None
+        step_times: dict[int, list[float]] = {n: [] for n in range(1, 6)}
         for _ in range(args.repeats):           # interleaved over widths
-            if lean is not None:
+            for n in step_times if lean is not None else ():
                 with cache.plain_rows():        # DraftStep reads a plain, growing cache
                     start = time.perf_counter()
-                    lean(7, cache)
-                    step_times.append(time.perf_counter() - start)
-                cache.rollback(1)
+                    lean(7 if n == 1 else list(range(7, 7 + n)), cache)
+                    step_times[n].append(time.perf_counter() - start)
+                cache.rollback(n)
             for T in widths:
                 L = cache.length
                 mask = torch.ones(T, L + T, dtype=torch.bool).tril(L)
@@ -58,9 +59,9 @@ def main() -> None:
     for T in widths:
         med = statistics.median(times[T])
         print(f"| {T} | {1000 * med:.1f} | {med / base:.2f}x |")
-    if lean is not None:
-        med = statistics.median(step_times)
-        print(f"| DraftStep, 1 | {1000 * med:.1f} | {med / base:.2f}x |")
+    for n, samples in step_times.items() if lean is not None else ():
+        med = statistics.median(samples)
+        print(f"| DraftStep, {n} | {1000 * med:.1f} | {med / base:.2f}x |")
 
 
 if __name__ == "__main__":
