@@ -52,6 +52,8 @@ def test_draft_model_needs_a_model_and_a_compatible_vocabulary():
         generate(target, [1, 2, 3], DraftModelDrafter(big))
     with pytest.raises(InvalidArgumentError, match="rescore_top must be >= 0"):
         make_drafter("quantized-self:rescore_top=-1")
+    with pytest.raises(InvalidArgumentError, match="guess_len must be >= 0"):
+        make_drafter("quantized-self:guess_len=-1")
 
 
 def test_min_confidence_cuts_chains_short():
