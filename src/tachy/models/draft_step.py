@@ -1,11 +1,12 @@
-"""DraftStep: one-token decoding with as few ops as possible, for a draft model only.
+"""DraftStep: decoding a token (or a few) with as few ops as possible, for a draft model only.
 
 A draft token's only job is to be a good guess: the target verifies it, so the draft's numerics need not match
 the target's or Hugging Face's. ``Transformer.forward`` pays for exactness and generality on every call
 (float32 norms and rope, masks, press and batch hooks, dtype casts); for the int4 self-draft, which is bound
 by op dispatch rather than by memory (docs/benchmarks.md, section 2), that is most of a step. This step
 computes the same model for one new token at the cache's next slot with bf16 norms and rope, the int4 kernel
-called directly, and no mask (a plain cache holds only visible keys; a sliding layer reads its window).
+called directly, and no mask (a plain cache holds only visible keys; a sliding layer reads its window). A few
+tokens at once (a guessed continuation the draft model checks in one forward) take a causal mask among them.
 
 Works for both architectures (Llama family and Gemma 3) on a plain KVCache: not ``fixed``, no press, batch 1.
 """
@@ -59,7 +60,8 @@ class LayerWeights:
 
 class DraftStep:
     """``DraftStep(model)(token, cache)`` -> the next-token logits [V] (float32) after ``token``, written at the
-    cache's next slot (the cache advances by one, as after ``model(...)``)."""
+    cache's next slot (the cache advances by one, as after ``model(...)``); ``DraftStep(model)(tokens, cache)``
+    -> [len(tokens), V], one row per token."""
 
     def __init__(self, model: nn.Module):
         cfg, dtype = model.config, model.dtype
@@ -105,7 +107,8 @@ class DraftStep:
         cache.reserve(n)
         slot, H, Hkv, D = cache.length, self.heads, self.kv_heads, self.head_dim
         group, end = H // Hkv, slot + n
-        x = self.model.embed_tokens.weight[ids[0] if n == 1 else torch.tensor(ids)].view(n, -1).to(self.dtype)
+        embedding = self.model.embed_tokens.weight
+        x = embedding[ids[0] if n == 1 else torch.tensor(ids, device=embedding.device)].view(n, -1).to(self.dtype)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         ropes = [(cos[slot:end, None].to(self.dtype), sin[slot:end, None].to(self.dtype)) for cos, sin in self.ropes]
@@ -121,7 +124,7 @@ class DraftStep:
             v[0, :, slot:end] = new_v.transpose(0, 1)
             first = 0 if w.window is None else max(0, slot + 1 - w.window)   # the first token's window
             if w.window not in masks:
-                masks[w.window] = self._mask(slot, n, first, w.window, group)
+                masks[w.window] = self._mask(slot, n, first, w.window, group, x.device)
             # queries grouped by their key head ([Hkv, group * n, D]), so attention needs no repeated K/V
             q = qk[:, :H].view(Hkv, group, D) if n == 1 else qk[:, :H].view(n, Hkv, group, D).permute(1, 2, 0, 3)
             out = F.scaled_dot_product_attention(q.reshape(1, Hkv, group * n, D), k[:, :, first:end],
@@ -142,13 +145,14 @@ class DraftStep:
         return logits[0] if single else logits
 
     @staticmethod
-    def _mask(slot: int, n: int, first: int, window: int | None, group: int) -> Tensor | None:
+    def _mask(slot: int, n: int, first: int, window: int | None, group: int,
+              device: torch.device) -> Tensor | None:
         """Which keys ``first..slot+n-1`` each of ``n`` new tokens at ``slot..`` sees (causal, and within a
         sliding window), repeated for the ``group`` query heads per key head; None when it sees them all."""
         if n == 1:
             return None
-        query = torch.arange(slot, slot + n)[:, None]
-        key = torch.arange(first, slot + n)[None, :]
+        query = torch.arange(slot, slot + n, device=device)[:, None]
+        key = torch.arange(first, slot + n, device=device)[None, :]
         visible = key <= query
         if window is not None:
             visible &= key > query - window
