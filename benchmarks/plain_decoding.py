@@ -21,7 +21,7 @@ import torch
 
 import tachy
 from tachy.bench.prompts import load_prompts, spread
-from tachy.engine import GenerationConfig
+from tachy import GenerationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import tachy
-from tachy.engine import GenerationConfig
+from tachy import GenerationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "grounded_dev.jsonl"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tachy.batch import BatchDecoder, batchable
-from tachy.engine import GenerationConfig
+from tachy import GenerationConfig
 from tachy.errors import InvalidArgumentError
 from tests.decoding.helpers import tiny_engine
 

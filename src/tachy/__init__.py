@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .engine import Engine, GenerationConfig, GenerationResponse, GenerationStats
+from .decoding import GenerationConfig
+from .engine import Engine
+from .generation import GenerationResponse, GenerationStats
 from .errors import ContextLengthError, InvalidArgumentError, ModelLoadError, TachyError, UnknownNameError
 from .sampling import SamplingConfig
 

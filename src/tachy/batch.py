@@ -28,7 +28,9 @@ from typing import Sequence
 import torch
 
 from .cache import BatchKVCache
-from .engine import Engine, GenerationConfig, GenerationResponse, GenerationStats, Step, TextStream
+from .decoding import GenerationConfig
+from .engine import Engine, TextStream
+from .generation import GenerationResponse, GenerationStats, Step
 from .errors import InvalidArgumentError
 from .speculative.tree import DraftTree
 from .speculative.verify import verify_greedy, verify_sampling

@@ -40,7 +40,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 def generation_config(args: argparse.Namespace):
     """Validated before the model loads, so a bad value fails at once."""
     from .decoding.cli import decoding_fields
-    from .engine import GenerationConfig
+    from .decoding import GenerationConfig
     from .speculative.drafters import make_drafter
 
     if args.drafter not in (None, "none"):
@@ -153,6 +153,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert models into the cache now, so that their first load (a server start, a test run) is fast."""
+    from .models.load import load_checkpoint
+    from .registry import resolve_model
+
+    for name in args.models:
+        start = time.perf_counter()
+        _, _, folder = load_checkpoint(resolve_model(name), progress=True)
+        print(f"{name}: {folder} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tachy", description="Fast, lossless LLM text generation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list named models and where their files are")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("convert", help="convert models (names or GGUF paths) into the cache ahead of first use")
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.set_defaults(func=cmd_convert)
 
     for register in EXTRA_COMMANDS:
         register(sub)

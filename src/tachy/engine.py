@@ -10,117 +10,21 @@ that decides which token comes next. Three layers, as in mlx-lm:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 
 from .cache import key_bucket
-from .presses import Press, make_press
+from .decoding import GenerationConfig, logits_processor
 from .errors import ContextLengthError, InvalidArgumentError
+from .generation import PREFILL_CHUNK, GenerationResponse, GenerationStats, Step
 from .models.llama import Transformer
+from .presses import Press
 from .sampling import SamplingConfig, make_generator, make_probs_fn, sample
 from .speculative.drafters import Drafter, make_drafter, prediction_drafter
 from .speculative.tree import DraftTree
 from .speculative.verify import commit_exact, verify_greedy, verify_sampling
 from .tokenizer import StreamDetokenizer, Tokenizer
-
-PREFILL_CHUNK = 1024
-
-
-@dataclass
-class GenerationConfig:
-    """Everything that shapes one generation. Sampling fields are validated by SamplingConfig."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    drafter: str | Drafter | None = "default"   # None or "none": plain decoding
-    max_draft_tokens: int = 16                   # draft tree node budget per step
-    # decoding toolbox (tachy.decoding): a strategy by name with its options, a JSON-schema/regex constraint
-    # ({"type": "json_object"} / {"type": "json_schema", "json_schema": {"schema": ...}} / {"type": "regex",
-    # "regex": ...}) and a green-list watermark (True or {"gamma": .., "delta": .., "key": ..})
-    strategy: str = "default"
-    strategy_options: dict = field(default_factory=dict)
-    response_format: dict | None = None
-    watermark: bool | dict | None = None
-    prediction: str | list[int] | None = None    # expected output (Predicted Outputs): drafted from, losslessly
-    press: str | Press | None = None             # KV-cache compression after prefill (tachy.presses)
-    compression_ratio: float = 0.0               # fraction of the prompt's KV the press removes
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise InvalidArgumentError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.max_draft_tokens < 0:
-            raise InvalidArgumentError(f"max_draft_tokens must be >= 0, got {self.max_draft_tokens}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if self.press == "none":
-            self.press = None
-        if isinstance(self.press, str):   # a Press object carries its own ratio
-            self.press = make_press(self.press, self.compression_ratio)
-        elif self.press is None and self.compression_ratio:
-            raise InvalidArgumentError("compression_ratio needs a press (see tachy.presses.available_presses())")
-        self.sampling = SamplingConfig(
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-            typical_p=self.typical_p, repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed)
-        from .decoding import check_config
-        self.decoding = check_config(self)
-
-
-@dataclass
-class Step:
-    """One target forward: the tokens it committed (``accepted`` drafts, then the bonus token)."""
-
-    tokens: list[int]
-    accepted: int
-    draft_size: int
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    forwards: int = 0            # target forwards after prefill
-    drafted: int = 0
-    accepted: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    draft_s: float = 0.0         # time inside the drafter (propose + update)
-    draft_model_s: float = 0.0   # of draft_s, the draft model's forwards (the rest is drafting logic)
-    kv_bytes: int = 0            # K/V bytes the cache holds (after any press), as of the last step
-    kv_full_bytes: int = 0       # what an uncompressed cache would hold for the same tokens
-
-    @property
-    def mean_accepted(self) -> float:
-        """Tokens committed per target forward: accepted drafts plus the bonus token (1.0 for plain decoding)."""
-        return 1.0 + self.accepted / self.forwards if self.forwards else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Decode speed: tokens after the first (which prefill produces) per second of decoding."""
-        return (self.generated_tokens - 1) / self.decode_s if self.decode_s else 0.0
-
-
-@dataclass
-class GenerationResponse:
-    """A streamed piece: new text, the tokens behind it and running stats; finish_reason on the last one."""
-
-    text: str
-    token_ids: list[int]
-    from_draft: list[bool]
-    stats: GenerationStats
-    finish_reason: str | None = None   # "stop" (EOS or stop string) or "length"
 
 
 class Engine:
@@ -282,8 +186,6 @@ class Engine:
     def token_choice(self, config: GenerationConfig, prompt_ids: Sequence[int]) -> tuple:
         """How one generation picks its tokens: (logits processor or None, probs_fn or None for greedy,
         generator or None for greedy), shared by the engine's loop, batched rows and search strategies."""
-        from .decoding import logits_processor   # tachy.decoding imports the engine's types
-
         sampling = config.sampling
         return (logits_processor(self, config, prompt_ids),
                 None if sampling.greedy else make_probs_fn(sampling),

@@ -283,3 +283,19 @@ def sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     if probs.dim() == 1:
         return torch.multinomial(probs, 1, generator=generator)[0]
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def chain(*processors: LogitsProcessor | None) -> LogitsProcessor | None:
+    """Apply processors left to right (None entries skipped); None when there are none."""
+    procs = [p for p in processors if p is not None]
+    if not procs:
+        return None
+    if len(procs) == 1:
+        return procs[0]
+
+    def process(logits: Tensor, context) -> Tensor:
+        for p in procs:
+            logits = p(logits, context)
+        return logits
+
+    return process

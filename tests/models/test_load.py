@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -222,9 +223,16 @@ def test_converted_cache_reload_is_fast_and_identical(tmp_path: Path, tmp_cache:
     assert not calls, "second load must come from the converted cache"
     assert cfg1 == cfg2 and dir1 == dir2
     assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
-    # a touched (replaced) file gets a new cache entry
-    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert converted_dir(path) != dir1
+    # the same file installed elsewhere (a second venv) shares the conversion; a changed file gets its own
+    copy = tmp_path / "elsewhere" / path.name
+    copy.parent.mkdir()
+    shutil.copy(path, copy)
+    os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert converted_dir(copy) == dir1
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    assert converted_dir(copy) != dir1
 
 
 def test_interrupted_conversion_leaves_no_cache(tmp_path: Path, tmp_cache: Path, monkeypatch) -> None:

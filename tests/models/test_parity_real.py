@@ -2,17 +2,15 @@
 
 Both sides get the very same dequantized fp32 weights (``load_checkpoint``), transformers runs its eager
 attention in fp32, ours stays fp32 too (no ``convert_weights``), with both cache kinds (``fixed=True``, the
-engine's exact mode, and the growing ``fixed=False`` one). Checked: prefill logits, token-by-token cached
-decoding against one full transformers forward over the same sequence, 64-token greedy continuations against
-``generate(do_sample=False)``, and Gemma 3 past its 512-token sliding window.
+engine's exact mode, on every prompt, and the growing ``fixed=False`` one on the first). Checked: prefill
+logits, token-by-token cached decoding against one full transformers forward over the same sequence, 64-token
+greedy continuations (each token transformers' argmax after the same prefix), and Gemma 3 past its 512-token
+sliding window. Each model is loaded once and every transformers forward is computed once (``Pair.memo``).
 
 Logit differences are relative: ``max |ours - hf| / max |hf|`` over the compared rows (logit scale ~28-42).
 Measured on this CPU (torch 2.13, transformers 5.23): at most 2.7e-6 (smollm2) and 3.4e-6 (gemma3), i.e.
 absolute differences up to ~1.1e-4. The bound REL_TOL = 1e-4 leaves a margin of ~30x, while a real numerics
 bug (wrong rope base, norm offset, window, scale...) shows up at 1e-2 and above.
-
-The bf16 engine's greedy agreement with the fp32 transformers continuation is printed, not asserted (run with
-``-s`` to see it): bf16 rounding may legitimately flip a near-tie and diverge from there on.
 """
 from __future__ import annotations
 
@@ -152,26 +150,27 @@ def hf_logits(hf, ids: list[int], keep: int = 0) -> torch.Tensor:
     return hf(torch.tensor([ids]), logits_to_keep=keep).logits[0].float()
 
 
-def hf_greedy(hf, prompt: list[int], n: int, pad: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                      pad_token_id=pad, num_beams=1, temperature=None, top_p=None, top_k=None)
-    return out[0, len(prompt):].tolist()
-
-
 def memo(p: Pair, key, fn):
     if key not in p.memo:
         p.memo[key] = fn()
     return p.memo[key]
 
 
+def prompts_for(p: Pair, fixed: bool) -> list[int]:
+    """Which prompts a cache kind runs: the engine's fixed cache every prompt, the growing one the first only
+    (it checks the growth path; the arithmetic is the same)."""
+    return list(range(len(p.prompts))) if fixed else [0]
+
+
 def greedy_run(p: Pair, i: int, fixed: bool):
     return memo(p, ("ours", i, fixed), lambda: ours_greedy(p.ours, p.prompts[i], NEW_TOKENS, fixed))
 
 
-def hf_run(p: Pair, i: int):
-    pad = min(p.eos)
-    return memo(p, ("hf", i), lambda: hf_greedy(p.hf, p.prompts[i], NEW_TOKENS, pad))
+def hf_decode_rows(p: Pair, i: int, tokens: list[int]) -> torch.Tensor:
+    """transformers' logits [n, V] for the rows that predict ``tokens``, from one forward over the prompt
+    and ``tokens[:-1]``."""
+    seq = p.prompts[i] + tokens[:-1]
+    return memo(p, ("hf_rows", tuple(seq)), lambda: hf_logits(p.hf, seq, keep=len(tokens)))
 
 
 # ---- tests -----------------------------------------------------------------------------------------------------
@@ -179,7 +178,8 @@ def hf_run(p: Pair, i: int):
 @pytest.mark.parametrize("fixed", [False, True], ids=["growing", "fixed"])
 def test_prefill_logits_match_transformers(pair, fixed):
     worst = 0.0
-    for i, prompt in enumerate(pair.prompts):
+    for i in prompts_for(pair, fixed):
+        prompt = pair.prompts[i]
         ref = memo(pair, ("hf_prefill", i), lambda: hf_logits(pair.hf, prompt))
         _, ours, _ = greedy_run(pair, i, fixed)
         d = rel_diff(ours, ref)
@@ -195,12 +195,11 @@ def test_cached_decode_matches_full_forward(pair, fixed):
     """Each one-token forward over our cache gives the logits transformers computes for that row in one
     forward over the whole sequence (prompt + our greedy continuation)."""
     worst = 0.0
-    for i, prompt in enumerate(pair.prompts):
+    for i in prompts_for(pair, fixed):
         tokens, _, rows = greedy_run(pair, i, fixed)
-        seq = prompt + tokens[:-1]
-        ref = hf_logits(pair.hf, seq, keep=NEW_TOKENS)      # rows predicting tokens[0..n-1]
+        ref = hf_decode_rows(pair, i, tokens)      # rows predicting tokens[0..n-1]
         d = rel_diff(rows, ref)
-        print(f"\n[{pair.name}] decode prompt {i} ({len(prompt)}+{NEW_TOKENS - 1} steps, fixed={fixed}): "
+        print(f"\n[{pair.name}] decode prompt {i} ({len(pair.prompts[i])}+{NEW_TOKENS - 1} steps, fixed={fixed}): "
               f"rel max diff {d:.2e}")
         worst = max(worst, d)
     assert worst < REL_TOL
@@ -208,14 +207,15 @@ def test_cached_decode_matches_full_forward(pair, fixed):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fixed", [False, True], ids=["growing", "fixed"])
-def test_greedy_continuation_matches_generate(pair, fixed):
-    for i in range(len(pair.prompts)):
-        ref = hf_run(pair, i)
+def test_greedy_continuation_matches_transformers(pair, fixed):
+    """Every greedy token is transformers' own argmax after the same prefix, up to the first EOS: the
+    sequence transformers' greedy generate() produces (the logits agree to 1e-4, test above)."""
+    for i in prompts_for(pair, fixed):
         ours, _, _ = greedy_run(pair, i, fixed)
-        assert len(ref) == NEW_TOKENS or ref[-1] in pair.eos   # transformers stops early only at EOS
-        assert ours[:len(ref)] == ref, (pair.name, i, pair.tok.decode(ours), pair.tok.decode(ref))
-        if not fixed:
-            print(f"\n[{pair.name}] prompt {i}: {len(ref)} greedy tokens identical: {pair.tok.decode(ref)!r}")
+        ref = hf_decode_rows(pair, i, ours).argmax(-1).tolist()
+        end = next((j + 1 for j, t in enumerate(ref) if t in pair.eos), len(ref))
+        assert ours[:end] == ref[:end], (pair.name, i, pair.tok.decode(ours), pair.tok.decode(ref))
+        print(f"\n[{pair.name}] prompt {i}: {end} greedy tokens identical: {pair.tok.decode(ref[:end])!r}")
 
 
 @pytest.mark.slow
@@ -245,22 +245,3 @@ def test_gemma3_past_sliding_window(pair):
               f"prefill rel max diff {dp:.2e}, {steps} decode steps {dd:.2e}")
         assert dp < REL_TOL and dd < REL_TOL
         assert tokens == ref_decode.argmax(-1).tolist()   # transformers' greedy choice at every step
-
-
-@pytest.mark.slow
-def test_bf16_engine_greedy_agreement_report(pair):
-    """Not a parity assertion: how far the bf16 engine's greedy output follows fp32 transformers."""
-    import tachy
-    from tachy import GenerationConfig
-
-    engine = tachy.load(pair.name, dtype="bf16", progress=False)
-    config = GenerationConfig(max_new_tokens=NEW_TOKENS, drafter=None)
-    agree = []
-    for i, prompt in enumerate(pair.prompts):
-        ref = hf_run(pair, i)
-        ours = [t for step in engine.generate_tokens(prompt, config) for t in step.tokens]
-        n = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
-        agree.append(n)
-        print(f"\n[{pair.name}] bf16 engine vs fp32 transformers, prompt {i}: first {n} of {len(ref)} greedy "
-              f"tokens agree")
-    assert len(agree) == len(pair.prompts)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tachy import GenerationConfig, InvalidArgumentError, UnknownNameError
-from tachy.engine import Engine, GenerationStats
+from tachy import Engine, GenerationStats
 from tachy.presses import PRESSES, Press, available_presses, make_press
 from tachy.presses.base import ragged
 from tachy.presses.pyramidkv import pyramid_budgets

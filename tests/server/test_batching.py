@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from tachy.engine import GenerationConfig
+from tachy import GenerationConfig
 from tachy.server.scheduler import Job, Scheduler
 from tests.decoding.helpers import tiny_engine
 from tests.server.test_scheduler import drain

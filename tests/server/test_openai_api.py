@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tachy.engine import GenerationConfig
+from tachy import GenerationConfig
 
 from .conftest import API_KEY
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tachy.engine import GenerationConfig, GenerationResponse, GenerationStats
+from tachy import GenerationConfig, GenerationResponse, GenerationStats
 from tachy.server.scheduler import Job, QueueFull, Scheduler, ShuttingDown
 
 

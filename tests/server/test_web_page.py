@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tachy.engine import GenerationConfig
+from tachy import GenerationConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

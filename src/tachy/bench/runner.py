@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..engine import Engine, GenerationConfig
+from ..decoding import GenerationConfig
+from ..engine import Engine
 from ..errors import UnknownNameError
 from .prompts import Prompt
 

@@ -22,8 +22,8 @@ Orthogonal to the strategy: ``GenerationConfig.response_format`` (JSON schema / 
 """
 from __future__ import annotations
 
-from .base import (STRATEGIES, Strategy, available_strategies, chain, check_config, logits_processor,
-                   make_strategy, register, row_contexts)
+from .base import STRATEGIES, Strategy, available_strategies, make_strategy, register, row_contexts
+from .config import GenerationConfig, check_config, logits_processor
 from .beam import BeamSearch, DiverseBeamSearch
 from .contrastive_decoding import ContextAwareDecoding, ContrastiveDecoding, truncated_model
 from .contrastive_search import ContrastiveSearch, degeneration_scores
@@ -34,8 +34,8 @@ from .structured import Constraint, response_format_regex, schema_regex, token_b
 from .watermark import WatermarkConfig, WatermarkScore, detect
 
 __all__ = [
-    "STRATEGIES", "Strategy", "available_strategies", "make_strategy", "register", "chain", "check_config",
-    "logits_processor", "row_contexts",
+    "STRATEGIES", "Strategy", "available_strategies", "make_strategy", "register", "GenerationConfig",
+    "check_config", "logits_processor", "row_contexts",
     "BeamSearch", "DiverseBeamSearch", "ContrastiveSearch", "degeneration_scores", "ContrastiveDecoding",
     "ContextAwareDecoding", "truncated_model", "Mirostat", "FSD", "anti_ngram_probs", "MBR", "UTILITIES",
     "ngram_f1", "Constraint", "response_format_regex", "schema_regex", "token_bytes",

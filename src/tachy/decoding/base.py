@@ -10,7 +10,7 @@ Two kinds of strategy, told apart by the methods they fill in:
 
 Structured output and the watermark are processors too, but they combine with any strategy, so they are
 ``GenerationConfig`` fields (``response_format``, ``watermark``) rather than strategies; ``logits_processor``
-chains them after the sampling penalties.
+(config.py) chains them after the sampling penalties.
 """
 from __future__ import annotations
 
@@ -23,10 +23,13 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidArgumentError, UnknownNameError
-from ..sampling import LogitsProcessor, make_logits_processor
+from ..generation import PREFILL_CHUNK, GenerationStats, Step
+from ..sampling import LogitsProcessor
+from ..spec import parse_spec
 
 if TYPE_CHECKING:
-    from ..engine import Engine, GenerationConfig, GenerationStats, Step
+    from ..engine import Engine
+    from .config import GenerationConfig
 
 STRATEGIES: dict[str, type["Strategy"]] = {}
 
@@ -69,7 +72,7 @@ class Strategy:
         return None
 
     def search(self, engine: "Engine", prompt_ids: list[int], config: "GenerationConfig",
-               stats: "GenerationStats") -> Iterator["Step"]:
+               stats: GenerationStats) -> Iterator[Step]:
         """Drive the model and yield the committed tokens (search strategies only)."""
         raise NotImplementedError
 
@@ -88,10 +91,8 @@ def available_strategies() -> list[str]:
 
 def make_strategy(name: str, **options) -> Strategy:
     """A strategy by registry name with its options (``"beam:num_beams=4"`` form accepted, as for drafters)."""
-    from ..speculative.drafters import parse_drafter_spec
-
     if ":" in name:
-        name, spec = parse_drafter_spec(name)
+        name, spec = parse_spec(name)
         options = {**spec, **options}
     cls = STRATEGIES.get(name)
     if cls is None:
@@ -102,49 +103,6 @@ def make_strategy(name: str, **options) -> Strategy:
         raise InvalidArgumentError(f"strategy {name!r} has no option {', '.join(sorted(unknown))}; "
                                    f"its options: {', '.join(sorted(known)) or 'none'}")
     return cls(**options)
-
-
-def chain(*processors: LogitsProcessor | None) -> LogitsProcessor | None:
-    """Apply processors left to right (None entries skipped); None when there are none."""
-    procs = [p for p in processors if p is not None]
-    if not procs:
-        return None
-    if len(procs) == 1:
-        return procs[0]
-
-    def process(logits: Tensor, context) -> Tensor:
-        for p in procs:
-            logits = p(logits, context)
-        return logits
-
-    return process
-
-
-def logits_processor(engine: "Engine", config: "GenerationConfig",
-                     prompt_ids: Sequence[int]) -> LogitsProcessor | None:
-    """Everything that edits logits for one generation: sampling penalties, the strategy's processor,
-    then the structured-output mask (last, so nothing re-enables a forbidden token) and the watermark bias."""
-    from .structured import make_structured_processor
-    from .watermark import make_watermark_processor
-
-    return chain(make_logits_processor(config.sampling),
-                 config.decoding.processor(engine, config, prompt_ids),
-                 make_watermark_processor(config.watermark),
-                 make_structured_processor(engine, config, prompt_ids))
-
-
-def check_config(config: "GenerationConfig") -> Strategy:
-    """Build and validate the strategy of a GenerationConfig (called from its ``__post_init__``)."""
-    from .structured import check_response_format
-    from .watermark import check_watermark
-
-    strategy = config.strategy if isinstance(config.strategy, Strategy) else make_strategy(
-        config.strategy, **(config.strategy_options or {}))
-    strategy.check(config)
-    check_response_format(config.response_format)
-    check_watermark(config.watermark)
-    return strategy
-
 
 
 def row_contexts(context, rows: int) -> list[list[int]]:
@@ -167,8 +125,6 @@ def prefill(model, prompt_ids: Sequence[int], cache, hidden: bool = False):
     """Forward a prompt in chunks (as the engine does) for any model view (e.g. a truncated amateur).
     Returns the last position's logits [1, V], and with ``hidden`` also every position's final hidden
     states [L, D] (contrastive search compares against them)."""
-    from ..engine import PREFILL_CHUNK
-
     states, logits = [], None
     for s in range(0, len(prompt_ids), PREFILL_CHUNK):
         chunk = list(prompt_ids[s:s + PREFILL_CHUNK])

@@ -33,7 +33,9 @@ from typing import ClassVar, Iterator
 import torch
 
 from ..errors import InvalidArgumentError
-from .base import Strategy, eos_ids, logits_processor, prefill, register
+from ..generation import Step
+from .base import Strategy, eos_ids, prefill, register
+from .config import logits_processor
 
 _NEG = -1.0e9
 
@@ -93,7 +95,6 @@ class BeamSearch(Strategy):
         super().check(config)
 
     def search(self, engine, prompt_ids, config, stats) -> Iterator:
-        from ..engine import Step
 
         model, device = engine.model, engine.device
         eos = eos_ids(engine, config)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..cli import EXTRA_COMMANDS, add_model_args
 from ..errors import InvalidArgumentError
+from ..spec import parse_spec
 
 # flag -> strategy option (passed only when given, so each strategy keeps its own defaults)
 OPTION_FLAGS = {
@@ -70,8 +71,7 @@ def _watermark(spec: str | None):
         return None
     if spec == "on":
         return True
-    from ..speculative.drafters import parse_drafter_spec
-    return parse_drafter_spec("watermark:" + spec)[1]
+    return parse_spec("watermark:" + spec)[1]
 
 
 def cmd_watermark_detect(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError
+from ..generation import Step
 from ..sampling import sample
 from .base import Strategy, eos_ids, prefill, register
 
@@ -55,7 +56,6 @@ class _TwoStreams(Strategy):
         raise NotImplementedError
 
     def search(self, engine, prompt_ids, config, stats) -> Iterator:
-        from ..engine import Step
 
         other_model, other_prompt = self.streams(engine, prompt_ids)
         eos = set(eos_ids(engine, config))

@@ -21,7 +21,9 @@ from typing import ClassVar, Iterator
 import torch
 
 from ..errors import InvalidArgumentError
-from .base import Strategy, eos_ids, logits_processor, prefill, register
+from ..generation import Step
+from .base import Strategy, eos_ids, prefill, register
+from .config import logits_processor
 
 
 def degeneration_scores(probs: torch.Tensor, candidates_hidden: torch.Tensor, context_hidden: torch.Tensor,
@@ -50,7 +52,6 @@ class ContrastiveSearch(Strategy):
             raise InvalidArgumentError(f"top_k must be a positive integer, got {self.top_k!r}")
 
     def search(self, engine, prompt_ids, config, stats) -> Iterator:
-        from ..engine import Step
 
         model, device = engine.model, engine.device
         eos = set(eos_ids(engine, config))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator, Sequence
 
 from ..errors import InvalidArgumentError, UnknownNameError
+from ..generation import GenerationStats, Step
 from .base import Strategy, eos_ids, register
 
 Utility = Callable[[Sequence[int], Sequence[int]], float]
@@ -73,7 +74,6 @@ class MBR(Strategy):
         # samples come from the engine's own loop, which may use drafts: keep the drafter
 
     def search(self, engine, prompt_ids, config, stats) -> Iterator:
-        from ..engine import GenerationStats, Step
 
         eos = eos_ids(engine, config)
         utility = UTILITIES[self.utility] if isinstance(self.utility, str) else self.utility

@@ -33,7 +33,8 @@ from ..sampling import LogitsProcessor
 from .base import row_contexts
 
 if TYPE_CHECKING:
-    from ..engine import Engine, GenerationConfig
+    from ..engine import Engine
+    from .config import GenerationConfig
     from ..tokenizer import Tokenizer
 
 # What {"type": "json_object"} means here: a JSON object whose values are scalars, or arrays / objects of

@@ -7,6 +7,7 @@ folder (config.json + model.safetensors + tokenizer files) and later loads read 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -260,9 +261,15 @@ def read_gguf(path: Path, progress: bool = True) -> tuple[ModelConfig, dict[str,
 
 
 def converted_dir(gguf_path: Path) -> Path:
-    """Cache folder keyed by name, size and mtime, so a replaced file is converted again."""
-    st = gguf_path.stat()
-    return cache_root() / "converted" / f"{gguf_path.stem}-{st.st_size}-{st.st_mtime_ns}"
+    """Cache folder keyed by the file's name, size and a hash of its first and last MiB: a replaced file is
+    converted again, while the same file installed twice (two virtual environments) shares one conversion."""
+    size = gguf_path.stat().st_size
+    digest = hashlib.blake2b(digest_size=8)
+    with open(gguf_path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return cache_root() / "converted" / f"{gguf_path.stem}-{size}-{digest.hexdigest()}"
 
 
 _CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")

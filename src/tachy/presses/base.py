@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..cache import KVCache
 from ..errors import InvalidArgumentError, UnknownNameError
+from ..spec import parse_spec
 
 
 @dataclass
@@ -202,9 +203,7 @@ def make_press(name: str, compression_ratio: float = 0.0, **kwargs) -> Press:
     """A press by registry name; an unknown name raises UnknownNameError listing the available ones.
     ``"a+b"`` applies a then b (e.g. ``snapkv+kivi2``); the ratio goes to the evicting parts."""
     if ":" in name:     # "name:key=value,..." options, as for drafters and strategies
-        from ..speculative.drafters import parse_drafter_spec
-
-        name, options = parse_drafter_spec(name)
+        name, options = parse_spec(name)
         kwargs = {**options, **kwargs}
     if "+" in name:
         if kwargs:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import InvalidArgumentError
 from .base import Press, register
 
 SCALE_DTYPE = torch.float16
@@ -106,8 +107,6 @@ class KIVIPress(Press):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from ..errors import InvalidArgumentError
-
         if self.compression_ratio:
             raise InvalidArgumentError(f"{self.name} sets its size by bits; use ratio 0, or combine it with an "
                                        f"eviction press (e.g. snapkv+{self.name})")

@@ -19,7 +19,9 @@ from typing import AsyncIterator
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..engine import Engine, GenerationConfig, GenerationResponse, GenerationStats
+from ..decoding import GenerationConfig
+from ..engine import Engine
+from ..generation import GenerationResponse, GenerationStats
 from ..errors import ContextLengthError, TachyError
 from ..speculative.drafters import DRAFTERS, make_drafter
 from .http_errors import ApiError, BodyGuard, ClientGone, install_error_handlers

@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import threading
 
-from ..engine import GenerationStats
+from ..generation import GenerationStats
 
 
 class Metrics:

@@ -33,7 +33,9 @@ import time
 from dataclasses import dataclass, field
 
 from ..batch import BatchDecoder, Row, batchable
-from ..engine import Engine, GenerationConfig, GenerationResponse, GenerationStats
+from ..decoding import GenerationConfig
+from ..engine import Engine
+from ..generation import GenerationResponse, GenerationStats
 from .metrics import Metrics
 
 log = logging.getLogger("tachy.server")

@@ -10,7 +10,7 @@ import pytest
 
 from tachy.errors import InvalidArgumentError, UnknownNameError
 from tachy.speculative.drafters import (DRAFTERS, Datastore, Drafter, available_drafters, make_drafter,
-                                        overlap_copy, parse_drafter_spec)
+                                        overlap_copy)
 from tachy.speculative.tree import DraftTree
 
 from .helpers import check_tree, make_stream, run_engine
@@ -57,9 +57,6 @@ def test_make_drafter_passes_options():
 
 
 def test_drafter_spec_strings():
-    assert parse_drafter_spec("sam") == ("sam", {})
-    assert parse_drafter_spec("x:a=1, b=0.5,c=true,d=None,e=text") == \
-        ("x", {"a": 1, "b": 0.5, "c": True, "d": None, "e": "text"})
     d = make_drafter("pld:max_ngram=2,max_matches=3")
     assert (d.max_ngram, d.max_matches) == (2, 3)
     assert make_drafter("pld:max_ngram=2", max_ngram=3).max_ngram == 3      # explicit kwargs win

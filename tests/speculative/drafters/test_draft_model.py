@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tachy.engine import Engine, GenerationConfig, GenerationStats
+from tachy import Engine, GenerationConfig, GenerationStats
 from tachy.errors import InvalidArgumentError
 from tachy.speculative.drafters import DraftModelDrafter, SuffixAutomatonDrafter, make_drafter
 from tests.conftest import tiny_model

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from tachy.engine import Engine, GenerationConfig
+from tachy import Engine, GenerationConfig
 from tachy.speculative.drafters import prediction_drafter
 from tests.conftest import tiny_model
 

@@ -25,6 +25,7 @@ Wrappers: :class:`FallbackDrafter` (first non-empty draft), :class:`CombinedDraf
 from __future__ import annotations
 
 from ...errors import InvalidArgumentError, UnknownNameError
+from ...spec import parse_spec
 from .aded import AdaptiveTrigramDrafter, NgramTable
 from .base import Drafter, overlap_copy
 from .draft_model import DraftModelDrafter, QuantizedSelfDrafter
@@ -60,42 +61,11 @@ def available_drafters(runnable_only: bool = False) -> list[str]:
     return sorted(n for n, cls in DRAFTERS.items() if not (runnable_only and getattr(cls, "requires_options", False)))
 
 
-def _parse_value(text: str):
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "none":
-        return None
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_drafter_spec(spec: str) -> tuple[str, dict]:
-    """``"name"`` or ``"name:key=value,key=value"`` (the CLI's ``--drafter``) -> ``(name, kwargs)``; values
-    are read as bool / None / int / float when they look like one, else kept as strings.
-
-    >>> parse_drafter_spec("rest:datastore=store.npz,max_depth=6")
-    ('rest', {'datastore': 'store.npz', 'max_depth': 6})
-    """
-    name, _, opts = spec.partition(":")
-    kwargs = {}
-    for item in filter(None, (o.strip() for o in opts.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise InvalidArgumentError(f"drafter option {item!r} in {spec!r} is not key=value")
-        kwargs[key.strip()] = _parse_value(value.strip())
-    return name.strip(), kwargs
-
-
 def make_drafter(name: str, **kwargs) -> Drafter:
     """A new drafter by registry name; ``kwargs`` are its constructor options. ``name`` may carry options
     as ``"name:key=value,..."`` (explicit ``kwargs`` win)."""
     if ":" in name:
-        name, spec_kwargs = parse_drafter_spec(name)
+        name, spec_kwargs = parse_spec(name)
         kwargs = {**spec_kwargs, **kwargs}
     cls = DRAFTERS.get(name)
     if cls is None:
@@ -107,7 +77,7 @@ def make_drafter(name: str, **kwargs) -> Drafter:
 
 
 __all__ = [
-    "DRAFTERS", "Drafter", "available_drafters", "make_drafter", "parse_drafter_spec", "overlap_copy",
+    "DRAFTERS", "Drafter", "available_drafters", "make_drafter", "overlap_copy",
     "DefaultDrafter", "ModelFreeDrafter", "GatedModelFreeDrafter", "SpeedGate", "FallbackDrafter", "CombinedDrafter", "AdaptiveLength",
     "PromptLookupDrafter", "find_ngram_continuations", "prediction_drafter",
     "SuffixAutomatonDrafter", "SuffixAutomaton", "longest_previous_matches",

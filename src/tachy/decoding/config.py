@@ -1,0 +1,90 @@
+"""GenerationConfig: everything that shapes one generation, checked when it is made, and the chain of logits
+processors it asks for.
+
+It sits above the rest of tachy.decoding because checking it builds the decoding strategy and checks the
+structured-output and watermark options; the engine reads it, and nothing below imports it but for types.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+from ..errors import InvalidArgumentError
+from ..presses import Press, make_press
+from ..sampling import LogitsProcessor, SamplingConfig, chain, make_logits_processor
+from ..speculative.drafters import Drafter
+from .base import Strategy, make_strategy
+from .structured import check_response_format, make_structured_processor
+from .watermark import check_watermark, make_watermark_processor
+
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+
+@dataclass
+class GenerationConfig:
+    """Everything that shapes one generation. Sampling fields are validated by SamplingConfig."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    drafter: str | Drafter | None = "default"   # None or "none": plain decoding
+    max_draft_tokens: int = 16                   # draft tree node budget per step
+    # decoding toolbox (tachy.decoding): a strategy by name with its options, a JSON-schema/regex constraint
+    # ({"type": "json_object"} / {"type": "json_schema", "json_schema": {"schema": ...}} / {"type": "regex",
+    # "regex": ...}) and a green-list watermark (True or {"gamma": .., "delta": .., "key": ..})
+    strategy: str = "default"
+    strategy_options: dict = field(default_factory=dict)
+    response_format: dict | None = None
+    watermark: bool | dict | None = None
+    prediction: str | list[int] | None = None    # expected output (Predicted Outputs): drafted from, losslessly
+    press: str | Press | None = None             # KV-cache compression after prefill (tachy.presses)
+    compression_ratio: float = 0.0               # fraction of the prompt's KV the press removes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.max_draft_tokens < 0:
+            raise InvalidArgumentError(f"max_draft_tokens must be >= 0, got {self.max_draft_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.press == "none":
+            self.press = None
+        if isinstance(self.press, str):   # a Press object carries its own ratio
+            self.press = make_press(self.press, self.compression_ratio)
+        elif self.press is None and self.compression_ratio:
+            raise InvalidArgumentError("compression_ratio needs a press (see tachy.presses.available_presses())")
+        self.sampling = SamplingConfig(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+            typical_p=self.typical_p, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed)
+        self.decoding = check_config(self)
+
+
+def check_config(config: GenerationConfig) -> Strategy:
+    """Build and validate the strategy of a GenerationConfig (called from its ``__post_init__``)."""
+    strategy = config.strategy if isinstance(config.strategy, Strategy) else make_strategy(
+        config.strategy, **(config.strategy_options or {}))
+    strategy.check(config)
+    check_response_format(config.response_format)
+    check_watermark(config.watermark)
+    return strategy
+
+
+def logits_processor(engine: Engine, config: GenerationConfig,
+                     prompt_ids: Sequence[int]) -> LogitsProcessor | None:
+    """Everything that edits logits for one generation: sampling penalties, the strategy's processor,
+    then the structured-output mask (last, so nothing re-enables a forbidden token) and the watermark bias."""
+    return chain(make_logits_processor(config.sampling),
+                 config.decoding.processor(engine, config, prompt_ids),
+                 make_watermark_processor(config.watermark),
+                 make_structured_processor(engine, config, prompt_ids))

@@ -1,0 +1,55 @@
+"""What one generation gives back: a Step per target forward, the text pieces streamed from them, and stats.
+
+The bottom of the generation layers: the engine's loop, the batched decoder and the search strategies in
+tachy.decoding all produce these, so they live below all of them and import nothing of tachy's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFILL_CHUNK = 1024   # prompt tokens per prefill forward (bounds the attention scores' memory)
+
+
+@dataclass
+class Step:
+    """One target forward: the tokens it committed (``accepted`` drafts, then the bonus token)."""
+
+    tokens: list[int]
+    accepted: int
+    draft_size: int
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    forwards: int = 0            # target forwards after prefill
+    drafted: int = 0
+    accepted: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    draft_s: float = 0.0         # time inside the drafter (propose + update)
+    draft_model_s: float = 0.0   # of draft_s, the draft model's forwards (the rest is drafting logic)
+    kv_bytes: int = 0            # K/V bytes the cache holds (after any press), as of the last step
+    kv_full_bytes: int = 0       # what an uncompressed cache would hold for the same tokens
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens committed per target forward: accepted drafts plus the bonus token (1.0 for plain decoding)."""
+        return 1.0 + self.accepted / self.forwards if self.forwards else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first (which prefill produces) per second of decoding."""
+        return (self.generated_tokens - 1) / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class GenerationResponse:
+    """A streamed piece: new text, the tokens behind it and running stats; finish_reason on the last one."""
+
+    text: str
+    token_ids: list[int]
+    from_draft: list[bool]
+    stats: GenerationStats
+    finish_reason: str | None = None   # "stop" (EOS or stop string) or "length"

@@ -1,0 +1,28 @@
+"""One parser for ``name:key=value,...`` plug-in specs (drafters, presses, strategies, the watermark)."""
+from __future__ import annotations
+
+import doctest
+
+import pytest
+
+import tachy.spec
+from tachy.errors import InvalidArgumentError
+from tachy.spec import parse_spec
+
+
+def test_doctests():
+    assert doctest.testmod(tachy.spec).failed == 0
+
+
+def test_values_are_typed_when_they_read_as_one():
+    assert parse_spec("sam") == ("sam", {})
+    assert parse_spec("x:a=1, b=0.5,c=true,d=None,e=text,f=FALSE") == \
+        ("x", {"a": 1, "b": 0.5, "c": True, "d": None, "e": "text", "f": False})
+    assert parse_spec(" name : k = v ") == ("name", {"k": "v"})
+    assert parse_spec("name:path=/tmp/a=b") == ("name", {"path": "/tmp/a=b"})   # the first '=' splits
+
+
+@pytest.mark.parametrize("bad", ["x:novalue", "x:=3", "x:a=1,b"])
+def test_an_option_without_key_and_value_is_an_error(bad):
+    with pytest.raises(InvalidArgumentError, match="is not key=value"):
+        parse_spec(bad)
