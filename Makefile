@@ -16,7 +16,7 @@ JOBS   ?= 2
 
 LOCKS  := requirements/runtime.txt requirements/dev.txt requirements/legacy-parity.txt
 
-.PHONY: setup dev run test test-fast test-legacy-parity check-lock lock clean
+.PHONY: setup dev run test test-fast test-legacy-parity check-lock lock bench-env clean
 
 # install-lock VENV LOCK: a fresh venv holding exactly LOCK, torch and tachy (editable), checked against LOCK
 define install-lock
@@ -41,6 +41,25 @@ $(VENV)/.dev-done: $(VENV)/.setup-done
 $(LEGACY)/.done: pyproject.toml requirements/legacy-parity.txt
 	$(call install-lock,$(LEGACY),requirements/legacy-parity.txt)
 	touch $@
+
+# The benchmark venv: dev + llama.cpp's bindings built for this CPU (benchmarks/vs_llamacpp.py). AMX stays off:
+# CPUs that report AMX without allowing it (some VMs) die with "Illegal instruction" otherwise.
+BENCH ?= .venv-bench
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+                    -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+$(BENCH)/.done: pyproject.toml requirements/bench.txt
+	rm -rf $(BENCH)
+	$(PYTHON) -m venv $(BENCH)
+	grep -v '^llama-cpp-python' requirements/bench.txt > $(BENCH).reqs
+	$(BENCH)/bin/python -m pip install -q --no-deps "$(TORCH)" -r $(BENCH).reqs
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BENCH)/bin/python -m pip install -q --no-deps \
+	    $$(grep '^llama-cpp-python' requirements/bench.txt)
+	$(BENCH)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BENCH)/bin/python requirements/check_lock.py requirements/bench.txt --also "$(TORCH)"
+	rm -f $(BENCH).reqs
+	touch $@
+
+bench-env: $(BENCH)/.done
 
 setup: $(VENV)/.setup-done
 
@@ -74,4 +93,4 @@ lock:
 	UV=$(TOOLS)/bin/uv TORCH="$(TORCH)" requirements/lock.sh
 
 clean:
-	rm -rf $(VENV) $(LEGACY) $(TOOLS) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(LEGACY) $(TOOLS) $(BENCH) build *.egg-info src/*.egg-info

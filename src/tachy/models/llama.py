@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from ..cache import KVCache, key_bucket
 from ..config import ModelConfig
+from ..kernels import QuantWeight
+from .gguf_linear import GGUFEmbedding, GGUFLinear
 
 
 class RMSNorm(nn.Module):
@@ -187,6 +189,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = Rope(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+        self.cpu_forward = None   # the whole forward as one C call, where set (models/cpu_forward.py)
 
     def new_cache(self, capacity: int = 256, batch: int = 1, fixed: bool = False) -> KVCache:
         """A cache sized for this model on the model's device, in the activation dtype."""
@@ -195,11 +198,14 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """Activation dtype: float32 unless the whole model was cast to a half type."""
+        """Activation dtype: float32 unless the whole model was cast to a half type (or keeps GGUF blocks)."""
+        fixed = getattr(self.embed_tokens, "activation_dtype", None)
+        if fixed is not None:
+            return fixed
         w = self.embed_tokens.weight.dtype
         return w if w in (torch.bfloat16, torch.float16) else torch.float32
 
@@ -226,6 +232,10 @@ class Transformer(nn.Module):
         """tokens [B, T], positions [T], mask [T, length+T] bool or None (causal) -> float32 logits [B, T|1, V];
         for a BatchKVCache tokens [B, 1] and positions [B], one per row in ``cache.rows``;
         with ``return_hidden`` also the final-norm hidden states [B, T|1, hidden] (contrastive search)."""
+        if self.cpu_forward is not None and self.cpu_forward.supports(cache):
+            out = self.cpu_forward(tokens, positions, cache, mask, last_only, return_hidden)
+            if out is not None:
+                return out
         T = tokens.shape[1]
         cache.reserve(T)
         start, keys = cache.length, cache.key_count(T)
@@ -285,6 +295,29 @@ class Transformer(nn.Module):
         self.load_state_dict(ours, assign=True)
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def load_quantized_state_dict(self, sd: dict[str, Tensor | QuantWeight]) -> None:
+        """Load a GGUF file's own blocks (``load_checkpoint(..., quantized=True)``): the linear layers and the
+        embedding keep them (GGUFLinear, GGUFEmbedding), norms and biases load as float32."""
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}
+        for i, block in enumerate(self.layers):
+            p, attn = f"layers.{i}.", block.self_attn
+            qkv = [sd.pop(f"{p}self_attn.{x}_proj.weight") for x in "qkv"]
+            biases = [sd.pop(f"{p}self_attn.{x}_proj.bias", None) for x in "qkv"]
+            attn.qkv_proj = GGUFLinear(qkv, bias=biases[0] is not None)
+            if biases[0] is not None:   # as the bf16 path holds it
+                sd[f"{p}self_attn.qkv_proj.bias"] = torch.cat(biases).to(torch.bfloat16)
+            attn.o_proj = GGUFLinear([sd.pop(f"{p}self_attn.o_proj.weight")])
+            block.mlp.gate_up_proj = GGUFLinear([sd.pop(f"{p}mlp.gate_proj.weight"), sd.pop(f"{p}mlp.up_proj.weight")])
+            block.mlp.down_proj = GGUFLinear([sd.pop(f"{p}mlp.down_proj.weight")])
+        embedding = sd.pop("embed_tokens.weight")
+        self.embed_tokens = GGUFEmbedding(embedding)
+        self.lm_head = GGUFLinear([embedding if self.config.tie_embeddings else sd.pop("lm_head.weight")])
+        expected = self.state_dict().keys()
+        missing, unexpected = expected - sd.keys(), sd.keys() - expected
+        if missing or unexpected or any(isinstance(v, QuantWeight) for v in sd.values()):
+            raise KeyError(f"checkpoint mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        self.load_state_dict({k: v if k.endswith(".bias") else v.float() for k, v in sd.items()}, assign=True)
 
 
 def bucketed_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, start: int, scale: float,

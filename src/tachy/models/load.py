@@ -23,10 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import kernels
 from ..config import ModelConfig
 from ..errors import ModelLoadError
+from ..kernels import QuantWeight
 from ..registry import cache_root
 from ..tokenizer import END_OF_TURN_TOKENS, gguf_tokenizer, save_tokenizer_files
+from .gguf_file import GGUFFile
 
 CONVERTED_FORMAT = 1   # bump when the conversion changes, so stale caches are rebuilt
 
@@ -212,8 +215,10 @@ def _gguf_config(meta: _Meta, arch: str, tensors: dict[str, Any], vocab: dict[st
     return ModelConfig(arch="llama", qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", hidden_act="silu", **common)
 
 
-def read_gguf(path: Path, progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], Any, dict[str, Any]]:
-    """Dequantize a GGUF file into (config, HF state dict, fast tokenizer, tokenizer_config). No caching."""
+def read_gguf(path: Path, progress: bool = True, weights: bool = True
+              ) -> tuple[ModelConfig, dict[str, torch.Tensor] | None, Any, dict[str, Any]]:
+    """Dequantize a GGUF file into (config, HF state dict, fast tokenizer, tokenizer_config). No caching.
+    ``weights=False`` reads only the config and the tokenizer (the state dict is None)."""
     import gguf
     from tqdm import tqdm
 
@@ -234,11 +239,13 @@ def read_gguf(path: Path, progress: bool = True) -> tuple[ModelConfig, dict[str,
         cfg = _gguf_config(meta, gguf_arch, tensors, tok_backend.get_vocab(with_added_tokens=True))
     except (ValueError, TypeError) as e:   # metadata of the wrong type
         raise ModelLoadError(f"{path}: malformed GGUF metadata ({e})") from e
-
-    sd: dict[str, torch.Tensor] = {}
     unmapped = [t for t in tensors if gguf_to_hf_name(t, gguf_arch) is None]
     if unmapped:
         raise ModelLoadError(f"{path}: GGUF tensors with no Hugging Face name: {unmapped[:5]}")
+    if not weights:
+        return cfg, None, tok_backend, tok_config
+
+    sd: dict[str, torch.Tensor] = {}
     for t in tqdm(reader.tensors, desc=f"converting {path.name}", unit="tensor", file=sys.stderr,
                   disable=not progress, leave=False):
         name = gguf_to_hf_name(t.name, gguf_arch)
@@ -249,15 +256,49 @@ def read_gguf(path: Path, progress: bool = True) -> tuple[ModelConfig, dict[str,
             raise ModelLoadError(f"{path}: cannot dequantize {t.name} ({t.tensor_type.name}): {e}") from e
         shape = tuple(int(d) for d in reversed(t.shape))   # GGUF lists dims innermost first
         w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True).reshape(shape))
-        if gguf_arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
-            w = unpermute_rope(w, cfg.num_heads)
-        elif gguf_arch == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
-            w = unpermute_rope(w, cfg.num_kv_heads)
-        if gguf_arch == "gemma3" and t.name.endswith("norm.weight"):
-            w = w - 1.0   # the converter stores Gemma's (1 + w); HF keeps w
-        sd[name] = w.contiguous()
+        sd[name] = _to_hf_convention(w, t.name, gguf_arch, cfg)
     validate_state_dict(cfg, sd, path)
     return cfg, sd, tok_backend, tok_config
+
+
+def _to_hf_convention(w: torch.Tensor, gguf_name: str, gguf_arch: str, cfg: ModelConfig) -> torch.Tensor:
+    """llama.cpp's conventions -> Hugging Face's: rope-permuted q/k rows (Llama), Gemma's stored ``1 + w``.
+    ``w`` may be float values or rows of quantized blocks (uint8 [rows, bytes]): both are reordered by row."""
+    if gguf_arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
+        return unpermute_rope(w, cfg.num_heads).contiguous()
+    if gguf_arch == "llama" and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
+        return unpermute_rope(w, cfg.num_kv_heads).contiguous()
+    if gguf_arch == "gemma3" and gguf_name.endswith("norm.weight"):
+        return (w - 1.0).contiguous()   # the converter stores Gemma's (1 + w); HF keeps w
+    return w.contiguous()
+
+
+def read_gguf_blocks(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor | QuantWeight]:
+    """A GGUF file's weights in HF names and conventions without dequantizing: matrices as QuantWeight
+    (the file's blocks, memory-mapped; q/k rows reordered for rope), vectors as float32 tensors."""
+    f = GGUFFile(path)
+    gguf_arch = str(f.metadata.get("general.architecture"))
+    if gguf_arch not in GGUF_TO_HF:
+        raise ModelLoadError(f"{path}: GGUF architecture {gguf_arch!r} is not supported")
+    sd: dict[str, torch.Tensor | QuantWeight] = {}
+    with warnings.catch_warnings():   # the map is read-only; nothing here writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        for info in f.tensors.values():
+            name = gguf_to_hf_name(info.name, gguf_arch)
+            if name is None:
+                raise ModelLoadError(f"{path}: GGUF tensor {info.name!r} has no Hugging Face name")
+            data = torch.from_numpy(f.data(info.name))
+            if len(info.shape) == 2:
+                if info.ggml_type not in kernels.BLOCK:
+                    raise ModelLoadError(f"{path}: {info.name} is stored as ggml type {info.ggml_type}, which "
+                                         "tachy cannot read natively; load with --dtype bf16")
+                data = data.view(torch.uint8).reshape(info.shape[0], -1)
+                sd[name] = QuantWeight(info.ggml_type, _to_hf_convention(data, info.name, gguf_arch, cfg),
+                                       info.shape[1])
+            else:
+                sd[name] = _to_hf_convention(data.float(), info.name, gguf_arch, cfg)
+    validate_state_dict(cfg, sd, path)
+    return sd
 
 
 def converted_dir(gguf_path: Path) -> Path:
@@ -272,67 +313,86 @@ def converted_dir(gguf_path: Path) -> Path:
     return cache_root() / "converted" / f"{gguf_path.stem}-{size}-{digest.hexdigest()}"
 
 
-_CONVERTED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# The cache always holds the config and tokenizer; the float32 weights only once a float dtype was asked for
+# (a model run on its own GGUF blocks never needs them).
+_CONVERTED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+_WEIGHTS_FILE = "model.safetensors"
 
 
-def _load_converted(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]] | None:
+def _load_converted(folder: Path, weights: bool) -> tuple[ModelConfig, dict[str, torch.Tensor] | None] | None:
     """The cached conversion, or None when it is absent, stale or unreadable (then it is rebuilt)."""
     from safetensors.torch import load_file
 
-    if not all((folder / f).is_file() for f in _CONVERTED_FILES):
+    if not all((folder / f).is_file() for f in _CONVERTED_FILES) or (weights and not (folder / _WEIGHTS_FILE).is_file()):
         return None
     try:
         raw = json.loads((folder / "config.json").read_text())
         if raw.get("tachy_format") != CONVERTED_FORMAT:
             return None
         cfg = ModelConfig.from_dict(raw)
-        sd = load_file(str(folder / "model.safetensors"))
-        validate_state_dict(cfg, sd, folder)
+        sd = None
+        if weights:
+            sd = load_file(str(folder / _WEIGHTS_FILE))
+            validate_state_dict(cfg, sd, folder)
     except Exception as e:
         warnings.warn(f"ignoring unreadable converted cache {folder}: {e}", stacklevel=3)
         return None
     return cfg, sd
 
 
-def _write_converted(folder: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor], tok_backend: Any,
+def _write_converted(folder: Path, cfg: ModelConfig, sd: dict[str, torch.Tensor] | None, tok_backend: Any,
                      tok_config: dict[str, Any]) -> Path:
-    """Write into a temp folder and rename it into place: an interrupted conversion leaves no half cache."""
+    """Write into a temp folder and rename it into place: an interrupted conversion leaves no half cache.
+    Weights added to an existing folder are renamed into it as one file, for the same reason."""
     from safetensors.torch import save_file
 
     folder.parent.mkdir(parents=True, exist_ok=True)
+    if sd is not None and _load_converted(folder, weights=False) is not None:
+        tmp_file = folder / f".{_WEIGHTS_FILE}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            save_file(sd, str(tmp_file))
+            os.replace(tmp_file, folder / _WEIGHTS_FILE)
+        finally:
+            tmp_file.unlink(missing_ok=True)
+        return folder
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
         # No "model_type": transformers' AutoTokenizer would then parse this file as an HF config and fail.
         (tmp / "config.json").write_text(json.dumps({**cfg.to_dict(), "tachy_format": CONVERTED_FORMAT}, indent=2))
-        save_file(sd, str(tmp / "model.safetensors"))
+        if sd is not None:
+            save_file(sd, str(tmp / _WEIGHTS_FILE))
         save_tokenizer_files(tok_backend, tok_config, tmp)
         if folder.exists():   # stale or broken cache (or a concurrent writer): replace it
             shutil.rmtree(folder, ignore_errors=True)
         try:
             os.rename(tmp, folder)
         except OSError:
-            if not (folder / "model.safetensors").is_file():   # not a concurrent writer winning the race
+            if not (folder / "config.json").is_file():   # not a concurrent writer winning the race
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def _load_gguf(path: Path, progress: bool) -> tuple[ModelConfig, dict[str, torch.Tensor], Path]:
+def _load_gguf(path: Path, progress: bool, quantized: bool
+               ) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantWeight], Path]:
     folder = converted_dir(path)
-    cached = _load_converted(folder)
+    cached = _load_converted(folder, weights=not quantized)
     if cached is not None:
-        return cached[0], cached[1], folder
-    cfg, sd, tok_backend, tok_config = read_gguf(path, progress)
-    try:
-        _write_converted(folder, cfg, sd, tok_backend, tok_config)
-        return cfg, sd, folder
-    except OSError as e:   # an unwritable cache slows the next load but must not fail this one
-        warnings.warn(f"could not cache converted weights in {folder}: {e}", stacklevel=3)
-        tok_dir = Path(tempfile.mkdtemp(prefix="tachy-tokenizer-"))
-        save_tokenizer_files(tok_backend, tok_config, tok_dir)
-        return cfg, sd, tok_dir
+        cfg, sd = cached
+    else:
+        cfg, sd, tok_backend, tok_config = read_gguf(path, progress, weights=not quantized)
+        try:
+            _write_converted(folder, cfg, sd, tok_backend, tok_config)
+        except OSError as e:   # an unwritable cache slows the next load but must not fail this one
+            warnings.warn(f"could not cache converted weights in {folder}: {e}", stacklevel=3)
+            folder = Path(tempfile.mkdtemp(prefix="tachy-tokenizer-"))
+            save_tokenizer_files(tok_backend, tok_config, folder)
+    if quantized:
+        return cfg, read_gguf_blocks(path, cfg), folder
+    assert sd is not None
+    return cfg, sd, folder
 
 
 # ---- Hugging Face folder --------------------------------------------------------------------------------------
@@ -379,12 +439,16 @@ def _load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
 
 
 # ---- entry point ----------------------------------------------------------------------------------------------
-def load_checkpoint(path: Path | str, progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], Path]:
-    """(config, float32 HF-named state dict, folder with tokenizer.json + tokenizer_config.json) for a GGUF file
-    or a Hugging Face folder. GGUF conversions are cached under ``<cache root>/converted``."""
+def load_checkpoint(path: Path | str, progress: bool = True, quantized: bool = False
+                    ) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantWeight], Path]:
+    """(config, HF-named state dict, folder with tokenizer.json + tokenizer_config.json) for a GGUF file or a
+    Hugging Face folder. Weights are float32, or with ``quantized`` (GGUF only) the file's own blocks as
+    QuantWeight matrices. GGUF conversions are cached under ``<cache root>/converted``."""
     path = Path(path).expanduser()
     if path.is_dir():
+        if quantized:
+            raise ModelLoadError(f"{path}: quantized (gguf) weights need a GGUF file, not a Hugging Face folder")
         return _load_hf_folder(path)
     if path.is_file():
-        return _load_gguf(path, progress)
+        return _load_gguf(path, progress, quantized)
     raise ModelLoadError(f"{path}: no such file or folder")

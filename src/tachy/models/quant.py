@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..errors import InvalidArgumentError
 from .llama import Rope
 
-WEIGHT_DTYPES = ("fp32", "bf16", "int8", "int4")
+WEIGHT_DTYPES = ("fp32", "bf16", "int8", "int4", "gguf")   # gguf: the file's own blocks (gguf_linear.py)
 
 
 class TransposedLinear(nn.Module):
@@ -153,6 +153,9 @@ def convert_weights(model: nn.Module, dtype: str) -> nn.Module:
     """Cast a float32 model in place to one of WEIGHT_DTYPES; activations become bf16 for all but fp32."""
     if dtype not in WEIGHT_DTYPES:
         raise InvalidArgumentError(f"unknown weight dtype {dtype!r}; choose from {', '.join(WEIGHT_DTYPES)}")
+    if dtype == "gguf":
+        raise InvalidArgumentError("gguf weights are a GGUF file's own blocks: load them with tachy.load(path, "
+                                   "dtype='gguf'), they cannot be made from float weights")
     if dtype == "bf16":
         _replace_linears(model, make_bf16)
         model.to(torch.bfloat16)

@@ -1,0 +1,414 @@
+/* A whole decoder forward on the CPU in one call: Llama-family and Gemma 3 layers over GGUF blocks.
+ *
+ * The same model as tachy/models/llama.py and gemma3.py (read those for the math); this file only removes
+ * what a tiny model's decode step otherwise spends between its matrix products (thousands of PyTorch ops per
+ * token). The residual stream, norms, rope, attention scores and activations are float32; matrix inputs and
+ * the K/V cache are bf16, as in the bf16 path.
+ *
+ * One call forwards T new tokens of one or several sequences (rows of the K/V cache). Token t is written at
+ * slot slots[t] of cache row rows[t] and attends to that row's slots [0, prefix[t]) (within a sliding window
+ * where the layer has one) and then to the new tokens its mask row allows, in that order. Every reduction
+ * (dot products, softmax, sums over keys) runs in a fixed order over exactly those keys, so a token's result
+ * does not depend on T or on the other tokens: a verify forward over a chain of drafts gives each token the
+ * bits one-token decoding gives it, and a batch gives each sequence the bits it gets alone.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define DEC_AVX512 TQ_AVX512
+
+/* Every field is 8 bytes wide, so the Python side (ctypes) lays the structs out the same way. */
+typedef struct {
+    int64_t fmt;
+    const uint8_t *data;
+    int64_t row_bytes, N, K;
+    const uint8_t *packed;        /* the rows packed for the int8 kernels (q8_matmul.c), or NULL */
+} tq_weight;
+
+typedef struct {
+    int64_t n_parts;              /* 1..3 weights stacked by rows (fused q/k/v, gate/up) */
+    tq_weight part[3];
+    int64_t N, K;
+    const uint16_t *bias;         /* bf16 [N] or NULL */
+} tq_linear;
+
+typedef struct {
+    tq_linear qkv, o, gate_up, down;
+    const float *attn_norm, *post_attn_norm, *mlp_norm, *post_mlp_norm;   /* scales [hidden]; post_* may be NULL */
+    const float *q_norm, *k_norm;                                         /* scales [head_dim] or NULL */
+    const float *cos, *sin;                                               /* rope tables [rope_len, head_dim] */
+    int64_t window;                                                       /* sliding window, 0 for none */
+} tq_layer;
+
+typedef struct {
+    int64_t n_layers, hidden, heads, kv_heads, head_dim, inter, vocab, rope_len, gelu;
+    double eps, attn_scale, embed_scale;
+    const tq_layer *layers;
+    tq_weight embed;
+    tq_linear lm_head;
+    const float *final_norm;
+} tq_model;
+
+typedef struct {
+    uint16_t *k, *v;              /* bf16 [n_layers, batch, kv_heads, cap, head_dim] */
+    int64_t batch, cap;
+} tq_cache;
+
+typedef struct {
+    int64_t T;
+    const int64_t *tokens, *positions, *rows, *slots, *prefix;
+    const uint8_t *mask;          /* [T, T]: token t sees new token j; NULL: j <= t in the same row */
+    int64_t n_logits;
+    const int64_t *logit_rows;    /* tokens whose logits are computed (NULL: all T) */
+    float *logits;                /* [n_logits, vocab] */
+    float *hidden;                /* [T, hidden] final-norm hidden states, or NULL */
+} tq_batch;
+
+/* ---- numerics -------------------------------------------------------------------------------------------- */
+static inline float bf2f(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f2bf(float f) {   /* round to nearest even, as torch's cast */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+#if DEC_AVX512
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* exp for x <= ~88: 2^n * p(r), n = round(x / ln 2), r = x - n ln 2, degree-6 polynomial (Cephes). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.3f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* exp over an array, in place */
+static void exp_inplace(float *x, int64_t n) {
+    int64_t i = 0;
+#if DEC_AVX512
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, exp16(_mm512_loadu_ps(x + i)));
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(x + i, m, exp16(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+#else
+    for (; i < n; i++) x[i] = expf(x[i]);
+#endif
+}
+
+/* sum of x[i] * y[i], float32, in a fixed order */
+static inline float dot_f32(const float *x, const float *y, int64_t n) {
+#if DEC_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i), acc);
+    float s = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) s += x[i] * y[i];
+    return s;
+#else
+    float s = 0;
+    for (int64_t i = 0; i < n; i++) s += x[i] * y[i];
+    return s;
+#endif
+}
+
+static inline float dot_f32_bf16(const float *x, const uint16_t *y, int64_t n) {
+#if DEC_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), load_bf16x16(y + i), acc);
+    float s = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) s += x[i] * bf2f(y[i]);
+    return s;
+#else
+    float s = 0;
+    for (int64_t i = 0; i < n; i++) s += x[i] * bf2f(y[i]);
+    return s;
+#endif
+}
+
+/* out[i] += p * y[i] */
+static inline void axpy_bf16(float *out, float p, const uint16_t *y, int64_t n) {
+#if DEC_AVX512
+    __m512 pp = _mm512_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_fmadd_ps(pp, load_bf16x16(y + i), _mm512_loadu_ps(out + i)));
+    for (; i < n; i++) out[i] += p * bf2f(y[i]);
+#else
+    for (int64_t i = 0; i < n; i++) out[i] += p * bf2f(y[i]);
+#endif
+}
+
+/* RMSNorm of one row: out = x / sqrt(mean(x^2) + eps) * scale, written as float32 and/or bf16 */
+static void rms_norm(const float *x, const float *scale, int64_t n, double eps, float *out_f32, uint16_t *out_bf16) {
+    float r = 1.0f / sqrtf(dot_f32(x, x, n) / (float)n + (float)eps);
+    for (int64_t i = 0; i < n; i++) {
+        float y = (x[i] * r) * scale[i];
+        if (out_f32) out_f32[i] = y;
+        if (out_bf16) out_bf16[i] = f2bf(y);
+    }
+}
+
+/* ---- the forward ----------------------------------------------------------------------------------------- */
+typedef struct {
+    const tq_model *m;
+    const tq_layer *layer;
+    int64_t layer_index;
+    tq_cache *c;
+    const tq_batch *b;
+    float *x, *tmp, *qkv, *gu;
+    uint16_t *xn, *attn, *act;
+    int64_t qkv_n;
+} fwd;
+
+/* y [T, N] = x [T, K] times the layer's parts; packed parts share one int8 quantization of x */
+static void linear(const tq_linear *l, const uint16_t *x, int64_t T, float *y) {
+    int64_t col = 0;
+    void *xq = NULL;
+    for (int64_t p = 0; p < l->n_parts; p++) {
+        const tq_weight *w = &l->part[p];
+        if (w->packed) {
+            if (!xq) {
+                xq = malloc((size_t)tq_q8_block_bytes() * (size_t)(T * (w->K / 32)));
+                tq_quantize_q8(x, T, w->K, w->K, xq);
+            }
+            tq_matmul_packed((int)w->fmt, w->packed, w->N, w->K, xq, T, y + col, l->N, 0, 0);
+        } else {
+            tq_matmul((int)w->fmt, w->data, w->row_bytes, w->N, w->K, x, T, w->K, y + col, l->N, 0);
+        }
+        col += w->N;
+    }
+    free(xq);
+    if (l->bias)
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t i = 0; i < l->N; i++) y[t * l->N + i] += bf2f(l->bias[i]);
+}
+
+static inline uint16_t *cache_at(const fwd *f, uint16_t *base, int64_t row, int64_t head, int64_t slot) {
+    const tq_model *m = f->m;
+    int64_t D = m->head_dim;
+    return base + ((((f->layer_index * f->c->batch + row) * m->kv_heads + head) * f->c->cap + slot) * D);
+}
+
+/* q/k norms and rope for token t, then its K/V into the cache */
+static void qkv_token(void *p, int64_t t0, int64_t t1) {
+    fwd *f = p;
+    const tq_model *m = f->m;
+    const tq_layer *L = f->layer;
+    int64_t D = m->head_dim, H = m->heads, Hkv = m->kv_heads, half = D / 2;
+    float rot[512];
+    for (int64_t t = t0; t < t1; t++) {
+        float *q = f->qkv + t * f->qkv_n;
+        int64_t pos = f->b->positions[t];
+        const float *cs = L->cos + pos * D, *sn = L->sin + pos * D;
+        for (int64_t h = 0; h < H + Hkv; h++) {         /* query heads, then key heads */
+            float *v = q + h * D;
+            const float *norm = h < H ? L->q_norm : L->k_norm;
+            if (norm) rms_norm(v, norm, D, m->eps, v, NULL);
+            for (int64_t i = 0; i < half; i++) {
+                rot[i] = v[i] * cs[i] - v[i + half] * sn[i];
+                rot[i + half] = v[i + half] * cs[i + half] + v[i] * sn[i + half];
+            }
+            memcpy(v, rot, sizeof(float) * D);
+        }
+        int64_t row = f->b->rows[t], slot = f->b->slots[t];
+        for (int64_t h = 0; h < Hkv; h++) {
+            uint16_t *kd = cache_at(f, f->c->k, row, h, slot), *vd = cache_at(f, f->c->v, row, h, slot);
+            const float *ks = q + (H + h) * D, *vs = q + (H + Hkv + h) * D;
+            for (int64_t i = 0; i < D; i++) {
+                kd[i] = f2bf(ks[i]);
+                vd[i] = f2bf(vs[i]);
+            }
+        }
+    }
+}
+
+static inline int sees(const tq_batch *b, int64_t t, int64_t j) {
+    if (b->mask) return b->mask[t * b->T + j];
+    return j <= t && b->rows[j] == b->rows[t];
+}
+
+/* attention of token t over its keys, for the query heads of one key head: tasks are (t, kv head) pairs */
+static void attention_task(void *p, int64_t i0, int64_t i1) {
+    fwd *f = p;
+    const tq_model *m = f->m;
+    const tq_batch *b = f->b;
+    int64_t D = m->head_dim, H = m->heads, Hkv = m->kv_heads, G = H / Hkv, T = b->T;
+    int64_t window = f->layer->window;
+    float scale = (float)m->attn_scale;
+    int64_t cap = f->c->cap + T;
+    int64_t *keys = malloc(sizeof(int64_t) * cap);
+    float *score = malloc(sizeof(float) * cap);
+    float out[512];
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t t = i / Hkv, g = i % Hkv, row = b->rows[t], pos = b->positions[t];
+        /* the keys it sees, in order: its row's first prefix[t] slots (within the window), then new tokens */
+        int64_t n = 0, lo = 0;
+        if (window > 0 && pos - window + 1 > 0) lo = pos - window + 1;
+        for (int64_t s = lo; s < b->prefix[t]; s++) keys[n++] = s;
+        for (int64_t j = 0; j < T; j++)
+            if (sees(b, t, j) && !(window > 0 && pos - b->positions[j] >= window)) keys[n++] = b->slots[j];
+        const uint16_t *K0 = cache_at(f, f->c->k, row, g, 0), *V0 = cache_at(f, f->c->v, row, g, 0);
+        for (int64_t h = g * G; h < (g + 1) * G; h++) {
+            const float *q = f->qkv + t * f->qkv_n + h * D;
+            float mx = -INFINITY;
+            for (int64_t k = 0; k < n; k++) {
+                score[k] = dot_f32_bf16(q, K0 + keys[k] * D, D) * scale;
+                if (score[k] > mx) mx = score[k];
+            }
+            for (int64_t k = 0; k < n; k++) score[k] -= mx;
+            exp_inplace(score, n);
+            float sum = 0;
+            for (int64_t k = 0; k < n; k++) sum += score[k];
+            memset(out, 0, sizeof(float) * D);
+            for (int64_t k = 0; k < n; k++) axpy_bf16(out, score[k], V0 + keys[k] * D, D);
+            float inv = 1.0f / sum;
+            uint16_t *dst = f->attn + t * H * D + h * D;
+            for (int64_t d = 0; d < D; d++) dst[d] = f2bf(out[d] * inv);
+        }
+    }
+    free(keys);
+    free(score);
+}
+
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+static inline float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+/* act(gate) * up for tokens t0..t1, into bf16: SiLU x / (1 + e^-x), or GELU's tanh form with
+   tanh(y) = 1 - 2 / (1 + e^2y) */
+static void mlp_act(void *p, int64_t t0, int64_t t1) {
+    fwd *f = p;
+    int64_t I = f->m->inter;
+    for (int64_t t = t0; t < t1; t++) {
+        const float *g = f->gu + t * 2 * I, *u = g + I;
+        uint16_t *o = f->act + t * I;
+        int64_t i = 0;
+#if DEC_AVX512
+        __m512 one = _mm512_set1_ps(1.0f);
+        for (; i + 16 <= I; i += 16) {
+            __m512 x = _mm512_loadu_ps(g + i), a;
+            if (f->m->gelu) {
+                __m512 y = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                         _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(0.044715f),
+                                                                        _mm512_mul_ps(_mm512_mul_ps(x, x), x))));
+                __m512 th = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f),
+                                                             _mm512_add_ps(one, exp16(_mm512_add_ps(y, y)))));
+                a = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(one, th));
+            } else {
+                a = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+            }
+            __m512 r = _mm512_mul_ps(a, _mm512_loadu_ps(u + i));
+            _mm256_storeu_si256((__m256i *)(o + i), (__m256i)_mm512_cvtneps_pbh(r));
+        }
+#endif
+        for (; i < I; i++) o[i] = f2bf((f->m->gelu ? gelu_tanh(g[i]) : silu(g[i])) * u[i]);
+    }
+}
+
+/* x += norm(y) (or y): the residual add after attention / MLP, then the next norm's bf16 input */
+typedef struct { fwd *f; const float *post, *next; } residual_args;
+
+static void residual_task(void *p, int64_t t0, int64_t t1) {
+    residual_args *a = p;
+    fwd *f = a->f;
+    int64_t Hd = f->m->hidden;
+    for (int64_t t = t0; t < t1; t++) {
+        float *x = f->x + t * Hd, *y = f->tmp + t * Hd;
+        if (a->post) rms_norm(y, a->post, Hd, f->m->eps, y, NULL);
+        for (int64_t i = 0; i < Hd; i++) x[i] += y[i];
+        if (a->next) rms_norm(x, a->next, Hd, f->m->eps, NULL, f->xn + t * Hd);
+    }
+}
+
+static void norm_task(void *p, int64_t t0, int64_t t1) {
+    residual_args *a = p;
+    fwd *f = a->f;
+    int64_t Hd = f->m->hidden;
+    for (int64_t t = t0; t < t1; t++) rms_norm(f->x + t * Hd, a->next, Hd, f->m->eps, NULL, f->xn + t * Hd);
+}
+
+int tq_forward(const tq_model *m, tq_cache *c, const tq_batch *b) {
+    int64_t T = b->T, Hd = m->hidden, D = m->head_dim, I = m->inter;
+    int64_t qkv_n = (m->heads + 2 * m->kv_heads) * D;
+    if (T <= 0 || D > 512 || m->heads % m->kv_heads) return -1;
+    for (int64_t r = 0; b->logit_rows && r < b->n_logits; r++)
+        if (b->logit_rows[r] < 0 || b->logit_rows[r] >= T) return -2;
+    for (int64_t t = 0; t < T; t++)
+        if (b->rows[t] < 0 || b->rows[t] >= c->batch || b->slots[t] < 0 || b->slots[t] >= c->cap ||
+            b->prefix[t] < 0 || b->prefix[t] > c->cap || b->positions[t] < 0 || b->positions[t] >= m->rope_len ||
+            b->tokens[t] < 0 || b->tokens[t] >= m->embed.N)
+            return -2;
+    fwd f = {.m = m, .c = c, .b = b, .qkv_n = qkv_n};
+    int64_t width = Hd > I ? Hd : I;
+    f.x = malloc(sizeof(float) * T * Hd);
+    f.tmp = malloc(sizeof(float) * T * Hd);
+    f.qkv = malloc(sizeof(float) * T * qkv_n);
+    f.gu = malloc(sizeof(float) * T * 2 * I);
+    f.xn = malloc(sizeof(uint16_t) * T * width);
+    f.attn = malloc(sizeof(uint16_t) * T * m->heads * D);
+    f.act = malloc(sizeof(uint16_t) * T * I);
+    if (!f.x || !f.tmp || !f.qkv || !f.gu || !f.xn || !f.attn || !f.act) return -3;
+
+    /* embeddings: rows of the table, as bf16 (the bf16 path's values), times the model's scale */
+    tq_dequantize((int)m->embed.fmt, m->embed.data, m->embed.row_bytes, T, m->embed.K, b->tokens, f.xn, 1, 0);
+    for (int64_t i = 0; i < T * Hd; i++) f.x[i] = bf2f(f.xn[i]) * (float)m->embed_scale;
+
+    int64_t grain = T >= 16 ? 4 : T;    /* few tokens: one thread does the small per-token work */
+    residual_args ra = {&f, NULL, m->layers[0].attn_norm};
+    tq_parallel_for(norm_task, &ra, T, grain);
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const tq_layer *L = &m->layers[l];
+        f.layer = L;
+        f.layer_index = l;
+        linear(&L->qkv, f.xn, T, f.qkv);
+        tq_parallel_for(qkv_token, &f, T, grain);
+        tq_parallel_for(attention_task, &f, T * m->kv_heads, 1);
+        linear(&L->o, f.attn, T, f.tmp);
+        ra = (residual_args){&f, L->post_attn_norm, L->mlp_norm};
+        tq_parallel_for(residual_task, &ra, T, grain);
+        linear(&L->gate_up, f.xn, T, f.gu);
+        tq_parallel_for(mlp_act, &f, T, grain);
+        linear(&L->down, f.act, T, f.tmp);
+        ra = (residual_args){&f, L->post_mlp_norm, l + 1 < m->n_layers ? m->layers[l + 1].attn_norm : NULL};
+        tq_parallel_for(residual_task, &ra, T, grain);
+    }
+    /* final norm; logits for the rows asked for */
+    int64_t n_out = b->logit_rows ? b->n_logits : T;
+    for (int64_t r = 0; r < n_out; r++) {
+        int64_t t = b->logit_rows ? b->logit_rows[r] : r;
+        rms_norm(f.x + t * Hd, m->final_norm, Hd, m->eps, NULL, f.xn + r * Hd);
+    }
+    if (b->logits && n_out > 0) linear(&m->lm_head, f.xn, n_out, b->logits);
+    if (b->hidden)
+        for (int64_t t = 0; t < T; t++) rms_norm(f.x + t * Hd, m->final_norm, Hd, m->eps, b->hidden + t * Hd, NULL);
+    free(f.x); free(f.tmp); free(f.qkv); free(f.gu); free(f.xn); free(f.attn); free(f.act);
+    return 0;
+}

@@ -1,0 +1,563 @@
+/* Matrix products of GGUF's quantized blocks with int8 activations, on weights repacked 16 rows at a time.
+ *
+ * Activations: each 32-wide block of an input row is quantized to int8 with its own scale (dx = max|x|/127,
+ * as llama.cpp does), so the dot product of a block with a block of 4-8 bit weight codes is an exact integer.
+ *
+ * Weights: at load time the GGUF rows are repacked in groups of 16 output rows, block by block: the codes of
+ * the 16 rows interleaved four at a time, then the 16 rows' block scales. One 512-bit VNNI instruction then
+ * multiplies four codes of each of the 16 rows by the same four activation values (broadcast), and 8 of them
+ * give the 16 rows' exact integer sums for a block, which one multiply-add scales into 16 float32
+ * accumulators, one per output row. Nothing is reduced across lanes, each weight block is decoded once for
+ * all input rows, and an input row costs 12 instructions per 16 weight rows per block: verifying 8 drafted
+ * tokens costs about 3 one-token steps instead of 8.
+ *
+ * Row invariance: output (t, n) is one float32 lane updated block after block in order with the same
+ * operations, whatever the number of input rows or threads (threads split the groups of 16 rows). The
+ * portable path does the same integer sums and float operations lane by lane, so both give the same bits.
+ *
+ * Packed formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32), Q4_K, Q5_K, Q6_K (super-blocks of 256), for
+ * N a multiple of 16. Per group of 16 rows and 32-block, in this order:
+ *   codes   Q4/Q5/Q4_K/Q5_K: 4 x 64 bytes, chunk c = bytes 4c..4c+3 of each row's 16 nibble bytes (element e < 16
+ *           in the low nibble of byte e, element e + 16 in its high nibble); Q8_0: 8 x 64 bytes, chunk c =
+ *           elements 4c..4c+3 of each row as int8 + 128; Q6_K: the low 4 bits as Q4, then 8 x 16 bytes of
+ *           high 2 bits (chunk c: 16 rows x 2 bytes... see pack_q6k)
+ *   fifth   Q5_0/Q5_1/Q5_K: 8 x 8 bytes, a bit per code byte of chunk c (set: add 16)
+ *   scales  Q4_0/Q5_0/Q8_0: d as 16 fp16; Q4_1/Q5_1: d, m as 16 fp16 each; Q4_K/Q5_K: sc, min as 16 bytes each
+ *           (the super-block's d, dmin as 16 fp16 each precede its 8 blocks); Q6_K: 2 x 16 int8 scales of the
+ *           block's halves (the super-block's d as 16 fp16 precedes its 8 blocks)
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+typedef struct {
+    int8_t q[32];
+    float dx;          /* scale */
+    int32_t sx;        /* sum of q */
+    float sxf;         /* sx * dx */
+    int32_t sxlo;      /* sum of q[0..15] (Q6_K's halves) */
+} q8block;
+
+int tq_q8_block_bytes(void) { return (int)sizeof(q8block); }
+
+int tq_packable(int fmt, int64_t N, int64_t K) {
+    int ok = fmt == Q4_0 || fmt == Q4_1 || fmt == Q5_0 || fmt == Q5_1 || fmt == Q8_0 || fmt == Q4_K ||
+             fmt == Q5_K || fmt == Q6_K;
+    return ok && N % 16 == 0 && K % block_size_of(fmt) == 0;
+}
+
+/* bytes of one group-block (16 rows x 32 weights), and of a super-block header for the K formats */
+static int64_t block_stride(int fmt) {
+    switch (fmt) {
+    case Q4_0: return 256 + 32;
+    case Q4_1: return 256 + 64;
+    case Q5_0: return 256 + 64 + 32;
+    case Q5_1: return 256 + 64 + 64;
+    case Q8_0: return 512 + 32;
+    case Q4_K: return 256 + 32;
+    case Q5_K: return 256 + 64 + 32;
+    case Q6_K: return 256 + 128 + 32;
+    default: return 0;
+    }
+}
+
+static int64_t super_header(int fmt) { return fmt == Q4_K || fmt == Q5_K ? 64 : fmt == Q6_K ? 32 : 0; }
+
+int64_t tq_packed_bytes(int fmt, int64_t N, int64_t K) {
+    int64_t blocks = K / 32, supers = block_size_of(fmt) == 256 ? K / 256 : 0;
+    return N / 16 * (blocks * block_stride(fmt) + supers * super_header(fmt));
+}
+
+/* ---- activations ------------------------------------------------------------------------------------------ */
+static void quantize_row(const uint16_t *x, int64_t K, q8block *out) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        q8block *o = &out[b];
+        float v[32], amax = 0;
+        for (int i = 0; i < 32; i++) {
+            v[i] = bf16_to_f32(x[32 * b + i]);
+            float a = fabsf(v[i]);
+            if (a > amax) amax = a;
+        }
+        float dx = amax / 127.0f, id = dx != 0.0f ? 1.0f / dx : 0.0f;
+        int32_t s = 0;
+        for (int i = 0; i < 32; i++) {
+            o->q[i] = (int8_t)lrintf(v[i] * id);
+            s += o->q[i];
+        }
+        o->dx = dx;
+        o->sx = s;
+        o->sxf = (float)s * dx;
+        o->sxlo = 0;
+        for (int i = 0; i < 16; i++) o->sxlo += o->q[i];
+    }
+}
+
+typedef struct {
+    const uint16_t *x;
+    int64_t K, ldx;
+    q8block *out;
+} quantize_args;
+
+static void quantize_task(void *p, int64_t t0, int64_t t1) {
+    quantize_args *a = p;
+    for (int64_t t = t0; t < t1; t++) quantize_row(a->x + t * a->ldx, a->K, a->out + t * (a->K / 32));
+}
+
+/* bf16 x [T, K] (row stride ldx) -> T rows of K/32 q8blocks */
+int tq_quantize_q8(const uint16_t *x, int64_t T, int64_t K, int64_t ldx, void *out) {
+    if (K % 32) return -1;
+    quantize_args a = {x, K, ldx, out};
+    tq_parallel_for(quantize_task, &a, T, T >= 32 ? 8 : T);
+    return 0;
+}
+
+/* ---- packing ---------------------------------------------------------------------------------------------- */
+/* one row's block b: codes (natural order, unsigned), scale, min (value = d * (code - off) + m), Q6_K's two
+   half scales, and the super-block values of the K formats */
+typedef struct {
+    uint8_t c[32];
+    uint16_t d16, m16;         /* fp16 scale / min (32-blocks) */
+    uint8_t sc, mn;            /* Q4_K / Q5_K 6-bit scale and min */
+    int8_t s6[2];              /* Q6_K half scales */
+    uint16_t sd16, sdmin16;    /* K formats: the super-block's d (and dmin) */
+} block_codes;
+
+static void codes_of(int fmt, const uint8_t *row, int64_t b, block_codes *o) {
+    memset(o, 0, sizeof *o);
+    switch (fmt) {
+    case Q4_0: case Q4_1: {
+        const uint8_t *p = row + b * (fmt == Q4_0 ? 18 : 20), *qs = p + (fmt == Q4_0 ? 2 : 4);
+        o->d16 = rd16(p);
+        if (fmt == Q4_1) o->m16 = rd16(p + 2);
+        for (int i = 0; i < 16; i++) {
+            o->c[i] = qs[i] & 15;
+            o->c[i + 16] = qs[i] >> 4;
+        }
+        return;
+    }
+    case Q5_0: case Q5_1: {
+        const uint8_t *p = row + b * (fmt == Q5_0 ? 22 : 24);
+        int off = fmt == Q5_0 ? 2 : 4;
+        uint32_t qh = rd32(p + off);
+        const uint8_t *qs = p + off + 4;
+        o->d16 = rd16(p);
+        if (fmt == Q5_1) o->m16 = rd16(p + 2);
+        for (int i = 0; i < 16; i++) {
+            o->c[i] = (qs[i] & 15) | ((qh >> i) & 1) << 4;
+            o->c[i + 16] = (qs[i] >> 4) | ((qh >> (i + 16)) & 1) << 4;
+        }
+        return;
+    }
+    case Q8_0: {
+        const uint8_t *p = row + b * 34;
+        o->d16 = rd16(p);
+        for (int i = 0; i < 32; i++) o->c[i] = p[2 + i] ^ 0x80;      /* int8 + 128 */
+        return;
+    }
+    case Q4_K: case Q5_K: {
+        int64_t sb = b / 8;
+        int j = (int)(b % 8), sc, mn;
+        const uint8_t *p = row + sb * (fmt == Q4_K ? 144 : 176);
+        k_scale_min(p + 4, j, &sc, &mn);
+        o->sc = (uint8_t)sc;
+        o->mn = (uint8_t)mn;
+        o->sd16 = rd16(p);
+        o->sdmin16 = rd16(p + 2);
+        const uint8_t *qs = p + (fmt == Q4_K ? 16 : 48) + (j / 2) * 32, *qh = p + 16;
+        for (int i = 0; i < 32; i++) {
+            o->c[i] = (j & 1) ? qs[i] >> 4 : qs[i] & 15;
+            if (fmt == Q5_K) o->c[i] |= ((qh[i] >> j) & 1) << 4;
+        }
+        return;
+    }
+    case Q6_K: {
+        int64_t sb = b / 8;
+        int j = (int)(b % 8), cc = j / 4, g = j % 4;
+        const uint8_t *p = row + sb * 210, *ql = p + cc * 64 + (g & 1) * 32, *qh = p + 128 + cc * 32;
+        const int8_t *scales = (const int8_t *)(p + 192);
+        o->sd16 = rd16(p + 208);
+        o->s6[0] = scales[cc * 8 + g * 2];
+        o->s6[1] = scales[cc * 8 + g * 2 + 1];
+        for (int i = 0; i < 32; i++) o->c[i] = ((g < 2) ? (ql[i] & 15) : (ql[i] >> 4)) | ((qh[i] >> (2 * g)) & 3) << 4;
+        return;
+    }
+    }
+}
+
+/* the 4-bit part of 16 rows' codes: chunk c holds bytes 4c..4c+3 of each row's nibble bytes */
+static void put_nibbles(uint8_t *dst, block_codes *rows) {
+    for (int c = 0; c < 4; c++)
+        for (int r = 0; r < 16; r++)
+            for (int k = 0; k < 4; k++) {
+                int e = 4 * c + k;
+                dst[64 * c + 4 * r + k] = (uint8_t)((rows[r].c[e] & 15) | (rows[r].c[e + 16] & 15) << 4);
+            }
+}
+
+/* one bit per code byte of chunk c (elements 4c..4c+3 of each row), set where the code has ``bit`` */
+static void put_bits(uint8_t *dst, block_codes *rows, int bit) {
+    for (int c = 0; c < 8; c++) {
+        uint64_t mask = 0;
+        for (int r = 0; r < 16; r++)
+            for (int k = 0; k < 4; k++)
+                if (rows[r].c[4 * c + k] & bit) mask |= 1ull << (4 * r + k);
+        memcpy(dst + 8 * c, &mask, 8);
+    }
+}
+
+typedef struct {
+    int fmt;
+    const uint8_t *w;
+    int64_t row_bytes, K;
+    uint8_t *out;
+} pack_args;
+
+static void pack_groups(void *p, int64_t g0, int64_t g1) {
+    const pack_args *a = p;
+    int fmt = a->fmt;
+    int64_t blocks = a->K / 32, stride = block_stride(fmt), header = super_header(fmt);
+    int64_t group_bytes = blocks * stride + (header ? a->K / 256 * header : 0);
+    block_codes rows[16];
+    for (int64_t g = g0; g < g1; g++) {
+        uint8_t *dst = a->out + g * group_bytes;
+        for (int64_t b = 0; b < blocks; b++) {
+            for (int r = 0; r < 16; r++) codes_of(fmt, a->w + (16 * g + r) * a->row_bytes, b, &rows[r]);
+            if (header && b % 8 == 0) {    /* the super-block's d (and dmin) of the 16 rows */
+                for (int r = 0; r < 16; r++) {
+                    memcpy(dst + 2 * r, &rows[r].sd16, 2);
+                    if (fmt != Q6_K) memcpy(dst + 32 + 2 * r, &rows[r].sdmin16, 2);
+                }
+                dst += header;
+            }
+            if (fmt == Q8_0) {
+                for (int c = 0; c < 8; c++)
+                    for (int r = 0; r < 16; r++) memcpy(dst + 64 * c + 4 * r, rows[r].c + 4 * c, 4);
+            } else {
+                put_nibbles(dst, rows);
+            }
+            uint8_t *s = dst + (fmt == Q8_0 ? 512 : 256);
+            if (fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K) {
+                put_bits(s, rows, 16);
+                s += 64;
+            }
+            if (fmt == Q6_K) {            /* the high 2 bits: 8 chunks x 16 bytes, byte 2r / 2r + 1 of chunk c */
+                for (int c = 0; c < 8; c++)  /* hold rows r's elements 4c..4c+3 as 2-bit fields, low first */
+                    for (int r = 0; r < 16; r++) {
+                        uint8_t v = 0;
+                        for (int k = 0; k < 4; k++) v |= (uint8_t)((rows[r].c[4 * c + k] >> 4) & 3) << (2 * k);
+                        s[16 * c + r] = v;
+                    }
+                s += 128;
+            }
+            for (int r = 0; r < 16; r++) {
+                switch (fmt) {
+                case Q4_K: case Q5_K:
+                    s[r] = rows[r].sc;
+                    s[16 + r] = rows[r].mn;
+                    break;
+                case Q6_K:
+                    s[r] = (uint8_t)rows[r].s6[0];
+                    s[16 + r] = (uint8_t)rows[r].s6[1];
+                    break;
+                default:
+                    memcpy(s + 2 * r, &rows[r].d16, 2);
+                    if (fmt == Q4_1 || fmt == Q5_1) memcpy(s + 32 + 2 * r, &rows[r].m16, 2);
+                }
+            }
+            dst += stride;
+        }
+    }
+}
+
+int tq_pack(int fmt, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, uint8_t *out) {
+    if (!tq_packable(fmt, N, K) || row_bytes_of(fmt, K) != row_bytes) return -1;
+    pack_args a = {fmt, w, row_bytes, K, out};
+    tq_parallel_for(pack_groups, &a, N / 16, 4);
+    return 0;
+}
+
+/* ---- the product ---------------------------------------------------------------------------------------- */
+typedef struct {
+    int fmt;
+    const uint8_t *w;          /* packed */
+    int64_t K, T, ldy;
+    const q8block *x;
+    void *y;
+    int y_bf16;
+} packed_args;
+
+static inline void put16(const packed_args *a, int64_t t, int64_t n0, const float *v) {
+    for (int r = 0; r < 16; r++) {
+        if (a->y_bf16)
+            ((uint16_t *)a->y)[t * a->ldy + n0 + r] = f32_to_bf16(v[r]);
+        else
+            ((float *)a->y)[t * a->ldy + n0 + r] = v[r];
+    }
+}
+
+/* One group-block's decoded weights: codes per chunk (uint8, 16 rows x 4), and per row: the scale of each
+   half (equal but for Q6_K), the min, the code offset. */
+typedef struct {
+    uint8_t c[8][64];
+    float d[2][16], m[16];
+    int off, mins, halves;
+} group_block;
+
+static void decode_group_block(int fmt, const uint8_t **pp, int64_t b, float *sd, float *sdmin, group_block *o) {
+    const uint8_t *p = *pp;
+    int header = (int)super_header(fmt);
+    if (header && b % 8 == 0) {
+        for (int r = 0; r < 16; r++) {
+            sd[r] = fp16_to_f32(rd16(p + 2 * r));
+            if (fmt != Q6_K) sdmin[r] = fp16_to_f32(rd16(p + 32 + 2 * r));
+        }
+        p += header;
+    }
+    o->off = fmt == Q4_0 ? 8 : fmt == Q5_0 ? 16 : fmt == Q6_K ? 32 : fmt == Q8_0 ? 128 : 0;
+    o->mins = fmt == Q4_1 || fmt == Q5_1 || fmt == Q4_K || fmt == Q5_K;
+    o->halves = fmt == Q6_K;
+    if (fmt == Q8_0) {
+        memcpy(o->c, p, 512);
+    } else {
+        for (int c = 0; c < 4; c++)
+            for (int i = 0; i < 64; i++) {
+                o->c[c][i] = p[64 * c + i] & 15;
+                o->c[c + 4][i] = p[64 * c + i] >> 4;
+            }
+    }
+    const uint8_t *s = p + (fmt == Q8_0 ? 512 : 256);
+    if (fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K) {
+        for (int c = 0; c < 8; c++) {
+            uint64_t mask;
+            memcpy(&mask, s + 8 * c, 8);
+            for (int i = 0; i < 64; i++)
+                if (mask >> i & 1) o->c[c][i] |= 16;
+        }
+        s += 64;
+    }
+    if (fmt == Q6_K) {
+        for (int c = 0; c < 8; c++)
+            for (int i = 0; i < 64; i++) o->c[c][i] |= (uint8_t)(((s[16 * c + i / 4] >> (2 * (i % 4))) & 3) << 4);
+        s += 128;
+    }
+    for (int r = 0; r < 16; r++) {
+        switch (fmt) {
+        case Q4_K: case Q5_K:
+            o->d[0][r] = o->d[1][r] = sd[r] * (float)s[r];
+            o->m[r] = 0.0f - sdmin[r] * (float)s[16 + r];
+            break;
+        case Q6_K:
+            o->d[0][r] = sd[r] * (float)(int8_t)s[r];
+            o->d[1][r] = sd[r] * (float)(int8_t)s[16 + r];
+            o->m[r] = 0;
+            break;
+        default:
+            o->d[0][r] = o->d[1][r] = fp16_to_f32(rd16(s + 2 * r));
+            o->m[r] = (fmt == Q4_1 || fmt == Q5_1) ? fp16_to_f32(rd16(s + 32 + 2 * r)) : 0;
+        }
+    }
+    *pp = p + block_stride(fmt);
+}
+
+/* The portable path: the AVX512 path's integer sums and float operations, one lane at a time. For a block,
+   a lane's integer sum runs over its chunks (Q6_K: chunks 0-3 and 4-7 apart, each half with its scale). */
+static void packed_portable(void *p, int64_t g0, int64_t g1) {
+    const packed_args *a = p;
+    int64_t blocks = a->K / 32;
+    group_block gb;
+    float sd[16] = {0}, sdmin[16] = {0}, acc[16];
+    for (int64_t g = g0; g < g1; g++) {
+        for (int64_t t = 0; t < a->T; t++) {
+            const uint8_t *w = a->w + g * (tq_packed_bytes(a->fmt, 16, a->K));
+            const q8block *x = a->x + t * blocks;
+            for (int r = 0; r < 16; r++) acc[r] = 0.0f;
+            for (int64_t b = 0; b < blocks; b++) {
+                decode_group_block(a->fmt, &w, b, sd, sdmin, &gb);
+                for (int r = 0; r < 16; r++) {
+                    int32_t s[2] = {0, 0};
+                    for (int c = 0; c < 8; c++)
+                        for (int k = 0; k < 4; k++)
+                            s[gb.halves && c >= 4] += (int32_t)gb.c[c][4 * r + k] * x[b].q[4 * c + k];
+                    if (gb.halves) {
+                        s[0] -= gb.off * x[b].sxlo;
+                        s[1] -= gb.off * (x[b].sx - x[b].sxlo);
+                        acc[r] = fmaf((float)s[0], gb.d[0][r] * x[b].dx, acc[r]);
+                        acc[r] = fmaf((float)s[1], gb.d[1][r] * x[b].dx, acc[r]);
+                    } else {
+                        s[0] -= gb.off * x[b].sx;
+                        acc[r] = fmaf((float)s[0], gb.d[0][r] * x[b].dx, acc[r]);
+                        if (gb.mins) acc[r] = fmaf(gb.m[r], x[b].sxf, acc[r]);
+                    }
+                }
+            }
+            put16(a, t, 16 * g, acc);
+        }
+    }
+}
+
+#if TQ_AVX512
+#define TILE 8
+
+/* the 8 code vectors of a group-block (Q4-like nibbles, Q8_0 bytes, plus the fifth / Q6_K high bits) */
+static inline __attribute__((always_inline)) void load_codes(const int fmt, const uint8_t *p, __m512i *c) {
+    if (fmt == Q8_0) {
+        for (int k = 0; k < 8; k++) c[k] = _mm512_loadu_si512(p + 64 * k);
+        return;
+    }
+    __m512i f = _mm512_set1_epi8(15);
+    for (int k = 0; k < 4; k++) {
+        __m512i v = _mm512_loadu_si512(p + 64 * k);
+        c[k] = _mm512_and_si512(v, f);
+        c[k + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), f);
+    }
+    const uint8_t *s = p + 256;
+    if (fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K) {
+        for (int k = 0; k < 8; k++) {
+            uint64_t mask;
+            memcpy(&mask, s + 8 * k, 8);
+            c[k] = _mm512_mask_add_epi8(c[k], (__mmask64)mask, c[k], _mm512_set1_epi8(16));
+        }
+    }
+    if (fmt == Q6_K) {
+        /* chunk k: 16 bytes, byte r holds row r's 4 high-bit pairs; spread each to its 4 code bytes */
+        /* bit offsets 0, 2, 4, 6 within each lane's byte (a qword holds two lanes) */
+        __m512i shifts = _mm512_set1_epi64(0x2624222006040200ll);
+        for (int k = 0; k < 8; k++) {
+            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s + 16 * k)));
+            __m512i h = _mm512_multishift_epi64_epi8(shifts, v);
+            h = _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi8(3)), 4);
+            c[k] = _mm512_or_si512(c[k], h);
+        }
+    }
+}
+
+/* T input rows (TB <= TILE, a constant at each call site) against one group of 16 weight rows */
+static inline __attribute__((always_inline)) void packed_tile(const packed_args *a, const uint8_t *w, int64_t g,
+                                                              int64_t t0, const int TB, const int fmt) {
+    int64_t blocks = a->K / 32;
+    int header = (int)super_header(fmt);
+    const int off_sh = fmt == Q4_0 ? 3 : fmt == Q5_0 ? 4 : fmt == Q6_K ? 5 : fmt == Q8_0 ? 7 : 0;
+    const int mins = fmt == Q4_1 || fmt == Q5_1 || fmt == Q4_K || fmt == Q5_K;
+    __m512 acc[TILE], sd = _mm512_setzero_ps(), sdmin = _mm512_setzero_ps();
+    for (int i = 0; i < TB; i++) acc[i] = _mm512_setzero_ps();
+    const uint8_t *p = w;
+    for (int64_t b = 0; b < blocks; b++) {
+        if (header && b % 8 == 0) {
+            sd = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+            if (fmt != Q6_K) sdmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+            p += header;
+        }
+        __m512i c[8];
+        load_codes(fmt, p, c);
+        const uint8_t *s = p + (fmt == Q8_0 ? 512 : 256) + (fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K ? 64 : 0) +
+                           (fmt == Q6_K ? 128 : 0);
+        __m512 d0, d1 = _mm512_setzero_ps(), m = _mm512_setzero_ps();
+        if (fmt == Q4_K || fmt == Q5_K) {
+            d0 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)s))));
+            m = _mm512_sub_ps(_mm512_setzero_ps(),
+                              _mm512_mul_ps(sdmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s + 16))))));
+        } else if (fmt == Q6_K) {
+            d0 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)s))));
+            d1 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(s + 16)))));
+        } else {
+            d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)s));
+            if (mins) m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + 32)));
+        }
+        for (int i = 0; i < TB; i++) {
+            const q8block *xb = a->x + (t0 + i) * blocks + b;
+            const int32_t *q4 = (const int32_t *)xb->q;
+            __m512 dx = _mm512_set1_ps(xb->dx);
+            if (fmt == Q6_K) {
+                __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+                for (int k = 0; k < 4; k++) s0 = _mm512_dpbusd_epi32(s0, c[k], _mm512_set1_epi32(q4[k]));
+                for (int k = 4; k < 8; k++) s1 = _mm512_dpbusd_epi32(s1, c[k], _mm512_set1_epi32(q4[k]));
+                s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(xb->sxlo << off_sh));
+                s1 = _mm512_sub_epi32(s1, _mm512_set1_epi32((xb->sx - xb->sxlo) << off_sh));
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, dx), acc[i]);
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d1, dx), acc[i]);
+            } else {
+                __m512i s0 = _mm512_setzero_si512();
+                for (int k = 0; k < 8; k++) s0 = _mm512_dpbusd_epi32(s0, c[k], _mm512_set1_epi32(q4[k]));
+                if (off_sh) s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(xb->sx << off_sh));
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, dx), acc[i]);
+                if (mins) acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xb->sxf), acc[i]);
+            }
+        }
+        p += block_stride(fmt);
+    }
+    for (int i = 0; i < TB; i++) {
+        if (a->y_bf16) {
+            _mm256_storeu_si256((__m256i *)((uint16_t *)a->y + (t0 + i) * a->ldy + 16 * g),
+                                (__m256i)_mm512_cvtneps_pbh(acc[i]));
+        } else {
+            _mm512_storeu_ps((float *)a->y + (t0 + i) * a->ldy + 16 * g, acc[i]);
+        }
+    }
+}
+
+#define PACKED_KERNEL(FMT)                                                                                     \
+    static void packed_##FMT(const packed_args *a, int64_t g0, int64_t g1) {                                 \
+        int64_t group_bytes = tq_packed_bytes(FMT, 16, a->K);                                                \
+        for (int64_t g = g0; g < g1; g++) {                                                                  \
+            const uint8_t *w = a->w + g * group_bytes;                                                       \
+            for (int64_t t0 = 0; t0 < a->T; t0 += TILE) {                                                   \
+                switch (a->T - t0 < TILE ? (int)(a->T - t0) : TILE) {                                        \
+                case 1: packed_tile(a, w, g, t0, 1, FMT); break;                                             \
+                case 2: packed_tile(a, w, g, t0, 2, FMT); break;                                             \
+                case 3: packed_tile(a, w, g, t0, 3, FMT); break;                                             \
+                case 4: packed_tile(a, w, g, t0, 4, FMT); break;                                             \
+                case 5: packed_tile(a, w, g, t0, 5, FMT); break;                                             \
+                case 6: packed_tile(a, w, g, t0, 6, FMT); break;                                             \
+                case 7: packed_tile(a, w, g, t0, 7, FMT); break;                                             \
+                default: packed_tile(a, w, g, t0, 8, FMT); break;                                            \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+PACKED_KERNEL(Q4_0) PACKED_KERNEL(Q4_1) PACKED_KERNEL(Q5_0) PACKED_KERNEL(Q5_1) PACKED_KERNEL(Q8_0)
+PACKED_KERNEL(Q4_K) PACKED_KERNEL(Q5_K) PACKED_KERNEL(Q6_K)
+
+static void packed_avx512(void *p, int64_t g0, int64_t g1) {
+    const packed_args *a = p;
+    switch (a->fmt) {
+    case Q4_0: packed_Q4_0(a, g0, g1); break;
+    case Q4_1: packed_Q4_1(a, g0, g1); break;
+    case Q5_0: packed_Q5_0(a, g0, g1); break;
+    case Q5_1: packed_Q5_1(a, g0, g1); break;
+    case Q8_0: packed_Q8_0(a, g0, g1); break;
+    case Q4_K: packed_Q4_K(a, g0, g1); break;
+    case Q5_K: packed_Q5_K(a, g0, g1); break;
+    case Q6_K: packed_Q6_K(a, g0, g1); break;
+    }
+}
+#endif
+
+/* y[t * ldy + n] = W[n] . x[t] for packed W [N, K] and T activation rows quantized by tq_quantize_q8 */
+int tq_matmul_packed(int fmt, const uint8_t *packed, int64_t N, int64_t K, const void *xq, int64_t T, void *y,
+                     int64_t ldy, int y_bf16, int portable) {
+    if (!tq_packable(fmt, N, K)) return -1;
+    packed_args a = {fmt, packed, K, T, ldy, xq, y, y_bf16};
+#if TQ_AVX512
+    tq_parallel_for(portable ? packed_portable : packed_avx512, &a, N / 16, 1);
+#else
+    (void)portable;
+    tq_parallel_for(packed_portable, &a, N / 16, 1);
+#endif
+    return 0;
+}
+
+/* the same with bf16 activations [T, K] (row stride ldx), quantized here */
+int tq_matmul_packed_bf16(int fmt, const uint8_t *packed, int64_t N, int64_t K, const uint16_t *x, int64_t T,
+                          int64_t ldx, void *y, int64_t ldy, int y_bf16, int portable) {
+    if (!tq_packable(fmt, N, K)) return -1;
+    void *xq = aligned_alloc(64, sizeof(q8block) * (size_t)(T * (K / 32)));
+    if (!xq) return -3;
+    tq_quantize_q8(x, T, K, ldx, xq);
+    int rc = tq_matmul_packed(fmt, packed, N, K, xq, T, y, ldy, y_bf16, portable);
+    free(xq);
+    return rc;
+}

@@ -1,0 +1,202 @@
+"""The model's forward as one C call on the CPU (tachy/kernels/decoder.c).
+
+A 135M-parameter model moves ~100 MB of GGUF blocks per token, a few milliseconds of memory traffic, but
+PyTorch's eager forward spends far longer dispatching the thousands of small ops between its matrix
+products. ``CPUForward`` hands the C decoder pointers to the model's own tensors (GGUF blocks, norm scales,
+rope tables, the K/V cache) once, and then each ``Transformer.forward`` on a supported cache is one call.
+
+It computes the same model as llama.py / gemma3.py with float32 activations between bf16 matrix inputs and
+a bf16 cache; its tokens are row-invariant (see decoder.c), so plain, speculative and batched decoding give
+identical greedy output through it. Caches it does not handle (presses, quantized prefixes, query
+observers) go through the PyTorch forward.
+"""
+from __future__ import annotations
+
+import ctypes
+from ctypes import POINTER, Structure, c_double, c_int64, c_void_p
+
+import torch
+from torch import Tensor, nn
+
+from .. import kernels
+from ..cache import KVCache
+from ..kernels import QuantWeight
+from .gguf_linear import GGUFEmbedding, GGUFLinear
+
+
+class _Weight(Structure):
+    _fields_ = [("fmt", c_int64), ("data", c_void_p), ("row_bytes", c_int64), ("N", c_int64), ("K", c_int64),
+                ("packed", c_void_p)]
+
+    @classmethod
+    def of(cls, w: QuantWeight, keep: list) -> "_Weight":
+        keep.append(w.data)
+        if w.packed is not None:
+            keep.append(w.packed)
+        return cls(w.fmt, w.data.data_ptr(), w.data.shape[1], w.N, w.K,
+                   None if w.packed is None else w.packed.data_ptr())
+
+
+class _Linear(Structure):
+    _fields_ = [("n_parts", c_int64), ("part", _Weight * 3), ("N", c_int64), ("K", c_int64), ("bias", c_void_p)]
+
+
+class _Layer(Structure):
+    _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
+                ("attn_norm", c_void_p), ("post_attn_norm", c_void_p), ("mlp_norm", c_void_p),
+                ("post_mlp_norm", c_void_p), ("q_norm", c_void_p), ("k_norm", c_void_p),
+                ("cos", c_void_p), ("sin", c_void_p), ("window", c_int64)]
+
+
+class _Model(Structure):
+    _fields_ = [("n_layers", c_int64), ("hidden", c_int64), ("heads", c_int64), ("kv_heads", c_int64),
+                ("head_dim", c_int64), ("inter", c_int64), ("vocab", c_int64), ("rope_len", c_int64),
+                ("gelu", c_int64), ("eps", c_double), ("attn_scale", c_double), ("embed_scale", c_double),
+                ("layers", POINTER(_Layer)), ("embed", _Weight), ("lm_head", _Linear), ("final_norm", c_void_p)]
+
+
+class _Cache(Structure):
+    _fields_ = [("k", c_void_p), ("v", c_void_p), ("batch", c_int64), ("cap", c_int64)]
+
+
+class _Batch(Structure):
+    _fields_ = [("T", c_int64), ("tokens", c_void_p), ("positions", c_void_p), ("rows", c_void_p),
+                ("slots", c_void_p), ("prefix", c_void_p), ("mask", c_void_p), ("n_logits", c_int64),
+                ("logit_rows", c_void_p), ("logits", c_void_p), ("hidden", c_void_p)]
+
+
+def _quant_weights(module: nn.Module) -> list[QuantWeight] | None:
+    """A linear layer's weights in a format the C decoder reads: GGUF blocks, or a bf16 nn.Linear's rows."""
+    if isinstance(module, GGUFLinear):
+        return module.parts
+    if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16 and module.weight.is_contiguous():
+        w = module.weight.detach()
+        return [QuantWeight(kernels.FORMATS["BF16"], w.view(torch.uint8), w.shape[1])]
+    return None
+
+
+class CPUForward:
+    """``CPUForward.build(model)`` -> a CPUForward, or None when the model has layers the C decoder does not
+    read (float32 or int8/int4 weights) or the kernels are unavailable."""
+
+    def __init__(self, model: nn.Module, layers: list[_Layer], keep: list):
+        self.model, self._layers, self._keep = model, layers, keep
+        cfg = model.config
+        self.cfg = cfg
+        self.struct = _Model(
+            n_layers=cfg.num_layers, hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, inter=cfg.intermediate_size, vocab=cfg.vocab_size,
+            rope_len=model.rope.cos.shape[0], gelu=int(cfg.hidden_act != "silu"), eps=cfg.norm_eps,
+            attn_scale=cfg.attn_scale, embed_scale=cfg.embed_scale,
+            layers=ctypes.cast(layers, POINTER(_Layer)))
+        self.lib = kernels.library()
+
+    @classmethod
+    def build(cls, model: nn.Module) -> "CPUForward | None":
+        if not kernels.available() or model.device.type != "cpu" or model.dtype != torch.bfloat16:
+            return None
+        cfg, keep = model.config, []
+
+        def linear(module: nn.Module) -> _Linear | None:
+            parts = _quant_weights(module)
+            if parts is None or len(parts) > 3:
+                return None
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                bias = bias.detach().to(torch.bfloat16).contiguous()
+                keep.append(bias)
+            out = _Linear(n_parts=len(parts), N=sum(p.N for p in parts), K=parts[0].K,
+                          bias=None if bias is None else bias.data_ptr())
+            for i, p in enumerate(parts):
+                out.part[i] = _Weight.of(p, keep)
+            return out
+
+        def vector(t: Tensor | None) -> int | None:
+            if t is None:
+                return None
+            t = t.detach().float().contiguous()
+            keep.append(t)
+            return t.data_ptr()
+
+        def scale(norm: nn.Module | None) -> int | None:
+            return None if norm is None else vector(norm.scale)
+
+        layers = (_Layer * cfg.num_layers)()
+        ropes = model.layer_ropes()
+        for i, block in enumerate(model.layers):
+            attn, mlp = block.self_attn, block.mlp
+            parts = [linear(attn.qkv_proj), linear(attn.o_proj), linear(mlp.gate_up_proj), linear(mlp.down_proj)]
+            if any(p is None for p in parts):
+                return None
+            sandwich = hasattr(block, "pre_feedforward_layernorm")
+            rope = ropes[i]
+            layers[i] = _Layer(
+                *parts, attn_norm=scale(block.input_layernorm),
+                post_attn_norm=scale(block.post_attention_layernorm) if sandwich else None,
+                mlp_norm=scale(block.pre_feedforward_layernorm if sandwich else block.post_attention_layernorm),
+                post_mlp_norm=scale(block.post_feedforward_layernorm) if sandwich else None,
+                q_norm=scale(attn.q_norm), k_norm=scale(attn.k_norm), cos=vector(rope.cos), sin=vector(rope.sin),
+                window=cfg.sliding_window if cfg.layer_types[i] == "sliding" else 0)
+        if isinstance(model.embed_tokens, GGUFEmbedding):
+            embed = model.embed_tokens.weight_q
+        elif isinstance(model.embed_tokens, nn.Embedding) and model.embed_tokens.weight.dtype == torch.bfloat16:
+            w = model.embed_tokens.weight.detach().contiguous()
+            embed = QuantWeight(kernels.FORMATS["BF16"], w.view(torch.uint8), w.shape[1])
+        else:
+            return None
+        head = linear(model.lm_head)
+        if head is None:
+            return None
+        forward = cls(model, layers, keep)
+        forward.struct.embed = _Weight.of(QuantWeight(embed.fmt, embed.data, embed.K), keep)   # rows gathered
+        forward.struct.lm_head = head
+        forward.struct.final_norm = scale(model.norm)
+        return forward
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None   # a copied model (the int4 self-draft) has other weights: it builds its own, or none
+
+    @staticmethod
+    def supports(cache: KVCache) -> bool:
+        return (cache.dtype == torch.bfloat16 and cache.device.type == "cpu" and cache.prefix is None
+                and not cache.compressed and cache.observer is None and not cache.ragged)
+
+    def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, mask: Tensor | None,
+                 last_only: bool, return_hidden: bool) -> Tensor | tuple[Tensor, Tensor] | None:
+        """The model's forward (same arguments and results as Transformer.forward, batch 1), or None when
+        the mask hides cached slots (then the PyTorch forward runs)."""
+        if tokens.shape[0] != 1:
+            return None
+        T = tokens.shape[1]
+        cache.reserve(T)
+        start = cache.length
+        new_mask = None
+        if mask is not None:
+            if start and not bool(mask[:, :start].all()):
+                return None
+            new_mask = mask[:, start:start + T].to(torch.uint8).contiguous()
+            if not bool(new_mask.diagonal().all()):
+                return None
+        ids = tokens[0].to(torch.int64).contiguous()
+        pos = positions.to(torch.int64).contiguous()
+        rows = torch.zeros(T, dtype=torch.int64)
+        slots = torch.arange(start, start + T, dtype=torch.int64)
+        prefix = torch.full((T,), start, dtype=torch.int64)
+        n_out = 1 if last_only else T
+        logits = torch.empty(n_out, self.cfg.vocab_size, dtype=torch.float32)
+        logit_rows = torch.tensor([T - 1], dtype=torch.int64) if last_only else None
+        hidden = torch.empty(T, self.cfg.hidden_size, dtype=torch.float32) if return_hidden else None
+        k, v = cache.k, cache.v
+        c = _Cache(k.data_ptr(), v.data_ptr(), k.shape[1], k.shape[3])
+        b = _Batch(T, ids.data_ptr(), pos.data_ptr(), rows.data_ptr(), slots.data_ptr(), prefix.data_ptr(),
+                   None if new_mask is None else new_mask.data_ptr(), n_out,
+                   None if logit_rows is None else logit_rows.data_ptr(), logits.data_ptr(),
+                   None if hidden is None else hidden.data_ptr())
+        rc = self.lib.tq_forward(ctypes.byref(self.struct), ctypes.byref(c), ctypes.byref(b))
+        if rc != 0:
+            raise RuntimeError(f"tachy's CPU decoder failed (code {rc})")
+        cache.advance(T)
+        logits = logits.unsqueeze(0)
+        if return_hidden:
+            return logits, hidden.to(self.model.dtype).unsqueeze(0)
+        return logits
