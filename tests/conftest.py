@@ -69,9 +69,49 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def tiny_gguf_model(arch: str = "llama", seed: int = 0, fmt: str = "Q8_0", **overrides):
+    """A tiny model whose matrices are GGUF blocks (quantized by the gguf package from ``hf_twin``'s random
+    weights), run by the C forward where the kernels are available."""
+    import gguf
+    import numpy as np
+
+    from tachy import kernels
+    from tachy.models import build_model
+    from tachy.models.cpu_forward import CPUForward
+    from tachy.models.llama import Rope
+
+    cfg = tiny_config(arch, **overrides)
+    _, sd = hf_twin(cfg, seed)
+    qtype = gguf.GGMLQuantizationType[fmt]
+    quantized = {}
+    for name, t in sd.items():
+        if t.dim() == 2:
+            blocks = gguf.quants.quantize(t.detach().numpy().astype(np.float32), qtype)
+            quantized[name] = kernels.QuantWeight(int(qtype), torch.from_numpy(np.ascontiguousarray(blocks)), t.shape[1])
+        else:
+            quantized[name] = t.detach()
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.load_quantized_state_dict(quantized)
+    for module in model.modules():
+        if isinstance(module, Rope):
+            module.rebuild("cpu")
+    model.cpu_forward = CPUForward.build(model)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def smollm():
-    """The embedded default model (bf16 weights where fast), loaded once per test session."""
+    """The embedded default model as a user gets it (its GGUF blocks where the CPU kernels run, else bf16),
+    loaded once per test session."""
     import tachy
 
     return tachy.load("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm_bf16():
+    """The embedded model with bf16 weights (the PyTorch forward; the int4 self-draft's target)."""
+    import tachy
+
+    return tachy.load("smollm2-135m", dtype="bf16", progress=False)

@@ -25,7 +25,7 @@ from tachy.engine import Engine
 from tachy.speculative.drafters import (DRAFTERS, Drafter, DatastoreDrafter, DraftModelDrafter, available_drafters,
                                        build_datastore)
 from tachy.speculative.tree import DraftTree
-from tests.conftest import tiny_model
+from tests.conftest import tiny_gguf_model, tiny_model
 
 from tests.conftest import DATA
 NEW_TOKENS = 64
@@ -92,18 +92,35 @@ def shakespeare_datastore(smollm, tmp_path_factory):
 def drafter_for(name: str, request) -> str | Drafter:
     if name == "rest":
         return DatastoreDrafter(datastore=request.getfixturevalue("shakespeare_datastore"))
-    if name == "draft-model":   # the target's own int4 copy drafts for the bf16 target
+    if name == "draft-model":   # the target's checkpoint, as an int4 model of its own, drafts
         return "draft-model:model=smollm2-135m,dtype=int4"
     return name
 
 
+@pytest.fixture(scope="module")
+def bf16_vanilla_outputs(smollm_bf16, lossless_prompts) -> dict[str, list[int]]:
+    """Plain decoding of the first prompts (two grounded, two open-ended) by the bf16 engine."""
+    chosen = list(lossless_prompts)[::2]
+    return {pid: run(smollm_bf16, lossless_prompts[pid], max_new_tokens=NEW_TOKENS, drafter=None)[0]
+            for pid in chosen}
+
+
+# Every drafter on the model as loaded by default (its GGUF blocks, the C forward; every tree node exact), and
+# on the bf16 engine (the PyTorch forward; exact along the leading chain) the drafters that draft with a model
+# of float weights: the int4 self-draft, and ``default``, which picks it there.
+BF16_DRAFTERS = ["quantized-self", "default", "model-free"]
+CASES = [("default", n) for n in available_drafters() if n != "quantized-self"] + [("bf16", n) for n in BF16_DRAFTERS]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", available_drafters())
-def test_lossless_greedy_every_drafter(smollm, lossless_prompts, vanilla_outputs, name, request):
+@pytest.mark.parametrize("weights, name", CASES, ids=[f"{w}-{n}" for w, n in CASES])
+def test_lossless_greedy_every_drafter(weights, name, lossless_prompts, request):
+    engine = request.getfixturevalue("smollm" if weights == "default" else "smollm_bf16")
+    vanilla = request.getfixturevalue("vanilla_outputs" if weights == "default" else "bf16_vanilla_outputs")
     mismatches, drafted, accepted = [], 0, 0
-    for pid, ids in lossless_prompts.items():
-        out, _, pieces = run(smollm, ids, max_new_tokens=NEW_TOKENS, drafter=drafter_for(name, request))
-        ref = vanilla_outputs[pid]
+    for pid, ref in vanilla.items():
+        ids = lossless_prompts[pid]
+        out, _, pieces = run(engine, ids, max_new_tokens=NEW_TOKENS, drafter=drafter_for(name, request))
         if out != ref:
             i = first_difference(out, ref)
             mismatches.append(f"{pid}: differs at token {i} of {len(ref)} (drafter {out[i:i + 4]}, "
@@ -151,10 +168,13 @@ class OracleDrafter(Drafter):
         return DraftTree.chain(cont)
 
 
+@pytest.mark.parametrize("weights", ["fp32", "gguf"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_lossless_greedy_tiny_models(arch):
-    """Many random prompts on tiny fp32 models, every drafter plus an oracle drafter, through generate_tokens."""
-    model = tiny_model(arch, seed=1)
+def test_lossless_greedy_tiny_models(arch, weights):
+    """Many random prompts on tiny models, every drafter plus an oracle drafter, through generate_tokens: fp32
+    weights (the PyTorch forward, exact along the leading chain of a tree) and GGUF blocks (the C forward,
+    exact for every tree node)."""
+    model = tiny_model(arch, seed=1) if weights == "fp32" else tiny_gguf_model(arch, seed=1)
     engine = Engine(model, tokenizer=None, name=f"tiny-{arch}")
     rng = random.Random(0)
     vocab = model.config.vocab_size

@@ -13,6 +13,7 @@ import torch
 from .decoding import GenerationConfig
 from .engine import Engine
 from .generation import GenerationResponse, GenerationStats
+from . import kernels
 from .errors import ContextLengthError, InvalidArgumentError, ModelLoadError, TachyError, UnknownNameError
 from .sampling import SamplingConfig
 
@@ -21,10 +22,13 @@ __all__ = ["load", "Engine", "GenerationConfig", "GenerationResponse", "Generati
 __version__ = "0.1.0"
 
 
-def default_dtype(device: torch.device) -> str:
-    """bf16 where the hardware has fast bf16 matmuls (CUDA, AVX512-BF16/AMX CPUs), else fp32."""
+def default_dtype(device: torch.device, path: Path | None = None) -> str:
+    """A GGUF file's own blocks on a CPU where tachy's kernels run natively (AVX512 with BF16 and VNNI);
+    else bf16 where the hardware has fast bf16 matmuls (CUDA, AVX512-BF16/AMX CPUs), else fp32."""
     if device.type == "cuda":
         return "bf16"
+    if path is not None and path.is_file() and kernels.has_avx512_bf16():
+        return "gguf"
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -37,7 +41,7 @@ def load(name_or_path: str | Path | None = None, dtype: str | None = None, devic
     """Load a named model (see ``tachy models``), a GGUF file or a Hugging Face folder into an Engine.
 
     dtype: "fp32", "bf16", "int8" or "int4" weights, or "gguf": a GGUF file's own quantized blocks
-    (default: bf16 where fast, else fp32).
+    (default: gguf for a GGUF file where tachy's CPU kernels run natively, else bf16 where fast, else fp32).
     max_context: cap the context window (saves rope-table memory on long-context models).
     """
     from .models import build_model
@@ -50,7 +54,7 @@ def load(name_or_path: str | Path | None = None, dtype: str | None = None, devic
 
     path = resolve_model(str(name_or_path or DEFAULT_MODEL))
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or default_dtype(dev)
+    dtype = dtype or default_dtype(dev, path)
     if dtype not in WEIGHT_DTYPES:
         raise InvalidArgumentError(f"unknown weight dtype {dtype!r}; choose from {', '.join(WEIGHT_DTYPES)}")
     quantized = dtype == "gguf"
@@ -72,4 +76,4 @@ def load(name_or_path: str | Path | None = None, dtype: str | None = None, devic
         model.cpu_forward = CPUForward.build(model)
     tokenizer = Tokenizer.from_path(tokenizer_dir)
     name = str(name_or_path or DEFAULT_MODEL)
-    return Engine(model, tokenizer, name=name)
+    return Engine(model, tokenizer, name=name, weights=dtype)

@@ -61,8 +61,8 @@ def load_engine(args: argparse.Namespace):
     resolve_model(args.model or DEFAULT_MODEL)   # an unknown name fails here, before "loading ..." is printed
     print(f"loading {args.model or DEFAULT_MODEL} ...", file=sys.stderr, flush=True)
     engine = tachy.load(args.model, dtype=args.dtype, device=args.device)
-    print(f"loaded in {time.perf_counter() - start:.1f}s ({next(engine.model.parameters()).dtype}, "
-          f"{engine.device})", file=sys.stderr, flush=True)
+    print(f"loaded in {time.perf_counter() - start:.1f}s ({engine.weights} weights, {engine.device})",
+          file=sys.stderr, flush=True)
     return engine
 
 

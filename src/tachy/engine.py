@@ -30,9 +30,10 @@ from .tokenizer import StreamDetokenizer, Tokenizer
 class Engine:
     """A loaded model with its tokenizer. Create with ``tachy.load``."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model"):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model", weights: str = ""):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.config = model.config
+        self.weights = weights or str(model.dtype).removeprefix("torch.")   # the weight format, for humans
 
     @property
     def device(self) -> torch.device:
@@ -100,6 +101,8 @@ class Engine:
         press = config.press
         evict_every = press.evict_every if press is not None and press.active else 0
         budget = cache.length
+        # Every tree node's row exact (the C forward), or only the leading chain's (speculative/verify.py)?
+        exact_trees = model.exact_trees(cache)
 
         while cache.position + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:
             step_start = time.perf_counter()
@@ -112,7 +115,9 @@ class Engine:
                 room = min(room, budget + evict_every - cache.length - 1)
             tree = DraftTree.empty()
             if drafter is not None and config.max_draft_tokens and room > 0:
-                tree = drafter.propose(ids, min(config.max_draft_tokens, room)).prune_to_spine()
+                tree = drafter.propose(ids, min(config.max_draft_tokens, room))
+                if not exact_trees:
+                    tree = tree.prune_to_spine()
                 if len(tree) > room:
                     tree = tree.truncate(room)
                 stats.draft_s += time.perf_counter() - step_start
@@ -131,7 +136,8 @@ class Engine:
                 accepted, bonus = verify_greedy(tree, logits)
             else:
                 accepted, bonus = verify_sampling(tree, probs_fn(logits), generator)
-            accepted, bonus = commit_exact(tree, accepted, bonus)
+            if not exact_trees:
+                accepted, bonus = commit_exact(tree, accepted, bonus)
             cache.keep([base] + [base + 1 + j for j in accepted])
             new = [tree.tokens[j] for j in accepted] + [bonus]
             ids.extend(new)

@@ -147,7 +147,6 @@ def _load() -> ctypes.CDLL | None:
     lib.tq_dequantize.argtypes = [i32, ptr, i64, i64, i64, ptr, ptr, i32, i32]
     lib.tq_set_threads.argtypes = [i32]
     lib.tq_forward.argtypes = [ptr, ptr, ptr]
-    lib.tq_set_threads(torch.get_num_threads())
     _lib = lib
     return lib
 
@@ -167,11 +166,22 @@ def has_avx512_bf16() -> bool:
     return bool(lib is not None and lib.tq_has_avx512_bf16())
 
 
-def set_threads(n: int) -> None:
-    """Threads the kernels split their output columns over (results do not depend on it)."""
+_pinned_threads: int | None = None
+
+
+def set_threads(n: int | None) -> None:
+    """Pin the threads the kernels split their work over (results do not depend on it); None (the default)
+    follows ``torch.get_num_threads()`` at each call, so ``torch.set_num_threads`` governs both."""
+    global _pinned_threads
+    _pinned_threads = None if n is None else int(n)
     lib = _load()
-    if lib is not None:
+    if lib is not None and n is not None:
         lib.tq_set_threads(int(n))
+
+
+def sync_threads(lib: ctypes.CDLL) -> None:
+    """Before a call: the pinned thread count, or PyTorch's current one."""
+    lib.tq_set_threads(_pinned_threads if _pinned_threads is not None else torch.get_num_threads())
 
 
 def get_threads() -> int:
@@ -189,6 +199,7 @@ def _lib_or_raise() -> ctypes.CDLL:
     lib = _load()
     if lib is None:
         raise RuntimeError(f"tachy's CPU kernels are not available: {_failed}")
+    sync_threads(lib)
     return lib
 
 

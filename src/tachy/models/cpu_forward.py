@@ -7,8 +7,9 @@ rope tables, the K/V cache) once, and then each ``Transformer.forward`` on a sup
 
 It computes the same model as llama.py / gemma3.py with float32 activations between bf16 matrix inputs and
 a bf16 cache; its tokens are row-invariant (see decoder.c), so plain, speculative and batched decoding give
-identical greedy output through it. Caches it does not handle (presses, quantized prefixes, query
-observers) go through the PyTorch forward.
+identical greedy output through it, and every node of a draft tree gets the bits one-token decoding along
+its path gives (``exact_trees``). Caches it does not handle (presses, quantized prefixes, query observers)
+go through the PyTorch forward.
 """
 from __future__ import annotations
 
@@ -159,32 +160,41 @@ class CPUForward:
     @staticmethod
     def supports(cache: KVCache) -> bool:
         return (cache.dtype == torch.bfloat16 and cache.device.type == "cpu" and cache.prefix is None
-                and not cache.compressed and cache.observer is None and not cache.ragged)
+                and not cache.compressed and cache.observer is None)
 
     def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache, mask: Tensor | None,
                  last_only: bool, return_hidden: bool) -> Tensor | tuple[Tensor, Tensor] | None:
-        """The model's forward (same arguments and results as Transformer.forward, batch 1), or None when
-        the mask hides cached slots (then the PyTorch forward runs)."""
-        if tokens.shape[0] != 1:
-            return None
-        T = tokens.shape[1]
-        cache.reserve(T)
-        start = cache.length
-        new_mask = None
-        if mask is not None:
-            if start and not bool(mask[:, :start].all()):
+        """The model's forward (same arguments and results as Transformer.forward), or None when the mask
+        hides cached slots (then the PyTorch forward runs)."""
+        if cache.ragged:   # a batch of sequences, one new token each (BatchKVCache)
+            rows_list = list(cache.rows)
+            T = len(rows_list)
+            cache.reserve(1)
+            rows = torch.tensor(rows_list, dtype=torch.int64)
+            slots = torch.tensor([cache.lengths[r] for r in rows_list], dtype=torch.int64)
+            prefix, new_mask, logit_rows, n_out = slots, None, None, T
+            ids = tokens.reshape(-1).to(torch.int64).contiguous()
+        else:
+            if tokens.shape[0] != 1:
                 return None
-            new_mask = mask[:, start:start + T].to(torch.uint8).contiguous()
-            if not bool(new_mask.diagonal().all()):
-                return None
-        ids = tokens[0].to(torch.int64).contiguous()
-        pos = positions.to(torch.int64).contiguous()
-        rows = torch.zeros(T, dtype=torch.int64)
-        slots = torch.arange(start, start + T, dtype=torch.int64)
-        prefix = torch.full((T,), start, dtype=torch.int64)
-        n_out = 1 if last_only else T
+            T = tokens.shape[1]
+            cache.reserve(T)
+            start = cache.length
+            new_mask = None
+            if mask is not None:
+                if start and not bool(mask[:, :start].all()):
+                    return None
+                new_mask = mask[:, start:start + T].to(torch.uint8).contiguous()
+                if not bool(new_mask.diagonal().all()):
+                    return None
+            ids = tokens[0].to(torch.int64).contiguous()
+            rows = torch.zeros(T, dtype=torch.int64)
+            slots = torch.arange(start, start + T, dtype=torch.int64)
+            prefix = torch.full((T,), start, dtype=torch.int64)
+            n_out = 1 if last_only else T
+            logit_rows = torch.tensor([T - 1], dtype=torch.int64) if last_only else None
+        pos = positions.reshape(-1).to(torch.int64).contiguous()
         logits = torch.empty(n_out, self.cfg.vocab_size, dtype=torch.float32)
-        logit_rows = torch.tensor([T - 1], dtype=torch.int64) if last_only else None
         hidden = torch.empty(T, self.cfg.hidden_size, dtype=torch.float32) if return_hidden else None
         k, v = cache.k, cache.v
         c = _Cache(k.data_ptr(), v.data_ptr(), k.shape[1], k.shape[3])
@@ -192,11 +202,13 @@ class CPUForward:
                    None if new_mask is None else new_mask.data_ptr(), n_out,
                    None if logit_rows is None else logit_rows.data_ptr(), logits.data_ptr(),
                    None if hidden is None else hidden.data_ptr())
+        kernels.sync_threads(self.lib)
         rc = self.lib.tq_forward(ctypes.byref(self.struct), ctypes.byref(c), ctypes.byref(b))
         if rc != 0:
             raise RuntimeError(f"tachy's CPU decoder failed (code {rc})")
-        cache.advance(T)
-        logits = logits.unsqueeze(0)
+        cache.advance(1 if cache.ragged else T)
+        logits = logits.view(T, 1, -1) if cache.ragged else logits.unsqueeze(0)
         if return_hidden:
-            return logits, hidden.to(self.model.dtype).unsqueeze(0)
+            hidden = hidden.to(self.model.dtype)
+            return logits, (hidden.view(T, 1, -1) if cache.ragged else hidden.unsqueeze(0))
         return logits

@@ -191,6 +191,12 @@ class Transformer(nn.Module):
         self.rope = Rope(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.cpu_forward = None   # the whole forward as one C call, where set (models/cpu_forward.py)
 
+    def exact_trees(self, cache: KVCache) -> bool:
+        """Whether a forward over a draft tree on this cache gives every node, not only the leading chain,
+        the bits one-token decoding along its path would (the C forward reads each row's keys in path order;
+        the PyTorch forward does so only for the chain: speculative/verify.py ``commit_exact``)."""
+        return self.cpu_forward is not None and self.cpu_forward.supports(cache)
+
     def new_cache(self, capacity: int = 256, batch: int = 1, fixed: bool = False) -> KVCache:
         """A cache sized for this model on the model's device, in the activation dtype."""
         return KVCache(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, capacity, batch,
@@ -300,6 +306,8 @@ class Transformer(nn.Module):
         """Load a GGUF file's own blocks (``load_checkpoint(..., quantized=True)``): the linear layers and the
         embedding keep them (GGUFLinear, GGUFEmbedding), norms and biases load as float32."""
         sd = {k.removeprefix("model."): v for k, v in sd.items()}
+        if self.config.tie_embeddings:
+            sd.pop("lm_head.weight", None)
         for i, block in enumerate(self.layers):
             p, attn = f"layers.{i}.", block.self_attn
             qkv = [sd.pop(f"{p}self_attn.{x}_proj.weight") for x in "qkv"]

@@ -225,3 +225,11 @@ def test_guessed_continuations_give_the_same_chain_in_fewer_forwards():
     # the cache holds the root and the chain but its last token (and that one too when a guess ended the chain),
     # never a rejected guess
     assert plain_cached == 12 and guessed_cached in (12, 13)
+
+
+def test_the_int4_self_draft_refuses_a_target_that_runs_gguf_blocks():
+    from tests.conftest import tiny_gguf_model
+
+    engine = Engine(tiny_gguf_model("llama"), tokenizer=None, name="tiny-gguf", weights="gguf")
+    with pytest.raises(InvalidArgumentError, match="copies float weights"):
+        list(engine.generate_tokens([1, 2, 3], GenerationConfig(max_new_tokens=4, drafter="quantized-self")))

@@ -94,7 +94,12 @@ class DraftModelDrafter(Drafter):
         """Called by the engine with the target Engine: load the draft model beside it, check the vocabulary."""
         if self.engine is None and self.spec == "self":   # the target's weights, quantized in memory
             from ...engine import Engine
-            from ...models.quant import quantized_copy
+            from ...models.quant import is_float_linear, quantized_copy
+
+            if not is_float_linear(target.model.layers[0].mlp.down_proj):
+                raise InvalidArgumentError(
+                    f"the int4 self-draft copies float weights, and {target.name} runs {target.weights} weights "
+                    "already; use drafter 'default' or 'model-free', or load the model with dtype bf16")
 
             dtype = self.dtype or "int4"
             copies = target.__dict__.setdefault("_quantized_copies", {})   # one copy per target and variant

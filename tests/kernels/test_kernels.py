@@ -1,0 +1,144 @@
+"""tachy's CPU kernels on GGUF blocks: exact decoding, products close to float, row and thread invariance.
+
+Weights are real GGUF blocks: quantized by the gguf package where it can, otherwise (the K formats) random
+bytes with sane scales, which exercise every bit of the codes. The reference for decoding is the gguf
+package's own dequantizer, bit for bit; for products, float32 matrix products of the dequantized weights.
+"""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+from tachy import kernels as K
+from tachy.errors import InvalidArgumentError
+
+pytestmark = pytest.mark.skipif(not K.available(), reason=f"kernels unavailable: {K.unavailable_reason()}")
+
+QUANTIZED = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+ALL = [*QUANTIZED, "F32", "F16", "BF16"]
+SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2],
+                 "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def random_weight(name: str, N: int, Kd: int, seed: int = 0) -> K.QuantWeight:
+    """N rows of Kd weights in format ``name``: random bytes, with finite fp16 scales (some subnormal)."""
+    rng = np.random.default_rng(seed)
+    fmt = K.FORMATS[name]
+    if name in ("F32", "F16", "BF16"):
+        values = rng.normal(0, 0.05, size=(N, Kd)).astype(np.float32)
+        data = {"F32": values.view(np.uint8), "F16": values.astype(np.float16).view(np.uint8),
+                "BF16": (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)}[name]
+        return K.QuantWeight(fmt, torch.from_numpy(np.ascontiguousarray(data)).reshape(N, -1), Kd)
+    rb, bb = K.row_bytes(fmt, Kd), K.BLOCK_BYTES[fmt]
+    data = rng.integers(0, 256, size=(N, rb), dtype=np.uint8)
+    blocks = data.reshape(N, rb // bb, bb)
+    for off in SCALE_OFFSETS[name]:
+        scales = rng.normal(0, 0.02, size=(N, rb // bb)).astype(np.float16)
+        scales[rng.random(scales.shape) < 0.05] = np.float16(3e-6)        # subnormal fp16
+        blocks[:, :, off:off + 2] = scales.view(np.uint8).reshape(N, rb // bb, 2)
+    if name == "Q6_K":   # int8 sub-block scales of moderate size
+        blocks[:, :, 192:208] = rng.integers(-40, 40, size=(N, rb // bb, 16)).astype(np.int8).view(np.uint8)
+    return K.QuantWeight(fmt, torch.from_numpy(data), Kd)
+
+
+def reference(w: K.QuantWeight) -> np.ndarray:
+    """The gguf package's float32 dequantization [N, K]."""
+    raw = w.data.numpy()
+    if w.format == "F32":
+        return raw.view(np.float32).reshape(w.N, w.K)
+    if w.format == "F16":
+        return raw.view(np.float16).astype(np.float32).reshape(w.N, w.K)
+    if w.format == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(w.N, w.K)
+    return np.asarray(gguf.quants.dequantize(raw, GGMLQuantizationType(w.fmt)), dtype=np.float32).reshape(w.N, w.K)
+
+
+def width(name: str) -> int:
+    return 512 if name.endswith("_K") else 576
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+def test_dequantize_equals_the_gguf_package_bit_for_bit(name, portable):
+    w = random_weight(name, 37, width(name))
+    ref = reference(w)
+    got = K.dequantize(w, portable=portable).numpy()
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+    assert torch.equal(K.dequantize(w, torch.bfloat16, portable=portable), torch.from_numpy(ref).to(torch.bfloat16))
+    rows = torch.tensor([5, 0, 36, 5])
+    assert np.array_equal(K.dequantize(w, rows=rows, portable=portable).numpy(), ref[rows.numpy()])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bf16_products_are_close_to_float_and_row_invariant(name):
+    w = random_weight(name, 48, width(name), seed=1)
+    x = torch.randn(13, w.K).to(torch.bfloat16)
+    ref = x.float() @ torch.from_numpy(reference(w)).to(torch.bfloat16).float().T
+    y = K.matmul(x, w, out_dtype=torch.float32)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-5
+    check_invariance(x, w, y)
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_packed_int8_products_are_close_to_float_and_exact_across_paths(name):
+    w = K.pack(random_weight(name, 64, width(name), seed=2))
+    assert w.packed is not None
+    x = torch.randn(13, w.K).to(torch.bfloat16)
+    ref = x.float() @ torch.from_numpy(reference(w)).T
+    y = K.matmul(x, w, out_dtype=torch.float32)
+    assert ((y - ref).norm() / ref.norm()).item() < 1.5e-2   # int8 activations, as llama.cpp computes
+    if K.has_avx512_bf16():   # the portable path does the same operations, lane by lane
+        assert torch.equal(K.matmul(x, w, out_dtype=torch.float32, portable=True), y)
+    check_invariance(x, w, y)
+
+
+def check_invariance(x: torch.Tensor, w: K.QuantWeight, y: torch.Tensor) -> None:
+    """Row t of a product over T rows has the bits of the product of row t alone, on 1 or 2 threads."""
+    try:
+        for n in (1, 2):
+            K.set_threads(n)
+            for T in (1, 2, 3, 8, 9, 13):
+                assert torch.equal(K.matmul(x[:T].contiguous(), w, out_dtype=torch.float32), y[:T]), (n, T)
+                assert torch.equal(K.matmul(x[T - 1:T].contiguous(), w, out_dtype=torch.float32)[0], y[T - 1])
+    finally:
+        K.set_threads(None)
+
+
+def test_products_into_a_column_slice_and_in_bf16():
+    w = K.pack(random_weight("Q4_1", 32, 64))
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    full = K.matmul(x, w, out_dtype=torch.float32)
+    out = torch.zeros(3, 80, dtype=torch.float32)
+    K.matmul(x, w, out=out[:, 16:48])
+    assert torch.equal(out[:, 16:48], full) and not out[:, :16].any() and not out[:, 48:].any()
+    assert torch.equal(K.matmul(x, w), full.to(torch.bfloat16))
+
+
+def test_unpackable_shapes_stay_unpacked_and_bad_input_is_refused():
+    odd = random_weight("Q4_0", 24, 64)            # 24 rows: not a multiple of 16
+    assert K.pack(odd).packed is None
+    assert K.pack(random_weight("F16", 32, 64)).packed is None   # float formats keep the bf16 path
+    w = random_weight("Q4_0", 32, 64)
+    with pytest.raises(InvalidArgumentError):
+        K.matmul(torch.randn(2, 32).to(torch.bfloat16), w)        # wrong width
+    with pytest.raises(InvalidArgumentError):
+        K.matmul(torch.randn(2, 64), w)                            # float32 activations
+    with pytest.raises(InvalidArgumentError):
+        K.QuantWeight(K.FORMATS["Q4_0"], torch.zeros(4, 17, dtype=torch.uint8), 64)
+    with pytest.raises(IndexError):
+        K.dequantize(w, rows=torch.tensor([32]))
+
+
+def test_threads_do_not_change_results():
+    w = K.pack(random_weight("Q8_0", 256, 256, seed=3))
+    x = torch.randn(5, 256).to(torch.bfloat16)
+    try:
+        K.set_threads(1)
+        one = K.matmul(x, w, out_dtype=torch.float32)
+        K.set_threads(3)
+        assert torch.equal(K.matmul(x, w, out_dtype=torch.float32), one)
+    finally:
+        K.set_threads(None)

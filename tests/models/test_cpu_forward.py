@@ -1,0 +1,120 @@
+"""The C forward (models/cpu_forward.py, kernels/decoder.c) on tiny models with GGUF blocks.
+
+It must compute the model (close to the PyTorch forward over the same blocks, and to transformers' float
+model), and every token it computes must have the bits one-token decoding gives it: in a verify forward over a
+chain or a tree, past a sliding window, and in a batch of sequences at different lengths.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tachy import kernels
+from tachy.cache import BatchKVCache
+from tests.conftest import hf_twin, tiny_config, tiny_gguf_model
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="kernels unavailable")
+ARCHS = ["llama", "qwen2", "gemma3"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def forward(model, tokens: list[int], cache, positions=None, mask=None) -> torch.Tensor:
+    positions = torch.arange(cache.length, cache.length + len(tokens)) if positions is None else positions
+    with torch.inference_mode():
+        return model(torch.tensor([tokens]), positions, cache, mask)[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_it_computes_the_model(arch):
+    model = tiny_gguf_model(arch, seed=3)
+    assert model.cpu_forward is not None
+    prompt = [random.Random(arch).randrange(model.config.vocab_size) for _ in range(40)]
+    c_logits = forward(model, prompt, model.new_cache(64))
+    saved, model.cpu_forward = model.cpu_forward, None     # the PyTorch forward over the same blocks
+    torch_logits = forward(model, prompt, model.new_cache(64))
+    model.cpu_forward = saved
+    hf, _ = hf_twin(tiny_config(arch), 3)                   # the float model the blocks were quantized from
+    with torch.inference_mode():
+        hf_logits = hf(torch.tensor([prompt])).logits[0]
+    assert rel(c_logits, torch_logits) < 3e-2
+    assert rel(c_logits, hf_logits) < 6e-2
+    assert (c_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean() > 0.9
+
+
+def one_token_rows(model, prompt: list[int], path: list[int]) -> torch.Tensor:
+    """Logits of each token of ``path`` decoded one at a time after ``prompt`` (a fresh cache)."""
+    cache = model.new_cache(96, fixed=True)
+    forward(model, prompt, cache)
+    return torch.stack([forward(model, [t], cache)[0] for t in path])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_verify_chain_gives_one_token_decodings_bits(arch):
+    model = tiny_gguf_model(arch, seed=4)
+    rng = random.Random(1)
+    prompt = [rng.randrange(model.config.vocab_size) for _ in range(20)]   # gemma3's window is 8
+    chain = [rng.randrange(model.config.vocab_size) for _ in range(17)]
+    cache = model.new_cache(96, fixed=True)
+    forward(model, prompt, cache)
+    mask = torch.cat([torch.ones(17, 20, dtype=torch.bool), torch.ones(17, 17, dtype=torch.bool).tril()], dim=1)
+    verify = forward(model, chain, cache, mask=mask)
+    assert torch.equal(verify, one_token_rows(model, prompt, chain))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_tree_node_gives_one_token_decodings_bits(arch):
+    """Not only the leading chain: a side node reads its ancestors at scattered slots, in path order."""
+    from tachy.speculative.tree import DraftTree
+
+    model = tiny_gguf_model(arch, seed=5)
+    rng = random.Random(2)
+    V = model.config.vocab_size
+    prompt = [rng.randrange(V) for _ in range(12)]
+    tree = DraftTree.from_paths([[rng.randrange(V) for _ in range(5)], [rng.randrange(V) for _ in range(3)],
+                                 [rng.randrange(V) for _ in range(4)]])
+    tree = DraftTree(tree.tokens + [rng.randrange(V)], tree.parents + [len(tree.tokens) - 2])   # a deeper branch
+    root = rng.randrange(V)
+    cache = model.new_cache(96, fixed=True)
+    forward(model, prompt, cache)
+    n = len(tree)
+    mask = torch.cat([torch.ones(n + 1, cache.length, dtype=torch.bool), tree.attention_mask()], dim=1)
+    positions = cache.position + tree.position_offsets()
+    verify = forward(model, [root] + tree.tokens, cache, positions=positions, mask=mask)
+    for node in range(n):
+        path, j = [], node
+        while j >= 0:
+            path.append(tree.tokens[j])
+            j = tree.parents[j]
+        rows = one_token_rows(model, prompt, [root] + path[::-1])
+        assert torch.equal(verify[node + 1], rows[-1]), f"node {node} of {tree.parents}"
+    assert torch.equal(verify[0], one_token_rows(model, prompt, [root])[0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_batch_gives_each_sequence_its_bits_alone(arch):
+    model = tiny_gguf_model(arch, seed=6)
+    rng = random.Random(3)
+    V = model.config.vocab_size
+    prompts = [[rng.randrange(V) for _ in range(n)] for n in (5, 17, 11)]
+    batch = BatchKVCache(model.config.num_layers, model.config.num_kv_heads, model.config.head_dim, 96,
+                         batch=3, dtype=model.dtype)
+    for row, prompt in enumerate(prompts):
+        alone = model.new_cache(96, fixed=True)
+        forward(model, prompt, alone)
+        batch.load(row, alone)
+    batch.rows = [2, 0, 1]
+    steps = [[rng.randrange(V) for _ in range(3)] for _ in prompts]
+    outs = []
+    for s in range(3):
+        tokens = torch.tensor([[steps[r][s]] for r in batch.rows])
+        positions = torch.tensor([batch.lengths[r] for r in batch.rows])
+        with torch.inference_mode():
+            outs.append(model(tokens, positions, batch)[:, 0])
+    for b, row in enumerate(batch.rows):
+        expect = one_token_rows(model, prompts[row], steps[row])
+        assert torch.equal(torch.stack([o[b] for o in outs]), expect), f"row {row}"
