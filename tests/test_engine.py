@@ -550,3 +550,11 @@ def test_stats_copy_heavy_prompt(smollm):
     assert s.mean_accepted > 1.5, f"pld on a copy task: {s.mean_accepted:.2f} tokens per forward ({text!r})"
     # committed tokens: the first from prefill, then 1 + accepted per forward (EOS may cut the last step)
     assert s.forwards + s.accepted >= len(ids) - 1
+
+
+def test_step_costs_are_measured_once_and_do_not_decrease():
+    engine = Engine(tiny_gguf_model("llama"), tokenizer=None, name="tiny")
+    costs = engine.step_costs(6)
+    assert len(costs) == 7 and costs[0] == 0.0 and costs[1] > 0
+    assert all(a <= b for a, b in zip(costs[1:], costs[2:]))
+    assert engine.step_costs(4) is costs                        # cached: a shorter table is a prefix

@@ -72,7 +72,7 @@ def load(name_or_path: str | Path | None = None, dtype: str | None = None, devic
             module.rebuild("cpu")
     model = model.to(dev) if quantized else convert_weights(model.to(dev), dtype)
     model = model.eval()
-    if quantized:
+    if kernels.has_avx512_bf16():   # the whole forward in one C call (GGUF blocks or bf16 weights)
         model.cpu_forward = CPUForward.build(model)
     tokenizer = Tokenizer.from_path(tokenizer_dir)
     name = str(name_or_path or DEFAULT_MODEL)

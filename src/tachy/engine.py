@@ -10,10 +10,12 @@ that decides which token comes next. Three layers, as in mlx-lm:
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Iterator, Sequence
 
 import torch
 
+from . import kernels
 from .cache import key_bucket
 from .decoding import GenerationConfig, logits_processor
 from .errors import ContextLengthError, InvalidArgumentError
@@ -52,6 +54,35 @@ class Engine:
             cache.reset()
         self._warm = max_tokens
 
+    @torch.inference_mode()
+    def step_costs(self, max_tokens: int = 17) -> list[float]:
+        """Seconds of one target forward over T tokens, ``costs[T]`` for T = 1..max_tokens (``costs[0]`` = 0),
+        measured once per engine after 128 tokens of context (best of 3, made non-decreasing): what drafters
+        weigh a draft's expected gain against (DraftTree.best_for_cost)."""
+        costs = self.__dict__.get("_costs")
+        if costs is not None and len(costs) > max_tokens:
+            return costs
+        self.warmup(max_tokens)
+        context = min(128, self.max_context - max_tokens - 1)
+        cache = self.model.new_cache(capacity=key_bucket(context + max_tokens), fixed=True)
+        native = self.model.exact_trees(cache)
+        with kernels.threads_to_kernels() if native else nullcontext():
+            self.model(torch.ones(1, context, dtype=torch.long, device=self.device),
+                       torch.arange(context, device=self.device), cache, last_only=True)
+            costs = [0.0]
+            for T in range(1, max_tokens + 1):
+                tokens = torch.ones(1, T, dtype=torch.long, device=self.device)
+                positions = torch.arange(context, context + T, device=self.device)
+                best = float("inf")
+                for _ in range(3):
+                    start = time.perf_counter()
+                    self.model(tokens, positions, cache)
+                    best = min(best, time.perf_counter() - start)
+                    cache.rollback(T)
+                costs.append(max(best, costs[-1]))
+        self._costs = costs
+        return costs
+
     @property
     def max_context(self) -> int:
         return self.config.max_seq_len
@@ -81,7 +112,8 @@ class Engine:
         stats.prompt_tokens = len(prompt_ids)
 
         start = time.perf_counter()
-        logits = self._prefill(prompt_ids, cache, config.press)
+        with kernels.threads_to_kernels() if model.exact_trees(cache) else nullcontext():
+            logits = self._prefill(prompt_ids, cache, config.press)
         ids = list(prompt_ids)
         root = self._choose(logits, ids, processor, probs_fn, generator)
         ids.append(root)
@@ -103,56 +135,60 @@ class Engine:
         budget = cache.length
         # Every tree node's row exact (the C forward), or only the leading chain's (speculative/verify.py)?
         exact_trees = model.exact_trees(cache)
+        threads = kernels.threads_to_kernels if exact_trees else nullcontext
 
         while cache.position + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:
-            step_start = time.perf_counter()
-            if evict_every and cache.length >= budget + evict_every:
-                press.evict_while_decoding(cache, budget)
-            # no drafting past the context window or the token budget (the bonus token is always produced),
-            # nor past the next eviction (plain and speculative decoding then evict at the same cache sizes)
-            room = min(self.max_context - cache.position - 2, config.max_new_tokens - stats.generated_tokens - 1)
-            if evict_every:
-                room = min(room, budget + evict_every - cache.length - 1)
-            tree = DraftTree.empty()
-            if drafter is not None and config.max_draft_tokens and room > 0:
-                tree = drafter.propose(ids, min(config.max_draft_tokens, room))
+            with threads():   # the C forward's kernels and PyTorch's small ops take turns on the cores
+                step_start = time.perf_counter()
+                if evict_every and cache.length >= budget + evict_every:
+                    press.evict_while_decoding(cache, budget)
+                # no drafting past the context window or the token budget (the bonus token is always produced),
+                # nor past the next eviction (plain and speculative decoding then evict at the same cache sizes)
+                room = min(self.max_context - cache.position - 2,
+                           config.max_new_tokens - stats.generated_tokens - 1)
+                if evict_every:
+                    room = min(room, budget + evict_every - cache.length - 1)
+                tree = DraftTree.empty()
+                if drafter is not None and config.max_draft_tokens and room > 0:
+                    tree = drafter.propose(ids, min(config.max_draft_tokens, room))
+                    if not exact_trees:
+                        tree = tree.prune_to_spine()
+                    if len(tree) > room:
+                        tree = tree.truncate(room)
+                    stats.draft_s += time.perf_counter() - step_start
+                    stats.draft_model_s = drafter.model_s
+                tokens = [root] + tree.tokens
+                positions = cache.position + tree.position_offsets().to(device)
+                mask = None
+                if len(tree):
+                    mask = torch.cat([torch.ones(len(tokens), cache.length, dtype=torch.bool, device=device),
+                                      tree.attention_mask(device)], dim=1)
+                base = cache.length
+                logits = model(torch.tensor([tokens], device=device), positions, cache, mask)[0]
+                if processor is not None:  # penalties: each node sees its own path as context
+                    logits = processor(logits, tree.row_contexts(torch.tensor(ids, device=device)))
+                if probs_fn is None:
+                    accepted, bonus = verify_greedy(tree, logits)
+                else:
+                    accepted, bonus = verify_sampling(tree, probs_fn(logits), generator)
                 if not exact_trees:
-                    tree = tree.prune_to_spine()
-                if len(tree) > room:
-                    tree = tree.truncate(room)
-                stats.draft_s += time.perf_counter() - step_start
-                stats.draft_model_s = drafter.model_s
-            tokens = [root] + tree.tokens
-            positions = cache.position + tree.position_offsets().to(device)
-            mask = None
-            if len(tree):
-                mask = torch.cat([torch.ones(len(tokens), cache.length, dtype=torch.bool, device=device),
-                                  tree.attention_mask(device)], dim=1)
-            base = cache.length
-            logits = model(torch.tensor([tokens], device=device), positions, cache, mask)[0]
-            if processor is not None:  # penalties: each node sees its own path as context
-                logits = processor(logits, tree.row_contexts(torch.tensor(ids, device=device)))
-            if probs_fn is None:
-                accepted, bonus = verify_greedy(tree, logits)
-            else:
-                accepted, bonus = verify_sampling(tree, probs_fn(logits), generator)
-            if not exact_trees:
-                accepted, bonus = commit_exact(tree, accepted, bonus)
-            cache.keep([base] + [base + 1 + j for j in accepted])
-            new = [tree.tokens[j] for j in accepted] + [bonus]
-            ids.extend(new)
-            root = bonus
-            if drafter is not None:
-                t = time.perf_counter()
-                drafter.update(ids, len(accepted), logits if drafter.needs_logits else None, tokens)
-                stats.draft_s += time.perf_counter() - t
-            stats.forwards += 1
-            stats.drafted += len(tree)
-            stats.accepted += len(accepted)
-            stats.generated_tokens += len(new)
-            stats.kv_bytes, stats.kv_full_bytes = cache.nbytes, cache.uncompressed_nbytes
-            stats.decode_s += time.perf_counter() - step_start
-            yield Step(new, len(accepted), len(tree))
+                    accepted, bonus = commit_exact(tree, accepted, bonus)
+                cache.keep([base] + [base + 1 + j for j in accepted])
+                new = [tree.tokens[j] for j in accepted] + [bonus]
+                ids.extend(new)
+                root = bonus
+                if drafter is not None:
+                    t = time.perf_counter()
+                    drafter.update(ids, len(accepted), logits if drafter.needs_logits else None, tokens)
+                    stats.draft_s += time.perf_counter() - t
+                stats.forwards += 1
+                stats.drafted += len(tree)
+                stats.accepted += len(accepted)
+                stats.generated_tokens += len(new)
+                stats.kv_bytes, stats.kv_full_bytes = cache.nbytes, cache.uncompressed_nbytes
+                stats.decode_s += time.perf_counter() - step_start
+                step = Step(new, len(accepted), len(tree))
+            yield step
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
         prompt_ids = list(prompt_ids)

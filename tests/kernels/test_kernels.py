@@ -142,3 +142,22 @@ def test_threads_do_not_change_results():
         assert torch.equal(K.matmul(x, w, out_dtype=torch.float32), one)
     finally:
         K.set_threads(None)
+
+
+@pytest.mark.parametrize("rows, vocab", [(1, 49152), (3, 1000), (17, 37), (2, 5)])
+def test_argmax_and_topk_rows_equal_pytorch(rows, vocab):
+    x = torch.randn(rows, vocab)
+    assert K.argmax(x) == x.argmax(-1).tolist()
+    k = min(8, vocab)
+    assert torch.equal(K.topk_ids(x, k), x.topk(k, dim=-1).indices)
+    assert K.argmax(x[0]) == [int(x[0].argmax())]
+    strided = torch.randn(rows, vocab + 3)[:, :vocab]          # a row stride wider than the row
+    assert K.argmax(strided) == strided.argmax(-1).tolist()
+
+
+def test_ties_go_to_the_lowest_index():
+    x = torch.zeros(2, 100)
+    x[0, [7, 40]] = 3.0
+    x[1, [60, 90]] = 2.0
+    assert K.argmax(x) == [7, 60]
+    assert K.topk_ids(x, 3).tolist() == [[7, 40, 0], [60, 90, 0]]

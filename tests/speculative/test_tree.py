@@ -127,3 +127,43 @@ def test_properties(t: DraftTree):
     for i in range(-1, len(trie)):
         toks = [trie.tokens[c] for c in trie.children(i)]
         assert len(toks) == len(set(toks))
+
+
+# ---- OPT-Tree with a cost model ---------------------------------------------------------------------------------
+
+def test_best_for_cost_worked_example():
+    """By hand: root children A (p .8) and B (p .3); A's children C (.5) and D (.4); C's child E (.9).
+    Path probabilities: A .8, B .3, C .4, D .32, E .36. Best subtrees by size (OPT-Tree: the n most probable
+    nodes): {A} 0.8, {A,C} 1.2, {A,C,E} 1.56, {A,C,E,D} 1.88, all 2.18 expected accepted tokens.
+    With forward costs 1, 1.1, 1.3, 1.6, 2.0, 2.6 (T = 1..6) the tokens per second are 1/1 = 1, 1.8/1.1 = 1.64,
+    2.2/1.3 = 1.69, 2.56/1.6 = 1.6, 2.88/2.0 = 1.44, 3.18/2.6 = 1.22: two nodes, A and C, are best."""
+    tree = DraftTree([10, 11, 12, 13, 14], [-1, -1, 0, 0, 2], probs=[0.8, 0.3, 0.5, 0.4, 0.9])
+    assert [round(p, 4) for p in tree.path_probs()] == [0.8, 0.3, 0.4, 0.32, 0.36]
+    costs = [0.0, 1.0, 1.1, 1.3, 1.6, 2.0, 2.6]
+    best = tree.best_for_cost(costs)
+    assert best.tokens == [10, 12] and best.parents == [-1, 0] and best.probs == [0.8, 0.5]
+    assert len(tree.best_for_cost([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])) == 0        # no draft pays
+    assert tree.best_for_cost([0.0] + [1.0] * 6).tokens == tree.tokens            # free verification: all
+
+
+def _subtrees(tree: DraftTree, n: int):
+    """Every prefix-closed node set of size n (brute force)."""
+    import itertools
+    for combo in itertools.combinations(range(len(tree)), n):
+        chosen = set(combo)
+        if all(tree.parents[i] < 0 or tree.parents[i] in chosen for i in combo):
+            yield combo
+
+
+def test_the_most_probable_nodes_are_the_best_subtree_of_their_size():
+    rng = random.Random(0)
+    for _ in range(30):
+        n = rng.randint(2, 8)
+        parents = [-1] + [rng.randrange(-1, i) for i in range(1, n)]
+        tree = DraftTree(list(range(n)), parents, probs=[rng.random() for _ in range(n)])
+        probs = tree.path_probs()
+        for size in range(1, n + 1):
+            costs = [0.0] + [1.0] * (size + 1) + [1e9] * (n - size)   # forwards up to size + 1 tokens are free
+            kept = tree.best_nodes_for_cost(costs)
+            best = max(sum(probs[i] for i in s) for s in _subtrees(tree, size))
+            assert len(kept) == size and abs(sum(probs[i] for i in kept) - best) < 1e-12

@@ -21,8 +21,10 @@ import platform
 import shutil
 import subprocess
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -30,7 +32,7 @@ from torch import Tensor
 from ..errors import InvalidArgumentError
 from ..registry import cache_root
 
-SOURCES = [Path(__file__).with_name(n) for n in ("pool.c", "gguf_kernels.c", "q8_matmul.c", "decoder.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("pool.c", "gguf_kernels.c", "q8_matmul.c", "decoder.c", "rows.c")]
 HEADER = Path(__file__).with_name("kernels.h")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-std=gnu11"]
 
@@ -147,6 +149,8 @@ def _load() -> ctypes.CDLL | None:
     lib.tq_dequantize.argtypes = [i32, ptr, i64, i64, i64, ptr, ptr, i32, i32]
     lib.tq_set_threads.argtypes = [i32]
     lib.tq_forward.argtypes = [ptr, ptr, ptr]
+    lib.tq_argmax_rows.argtypes = [ptr, i64, i64, i64, ptr]
+    lib.tq_topk_rows.argtypes = [ptr, i64, i64, i64, i64, ptr]
     _lib = lib
     return lib
 
@@ -177,6 +181,25 @@ def set_threads(n: int | None) -> None:
     lib = _load()
     if lib is not None and n is not None:
         lib.tq_set_threads(int(n))
+
+
+@contextmanager
+def threads_to_kernels() -> Iterator[None]:
+    """Inside: the kernels take PyTorch's threads and PyTorch runs on one thread. Both thread pools spin a
+    while after each job; a decode step alternates kernels with small PyTorch ops (argmax, top-k over the
+    vocabulary), and on a 2-core CPU each pool's spinning slowed the other (measured: speculative steps of
+    the C forward took twice as long). ``torch.set_num_threads`` costs about 0.1 us, so this wraps each step."""
+    n = torch.get_num_threads()
+    if n == 1 or _pinned_threads is not None:
+        yield
+        return
+    set_threads(n)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        set_threads(None)
 
 
 def sync_threads(lib: ctypes.CDLL) -> None:
@@ -264,4 +287,33 @@ def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32, rows: Tensor 
                            int(dtype == torch.bfloat16), int(portable))
     if rc != 0:
         raise InvalidArgumentError(f"dequantize: {w.format} weights [{w.N}, {w.K}] are not supported")
+    return out
+
+
+def _rows_view(logits: Tensor) -> Tensor | None:
+    """``logits`` as [rows, V] float32 on the CPU with unit column stride, or None (PyTorch does it then)."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() not in (1, 2) or not available():
+        return None
+    rows = logits.reshape(1, -1) if logits.dim() == 1 else logits
+    return rows if rows.stride(-1) == 1 and rows.shape[-1] > 0 else None
+
+
+def argmax(logits: Tensor) -> list[int]:
+    """Each row's argmax ([V] or [rows, V]) as ints, ties to the lowest index like ``torch.argmax``: a 16-lane
+    scan, about 10x faster than PyTorch's on a 49k vocabulary (a real share of a 3 ms decode step)."""
+    rows = _rows_view(logits)
+    if rows is None:
+        return logits.reshape(-1, logits.shape[-1]).argmax(-1).tolist()
+    out = torch.empty(rows.shape[0], dtype=torch.int64)
+    _lib_or_raise().tq_argmax_rows(rows.data_ptr(), rows.shape[0], rows.shape[1], rows.stride(0), out.data_ptr())
+    return out.tolist()
+
+
+def topk_ids(logits: Tensor, k: int) -> Tensor:
+    """The ids of each row's ``k`` largest logits, largest first ([rows, k] int64; ties to the lower index)."""
+    rows = _rows_view(logits)
+    if rows is None or not 1 <= k <= min(64, rows.shape[1]):
+        return logits.reshape(-1, logits.shape[-1]).topk(k, dim=-1).indices
+    out = torch.empty(rows.shape[0], k, dtype=torch.int64)
+    _lib_or_raise().tq_topk_rows(rows.data_ptr(), rows.shape[0], rows.shape[1], rows.stride(0), k, out.data_ptr())
     return out

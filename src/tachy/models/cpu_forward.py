@@ -23,6 +23,7 @@ from .. import kernels
 from ..cache import KVCache
 from ..kernels import QuantWeight
 from .gguf_linear import GGUFEmbedding, GGUFLinear
+from .quant import SplitKLinear, plain_linear
 
 
 class _Weight(Structure):
@@ -67,18 +68,22 @@ class _Batch(Structure):
 
 
 def _quant_weights(module: nn.Module) -> list[QuantWeight] | None:
-    """A linear layer's weights in a format the C decoder reads: GGUF blocks, or a bf16 nn.Linear's rows."""
+    """A linear layer's weights in a format the C decoder reads: GGUF blocks, or bf16 rows (an nn.Linear's, or
+    a SplitKLinear's chunks joined back, a copy), which the kernels read as GGUF's BF16 format."""
     if isinstance(module, GGUFLinear):
         return module.parts
-    if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16 and module.weight.is_contiguous():
-        w = module.weight.detach()
+    if isinstance(module, SplitKLinear):
+        module = plain_linear(module)
+    if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16:
+        w = module.weight.detach().contiguous()
         return [QuantWeight(kernels.FORMATS["BF16"], w.view(torch.uint8), w.shape[1])]
     return None
 
 
 class CPUForward:
     """``CPUForward.build(model)`` -> a CPUForward, or None when the model has layers the C decoder does not
-    read (float32 or int8/int4 weights) or the kernels are unavailable."""
+    read (float32 or int8/int4 weights) or the kernels are unavailable. Reads GGUF blocks (``--dtype gguf``)
+    and bf16 weights."""
 
     def __init__(self, model: nn.Module, layers: list[_Layer], keep: list):
         self.model, self._layers, self._keep = model, layers, keep

@@ -20,13 +20,18 @@ class DraftTree:
     """Draft tokens with parent links. ``DraftTree.chain(tokens)`` for a plain sequence,
     ``DraftTree.from_paths(paths)`` to merge several candidate continuations into a trie."""
 
-    __slots__ = ("tokens", "parents", "depths", "_children", "_by_token", "_mask")
+    __slots__ = ("tokens", "parents", "probs", "depths", "_children", "_by_token", "_mask")
 
-    def __init__(self, tokens: Sequence[int], parents: Sequence[int]):
+    def __init__(self, tokens: Sequence[int], parents: Sequence[int], probs: Sequence[float] | None = None):
+        """probs: optionally, each node's estimated probability of being accepted once its parent is (the
+        drafter's own calibration, see Drafter.acceptance): what ``best_for_cost`` ranks nodes by."""
         tokens = [int(t) for t in tokens]
         parents = [int(p) for p in parents]
         if len(tokens) != len(parents):
             raise ValueError(f"DraftTree: {len(tokens)} tokens but {len(parents)} parents")
+        if probs is not None and len(probs) != len(tokens):
+            raise ValueError(f"DraftTree: {len(tokens)} tokens but {len(probs)} probabilities")
+        self.probs: list[float] | None = None if probs is None else [float(p) for p in probs]
         depths: list[int] = []
         children: list[list[int]] = [[] for _ in range(len(tokens) + 1)]
         for i, (tok, par) in enumerate(zip(tokens, parents)):
@@ -46,9 +51,9 @@ class DraftTree:
     # ----------------------------------------------------------------------------------------- builders
 
     @classmethod
-    def chain(cls, tokens: Sequence[int]) -> DraftTree:
+    def chain(cls, tokens: Sequence[int], probs: Sequence[float] | None = None) -> DraftTree:
         """A plain sequence: node i's parent is node i-1."""
-        return cls(tokens, list(range(-1, len(tokens) - 1)))
+        return cls(tokens, list(range(-1, len(tokens) - 1)), probs)
 
     @classmethod
     def empty(cls) -> DraftTree:
@@ -91,11 +96,58 @@ class DraftTree:
         if max_nodes >= n:
             return self
         if not breadth_first:
-            return DraftTree(self.tokens[:max_nodes], self.parents[:max_nodes])
-        keep = sorted(range(n), key=lambda i: (self.depths[i], i))[:max_nodes]
-        new_index = {old: new for new, old in enumerate(keep)}
-        return DraftTree([self.tokens[i] for i in keep],
-                         [-1 if self.parents[i] < 0 else new_index[self.parents[i]] for i in keep])
+            return self.subtree(list(range(max_nodes)))
+        return self.subtree(sorted(range(n), key=lambda i: (self.depths[i], i))[:max_nodes])
+
+    def subtree(self, keep: Sequence[int]) -> DraftTree:
+        """The nodes ``keep`` (every kept node's parent kept too), renumbered in the given order (which must
+        list parents before children); probabilities go with their nodes."""
+        index = {old: new for new, old in enumerate(keep)}
+        return DraftTree([self.tokens[i] for i in keep], [-1 if self.parents[i] < 0 else index[self.parents[i]]
+                                                         for i in keep],
+                         None if self.probs is None else [self.probs[i] for i in keep])
+
+    def path_probs(self) -> list[float]:
+        """Each node's probability of being accepted: the product of ``probs`` along its path."""
+        if self.probs is None:
+            raise ValueError("this draft tree carries no probabilities")
+        out: list[float] = []
+        for i, par in enumerate(self.parents):
+            out.append(self.probs[i] * (1.0 if par < 0 else out[par]))
+        return out
+
+    def best_for_cost(self, costs: Sequence[float]) -> DraftTree:
+        """The subtree that commits the most tokens per second, from the node probabilities and ``costs[T]``,
+        the seconds of a target forward over T tokens (costs[1]: plain decoding, the no-draft option).
+
+        OPT-Tree (Wang et al. 2024, https://arxiv.org/abs/2406.17276): the expected number of accepted tokens of
+        a subtree is the sum of its nodes' path probabilities, so among subtrees of n nodes the n most probable
+        nodes are best, and they form a subtree (a node is never more probable than its parent). Here n is
+        chosen too, maximising (1 + expected accepted) / costs[n + 1]: n = 0 when no draft pays for its
+        verification. Ties go to fewer nodes, then to lower node index.
+
+        >>> t = DraftTree([5, 6, 7], [-1, 0, -1], probs=[0.9, 0.5, 0.3])   # path probs .9 .45 .3
+        >>> t.best_for_cost([0, 1.0, 1.05, 1.1, 1.6]).tokens               # 1.9/1.05 < 2.35/1.1 > 2.65/1.6
+        [5, 6]
+        >>> len(t.best_for_cost([0, 1.0, 2.0, 3.0, 4.0]))                 # every draft costs more than it saves
+        0
+        """
+        return self.subtree(self.best_nodes_for_cost(costs))
+
+    def best_nodes_for_cost(self, costs: Sequence[float]) -> list[int]:
+        """The node indices ``best_for_cost`` keeps, ascending."""
+        n_max = min(len(self.tokens), len(costs) - 2)
+        if self.probs is None:
+            return list(range(len(self.tokens)))
+        probs = self.path_probs()
+        order = sorted(range(len(self.tokens)), key=lambda i: (-probs[i], self.depths[i], i))
+        best_n, best_rate, expected = 0, 1.0 / costs[1], 1.0
+        for n in range(1, n_max + 1):
+            expected += probs[order[n - 1]]
+            rate = expected / costs[n + 1]
+            if rate > best_rate * (1 + 1e-9):
+                best_n, best_rate = n, rate
+        return sorted(order[:best_n])
 
     # ------------------------------------------------------------------------------------------ structure
 
@@ -173,9 +225,7 @@ class DraftTree:
         keep = [i for i, par in enumerate(self.parents) if i < s or par < s]
         if len(keep) == len(self.tokens):
             return self
-        index = {old: new for new, old in enumerate(keep)}
-        return DraftTree([self.tokens[i] for i in keep], [-1 if self.parents[i] < 0 else index[self.parents[i]]
-                                                         for i in keep])
+        return self.subtree(keep)
 
     # ------------------------------------------------------------------------------- verify-forward inputs
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tachy import kernels
 from tachy.speculative.tree import DraftTree
 
 
@@ -54,7 +55,7 @@ def verify_greedy(tree: DraftTree, logits: Tensor) -> tuple[list[int], int]:
     One argmax over all rows and one device->host transfer; the walk itself is plain Python.
     """
     _check_rows(tree, logits, "logits")
-    targets: list[int] = logits.argmax(dim=-1).tolist()
+    targets: list[int] = kernels.argmax(logits)
     accepted: list[int] = []
     cur = -1
     while True:

@@ -170,3 +170,43 @@ def test_step_cost_sanity(name):
     print(f"{name}: {elapsed / max(stats.steps, 1) * 1e6:.0f} us/step incl. fake target, "
           f"{stats.accepted / max(stats.steps, 1):.2f} accepted/step")
     assert elapsed < 20
+
+
+def test_acceptance_counts_offered_and_accepted_nodes():
+    from tachy.speculative.drafters.base import Acceptance
+
+    table = Acceptance(prior_weight=2.0)
+    tree = DraftTree([1, 2, 3, 4], [-1, 0, 0, -1])          # 1 -> (2, 3); 4 beside 1
+    keys = ["a", "b", "c", "d"]
+    table.record(tree, keys, {0, 1})                          # 1 then 2 accepted: 3 offered, rejected
+    assert table.counts == {"a": [1, 1], "b": [1, 1], "c": [0, 1], "d": [0, 1]}
+    table.record(tree, keys, set())                           # nothing accepted: 2 and 3 were never offered
+    assert table.counts["b"] == [1, 1] and table.counts["a"] == [1, 2]
+    assert table.estimate("a", prior=0.5) == pytest.approx((1 + 1.0) / (2 + 2.0))
+    assert table.estimate("new", prior=0.3) == pytest.approx(0.3)
+
+
+class _Costs:
+    """A stand-in target whose forward costs grow slowly: drafts pay as far as they are accepted."""
+
+    def step_costs(self):
+        return [0.0, 1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0]
+
+
+def test_a_keyed_drafter_learns_acceptance_and_drafts_only_what_pays():
+    from tachy.speculative.drafters import SuffixAutomatonDrafter
+
+    d = SuffixAutomatonDrafter(min_match_len=1)
+    d.check_target(_Costs())
+    text = [5, 6, 7, 8, 9] * 6
+    d.reset(text)
+    first = d.propose(text, 8)
+    assert first.probs is not None and len(first) < 8        # the prior alone does not pay for 8 nodes
+    ids = list(text)
+    for _ in range(12):                                       # the text keeps repeating: every draft accepted
+        tree = d.propose(ids, 8)
+        step = [ids[len(ids) - 5 + (i % 5)] for i in range(len(tree) + 1)]
+        ids += step
+        d.update(ids, len(tree), None, [ids[-len(step) - 1]] + tree.tokens)
+    assert len(d.propose(ids, 8)) > len(first)                # learned: long copies pay here
+    assert max(v[1] for v in d.acceptance.counts.values()) > 5

@@ -87,6 +87,29 @@ def overlap_copy(history: Sequence[int], start: int, n: int) -> list[int]:
 SYNC_CHECK = 8  # trailing tokens compared by Drafter.sync to recognise a continuation of the history
 
 
+class Acceptance:
+    """How often a drafter's nodes are accepted once their parent is, learned online per key: the drafter
+    gives each node a key of its features (match length, candidate rank, depth...) and a prior guess, and
+    every verified step adds its evidence. ``prior_weight`` is the prior's worth in observations."""
+
+    def __init__(self, prior_weight: float = 4.0):
+        self.prior_weight = prior_weight
+        self.counts: dict = {}   # key -> [accepted, offered]
+
+    def estimate(self, key, prior: float) -> float:
+        accepted, offered = self.counts.get(key, (0, 0))
+        return (accepted + prior * self.prior_weight) / (offered + self.prior_weight)
+
+    def record(self, tree: DraftTree, keys: Sequence, accepted_nodes: set[int]) -> None:
+        """A verified ``tree``: every node whose parent was accepted (or that hangs off the root) was
+        offered; ``accepted_nodes`` were accepted."""
+        for i, par in enumerate(tree.parents):
+            if par < 0 or par in accepted_nodes:
+                counts = self.counts.setdefault(keys[i], [0, 0])
+                counts[1] += 1
+                counts[0] += i in accepted_nodes
+
+
 class Drafter:
     """Base class of all drafters (subclasses are usually dataclasses: fields = constructor options).
 
@@ -102,20 +125,34 @@ class Drafter:
 
     # ------------------------------------------------------------------------------------- protocol
 
+    costs: list[float] | None = None   # seconds of a target forward over T tokens, costs[T] (check_target)
+
     def reset(self, prompt_ids: Sequence[int]) -> None:
         """Start a new sequence whose committed tokens so far are ``prompt_ids``."""
         self.history: list[int] = []
         self.last_tree: DraftTree = DraftTree.empty()
+        self.last_keys: list | None = None
         self._restart()
         self.sync(prompt_ids)
 
     def propose(self, ids: Sequence[int], max_tokens: int) -> DraftTree:
-        """A draft tree of at most ``max_tokens`` nodes continuing ``ids`` (all committed tokens, root last)."""
+        """A draft tree of at most ``max_tokens`` nodes continuing ``ids`` (all committed tokens, root last).
+
+        A drafter that keys its nodes (``_node_keys``) gets each node's acceptance estimated from what was
+        accepted before (``self.acceptance``), and, once it knows the target's forward costs, only the nodes
+        that pay for their verification (``DraftTree.best_for_cost``; possibly none)."""
         self.sync(ids)
-        tree = DraftTree.empty()
+        tree, keys = DraftTree.empty(), None
         if max_tokens > 0 and self.history:
             tree = self._draft(max_tokens).truncate(max_tokens)
-        self.last_tree = tree
+            keys = self._node_keys(tree) if len(tree) else None
+            if keys is not None:
+                table = self.__dict__.setdefault("acceptance", Acceptance())
+                tree = DraftTree(tree.tokens, tree.parents, [table.estimate(k, self._prior(k)) for k in keys])
+                if self.costs:
+                    kept = tree.best_nodes_for_cost(self.costs)
+                    tree, keys = tree.subtree(kept), [keys[i] for i in kept]
+        self.last_tree, self.last_keys = tree, keys
         return tree
 
     def update(self, ids: Sequence[int], accepted: int, logits: Tensor | None = None,
@@ -123,11 +160,22 @@ class Drafter:
         """Feedback after a verify step: ``ids`` are the committed tokens (bonus last), ``accepted`` the
         number of draft tokens accepted; ``logits [n+1, V]`` and ``tokens`` (``[root] + tree.tokens``) of the
         verify forward when ``needs_logits``."""
+        if getattr(self, "last_keys", None) and self.proposed(tokens):
+            path, node = set(), -1
+            for tok in as_token_list(ids[len(ids) - accepted - 1:len(ids) - 1]):
+                node = self.last_tree.child_with_token(node, int(tok))
+                if node is None:
+                    break
+                path.add(node)
+            self.acceptance.record(self.last_tree, self.last_keys, path)
         self.sync(ids)
         self._learn(accepted, logits, tokens)
 
     def check_target(self, target) -> None:
-        """Called once by the engine that adopts this drafter (a draft model loads beside the target)."""
+        """Called once by the engine that adopts this drafter (a draft model loads beside the target). The base
+        class takes the target's forward costs, which ``propose`` weighs drafts against."""
+        step_costs = getattr(target, "step_costs", None)
+        self.costs = step_costs() if step_costs is not None else None
 
     def attach_cache(self, cache) -> None:
         """Called after prefill and ``reset`` with this sequence's target cache (a self-draft reads it)."""
@@ -185,6 +233,15 @@ class Drafter:
 
     def _learn(self, accepted: int, logits: Tensor | None, tokens: Sequence[int] | None) -> None:
         """Verify feedback, called after the committed tokens were consumed."""
+
+    def _node_keys(self, tree: DraftTree) -> list | None:
+        """Optional: a hashable key per node of ``tree`` (the draft just made) naming what predicts its
+        acceptance; drafters that give keys get calibrated node probabilities and cost-aware trimming."""
+        return None
+
+    def _prior(self, key) -> float:
+        """The acceptance guessed for a key before any evidence."""
+        return 0.5
 
     def __repr__(self) -> str:
         fields = getattr(self, "__dataclass_fields__", {})

@@ -228,8 +228,10 @@ class SuffixAutomatonDrafter(Drafter):
 
     def _draft(self, max_tokens: int) -> DraftTree:
         if self.match_len >= max(self.min_match_len, self.static_len):
+            self._source = ("context", self.match_len)
             return DraftTree.chain(overlap_copy(self.history, self.match_end + 1, max_tokens))
         if self.static is not None and self.static_len >= self.min_match_len:
+            self._source = ("corpus", self.static_len)
             corpus = self.static.tokens
             start = self.static.end[self.static_state] + 1
             cont = corpus[start:start + max_tokens]
@@ -237,3 +239,14 @@ class SuffixAutomatonDrafter(Drafter):
                 cont = cont[:cont.index(-1)]
             return DraftTree.chain(cont)
         return DraftTree.empty()
+
+    def _node_keys(self, tree: DraftTree) -> list:
+        """A copied token's acceptance once the one before it was accepted depends on how long a match the copy
+        continues (longer: likelier a real copy); one rate per match length serves every depth, so what short
+        accepted copies teach carries to longer ones."""
+        source, length = self._source
+        bucket = length if length <= 4 else 6 if length <= 8 else 12 if length <= 16 else 24
+        return [(source, bucket)] * len(tree)
+
+    def _prior(self, key) -> float:
+        return min(0.9, 0.3 + 0.05 * key[1])

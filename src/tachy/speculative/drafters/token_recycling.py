@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ... import kernels
 from ..tree import DraftTree
 from .base import Drafter, as_token_list
 
@@ -70,12 +71,13 @@ def make_template(num_nodes: int, rank_probs: Sequence[float] = DEFAULT_RANK_PRO
 
 
 def expand_template(adjacency: np.ndarray, root: int, parents: np.ndarray, ranks: np.ndarray,
-                    levels: Sequence[np.ndarray]) -> DraftTree:
+                    levels: Sequence[np.ndarray], return_kept: bool = False):
     """Fill a template from ``root``: node ``i`` gets ``adjacency[token of parents[i]][ranks[i]]``.
 
     ``adjacency`` is ``[V + 1, k]`` with ``-1`` for unknown entries and a last row of ``-1`` (so that a
     ``-1`` parent token indexes it); ``levels[d]`` are the template nodes at depth ``d + 1``. Nodes whose
-    token is unknown are dropped with their subtrees, the rest renumbered in template order.
+    token is unknown are dropped with their subtrees, the rest renumbered in template order. Returns the
+    DraftTree, and with ``return_kept`` also the template index of each of its nodes.
     """
     n = len(parents)
     toks = np.full(n + 1, -1, dtype=np.int64)  # slot 0 = root, slot i + 1 = node i
@@ -84,11 +86,12 @@ def expand_template(adjacency: np.ndarray, root: int, parents: np.ndarray, ranks
         toks[level + 1] = adjacency[toks[parents[level] + 1], ranks[level]]
     valid = toks[1:] >= 0
     if not valid.any():
-        return DraftTree.empty()
+        return (DraftTree.empty(), np.zeros(0, dtype=np.int64)) if return_kept else DraftTree.empty()
     new_index = np.cumsum(valid) - 1
     kept_parents = parents[valid]
     new_parents = np.where(kept_parents < 0, -1, new_index[np.maximum(kept_parents, 0)])
-    return DraftTree(toks[1:][valid].tolist(), new_parents.tolist())
+    tree = DraftTree(toks[1:][valid].tolist(), new_parents.tolist())
+    return (tree, np.flatnonzero(valid)) if return_kept else tree
 
 
 @dataclass(repr=False)
@@ -149,7 +152,17 @@ class TokenRecyclingDrafter(Drafter):
         if levels is None:  # template nodes per depth, for the first n nodes (cached per budget)
             depth = self._depth[:n]
             levels = self._levels[n] = [np.flatnonzero(depth == d) for d in range(1, int(depth.max()) + 1)]
-        return expand_template(self.adjacency, self.history[-1], self._parents[:n], self._ranks[:n], levels)
+        tree, self._filled = expand_template(self.adjacency, self.history[-1], self._parents[:n], self._ranks[:n],
+                                             levels, return_kept=True)
+        return tree
+
+    def _node_keys(self, tree: DraftTree) -> list:
+        """A node's acceptance once its parent is accepted depends mostly on its candidate rank."""
+        return [("rank", int(self._ranks[i])) for i in self._filled[:len(tree)]]
+
+    def _prior(self, key) -> float:
+        probs = tuple(self.rank_probs)
+        return probs[key[1]] if key[1] < len(probs) else probs[-1]
 
     def _learn(self, accepted: int, logits: Tensor | None, tokens: Sequence[int] | None) -> None:
         if logits is None or tokens is None:
@@ -159,7 +172,7 @@ class TokenRecyclingDrafter(Drafter):
         if self.adjacency is None or self.adjacency.shape[0] - 1 < vocab:
             self._allocate(vocab)
         k = min(self.k, vocab)
-        top = logits.topk(k, dim=-1).indices.to(device="cpu", dtype=torch.int32).numpy()
+        top = kernels.topk_ids(logits, k).to(device="cpu", dtype=torch.int32).numpy()
         rows = np.asarray(as_token_list(tokens), dtype=np.int64)[:len(top)]
         ok = (rows >= 0) & (rows < self.adjacency.shape[0] - 1)
         self.adjacency[rows[ok], :k] = top[:len(rows)][ok]  # repeated tokens: the last row wins
