@@ -76,4 +76,4 @@ def load(name_or_path: str | Path | None = None, dtype: str | None = None, devic
         model.cpu_forward = CPUForward.build(model)
     tokenizer = Tokenizer.from_path(tokenizer_dir)
     name = str(name_or_path or DEFAULT_MODEL)
-    return Engine(model, tokenizer, name=name, weights=dtype)
+    return Engine(model, tokenizer, name=name, weights=dtype, cache_dir=tokenizer_dir)

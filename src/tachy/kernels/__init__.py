@@ -102,15 +102,23 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile the kernels for this machine (once; later calls find the cached library)."""
+def machine_key() -> str:
+    """A hash of the kernels' sources, flags, compiler and CPU: what the compiled library (and anything
+    measured with it, like Engine.step_costs) depends on."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     texts = [p.read_text() for p in (*SOURCES, HEADER)]
-    key = hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_flags()]).encode())
-    folder = cache_root() / "kernels" / key.hexdigest()[:16]
+    return hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()[:16]
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the kernels for this machine (once; later calls find the cached library)."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    folder = cache_root() / "kernels" / machine_key()
     lib = folder / "libtachy_kernels.so"
     if lib.is_file():
         return lib
@@ -134,7 +142,8 @@ def _load() -> ctypes.CDLL | None:
         _failed = "disabled by TACHY_KERNELS=0"
         return None
     try:
-        lib = ctypes.CDLL(str(build()))
+        path = build()
+        lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError) as e:
         _failed = str(e)
         return None
@@ -149,6 +158,9 @@ def _load() -> ctypes.CDLL | None:
     lib.tq_dequantize.argtypes = [i32, ptr, i64, i64, i64, ptr, ptr, i32, i32]
     lib.tq_set_threads.argtypes = [i32]
     lib.tq_forward.argtypes = [ptr, ptr, ptr]
+    lib.key = path.parent.name   # the machine key
+    lib.tq_skip_gguf_strings.argtypes = [ptr, i64, i64, i64]
+    lib.tq_skip_gguf_strings.restype = i64
     lib.tq_argmax_rows.argtypes = [ptr, i64, i64, i64, ptr]
     lib.tq_topk_rows.argtypes = [ptr, i64, i64, i64, i64, ptr]
     _lib = lib

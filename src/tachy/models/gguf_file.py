@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import kernels
 from ..errors import ModelLoadError
 
 # value type -> struct format of one scalar (8 = string, 9 = array)
@@ -87,6 +88,12 @@ class GGUFFile:
                         pos += size * count
                         return items
                     pos += size * count
+                    return None
+                if item_type == 8 and count > _KEEP_ARRAY and kernels.available():   # skip in C: no walk here
+                    end = kernels.library().tq_skip_gguf_strings(buf.ctypes.data, len(buf), pos, count)
+                    if end < 0:
+                        raise ValueError("a string array runs past the end of the file")
+                    pos = end
                     return None
                 items = [value(item_type) for _ in range(count)]   # strings (or nested arrays): walk them
                 return items if count <= _KEEP_ARRAY else None
