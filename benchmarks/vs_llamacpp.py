@@ -175,8 +175,12 @@ def summarize(rows: list[dict], names: list[str], n: int) -> dict:
             per_cat[c] = theirs / mine
         ratios = [r["engines"]["llama.cpp"]["seconds"] / r["engines"][name]["seconds"] for r in rows]
         same = [r["engines"][name]["tokens"] == r["engines"]["tachy plain"]["tokens"] for r in rows]
+        long_rows = [r for r in rows if r["prompt_tokens"] >= 500]
+        long_prefill = (sum(r["prompt_tokens"] for r in long_rows) /
+                        sum(r["engines"][name]["prefill_s"] for r in long_rows)) if long_rows else None
         summary["engines"][name] = {
             "tokens_per_s": len(rows) * n / seconds, "vs_llama_cpp": base / seconds,
+            "long_prompt_prefill_tokens_per_s": long_prefill, "long_prompts": len(long_rows),
             "median_prompt_vs_llama_cpp": statistics.median(ratios), "min_category_vs_llama_cpp": min(per_cat.values()),
             "prefill_tokens_per_s": sum(r["prompt_tokens"] for r in rows) / prefill,
             "identical_to_tachy_plain": f"{sum(same)}/{len(same)}", "per_category": per_cat}
@@ -191,13 +195,16 @@ def report(results: dict) -> str:
              f"{wb['gguf'] / bw / 1e6:.2f} ms (GGUF file, {wb['gguf'] / 1e6:.0f} MB) or "
              f"{wb['bf16'] / bw / 1e6:.2f} ms (bf16, {wb['bf16'] / 1e6:.0f} MB)."]
     for set_name, s in results["sets"].items():
+        n_long = next(iter(s["engines"].values()))["long_prompts"]
         lines += ["", f"**{set_name}** ({len(s['prompts'])} prompts)", "",
                   "| engine | tokens/s | vs llama.cpp | median prompt | lowest category | prefill tokens/s "
-                  "| ms per token | identical to tachy plain |", "|---|---|---|---|---|---|---|---|"]
+                  f"| prefill tokens/s, {n_long} prompts of 500+ tokens | ms per token | identical to tachy plain |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, e in s["engines"].items():
+            long = "-" if e["long_prompt_prefill_tokens_per_s"] is None else f"{e['long_prompt_prefill_tokens_per_s']:.0f}"
             lines.append(f"| {name} | {e['tokens_per_s']:.1f} | {e['vs_llama_cpp']:.2f}x | "
                          f"{e['median_prompt_vs_llama_cpp']:.2f}x | {e['min_category_vs_llama_cpp']:.2f}x | "
-                         f"{e['prefill_tokens_per_s']:.0f} | {1000 / e['tokens_per_s']:.2f} | "
+                         f"{e['prefill_tokens_per_s']:.0f} | {long} | {1000 / e['tokens_per_s']:.2f} | "
                          f"{e['identical_to_tachy_plain']} |")
         cats = list(next(iter(s["engines"].values()))["per_category"])
         lines += ["", "Per category, speed relative to llama.cpp:", "",

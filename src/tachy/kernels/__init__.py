@@ -158,6 +158,7 @@ def _load() -> ctypes.CDLL | None:
     lib.tq_dequantize.argtypes = [i32, ptr, i64, i64, i64, ptr, ptr, i32, i32]
     lib.tq_set_threads.argtypes = [i32]
     lib.tq_forward.argtypes = [ptr, ptr, ptr]
+    lib.tq_profile.argtypes = [ptr, i32]
     lib.key = path.parent.name   # the machine key
     lib.tq_skip_gguf_strings.argtypes = [ptr, i64, i64, i64]
     lib.tq_skip_gguf_strings.restype = i64
@@ -329,3 +330,17 @@ def topk_ids(logits: Tensor, k: int) -> Tensor:
     out = torch.empty(rows.shape[0], k, dtype=torch.int64)
     _lib_or_raise().tq_topk_rows(rows.data_ptr(), rows.shape[0], rows.shape[1], rows.stride(0), k, out.data_ptr())
     return out
+
+
+PROFILE_PHASES = ("embeddings", "q/k/v projection", "q/k norms, rope, cache writes", "attention",
+                  "output projection + residual", "gate/up + activation", "down + residual",
+                  "final norm + output layer")
+
+
+def forward_profile(reset: bool = True) -> tuple[dict[str, float], int]:
+    """Seconds the C forward (decoder.c) spent in each phase, summed since the last reset, and the number of
+    forwards: where a decode step's time goes."""
+    lib = _lib_or_raise()
+    out = (ctypes.c_double * (len(PROFILE_PHASES) + 1))()
+    lib.tq_profile(out, int(reset))
+    return dict(zip(PROFILE_PHASES, out[:len(PROFILE_PHASES)])), int(out[len(PROFILE_PHASES)])

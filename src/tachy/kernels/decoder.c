@@ -16,8 +16,32 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kernels.h"
+
+/* Where a forward's time goes, summed over calls (tq_profile): a clock read per phase per layer, ~1 us a step. */
+enum { P_EMBED, P_QKV, P_ROPE, P_ATTENTION, P_OUT, P_MLP_UP, P_MLP_DOWN, P_HEAD, P_COUNT };
+static double profile[P_COUNT];
+static int64_t profile_calls;
+
+static inline double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* copy the phase totals (seconds: embeddings, q/k/v, norms + rope + cache writes, attention, output
+   projection + residual, gate/up + activation, down + residual, final norm + output layer) and the number
+   of forwards into out[0..8]; reset after when asked */
+void tq_profile(double *out, int reset) {
+    for (int i = 0; i < P_COUNT; i++) out[i] = profile[i];
+    out[P_COUNT] = (double)profile_calls;
+    if (reset) {
+        memset(profile, 0, sizeof profile);
+        profile_calls = 0;
+    }
+}
 
 #define DEC_AVX512 TQ_AVX512
 
@@ -384,21 +408,30 @@ int tq_forward(const tq_model *m, tq_cache *c, const tq_batch *b) {
     int64_t grain = T >= 16 ? 4 : T;    /* few tokens: one thread does the small per-token work */
     residual_args ra = {&f, NULL, m->layers[0].attn_norm};
     tq_parallel_for(norm_task, &ra, T, grain);
+    double t0 = now_s(), t1;
+#define PHASE(P) (t1 = now_s(), profile[P] += t1 - t0, t0 = t1)
+    PHASE(P_EMBED);
     for (int64_t l = 0; l < m->n_layers; l++) {
         const tq_layer *L = &m->layers[l];
         f.layer = L;
         f.layer_index = l;
         linear(&L->qkv, f.xn, T, f.qkv);
+        PHASE(P_QKV);
         tq_parallel_for(qkv_token, &f, T, grain);
+        PHASE(P_ROPE);
         tq_parallel_for(attention_task, &f, T * m->kv_heads, 1);
+        PHASE(P_ATTENTION);
         linear(&L->o, f.attn, T, f.tmp);
         ra = (residual_args){&f, L->post_attn_norm, L->mlp_norm};
         tq_parallel_for(residual_task, &ra, T, grain);
+        PHASE(P_OUT);
         linear(&L->gate_up, f.xn, T, f.gu);
         tq_parallel_for(mlp_act, &f, T, grain);
+        PHASE(P_MLP_UP);
         linear(&L->down, f.act, T, f.tmp);
         ra = (residual_args){&f, L->post_mlp_norm, l + 1 < m->n_layers ? m->layers[l + 1].attn_norm : NULL};
         tq_parallel_for(residual_task, &ra, T, grain);
+        PHASE(P_MLP_DOWN);
     }
     /* final norm; logits for the rows asked for */
     int64_t n_out = b->logit_rows ? b->n_logits : T;
@@ -407,6 +440,9 @@ int tq_forward(const tq_model *m, tq_cache *c, const tq_batch *b) {
         rms_norm(f.x + t * Hd, m->final_norm, Hd, m->eps, NULL, f.xn + r * Hd);
     }
     if (b->logits && n_out > 0) linear(&m->lm_head, f.xn, n_out, b->logits);
+    PHASE(P_HEAD);
+#undef PHASE
+    profile_calls++;
     if (b->hidden)
         for (int64_t t = 0; t < T; t++) rms_norm(f.x + t * Hd, m->final_norm, Hd, m->eps, b->hidden + t * Hd, NULL);
     free(f.x); free(f.tmp); free(f.qkv); free(f.gu); free(f.xn); free(f.attn); free(f.act);

@@ -3,7 +3,7 @@
 A draft token's only job is to be a good guess: the target verifies it, so the draft's numerics need not match
 the target's or Hugging Face's. ``Transformer.forward`` pays for exactness and generality on every call
 (float32 norms and rope, masks, press and batch hooks, dtype casts); for the int4 self-draft, which is bound
-by op dispatch rather than by memory (docs/benchmarks.md, section 2), that is most of a step. This step
+by op dispatch rather than by memory (docs/benchmarks.md, section 3), that is most of a step. This step
 computes the same model for one new token at the cache's next slot with bf16 norms and rope, the int4 kernel
 called directly, and no mask (a plain cache holds only visible keys; a sliding layer reads its window). A few
 tokens at once (a guessed continuation the draft model checks in one forward) take a causal mask among them.
