@@ -110,8 +110,11 @@ def smollm():
 
 
 @pytest.fixture(scope="session")
-def smollm_bf16():
-    """The embedded model with bf16 weights (the PyTorch forward; the int4 self-draft's target)."""
+def smollm_torch():
+    """The embedded model with bf16 weights on the PyTorch forward (what runs where the C forward cannot:
+    other devices, CPUs without AVX512), where the int4 self-draft is the default drafter."""
     import tachy
 
-    return tachy.load("smollm2-135m", dtype="bf16", progress=False)
+    engine = tachy.load("smollm2-135m", dtype="bf16", progress=False)
+    engine.model.cpu_forward = None
+    return engine

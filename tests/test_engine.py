@@ -98,16 +98,16 @@ def drafter_for(name: str, request) -> str | Drafter:
 
 
 @pytest.fixture(scope="module")
-def bf16_vanilla_outputs(smollm_bf16, lossless_prompts) -> dict[str, list[int]]:
-    """Plain decoding of the first prompts (two grounded, two open-ended) by the bf16 engine."""
+def bf16_vanilla_outputs(smollm_torch, lossless_prompts) -> dict[str, list[int]]:
+    """Plain decoding of every other prompt (two grounded, two open-ended) by the bf16 PyTorch engine."""
     chosen = list(lossless_prompts)[::2]
-    return {pid: run(smollm_bf16, lossless_prompts[pid], max_new_tokens=NEW_TOKENS, drafter=None)[0]
+    return {pid: run(smollm_torch, lossless_prompts[pid], max_new_tokens=NEW_TOKENS, drafter=None)[0]
             for pid in chosen}
 
 
 # Every drafter on the model as loaded by default (its GGUF blocks, the C forward; every tree node exact), and
-# on the bf16 engine (the PyTorch forward; exact along the leading chain) the drafters that draft with a model
-# of float weights: the int4 self-draft, and ``default``, which picks it there.
+# on bf16 weights through the PyTorch forward (exact along the leading chain) the drafters that draft with a
+# model of float weights: the int4 self-draft, and ``default``, which picks it there.
 BF16_DRAFTERS = ["quantized-self", "default", "model-free"]
 CASES = [("default", n) for n in available_drafters() if n != "quantized-self"] + [("bf16", n) for n in BF16_DRAFTERS]
 
@@ -115,7 +115,7 @@ CASES = [("default", n) for n in available_drafters() if n != "quantized-self"] 
 @pytest.mark.slow
 @pytest.mark.parametrize("weights, name", CASES, ids=[f"{w}-{n}" for w, n in CASES])
 def test_lossless_greedy_every_drafter(weights, name, lossless_prompts, request):
-    engine = request.getfixturevalue("smollm" if weights == "default" else "smollm_bf16")
+    engine = request.getfixturevalue("smollm" if weights == "default" else "smollm_torch")
     vanilla = request.getfixturevalue("vanilla_outputs" if weights == "default" else "bf16_vanilla_outputs")
     mismatches, drafted, accepted = [], 0, 0
     for pid, ref in vanilla.items():
@@ -168,13 +168,25 @@ class OracleDrafter(Drafter):
         return DraftTree.chain(cont)
 
 
-@pytest.mark.parametrize("weights", ["fp32", "gguf"])
+def tiny_bf16_c_model(arch: str, seed: int):
+    """A tiny model in bf16 run by the C forward (the kernels' bf16 path)."""
+    from tachy.models.cpu_forward import CPUForward
+    from tachy.models.quant import convert_weights
+
+    model = convert_weights(tiny_model(arch, seed=seed), "bf16")
+    model.cpu_forward = CPUForward.build(model)
+    if model.cpu_forward is None:
+        pytest.skip("the C forward needs tachy's kernels")
+    return model
+
+
+@pytest.mark.parametrize("weights", ["fp32", "gguf", "bf16-c"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_lossless_greedy_tiny_models(arch, weights):
     """Many random prompts on tiny models, every drafter plus an oracle drafter, through generate_tokens: fp32
-    weights (the PyTorch forward, exact along the leading chain of a tree) and GGUF blocks (the C forward,
-    exact for every tree node)."""
-    model = tiny_model(arch, seed=1) if weights == "fp32" else tiny_gguf_model(arch, seed=1)
+    weights (the PyTorch forward, exact along the leading chain of a tree), GGUF blocks and bf16 weights
+    through the C forward (exact for every tree node)."""
+    model = {"fp32": tiny_model, "gguf": tiny_gguf_model, "bf16-c": tiny_bf16_c_model}[weights](arch, seed=1)
     engine = Engine(model, tokenizer=None, name=f"tiny-{arch}")
     rng = random.Random(0)
     vocab = model.config.vocab_size

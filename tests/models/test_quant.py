@@ -38,14 +38,14 @@ def test_quantized_copy_rescores_with_the_original_output_weights_shared():
 
 
 @pytest.mark.slow
-def test_rescoring_brings_smollm2s_int4_copy_to_the_bf16_targets_choices(smollm_bf16):
+def test_rescoring_brings_smollm2s_int4_copy_to_the_bf16_targets_choices(smollm_torch):
     """The int4 copy of SmolLM2 (Q4_1 weights, re-quantized losslessly up to bf16 rounding) disagrees with the
     bf16 target mostly through its int4 output layer (the GGUF's is Q8_0): rescored, it makes nearly the choices
     the target itself makes teacher-forced over its own answers (full forwards are not bit-identical to
     one-token decoding, so not even the target scores 100%)."""
     from tachy import GenerationConfig
 
-    smollm = smollm_bf16
+    smollm = smollm_torch
     target = smollm.model
     rescored, plain = quantized_copy(target, "int4", rescore_top=8), quantized_copy(target, "int4")
     hits = {"rescored": 0, "plain": 0, "target": 0}

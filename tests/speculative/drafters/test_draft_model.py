@@ -233,3 +233,14 @@ def test_the_int4_self_draft_refuses_a_target_that_runs_gguf_blocks():
     engine = Engine(tiny_gguf_model("llama"), tokenizer=None, name="tiny-gguf", weights="gguf")
     with pytest.raises(InvalidArgumentError, match="copies float weights"):
         list(engine.generate_tokens([1, 2, 3], GenerationConfig(max_new_tokens=4, drafter="quantized-self")))
+
+
+def test_svip_stops_chains_where_the_draft_model_is_unsure():
+    d = DraftModelDrafter("self", svip=0.5, min_confidence=0.0)
+    peaked = torch.full((100,), -20.0)
+    peaked[7] = 10.0                               # entropy ~0: bound ~1, keep drafting
+    flat = torch.zeros(100)                        # entropy ln 100 = 4.6 nats: bound 1 - sqrt(2.3) < 0
+    assert not d._unsure(peaked, 7) and d._unsure(flat, 3)
+    assert not DraftModelDrafter("self", svip=0.0, min_confidence=0.0)._unsure(flat, 3)
+    with pytest.raises(InvalidArgumentError):
+        DraftModelDrafter("self", svip=1.5)

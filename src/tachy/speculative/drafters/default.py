@@ -1,14 +1,17 @@
 """``"default"``: the engine's speculative configuration, picked per target model.
 
-On a CPU target with float weights (bf16 or fp32), the target's own weights quantized to int4 draft: the
+On a CPU target with float weights on the PyTorch forward (bf16 or fp32 where tachy's C forward does not run),
+the target's own weights quantized to int4 draft: the
 suffix automaton when the context holds a long match, else greedy chains from the int4 copy, which reads
 the target's K/V cache instead of keeping one (:class:`QuantizedSelfDrafter`). That copy agrees with the
 target on most tokens and costs about a third of a target step per token here, so it gave the best measured
 speed (docs/benchmarks.md), at the price of the int4 copy's memory (84 MB for SmolLM2-135M; a bf16
 embedding table is shared with the target, not copied).
 
-Elsewhere (a target already in int8/int4, where a copy in int4 saves nothing, or a GPU, where the int4
-kernel is CPU-only) it is the model-free drafter: suffix automaton, else Token Recycling.
+Elsewhere (the C forward, where a step costs about what the copy's does; a target already in GGUF blocks or
+int8/int4, where a copy in int4 saves nothing; a GPU, where the int4 kernel is CPU-only) it is the model-free
+drafter: suffix automaton, else Token Recycling, drafting only what pays for its verification (OPT-Tree
+against the measured forward costs, see speculative/drafters/base.py).
 """
 from __future__ import annotations
 
@@ -24,9 +27,13 @@ from .fallback import ModelFreeDrafter
 
 
 def self_draft_pays(target) -> bool:
-    """Whether an int4 copy of ``target`` (an Engine) would be cheaper per token than the target itself."""
+    """Whether an int4 copy of ``target`` (an Engine) would be cheaper per token than the target itself: a CPU
+    target with float weights on the PyTorch forward. Through the C forward (models/cpu_forward.py) a bf16
+    target's step costs about what the int4 copy's does (8-9 ms for SmolLM2-135M), so the copy's chains
+    cost more than they save (measured 0.56x plain decoding)."""
     model = target.model
-    return model.device.type == "cpu" and is_float_linear(model.layers[0].mlp.down_proj)
+    return (model.device.type == "cpu" and is_float_linear(model.layers[0].mlp.down_proj)
+            and model.cpu_forward is None)
 
 
 class DefaultDrafter(Drafter):

@@ -50,6 +50,9 @@ class DraftModelDrafter(Drafter):
     rescore_top: with ``model="self"``, the quantized copy's output layer recomputes its ``rescore_top``
     largest logits with the target's float output weights (:class:`~tachy.models.quant.RescoredLinear`;
     0: plain quantized logits). Ignored for a separate draft model.
+    svip: stop the chain once the draft model's acceptance bound from its own entropy, 1 - sqrt(H(q) / 2)
+        (H in nats: Pinsker's inequality with the entropy standing for the divergence to the target, as in SVIP,
+        Zhang et al. 2024, https://arxiv.org/abs/2411.18462), falls below this; 0 (the default): off.
     guess_len / guess_match: with an automaton to guess from (``guesses``, set by ``quantized-self``), each
     chain step also feeds up to ``guess_len`` tokens that followed the chain's match of ``guess_match``+
     tokens in the context, and keeps those the draft model itself chooses (see ``_chain``); 0: off.
@@ -61,13 +64,16 @@ class DraftModelDrafter(Drafter):
 
     def __init__(self, model=None, dtype: str | None = None, device: str | None = None,
                  min_confidence: float = 0.3, context: int = 128, max_len: int = 0, rescore_top: int = 8,
-                 guess_len: int = 0, guess_match: int = 2):
+                 guess_len: int = 0, guess_match: int = 2, svip: float = 0.0):
         if context < 1:
             raise InvalidArgumentError(f"context must be a positive number of tokens, got {context}")
         self.context = context
         if not 0.0 <= min_confidence < 1.0:
             raise InvalidArgumentError(f"min_confidence must lie in [0, 1), got {min_confidence}")
         self.min_confidence = min_confidence
+        if not 0.0 <= svip < 1.0:
+            raise InvalidArgumentError(f"svip must lie in [0, 1), got {svip}")
+        self.svip = svip
         if max_len < 0:
             raise InvalidArgumentError(f"max_len must be >= 0, got {max_len}")
         self.max_len = max_len
@@ -190,7 +196,17 @@ class DraftModelDrafter(Drafter):
         return logits
 
     def _unsure(self, logits: torch.Tensor, token: int) -> bool:
-        return bool(self.min_confidence) and float(logits.softmax(-1)[token]) < self.min_confidence
+        """Stop the chain after ``token``: its probability is below ``min_confidence``, or the SVIP bound below
+        ``svip``."""
+        if not self.min_confidence and not self.svip:
+            return False
+        log_probs = logits.float().log_softmax(-1)
+        if self.min_confidence and float(log_probs[token].exp()) < self.min_confidence:
+            return True
+        if self.svip:
+            entropy = float(-(log_probs.exp() * log_probs).sum())
+            return 1.0 - (entropy / 2) ** 0.5 < self.svip
+        return False
 
     def _chain(self, feed: list[int], cache, max_tokens: int, cached: list[int] | None = None) -> DraftTree:
         """Feed ``feed`` (what the cache lacks, the root last), then greedy tokens until the budget or a token
@@ -252,10 +268,10 @@ class QuantizedSelfDrafter(FallbackDrafter):
 
     def __init__(self, dtype: str = "int4", min_match_len: int = 8, min_confidence: float = 0.1,
                  context: int = 128, max_len: int = 16, rescore_top: int = 8, guess_len: int = 3,
-                 guess_match: int = 2):
+                 guess_match: int = 2, svip: float = 0.0):
         self.draft_model = DraftModelDrafter("self", dtype=dtype, min_confidence=min_confidence, context=context,
                                              max_len=max_len, rescore_top=rescore_top, guess_len=guess_len,
-                                             guess_match=guess_match)
+                                             guess_match=guess_match, svip=svip)
         sam = SuffixAutomatonDrafter(min_match_len=min_match_len)
         self.draft_model.guesses = sam
         super().__init__([sam, self.draft_model])
