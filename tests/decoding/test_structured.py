@@ -101,16 +101,29 @@ def test_constrained_beam_search(engine):
 
 
 @pytest.mark.parametrize("response_format, message", [
-    ({"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}}, "invalid JSON schema"),
     ({"type": "json_schema", "json_schema": {"schema": "[1, 2"}}, "invalid JSON schema"),
+    ({"type": "json_schema", "json_schema": {"schema": [1, 2]}}, "invalid JSON schema"),
     ({"type": "json_schema", "json_schema": {}}, "schema"),
-    ({"type": "regex", "regex": "(("}, "regular expression"),
+    ({"type": "regex", "regex": 5}, "regex needs"),
+    ({"type": "regex", "regex": "a" * 100_001}, "over the limit"),
     ({"type": "xml"}, "unknown response_format type"),
     ({"regex": "a"}, "type"),
 ])
-def test_bad_formats_fail_at_config_time(response_format, message):
+def test_bad_shapes_fail_at_config_time(response_format, message):
     with pytest.raises(InvalidArgumentError, match=message):
         GenerationConfig(response_format=response_format)
+
+
+@pytest.mark.parametrize("response_format, message", [
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}}, "JSON schema"),
+    ({"type": "regex", "regex": "(("}, "regular expression"),
+])
+def test_patterns_that_do_not_compile_fail_before_any_model_work(engine, response_format, message):
+    """Compiling can take long (constraint_compiler.py), so config time checks the shape only; the pattern
+    fails when the generation starts, before its prefill."""
+    config = GenerationConfig(response_format=response_format, max_new_tokens=4)
+    with pytest.raises(InvalidArgumentError, match=message):
+        engine.generate([1, 2, 3], config)
 
 
 def test_schema_regex_is_what_outlines_builds():

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 
 from tachy import GenerationConfig
-from tachy.server.scheduler import Job, Scheduler
+from tachy.server.scheduler import Job, Scheduler, ShuttingDown
 from tests.decoding.helpers import tiny_engine
 from tests.server.test_scheduler import drain
 
@@ -98,8 +98,9 @@ def test_cancel_and_shutdown_end_batch_rows():
     done_short, cancelled, aborted = asyncio.run(main())
     assert texts(done_short, 1) == [alone(engine, [9, 9], GenerationConfig(max_new_tokens=4, ignore_eos=True))]
     assert cancelled and all(p.finish_reason is None for _, _, p in cancelled)
-    for items in aborted:
-        assert items[-1][2].finish_reason == "abort"
+    for items in aborted:   # each aborted job: its row's "abort" piece, then the shutdown error
+        assert items[-2][2].finish_reason == "abort"
+        assert items[-1][0] == "error" and isinstance(items[-1][2], ShuttingDown)
 
 
 def test_a_failed_batch_forward_fails_its_jobs_and_the_worker_lives_on(monkeypatch):

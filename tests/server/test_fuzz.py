@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m"
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
-                    st.text(max_size=20), st.sampled_from(["", MODEL, "default", "none", "sam", "rest", "content"]))
+                    st.text(max_size=20), st.sampled_from(["", MODEL, "default", "none", "sam", "rest", "content"]),
+                    st.text(st.characters(categories=["Cs"]), min_size=1, max_size=3))   # lone surrogates
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                        st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                       max_leaves=12)

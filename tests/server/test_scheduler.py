@@ -83,5 +83,48 @@ def test_shutdown_aborts_running_and_refuses_waiting():
         return await drain(running), await drain(waiting)
 
     ran, waited = asyncio.run(main())
-    assert 0 < len(ran) < 10_000 and ran[-1][2].finish_reason == "abort"
+    assert 0 < len(ran) < 10_000 and ran[-2][2].finish_reason == "abort"
+    assert ran[-1][0] == "error" and isinstance(ran[-1][2], ShuttingDown)
     assert waited[0][0] == "error" and isinstance(waited[0][2], ShuttingDown)
+
+
+def test_abort_stops_running_jobs_without_grace():
+    """SIGTERM's path: a long generation stops at its next piece and ends with an error, at once."""
+    async def main():
+        engine = FakeEngine(delay=0.02)
+        sched = Scheduler(engine, max_queue=4, grace_s=60.0)
+        loop = asyncio.get_running_loop()
+        running = job(0, 10_000, loop)
+        sched.submit(running)
+        await asyncio.sleep(0.1)
+        start = time.monotonic()
+        sched.abort()
+        items = await drain(running)
+        await asyncio.to_thread(sched.close)   # the lifespan's close after an abort does not wait grace_s
+        return items, time.monotonic() - start
+
+    items, took = asyncio.run(main())
+    assert took < 2.0
+    assert items[-2][2].finish_reason == "abort" and isinstance(items[-1][2], ShuttingDown)
+
+
+def test_stalled_for_counts_only_busy_time_without_progress():
+    async def main():
+        engine = FakeEngine(delay=0.0)
+        sched = Scheduler(engine, max_queue=4)
+        loop = asyncio.get_running_loop()
+        assert sched.stalled_for() == 0.0          # idle is not stalled
+        engine.gate.clear()                         # the generation hangs inside the engine
+        stuck = job(0, 3, loop)
+        sched.submit(stuck)
+        await asyncio.sleep(0.3)
+        stalled = sched.stalled_for()
+        engine.gate.set()
+        await drain(stuck)
+        await asyncio.sleep(0.05)
+        after = sched.stalled_for()
+        sched.close()
+        return stalled, after
+
+    stalled, after = asyncio.run(main())
+    assert stalled >= 0.25 and after == 0.0

@@ -26,11 +26,13 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Sequence
 
 import torch
+from outlines_core.json_schema import build_regex_from_schema
 from torch import Tensor
 
 from ..errors import InvalidArgumentError
 from ..sampling import LogitsProcessor
 from .base import row_contexts
+from .regex_child import compile_automaton
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -47,72 +49,84 @@ JSON_OBJECT_SCHEMA = {"type": "object", "additionalProperties": {"anyOf": _SCALA
 WHITESPACE = r"[ ]?"   # between JSON tokens: at most one space (no runaway whitespace from a small model)
 
 
-def _import_outlines():
-    try:
-        import outlines_core
-        from outlines_core.json_schema import build_regex_from_schema
-    except ImportError as e:  # pragma: no cover - a core dependency
-        raise InvalidArgumentError(f"structured output needs the outlines-core package ({e})") from e
-    return outlines_core, build_regex_from_schema
+MAX_PATTERN_CHARS = 100_000   # a regex or schema text longer than this is refused before any compiling
 
 
-def response_format_regex(response_format: dict | str) -> str:
-    """The regular expression a response_format stands for; InvalidArgumentError if it is malformed."""
+def response_format_source(response_format: dict | str) -> tuple[str, str] | None:
+    """What a response_format asks for, as ("regex", pattern) or ("schema", JSON text); None for plain text.
+
+    Only the shape is checked here, in microseconds; whether the pattern compiles (and how long that takes)
+    is the compiler's business: in process for library calls, in a child process with a budget in the server
+    (constraint_compiler.py). InvalidArgumentError if the shape is wrong.
+    """
     if isinstance(response_format, str):
-        return response_format
-    if not isinstance(response_format, dict) or "type" not in response_format:
+        source = ("regex", response_format)
+    elif not isinstance(response_format, dict) or "type" not in response_format:
         raise InvalidArgumentError(f"response_format must be a dict with a 'type' (json_object, json_schema or "
-                                   f"regex) or a regex string, got {response_format!r}")
-    kind = response_format["type"]
-    if kind == "json_object":
-        schema = JSON_OBJECT_SCHEMA
-    elif kind == "json_schema":
+                                   f"regex) or a regex string, got {str(response_format)[:200]!r}")
+    elif response_format["type"] == "json_object":
+        source = ("schema", json.dumps(JSON_OBJECT_SCHEMA))
+    elif response_format["type"] == "json_schema":
         holder = response_format.get("json_schema", response_format)
         schema = holder.get("schema") if isinstance(holder, dict) else None
         if schema is None:
             raise InvalidArgumentError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
-    elif kind == "regex":
+        source = ("schema", _schema_text(schema))
+    elif response_format["type"] == "regex":
         regex = response_format.get("regex")
         if not isinstance(regex, str):
             raise InvalidArgumentError("response_format regex needs {'type': 'regex', 'regex': '...'}")
-        return regex
-    elif kind == "text":
-        return ""
+        source = ("regex", regex)
+    elif response_format["type"] == "text":
+        return None
     else:
-        raise InvalidArgumentError(f"unknown response_format type {kind!r}; use json_object, json_schema or regex")
-    return schema_regex(schema)
+        raise InvalidArgumentError(f"unknown response_format type {str(response_format['type'])[:80]!r}; "
+                                   f"use json_object, json_schema or regex")
+    if not source[1]:
+        return None
+    if len(source[1]) > MAX_PATTERN_CHARS:
+        raise InvalidArgumentError(f"the response_format {source[0]} has {len(source[1])} characters, over the "
+                                   f"limit of {MAX_PATTERN_CHARS}")
+    return source
+
+
+def _schema_text(schema: dict | str) -> str:
+    try:
+        value = json.loads(schema) if isinstance(schema, str) else schema
+        if not isinstance(value, dict):
+            raise ValueError("a JSON schema is an object")
+        return schema if isinstance(schema, str) else json.dumps(schema)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise InvalidArgumentError(f"invalid JSON schema: {e}") from None
 
 
 def schema_regex(schema: dict | str) -> str:
-    """A JSON schema (dict or JSON text) -> regex; InvalidArgumentError naming the problem if it is invalid."""
-    _, build = _import_outlines()
-    text = schema if isinstance(schema, str) else json.dumps(schema)
+    """A JSON schema (dict or JSON text) -> the regex outlines-core builds for it (whitespace: WHITESPACE)."""
     try:
-        if not isinstance(json.loads(text), dict):
-            raise ValueError("a JSON schema is an object")
-        return build(text, WHITESPACE)
+        return build_regex_from_schema(_schema_text(schema), WHITESPACE)
     except (ValueError, TypeError) as e:
         raise InvalidArgumentError(f"invalid JSON schema: {e}") from None
 
 
-def check_response_format(response_format: dict | str | None) -> None:
-    """Validate early (GenerationConfig), so a bad schema or regex fails before any model work."""
-    if response_format is None:
-        return
-    regex = response_format_regex(response_format)
-    if regex:
-        _check_regex(regex)
+def response_format_regex(response_format: dict | str) -> str:
+    """The regular expression a response_format stands for ("" for plain text)."""
+    source = response_format_source(response_format)
+    if source is None:
+        return ""
+    return schema_regex(source[1]) if source[0] == "schema" else source[1]
 
 
-@lru_cache(maxsize=64)
-def _check_regex(regex: str) -> None:
-    outlines_core, _ = _import_outlines()
-    try:   # compiling against a one-token vocabulary is a cheap syntax and support check
-        outlines_core.Index(regex, outlines_core.Vocabulary(1, {b"a": [0]}))
-    except ValueError as e:
-        if "token" in str(e).lower() and "error building" not in str(e).lower():
-            return   # the regex is fine; it just cannot be written with the dummy vocabulary
-        raise InvalidArgumentError(f"invalid or unsupported regular expression {regex!r}: {e}") from None
+def check_response_format(response_format: "dict | str | Constraint | None") -> None:
+    """Validate the shape early (GenerationConfig); the pattern itself is checked when it is compiled."""
+    if response_format is not None and not isinstance(response_format, Constraint):
+        response_format_source(response_format)
+
+
+def compile_error(kind: str, text: str, message: str) -> InvalidArgumentError:
+    """The error a client sees for a pattern outlines-core refused."""
+    if kind == "schema":
+        return InvalidArgumentError(f"invalid JSON schema (or one outlines-core does not support): {message}")
+    return InvalidArgumentError(f"invalid or unsupported regular expression {text[:80]!r}: {message}")
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary
@@ -158,31 +172,45 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
+def eos_ids(tokenizer: "Tokenizer") -> list[int]:
+    if not tokenizer.eos_token_ids:
+        raise InvalidArgumentError("structured output needs a tokenizer with an EOS token")
+    return list(tokenizer.eos_token_ids)
+
+
+@lru_cache(maxsize=4)
+def vocabulary(tokenizer: "Tokenizer", vocab_size: int) -> dict[bytes, list[int]]:
+    """bytes -> token ids, for outlines-core (empty and special tokens left out: they could loop forever
+    without progress)."""
+    table: dict[bytes, list[int]] = {}
+    for i, b in enumerate(token_bytes(tokenizer)[:vocab_size]):
+        if b:
+            table.setdefault(b, []).append(i)
+    return table
+
+
 class Constraint:
     """A compiled regex over one tokenizer's vocabulary: states, allowed-token masks and distances to the end.
 
     Shapes: ``mask(state)`` -> BoolTensor [V] (True = allowed), V = the model's vocabulary (logits width).
     """
 
-    def __init__(self, regex: str, tokenizer: "Tokenizer", vocab_size: int):
-        outlines_core, _ = _import_outlines()
-        self.eos = list(tokenizer.eos_token_ids)
-        if not self.eos:
-            raise InvalidArgumentError("structured output needs a tokenizer with an EOS token")
-        table: dict[bytes, list[int]] = {}
-        for i, b in enumerate(token_bytes(tokenizer)[:vocab_size]):
-            if b:  # empty or special tokens could loop forever without progress
-                table.setdefault(b, []).append(i)
-        try:
-            self.index = outlines_core.Index(regex, outlines_core.Vocabulary(self.eos[0], table))
-        except ValueError as e:
-            raise InvalidArgumentError(f"cannot compile the constraint {regex[:80]!r}: {e}") from None
-        self.vocab_size = vocab_size
-        self.initial = self.index.get_initial_state()
-        self.transitions: dict[int, dict[int, int]] = self.index.get_transitions()
-        self.finals = set(self.index.get_final_states())
+    def __init__(self, automaton: tuple[int, dict[int, dict[int, int]], set[int]], eos: Sequence[int],
+                 vocab_size: int):
+        self.eos, self.vocab_size = list(eos), vocab_size
+        self.initial, self.transitions, self.finals = automaton
         self.distance = self._distances()
         self._masks: dict[tuple[int, int], Tensor] = {}
+
+    @classmethod
+    def compile(cls, source: tuple[str, str], tokenizer: "Tokenizer", vocab_size: int) -> "Constraint":
+        """Compile in this process (library calls; the server compiles in a child: constraint_compiler.py)."""
+        eos = eos_ids(tokenizer)
+        try:
+            automaton = compile_automaton(*source, eos[0], vocabulary(tokenizer, vocab_size), WHITESPACE)
+        except (ValueError, TypeError) as e:
+            raise compile_error(*source, str(e)) from None
+        return cls(automaton, eos, vocab_size)
 
     def _distances(self) -> dict[int, int]:
         """Fewest tokens from each state to an accepting state (0 for accepting states)."""
@@ -261,16 +289,18 @@ class StructuredProcessor:
 
 
 @lru_cache(maxsize=16)
-def _constraint(regex: str, tokenizer: "Tokenizer", vocab_size: int) -> Constraint:
-    return Constraint(regex, tokenizer, vocab_size)
+def _constraint(source: tuple[str, str], tokenizer: "Tokenizer", vocab_size: int) -> Constraint:
+    return Constraint.compile(source, tokenizer, vocab_size)
 
 
 def make_structured_processor(engine: "Engine", config: "GenerationConfig",
                               prompt_ids: Sequence[int]) -> LogitsProcessor | None:
-    if config.response_format is None:
+    constraint = config.response_format
+    if constraint is None:
         return None
-    regex = response_format_regex(config.response_format)
-    if not regex:
-        return None
-    constraint = _constraint(regex, engine.tokenizer, engine.config.vocab_size)
+    if not isinstance(constraint, Constraint):
+        source = response_format_source(constraint)
+        if source is None:
+            return None
+        constraint = _constraint(source, engine.tokenizer, engine.config.vocab_size)
     return StructuredProcessor(constraint, len(prompt_ids), config.max_new_tokens)

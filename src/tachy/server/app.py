@@ -20,9 +20,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..decoding import GenerationConfig
+from ..decoding.constraint_compiler import CompilerBusy, ConstraintCompiler
+from ..decoding.structured import Constraint
 from ..engine import Engine
 from ..generation import GenerationResponse, GenerationStats
-from ..errors import ContextLengthError, TachyError
+from ..errors import ContextLengthError, InvalidArgumentError, TachyError
 from ..speculative.drafters import DRAFTERS, make_drafter
 from .http_errors import ApiError, BodyGuard, ClientGone, install_error_handlers
 from .metrics import Metrics
@@ -35,12 +37,14 @@ MAX_BODY_BYTES = 1 << 20
 
 def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, model_name: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, grace_s: float = 30.0, warmup: bool = True,
-               max_batch: int = 8) -> FastAPI:
+               max_batch: int = 8, compile_timeout_s: float = 10.0, stall_s: float = 60.0) -> FastAPI:
     """The app serving ``engine`` under ``model_name`` (default: the engine's name).
 
     max_queue: requests that may wait while one runs; more get 429. grace_s: how long shutdown lets the
     running request finish before ending it. max_batch: how many overlapping requests decode together (one
-    forward per step, scheduler.py); 1 runs them one at a time.
+    forward per step, scheduler.py); 1 runs them one at a time. compile_timeout_s: the time budget of one
+    structured-output constraint (compiled in a child process, constraint_compiler.py); over it a 400.
+    stall_s: /health answers 503 "stalled" when the worker has made no progress for this long while busy.
     """
     model_name = model_name or engine.name
     metrics = Metrics()
@@ -48,14 +52,17 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         engine.warmup()  # kernels' one-time setup now, not in the first user's latency
         engine.load_drafter("default")
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics, grace_s=grace_s, max_batch=max_batch)
+    compiler = ConstraintCompiler(engine.tokenizer, engine.config.vocab_size, timeout_s=compile_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        compiler.close()
         await asyncio.to_thread(scheduler.close)
 
     app = FastAPI(title="tachy", version="0.1.0", lifespan=lifespan)
     app.state.engine, app.state.scheduler, app.state.metrics = engine, scheduler, metrics
+    app.state.compiler = compiler
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes, metrics=metrics)
     install_error_handlers(app)
 
@@ -73,9 +80,13 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse({"status": "shutting_down" if scheduler.closed else "ok", "model": model_name,
-                             "queue_depth": scheduler.queue_depth, "running": scheduler.running},
-                            status_code=503 if scheduler.closed else 200)
+        """200 "ok"; 503 "stalled" when the worker has been busy without progress for ``stall_s`` (a load
+        balancer should route elsewhere or restart the process), 503 "shutting_down" while stopping."""
+        stalled = scheduler.stalled_for()
+        status = "shutting_down" if scheduler.closed else "stalled" if stalled > stall_s else "ok"
+        return JSONResponse({"status": status, "model": model_name, "queue_depth": scheduler.queue_depth,
+                             "running": scheduler.running, "seconds_since_progress": round(stalled, 1)},
+                            status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -97,7 +108,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         # tokenizing a large prompt takes a while: off the event loop
         prompt_ids = await asyncio.to_thread(engine.chat_prompt, [m.as_dict() for m in body.messages])
         max_tokens = body.max_completion_tokens or body.max_tokens
-        work = _work([prompt_ids], body, max_tokens, engine)
+        work = _work([prompt_ids], body, max_tokens, engine, await _constraint(compiler, body))
         return await _respond(request, scheduler, work, body, model_name, chat=True, tokenizer=engine.tokenizer)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
@@ -117,7 +128,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         else:
             texts = [prompt] if isinstance(prompt, str) else prompt
             prompts = await asyncio.to_thread(lambda: [engine.tokenizer.encode(t) for t in texts])
-        work = _work(prompts, body, body.max_tokens, engine)
+        work = _work(prompts, body, body.max_tokens, engine, await _constraint(compiler, body))
         return await _respond(request, scheduler, work, body, model_name, chat=False, tokenizer=engine.tokenizer)
 
     return app
@@ -125,6 +136,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
 
 # -- request -> work ----------------------------------------------------------------------------------------
 def _check_common(body: _Sampling, model_name: str) -> None:
+    where = _invalid_unicode(body.model_dump())
+    if where is not None:
+        raise ApiError(400, f"{where}: invalid Unicode (a lone surrogate such as \\ud800); send UTF-8 text",
+                       param=where, code="invalid_unicode")
     if body.model != model_name:
         raise ApiError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                        param="model", code="model_not_found")
@@ -136,8 +151,43 @@ def _check_common(body: _Sampling, model_name: str) -> None:
         make_drafter(drafter)  # raises UnknownNameError listing the available drafters
 
 
-def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
-          engine: Engine) -> list[tuple[list[int], GenerationConfig]]:
+def _invalid_unicode(value) -> str | None:
+    """The path of the first string (or key) in a parsed body that is not valid Unicode, else None. JSON may
+    escape lone surrogates (``"\\ud800"``); Python keeps them in str, and no tokenizer can encode them."""
+    todo = [("", value)]
+    while todo:   # iterative: a deeply nested schema must not exhaust the stack
+        path, item = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(item, dict):
+            todo.extend((f"{path}.{k}".lstrip("."), k) for k in item if isinstance(k, str))
+            todo.extend((f"{path}.{k}".lstrip("."), v) for k, v in item.items())
+        elif isinstance(item, (list, tuple)):
+            todo.extend((f"{path}[{i}]", v) for i, v in enumerate(item))
+    return None
+
+
+async def _constraint(compiler: ConstraintCompiler, body: _Sampling) -> Constraint | None:
+    """The request's structured-output constraint, compiled off the worker and the event loop."""
+    response_format = body.response_format.as_config() if body.response_format is not None else None
+    if response_format is None:
+        return None
+    try:
+        found, constraint = compiler.cached(response_format)
+        if not found:
+            constraint = await asyncio.wrap_future(compiler.submit(response_format))
+    except CompilerBusy as e:
+        raise ApiError(429, str(e), type="rate_limit_exceeded", code="compiler_busy") from None
+    except InvalidArgumentError as e:
+        raise ApiError(400, str(e), param="response_format", code="invalid_response_format") from None
+    return constraint
+
+
+def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, engine: Engine,
+          constraint: Constraint | None) -> list[tuple[list[int], GenerationConfig]]:
     """(prompt ids, config) per choice: each prompt ``n`` times, seeds ``seed, seed + 1, ...``."""
     work = []
     for prompt_ids in prompts:
@@ -160,7 +210,7 @@ def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None,
                 watermark=body.tachy.watermark, press=body.tachy.press,
                 compression_ratio=body.tachy.compression_ratio,
                 prediction=body.prediction.text if body.prediction is not None else None,
-                response_format=body.response_format.as_config() if body.response_format is not None else None)))
+                response_format=constraint)))
     return work
 
 
@@ -288,11 +338,7 @@ async def _stream(reader: _Reader, first: tuple, meta: dict, chat: bool, choices
     try:
         async for kind, index, payload in _pieces(reader, first):
             if kind == "error":
-                exc = payload
-                status = 400 if isinstance(exc, TachyError) else 503 if isinstance(exc, ShuttingDown) else 500
-                err = error_body(str(exc) if status < 500 else "internal error",
-                                 "invalid_request_error" if status < 500 else "server_error")
-                yield f"data: {json.dumps(err)}\n\n"
+                yield f"data: {json.dumps(_stream_error(payload))}\n\n"
                 continue
             piece: GenerationResponse = payload
             if chat and not started[index]:
@@ -309,6 +355,15 @@ async def _stream(reader: _Reader, first: tuple, meta: dict, chat: bool, choices
         yield "data: [DONE]\n\n"
     finally:
         reader.close()  # a client gone mid-stream lands here too: the worker drops the job at its next step
+
+
+def _stream_error(exc: Exception) -> dict:
+    """The error chunk of a stream that already started (its HTTP status was 200)."""
+    if isinstance(exc, TachyError):
+        return error_body(str(exc), "invalid_request_error")
+    if isinstance(exc, ShuttingDown):
+        return error_body(str(exc), "server_error", code="shutting_down")
+    return error_body("internal error", "server_error")
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -20,7 +20,11 @@ through ``loop.call_soon_threadsafe``) that the async endpoint reads piece by pi
   target forward each), closes the engine's stream or removes the job's batch rows (which frees their KV
   cache) and moves on. A job cancelled while still waiting is skipped.
 * Shutdown: :meth:`Scheduler.close` refuses new jobs, ends the waiting ones with an error, lets the running
-  ones finish for up to ``grace_s`` seconds, then cancels them; their streams end with ``finish_reason="abort"``.
+  ones finish for up to ``grace_s`` seconds, then cancels them; their streams end with ``finish_reason="abort"``
+  and an error. :meth:`Scheduler.abort` (SIGTERM) does the same without the grace: running jobs stop at their
+  next forward.
+* Liveness: the worker stamps the time of its last progress (a piece sent, a batch step, a job started or
+  ended); :meth:`Scheduler.stalled_for` is how long it has been busy without any, which /health reports.
 """
 from __future__ import annotations
 
@@ -39,6 +43,9 @@ from ..generation import GenerationResponse, GenerationStats
 from .metrics import Metrics
 
 log = logging.getLogger("tachy.server")
+
+
+STOPPED = "the server is shutting down; this generation was stopped"
 
 
 class QueueFull(Exception):
@@ -81,6 +88,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._running: list[Job] = []
         self._closed = False
+        self._aborted = False
+        self._progress_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="tachy-worker", daemon=True)
         self._thread.start()
 
@@ -101,6 +110,13 @@ class Scheduler:
     def busy(self) -> bool:
         return bool(self._running)
 
+    def stalled_for(self) -> float:
+        """Seconds the worker has been busy without progress (0 while idle)."""
+        return time.monotonic() - self._progress_at if self._running else 0.0
+
+    def _progress(self) -> None:
+        self._progress_at = time.monotonic()
+
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._closed:
@@ -114,6 +130,19 @@ class Scheduler:
 
     def close(self) -> None:
         """Refuse new jobs, end waiting ones, give the running one ``grace_s`` seconds, stop the worker."""
+        self._refuse_new()
+        self._thread.join(0.0 if self._aborted else self.grace_s)
+        self._abort_running()
+        self._thread.join(5.0)
+
+    def abort(self) -> None:
+        """Stop now (SIGTERM): refuse new jobs, end waiting ones, stop running ones at their next forward.
+        Their streams end with an error chunk; nothing waits for a generation to finish."""
+        self._aborted = True
+        self._refuse_new()
+        self._abort_running()
+
+    def _refuse_new(self) -> None:
         with self._cond:
             self._closed = True
             waiting, self._waiting = list(self._waiting), collections.deque()
@@ -121,11 +150,11 @@ class Scheduler:
         for job in waiting:
             job.send("error", None, ShuttingDown("the server is shutting down"))
             job.send("end")
-        self._thread.join(self.grace_s)
+
+    def _abort_running(self) -> None:
         for running in list(self._running):
             running.aborted = True
             running.cancelled.set()
-        self._thread.join(5.0)
 
     # -- the worker thread ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -137,6 +166,7 @@ class Scheduler:
                     return
                 job = self._waiting.popleft()
                 self._running = [job]
+                self._progress()
                 self.metrics.set_queue(len(self._waiting), True)
                 together = self.max_batch > 1 and self._batchable(job) and any(
                     not j.cancelled.is_set() for j in self._waiting)
@@ -150,6 +180,7 @@ class Scheduler:
             finally:
                 with self._cond:
                     self._running = []
+                    self._progress()
                     self.metrics.set_queue(len(self._waiting), False)
 
     @staticmethod
@@ -185,6 +216,7 @@ class Scheduler:
             try:
                 self.metrics.record_batch_step(len(decoder.rows))
                 state.dispatch(decoder.step())
+                self._progress()
             except Exception as e:  # noqa: BLE001 - the forward failed: every row's request gets the error
                 for job, *_ in list(state.jobs.values()):
                     state.end(job, e)
@@ -199,6 +231,7 @@ class Scheduler:
                     # stats are updated in place by the engine: send a snapshot
                     last = dataclasses.replace(piece, stats=dataclasses.replace(piece.stats))
                     job.send("piece", index, last)
+                    self._progress()
                     if job.cancelled.is_set():
                         break  # closing the stream frees this request's cache
                 if last is not None:
@@ -207,6 +240,7 @@ class Scheduler:
                     if job.aborted:
                         stats = last.stats if last is not None else GenerationStats()
                         job.send("piece", index, GenerationResponse("", [], [], stats, "abort"))
+                        job.send("error", None, ShuttingDown(STOPPED))
                     break
         except Exception as e:  # noqa: BLE001 - every failure goes back to its request, the worker lives on
             if not isinstance(e, ValueError) and type(e).__module__.split(".")[0] != "tachy":
@@ -269,6 +303,8 @@ class _BatchState:
                 self.scheduler.metrics.record_generation(stats)
                 if job.aborted:
                     job.send("piece", index, GenerationResponse("", [], [], stats, "abort"))
+        if job.aborted and cancelled:
+            job.send("error", None, ShuttingDown(STOPPED))
         if error is not None:
             if not isinstance(error, ValueError) and type(error).__module__.split(".")[0] != "tachy":
                 log.error("generation failed", exc_info=error)

@@ -108,5 +108,10 @@ class CompletionRequest(_Sampling):
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
-    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``. Messages and params may quote
+    the client's text, lone surrogates included, which no JSON encoder can write: those are escaped."""
+    return {"error": {"message": _printable(message), "type": type, "param": _printable(param), "code": code}}
+
+
+def _printable(text: str | None) -> str | None:
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")

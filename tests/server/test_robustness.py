@@ -1,0 +1,163 @@
+"""Nothing a client sends stalls or crashes the server: pathological patterns, invalid Unicode, SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+MODEL = "smollm2-135m"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0}
+PATHOLOGICAL = "(a*)*b{1,100000}"   # minutes inside outlines-core, where no Python thread can stop it
+
+
+@pytest.fixture(scope="module")
+def server(smollm, one_torch_thread):
+    from tachy.server import create_app
+    from tachy.server.background import serve_in_thread
+
+    app = create_app(smollm, max_queue=8, compile_timeout_s=2.0)
+    with serve_in_thread(app) as url:
+        yield url, app
+
+
+def post(url: str, path: str, body: dict | bytes, timeout: float = 120) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body)
+    return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=timeout)
+
+
+def test_pathological_regex_is_a_400_and_stalls_nobody(server):
+    url, _ = server
+    answers: dict[str, httpx.Response] = {}
+
+    def regex_request():
+        answers["regex"] = post(url, "/v1/chat/completions",
+                                {**CHAT, "response_format": {"type": "regex", "regex": PATHOLOGICAL}})
+
+    start = time.monotonic()
+    thread = threading.Thread(target=regex_request)
+    thread.start()
+    time.sleep(0.3)  # the pattern is compiling in its child process now
+    plain = post(url, "/v1/chat/completions", CHAT)
+    plain_done = time.monotonic() - start
+    health = httpx.get(url + "/health", timeout=10)
+    thread.join(60)
+    regex_done = time.monotonic() - start
+    assert plain.status_code == 200 and plain.json()["choices"][0]["message"]["content"]
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    r = answers["regex"]
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_response_format"
+    assert "did not compile within 2 s" in r.json()["error"]["message"]
+    assert plain_done < regex_done and regex_done < 30
+    again = time.monotonic()   # refused from the cache the second time
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2,
+                                      "response_format": {"type": "regex", "regex": PATHOLOGICAL}})
+    assert r.status_code == 400 and time.monotonic() - again < 5
+
+
+def test_a_valid_constraint_still_works(server):
+    url, _ = server
+    r = post(url, "/v1/chat/completions", {**CHAT, "max_tokens": 6,
+                                           "response_format": {"type": "regex", "regex": "(yes|no)!"}})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] in ("yes!", "no!")
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hi \ud800 there"}]}),
+    ("/v1/chat/completions", {**CHAT, "stop": ["\udfff"]}),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": {
+        "type": "object", "properties": {"\ud83d": {"type": "string"}}}}}}),
+    ("/v1/completions", {"model": MODEL, "prompt": "\udc00", "max_tokens": 2}),
+    ("/v1/completions", {"model": MODEL, "prompt": ["ok", "bad \ud800"], "max_tokens": 2}),
+])
+def test_lone_surrogates_are_a_400(server, path, body):
+    url, _ = server
+    raw = json.dumps(body)   # json.dumps escapes lone surrogates as \udXXX, as a client's JSON would
+    assert "\\ud" in raw
+    r = post(url, path, raw.encode())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_unicode"
+
+
+def test_invalid_utf8_is_a_400(server):
+    url, _ = server
+    raw = json.dumps(CHAT).encode().replace(b"Say hi.", b"Say \xff\xfe hi.")
+    r = post(url, "/v1/chat/completions", raw)
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_surrogate_pair_is_fine(server):
+    url, _ = server
+    r = post(url, "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "smile \U0001F600"}]})
+    assert r.status_code == 200
+
+
+def test_health_reports_a_stalled_worker(server, monkeypatch):
+    url, app = server
+    monkeypatch.setattr(app.state.scheduler, "stalled_for", lambda: 1e6)
+    r = httpx.get(url + "/health", timeout=10)
+    assert r.status_code == 503 and r.json()["status"] == "stalled"
+    monkeypatch.undo()
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
+def test_sigterm_mid_stream_ends_the_stream_with_an_error_and_exits(tmp_path):
+    """`tachy serve` in its own process: SIGTERM while a long generation streams."""
+    from tachy.server.background import free_port
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tachy.cli", "serve", "--port", str(port),
+                             "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        events = []
+        body = {**CHAT, "max_tokens": 4000, "stream": True, "tachy": {"drafter": "none"},
+                "messages": [{"role": "user", "content": "Count from 1 to 10000, one number per line."}]}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                if len(events) == 5:
+                    break
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line[6:])
+        stream_ended = time.monotonic() - signalled
+        rc = proc.wait(timeout=30)
+        exited = time.monotonic() - signalled
+        stderr = proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert stream_ended < 5 and exited < 10
+    assert rc in (0, -signal.SIGTERM), stderr   # uvicorn re-raises the signal once it has shut down
+    assert "Traceback" not in stderr, stderr
+    assert events[-1] == "[DONE]"
+    errors = [json.loads(e) for e in events[:-1] if "error" in json.loads(e)]
+    assert errors and "shutting down" in errors[0]["error"]["message"]
+    finishes = [c["finish_reason"] for e in events[:-1] for c in json.loads(e).get("choices", [])]
+    assert "abort" in finishes
