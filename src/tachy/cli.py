@@ -5,6 +5,8 @@ Every user error surfaces as one line on stderr and a non-zero exit, never a tra
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
 from typing import Callable
@@ -217,6 +219,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``tachy`` command: :func:`main`, then exit without tearing the interpreter down. Freeing torch's
+    modules at exit takes ~0.4 s here, a fifth of a one-shot ``tachy generate``; every command has finished
+    its work and its files when main returns, and output and logs are flushed first."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _register_extras() -> None:
     """Import optional subcommand modules; each appends its register function to EXTRA_COMMANDS."""
     import importlib
@@ -232,5 +245,5 @@ def _register_extras() -> None:
 
 if __name__ == "__main__":
     # `python -m tachy.cli`: run the imported module's main, whose EXTRA_COMMANDS the subcommand modules fill
-    from tachy.cli import main as _main
-    sys.exit(_main())
+    from tachy.cli import entry as _entry
+    _entry()
