@@ -1,16 +1,27 @@
-"""Bounded load test of `tachy serve` on loopback: N requests at concurrency C, mixed streaming, then stop.
+"""Bounded load test of `tachy serve` on loopback: three schedulers, four concurrencies, then stop.
 
-Starts its own server (a subprocess running `tachy serve` on a free loopback port), measures one request at
-a time first (the baseline), then the load: chat and completion requests, every other one streamed (with
-usage in the last chunk), greedy, ``--max-tokens`` new tokens each, prompts from vicuna_bench.jsonl. A
-request counts as failed unless it returns 200 with a complete body (for streams: usage and ``[DONE]``).
-With several ``--max-batch`` values the same load runs against a fresh server per value, back to back
-(1 = one request at a time, no batching).
+For each scheduler (a fresh `tachy serve` subprocess on a free loopback port each):
 
-    python benchmarks/load_test.py [--requests 96] [--concurrency 16] [--max-tokens 32] [--threads 2] \
-        [--max-batch 1 8]
+* ``one at a time`` (``--max-batch 1``): every request alone on the engine's speculative path;
+* ``plain batching`` (``--max-batch 8 --batching plain``): overlapping requests share a forward, one token per
+  row per step, joining prompts prefilled whole (the scheduler before batched speculation);
+* ``speculative batching`` (``--max-batch 8``, the default): every row drafts, one forward verifies all rows'
+  drafts packed together, joining prompts are prefilled in chunks beside the running rows;
 
-writes docs/results/server_load/results.json and results.md.
+it sends ``--requests`` requests at each concurrency in ``--concurrency``: chat and completion, streamed or
+not (evenly mixed), greedy, ``--max-tokens`` new tokens, prompts from vicuna_bench.jsonl with every
+``--long-every``-th one a 1-2k-token passage of monte_cristo_pg1184.txt to summarize. A request fails unless
+it returns 200 with a complete body (streams: usage and ``[DONE]``). Reported: aggregate completion tokens/s,
+p50/p99 latency, p50/p99 time to first token (streams: the first chunk with text; others: the whole answer)
+and p99 inter-token latency (the gaps between a stream's chunks of text after its first).
+
+Then the join test, per batching scheduler: 4 streams of up to 600 tokens run; 1.5 s in, a 2k-token prompt joins
+(or, in the control run, nothing does); the running streams' p99 chunk gap while the joining prompt is read
+(from its request to its first token) against the same window of the control run.
+
+    python benchmarks/load_test.py [--requests 200] [--concurrency 1 4 8 16] [--max-tokens 64]
+
+writes docs/results/server_load/results.json, results.md and load.png.
 """
 from __future__ import annotations
 
@@ -26,16 +37,17 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ROOT.parent / "shared" / "data" / "vicuna_bench.jsonl"
+DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "docs" / "results" / "server_load"
+SCHEDULERS = {"one at a time": ["--max-batch", "1"],
+              "plain batching": ["--max-batch", "8", "--batching", "plain"],
+              "speculative batching": ["--max-batch", "8"]}
 
 
-def start_server(model: str, port: int, threads: int, max_queue: int, max_batch: int) -> subprocess.Popen:
+def start_server(model: str, port: int, threads: int, flags: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
-    code = "import sys; from tachy.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen([sys.executable, "-c", code, "serve", "--model", model, "--port", str(port),
-                             "--max-queue", str(max_queue), "--max-batch", str(max_batch), "--log-level", "warning"],
-                            env=env)
+    return subprocess.Popen([sys.executable, "-m", "tachy.cli", "serve", "--model", model, "--port", str(port),
+                             "--max-queue", "256", "--log-level", "warning", *flags], env=env)
 
 
 async def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -54,9 +66,26 @@ async def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) ->
     raise RuntimeError("the server did not come up")
 
 
-async def one_request(client: httpx.AsyncClient, base: str, model: str, i: int, prompt: str,
-                      max_tokens: int) -> dict:
-    chat, stream = i % 4 < 2, i % 2 == 1   # chat/completion x stream/non-stream, evenly mixed
+def prompts(long_every: int, n: int) -> list[str]:
+    """Request i's prompt: a vicuna question, or every ``long_every``-th a 1-2k-token passage to summarize."""
+    short = [json.loads(line)["turns"][0] for line in (DATA / "vicuna_bench.jsonl").read_text().splitlines()
+             if line.strip()]
+    book = (DATA / "monte_cristo_pg1184.txt").read_text()
+    out = []
+    for i in range(n):
+        if long_every and i % long_every == long_every // 2:
+            size = 6000 + (i * 997) % 3000           # ~1.3k-2k tokens
+            start = 50_000 + (i * 7919) % 500_000
+            out.append(book[start:start + size] + "\n\nSummarize the passage above in one sentence.")
+        else:
+            out.append(short[i % len(short)])
+    return out
+
+
+async def one_request(client: httpx.AsyncClient, base: str, model: str, i: int, prompt: str, max_tokens: int,
+                      chat: bool | None = None, stream: bool | None = None) -> dict:
+    chat = i % 4 < 2 if chat is None else chat
+    stream = i % 2 == 1 if stream is None else stream
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     if chat:
         body["messages"] = [{"role": "user", "content": prompt}]
@@ -66,7 +95,7 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, i: int, 
         body["stream_options"] = {"include_usage": True}
     url = f"{base}/v1/{'chat/completions' if chat else 'completions'}"
     start = time.perf_counter()
-    out = {"chat": chat, "stream": stream, "ok": False, "tokens": 0, "ttft_s": None}
+    out = {"chat": chat, "stream": stream, "ok": False, "tokens": 0, "ttft_s": None, "chunks": [], "start": start}
     try:
         if not stream:
             r = await client.post(url, json=body)
@@ -74,6 +103,7 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, i: int, 
             if r.status_code == 200:
                 out["tokens"] = r.json()["usage"]["completion_tokens"]
                 out["ok"] = True
+            out["ttft_s"] = time.perf_counter() - start
         else:
             async with client.stream("POST", url, json=body) as r:
                 out["status"] = r.status_code
@@ -81,13 +111,17 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, i: int, 
                 async for line in r.aiter_lines():
                     if not line.startswith("data: "):
                         continue
-                    if out["ttft_s"] is None:
-                        out["ttft_s"] = time.perf_counter() - start
                     if line == "data: [DONE]":
                         done = True
                         continue
                     chunk = json.loads(line[6:])
                     usage = chunk.get("usage") or usage
+                    choice = (chunk.get("choices") or [{}])[0]
+                    if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                        now = time.perf_counter()
+                        out["chunks"].append(now)
+                        if out["ttft_s"] is None:
+                            out["ttft_s"] = now - start
                 out["ok"] = r.status_code == 200 and done and usage is not None
                 out["tokens"] = usage["completion_tokens"] if usage else 0
     except Exception as e:  # noqa: BLE001 - a failure to count, not to crash on
@@ -96,97 +130,163 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, i: int, 
     return out
 
 
-async def run_load(base: str, model: str, prompts: list[str], n: int, concurrency: int, max_tokens: int) -> dict:
+async def run_load(base: str, model: str, texts: list[str], concurrency: int, max_tokens: int) -> dict:
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
         async def task(i: int) -> dict:
             async with sem:
-                return await one_request(client, base, model, i, prompts[i % len(prompts)], max_tokens)
+                return await one_request(client, base, model, i, texts[i], max_tokens)
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(task(i) for i in range(n)))
+        results = await asyncio.gather(*(task(i) for i in range(len(texts))))
         wall = time.perf_counter() - start
     lat = sorted(r["latency_s"] for r in results)
     ttft = sorted(r["ttft_s"] for r in results if r["ttft_s"] is not None)
+    gaps = sorted(b - a for r in results for a, b in zip(r["chunks"], r["chunks"][1:]))
     tokens = sum(r["tokens"] for r in results if r["ok"])
-    return {"requests": n, "concurrency": concurrency, "failed": sum(not r["ok"] for r in results),
+    return {"requests": len(texts), "concurrency": concurrency, "failed": sum(not r["ok"] for r in results),
             "wall_s": round(wall, 2), "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
-            "latency_p50_s": round(_pct(lat, 50), 3), "latency_p99_s": round(_pct(lat, 99), 3),
-            "ttft_p50_s": round(_pct(ttft, 50), 3) if ttft else None,
+            "latency_p50_s": round(pct(lat, 50), 3), "latency_p99_s": round(pct(lat, 99), 3),
+            "ttft_p50_s": round(pct(ttft, 50), 3), "ttft_p99_s": round(pct(ttft, 99), 3),
+            "itl_p50_ms": round(1000 * pct(gaps, 50), 1) if gaps else None,
+            "itl_p99_ms": round(1000 * pct(gaps, 99), 1) if gaps else None,
             "errors": [r.get("error") or r.get("status") for r in results if not r["ok"]][:10]}
 
 
-def _pct(sorted_values: list[float], p: float) -> float:
+async def join_test(base: str, model: str, long_prompt: str, join: bool) -> dict:
+    """4 running streams; with ``join``, a 2k-token prompt arrives 1.5 s in. The streams' chunk gaps in the
+    window from that request to its first token (in the control run, the 3 s after the same moment)."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0)) as client:
+        runners = [asyncio.create_task(one_request(client, base, model, i, q, 600, chat=True, stream=True))
+                   for i, q in enumerate(["Count from 1 to 100 in words.", "Tell a long story about a dragon.",
+                                          "Explain how a CPU works, in detail.", "List fifty animals."])]
+        await asyncio.sleep(1.5)
+        t0 = time.perf_counter()
+        if join:
+            joiner = await one_request(client, base, model, 99, long_prompt, 8, chat=True, stream=True)
+            t1 = t0 + (joiner["ttft_s"] or 0.0)
+        else:
+            await asyncio.sleep(3.0)
+            joiner, t1 = None, time.perf_counter()
+        results = await asyncio.gather(*runners)
+    gaps = sorted(b - a for r in results for a, b in zip(r["chunks"], r["chunks"][1:]) if t0 <= b <= t1)
+    return {"window_s": round(t1 - t0, 2), "gaps": len(gaps),
+            "itl_p50_ms": round(1000 * pct(gaps, 50), 1) if gaps else None,
+            "itl_p99_ms": round(1000 * pct(gaps, 99), 1) if gaps else None,
+            "joiner_ttft_s": round(joiner["ttft_s"], 2) if joiner and joiner["ttft_s"] else None,
+            "failed": sum(not r["ok"] for r in results) + (0 if joiner is None or joiner["ok"] else 1)}
+
+
+def pct(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
     k = (len(sorted_values) - 1) * p / 100
     lo, hi = int(k), min(int(k) + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
+def report(results: dict) -> str:
+    lines = [f"Load test of `tachy serve` ({results['model']}, {results['threads']} threads), loopback, greedy, "
+             f"{results['max_tokens']} new tokens max, {results['requests']} requests per run, chat/completion x "
+             f"stream/non-stream evenly mixed, every {results['long_every']}th prompt a 1.3-2k-token passage; "
+             "a fresh server per scheduler.", "", f"Command: `{results['command']}`", "",
+             "| scheduler | concurrency | failed | aggregate tokens/s | p50 / p99 latency s | p50 / p99 time to "
+             "first token s | p50 / p99 inter-token ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, runs in results["load"].items():
+        for r in runs:
+            lines.append(f"| {name} | {r['concurrency']} | {r['failed']} | {r['tokens_per_s']} | "
+                         f"{r['latency_p50_s']} / {r['latency_p99_s']} | {r['ttft_p50_s']} / {r['ttft_p99_s']} | "
+                         f"{r['itl_p50_ms']} / {r['itl_p99_ms']} |")
+    base = {r["concurrency"]: r["tokens_per_s"] for r in results["load"].get("plain batching", [])}
+    spec = {r["concurrency"]: r["tokens_per_s"] for r in results["load"].get("speculative batching", [])}
+    lone = {r["concurrency"]: r["tokens_per_s"] for r in results["load"].get("one at a time", [])}
+    if base and spec:
+        lines += ["", "Speculative batching / plain batching, aggregate tokens/s: " + ", ".join(
+            f"concurrency {c}: {spec[c] / base[c]:.2f}x" for c in spec if c in base) + "."]
+    if lone and spec:
+        lines += ["Speculative batching / one at a time (the lone speculative path): " + ", ".join(
+            f"concurrency {c}: {spec[c] / lone[c]:.2f}x" for c in spec if c in lone) + "."]
+    lines += ["", "Join test: 4 running streams (up to 600 tokens each); a 2k-token prompt joins 1.5 s in. The "
+              "streams' chunk gaps while it is read, against the same window without it:", "",
+              "| scheduler | p99 gap without, ms | p99 gap while the prompt joins, ms | ratio | joiner's time to "
+              "first token s | failed |", "|---|---:|---:|---:|---:|---:|"]
+    for name, j in results["join"].items():
+        with_, without = j["with"]["itl_p99_ms"], j["without"]["itl_p99_ms"]
+        # no gap at all in the window: the streams stalled for all of it (a gap as long as the window)
+        with_ = with_ if with_ is not None else f"stalled {1000 * j['with']['window_s']:.0f}"
+        ratio = f"{with_ / without:.2f}x" if isinstance(with_, float) and without else "-"
+        lines.append(f"| {name} | {without} | {with_} | {ratio} | "
+                     f"{j['with']['joiner_ttft_s']} | {j['with']['failed'] + j['without']['failed']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, runs in results["load"].items():
+        c = [r["concurrency"] for r in runs]
+        axes[0].plot(c, [r["tokens_per_s"] for r in runs], marker="o", label=name)
+        axes[1].plot(c, [r["ttft_p99_s"] for r in runs], marker="o", label=name)
+        axes[2].plot(c, [r["itl_p99_ms"] for r in runs], marker="o", label=name)
+    for ax, title in zip(axes, ["aggregate tokens/s", "p99 time to first token (s)", "p99 inter-token (ms)"]):
+        ax.set_title(title)
+        ax.set_xlabel("concurrency")
+        ax.set_xscale("log", base=2)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--requests", type=int, default=96)
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--baseline-requests", type=int, default=8, help="one-at-a-time requests first")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the server")
-    ap.add_argument("--max-batch", type=int, nargs="+", default=[1, 8],
-                    help="one server and load run per value (1: no batching)")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--long-every", type=int, default=10, help="every Nth prompt is 1.3-2k tokens (0: none)")
+    ap.add_argument("--threads", type=int, default=2, help="threads of the server")
+    ap.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=list(SCHEDULERS))
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     from tachy.server.background import free_port
 
-    prompts = [json.loads(line)["turns"][0] for line in PROMPTS.read_text().splitlines() if line.strip()]
-    single, loads, model = None, {}, args.model
-    for max_batch in args.max_batch:
+    texts = prompts(args.long_every, args.requests)
+    long_prompt = prompts(2, 2)[1][:9000]
+    results = {"model": args.model, "threads": args.threads, "max_tokens": args.max_tokens,
+               "requests": args.requests, "long_every": args.long_every,
+               "command": "python benchmarks/load_test.py " + " ".join(sys.argv[1:]), "load": {}, "join": {}}
+    for name in args.schedulers:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        proc = start_server(args.model, port, args.threads, max(args.concurrency, 64), max_batch)
+        proc = start_server(args.model, port, args.threads, SCHEDULERS[name])
         try:
             model = asyncio.run(wait_ready(base, proc))
-            if single is None:
-                single = asyncio.run(run_load(base, model, prompts, args.baseline_requests, 1, args.max_tokens))
-                print(f"one at a time: {single}", file=sys.stderr, flush=True)
-            load = asyncio.run(run_load(base, model, prompts, args.requests, args.concurrency, args.max_tokens))
-            metrics = {line.split()[0]: float(line.split()[1]) for line in httpx.get(f"{base}/metrics").text.splitlines()
-                       if line and not line.startswith("#") and "{" not in line}
-            steps = metrics.get("tachy_batch_steps_total", 0)
-            load["mean_batch_rows"] = round(metrics["tachy_batch_rows_total"] / steps, 2) if steps else None
-            load["mean_accepted_tokens"] = metrics.get("tachy_mean_accepted_tokens")
-            loads[max_batch] = load
-            print(f"load, max_batch={max_batch}: {load}", file=sys.stderr, flush=True)
+            runs = []
+            for c in args.concurrency:
+                r = asyncio.run(run_load(base, model, texts, c, args.max_tokens))
+                print(f"{name}, concurrency {c}: {r}", file=sys.stderr, flush=True)
+                runs.append(r)
+            results["load"][name] = runs
+            if name != "one at a time":
+                results["join"][name] = {"without": asyncio.run(join_test(base, model, long_prompt, False)),
+                                         "with": asyncio.run(join_test(base, model, long_prompt, True))}
+                print(f"{name}, join: {results['join'][name]}", file=sys.stderr, flush=True)
         finally:
-            proc.terminate()  # SIGTERM: uvicorn shuts down gracefully
+            proc.terminate()
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    command = "python benchmarks/load_test.py " + " ".join(sys.argv[1:])
-    results = {"model": model, "max_tokens": args.max_tokens, "server_threads": args.threads, "command": command,
-               "single": single, "load": {str(k): v for k, v in loads.items()},
-               "aggregate_vs_single": {str(k): round(v["tokens_per_s"] / single["tokens_per_s"], 3)
-                                       for k, v in loads.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    rows = [("one at a time", single)] + [(f"concurrency {args.concurrency}, max_batch={k}", v)
-                                          for k, v in loads.items()]
-    lines = [f"Load test of `tachy serve` ({model}, {args.threads} torch thread(s)), loopback, greedy, "
-             f"{args.max_tokens} new tokens max, chat/completion x stream/non-stream evenly mixed; the same "
-             f"requests against a fresh server per max_batch, back to back.", "",
-             f"Command: `{command}`", "",
-             "| run | requests | failed | wall s | completion tokens | aggregate tokens/s | p50 latency s | "
-             "p99 latency s | p50 time to first chunk s | mean batch rows |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in rows:
-        lines.append(f"| {name} | {r['requests']} | {r['failed']} | {r['wall_s']} | {r['completion_tokens']} | "
-                     f"{r['tokens_per_s']} | {r['latency_p50_s']} | {r['latency_p99_s']} | {r['ttft_p50_s']} | "
-                     f"{r.get('mean_batch_rows') or '-'} |")
-    lines += ["", "Aggregate tokens/s under load / one at a time: " + ", ".join(
-        f"max_batch={k}: {v}x" for k, v in results["aggregate_vs_single"].items()) + "."]
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    if any(v["failed"] for v in loads.values()):
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "results.md").write_text(report(results))
+    plot(results, args.out / "load.png")
+    print(report(results))
+    if any(r["failed"] for runs in results["load"].values() for r in runs):
         sys.exit(1)
 
 

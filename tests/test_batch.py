@@ -115,3 +115,101 @@ def test_batched_greedy_equals_alone_smollm(smollm, one_torch_thread):
     assert max(sizes) == 6
     for (prompt, config, _), result in zip(requests, got):
         assert result == alone(smollm, prompt, config)
+
+
+# -- packed mode: the C forward, rows that draft, prompts prefilled in chunks -----------------------------------
+def packed_engine(arch: str, seed: int):
+    from tachy.engine import Engine
+    from tests.conftest import tiny_gguf_model
+    from tests.decoding.helpers import IdsTokenizer
+
+    model = tiny_gguf_model(arch, seed=seed)
+    if model.cpu_forward is None:
+        pytest.skip("tachy's C kernels do not run on this machine")
+    return Engine(model, IdsTokenizer([3]), name="tiny")
+
+
+def repetitive_prompt(rng: random.Random, vocab: int) -> list[int]:
+    """Prompts that repeat themselves, so the model-free drafters find something to draft."""
+    motif = [rng.randrange(4, vocab) for _ in range(rng.randint(3, 9))]
+    return (motif * 12)[:rng.randint(10, 90)]
+
+
+def run_packed(engine, requests, max_batch: int, prefill_share: float = 0.75):
+    """Like ``batched``; also returns each request's last stats and how many steps each prompt's prefill
+    took (steps from its join to its first token)."""
+    decoder = BatchDecoder(engine, max_batch, prefill_share=prefill_share)
+    assert decoder.packed
+    out = {i: ([], [], None, None) for i in range(len(requests))}
+    joined, first = {}, {}
+    todo = sorted(range(len(requests)), key=lambda i: requests[i][2])
+    step = 0
+
+    def take(events):
+        for row, piece in events:
+            ids, text, _, _ = out[row.tag]
+            first.setdefault(row.tag, step)
+            out[row.tag] = (ids + piece.token_ids, text + [piece.text], piece.finish_reason, piece.stats)
+
+    while todo or decoder.rows:
+        while todo and requests[todo[0]][2] <= step and decoder.free:
+            i = todo.pop(0)
+            joined[i] = step
+            take(decoder.add(requests[i][0], requests[i][1], tag=i))
+        take(decoder.step())
+        step += 1
+    results = [(ids, "".join(text), finish) for ids, text, finish, _ in out.values()]
+    return results, [s for *_, s in out.values()], {i: first[i] - joined[i] for i in first}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_packed_rows_draft_and_equal_alone(arch):
+    """Every drafter as a row (and a prediction), rows joining at different steps, prompts chunked into
+    several forwards: each row's greedy tokens are its plain lone tokens, and drafts do get accepted."""
+    engine = packed_engine(arch, seed=1)
+    rng = random.Random(5)
+    vocab = engine.config.vocab_size
+    drafters = ["default", "sam", "pld", "recycling", "none", "lookahead", "trigram", "model-free", "gated",
+                "default"]
+    requests = []
+    for i, drafter in enumerate(drafters):
+        prompt = repetitive_prompt(rng, vocab)
+        config = GenerationConfig(max_new_tokens=rng.randint(1, 40), ignore_eos=i % 3 != 0, drafter=drafter,
+                                  prediction=prompt[-20:] if i == 9 else None)
+        requests.append((prompt, config, rng.randint(0, 10)))
+    got, stats, prefill_steps = run_packed(engine, requests, max_batch=4, prefill_share=0.05)
+    for (prompt, config, _), result in zip(requests, got):
+        assert result == alone(engine, prompt, config), f"{arch}: {config.drafter} on {prompt}"
+    assert sum(s.accepted for s in stats) > 0
+    assert max(prefill_steps.values()) > 1      # some prompt was read in several chunks beside running rows
+
+
+def test_packed_seeded_sampling_reproduces_the_lone_speculative_run():
+    """A sampled row drafts as it would alone (its own fresh drafter): same seed, same tokens."""
+    engine = packed_engine("llama", seed=2)
+    rng = random.Random(6)
+    requests = []
+    for i, drafter in enumerate(["sam", "default", "pld", "none", "recycling"]):
+        prompt = repetitive_prompt(rng, engine.config.vocab_size)
+        config = GenerationConfig(max_new_tokens=30, temperature=0.8, top_p=0.95, seed=i, ignore_eos=True,
+                                  drafter=drafter, repetition_penalty=1.2 if i == 2 else 1.0)
+        requests.append((prompt, config, i))
+    got, stats, _ = run_packed(engine, requests, max_batch=3)
+    for (prompt, config, _), result in zip(requests, got):
+        pieces = list(engine.stream(prompt, config))
+        lone = ([t for p in pieces for t in p.token_ids], "".join(p.text for p in pieces), pieces[-1].finish_reason)
+        assert result == lone, config.drafter
+    assert sum(s.accepted for s in stats) > 0
+
+
+def test_packed_chunk_budget_follows_the_running_rows():
+    engine = packed_engine("llama", seed=0)
+    decoder = BatchDecoder(engine, 4, prefill_share=1.0)
+    from tachy.generation import PREFILL_CHUNK
+
+    assert decoder._chunk_budget(0) == PREFILL_CHUNK            # nothing running: read the prompt at full speed
+    assert 4 <= decoder._chunk_budget(1) <= decoder._chunk_budget(40)
+    with pytest.raises(InvalidArgumentError):
+        BatchDecoder(engine, 4, prefill_share=0)
+    assert batchable(GenerationConfig(prediction=[1, 2]), packed=True)
+    assert not batchable(GenerationConfig(press="snapkv", compression_ratio=0.5), packed=True)

@@ -13,34 +13,62 @@ scheduler uses this when requests overlap, server/scheduler.py).
   (EOS, token budget, stop strings; ``engine.TextStream``).
 * A row **leaves** when it finishes or is removed (a cancelled request): its cache row is free at once.
 
-Rows decode plainly (no drafts). Exactness: a row's attention reads its own ``key_bucket(length + 1)`` keys
-and the linear layers are row-invariant (models/quant.py), so greedy output inside a batch is token for token
-the output of the request decoded alone, and a seeded sampling row draws from its generator exactly as a lone
-plain (``drafter="none"``) generation does. Configs that drive the model otherwise (a search strategy, a
-press, a prediction) cannot be rows (:func:`batchable`).
+Two ways to run the rows, by the target's forward:
+
+* **Packed (the C forward, models/cpu_forward.py): speculative rows and chunked prefill, no padding.** Every
+  row drafts with its own drafter instance, and ONE forward runs every row's ``[root] + draft tree`` tokens
+  packed one after the other, each with its own tree mask, KV write slots and positions (EMS-SD's
+  padding-free layout: no row waits for a longer draft). Each row then verifies its own tokens (greedy or
+  speculative sampling), keeps its accepted path in its cache row (``BatchKVCache.keep_row``) and moves on
+  by its own number of tokens. A joining prompt is not prefilled alone: it is split into chunks that ride in
+  the same forwards as the running rows' tokens (DeepSpeed-FastGen's Dynamic SplitFuse), a chunk sized so
+  that it costs about ``prefill_share`` times what the running rows' tokens cost (measured step costs), so
+  running streams keep flowing while a long prompt is read; with no running row, the prompt goes in chunks
+  of ``PREFILL_CHUNK``. The C forward computes every token as the sequence alone would (row-invariant
+  kernels), so each row's greedy output is token for token its lone output, with or without drafts, and a
+  sampling row is an exact sample. A row whose drafter runs a model (a draft model, the int4 self-copy,
+  which read one sequence's cache) drafts model-free instead; every row has its own drafter state, and the
+  learned state of the engine's shared drafters (Token Recycling's table) is not shared with rows.
+* **Plain (the PyTorch forward, e.g. CUDA):** rows join after a prefill of their own and decode one token per
+  step, no drafts. A row's attention reads its own ``key_bucket(length + 1)`` keys and the linear layers are
+  row-invariant (models/quant.py), so greedy output is the request's lone output, and a seeded sampling row
+  draws exactly as a lone plain (``drafter="none"``) generation does.
+
+Configs that drive the model otherwise (a search strategy, a press) cannot be rows (:func:`batchable`); a
+prediction (Predicted Outputs) is a row's drafter in the packed mode.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
+from . import kernels
 from .cache import BatchKVCache
 from .decoding import GenerationConfig
 from .engine import Engine, TextStream
-from .generation import GenerationResponse, GenerationStats, Step
+from .generation import PREFILL_CHUNK, GenerationResponse, GenerationStats, Step
 from .errors import InvalidArgumentError
+from .speculative.drafters import Drafter, make_drafter, prediction_drafter
 from .speculative.tree import DraftTree
 from .speculative.verify import verify_greedy, verify_sampling
 
 Event = tuple["Row", GenerationResponse]
 
 
-def batchable(config: GenerationConfig) -> bool:
-    """Whether a generation can be a batch row: plain next-token decoding (the drafter is ignored)."""
-    return not config.decoding.is_search and config.press is None and config.prediction is None
+def batchable(config: GenerationConfig, packed: bool = False) -> bool:
+    """Whether a generation can be a batch row: next-token decoding, no press; a prediction only where rows
+    draft (``packed``, see the module docstring)."""
+    return (not config.decoding.is_search and config.press is None
+            and (packed or config.prediction is None))
+
+
+def drafts_with_a_model(drafter: Drafter) -> bool:
+    """Whether ``drafter`` (or one inside it) runs a draft model, which reads one sequence's own cache."""
+    inner = list(getattr(drafter, "drafters", ())) + [getattr(drafter, "inner", None)]
+    return drafter.needs_target or any(d is not None and drafts_with_a_model(d) for d in inner)
 
 
 @dataclass
@@ -59,17 +87,28 @@ class Row:
     root: int = 0           # the last chosen token: the next forward's input
     limit: int = 0          # cache length at which the context window is full
     done: bool = False
+    drafter: Drafter | None = None                     # packed mode: this row's own drafter
+    pending: list[int] = field(default_factory=list)   # packed mode: prompt tokens not in the cache yet
+    joined: float = 0.0                                # when add() was called (time to first token)
 
 
 class BatchDecoder:
-    """Up to ``max_batch`` plain generations on ``engine``, stepped together (see the module docstring)."""
+    """Up to ``max_batch`` generations on ``engine``, stepped together (see the module docstring).
 
-    def __init__(self, engine: Engine, max_batch: int = 8):
+    prefill_share: packed mode, how much a joining prompt's chunk may cost relative to the running rows'
+    tokens in the same forward (their inter-token latency grows by about this fraction while a prompt joins).
+    packed: False runs plain rows even where the C forward could pack drafts (for comparison).
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 8, prefill_share: float = 0.75, packed: bool = True):
         if max_batch < 1:
             raise InvalidArgumentError(f"max_batch must be >= 1, got {max_batch}")
-        self.engine, self.max_batch = engine, max_batch
+        if prefill_share <= 0:
+            raise InvalidArgumentError(f"prefill_share must be > 0, got {prefill_share}")
+        self.engine, self.max_batch, self.prefill_share = engine, max_batch, prefill_share
         self.rows: list[Row] = []           # active rows, in join order
         self.cache: BatchKVCache | None = None
+        self.packed = packed and engine.model.cpu_forward is not None   # packed=False: plain rows anyway
 
     @property
     def free(self) -> int:
@@ -82,14 +121,22 @@ class BatchDecoder:
         engine = self.engine
         if not self.free:
             raise InvalidArgumentError(f"the batch is full ({self.max_batch} rows)")
-        if not batchable(config):
-            raise InvalidArgumentError("search strategies, presses and predictions cannot run in a batch")
+        if not batchable(config, self.packed):
+            raise InvalidArgumentError("search strategies and presses cannot run in a batch" +
+                                       ("" if self.packed else "; nor predictions without the C forward"))
         prompt_ids = engine.check_prompt(prompt_ids)
-        engine.warmup(1)
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         row = Row(tag, config, list(prompt_ids), stats, TextStream(engine.tokenizer, config, stats),
                   *engine.token_choice(config, prompt_ids))
-        start = time.perf_counter()
+        start = row.joined = time.perf_counter()
+        if self.packed:   # prefilled in chunks by the next steps
+            row.drafter = self._row_drafter(config)
+            row.pending, row.ids = list(prompt_ids), []
+            row.limit = engine.max_context - 1
+            self._assign_slot(row, engine.cache_capacity(len(prompt_ids), config.max_new_tokens))
+            self.cache.lengths[row.slot] = 0
+            return []
+        engine.warmup(1)
         # the cache a lone generation would prefill into (same capacity, hence the same bits)
         capacity = engine.cache_capacity(len(prompt_ids), config.max_new_tokens)
         single = engine.model.new_cache(capacity=capacity, fixed=True)
@@ -118,6 +165,9 @@ class BatchDecoder:
         """One forward over every active row; returns the pieces it made sendable (finished rows leave)."""
         if not self.rows:
             return []
+        if self.packed:
+            with kernels.threads_to_kernels():
+                return self._packed_step()
         engine, cache, rows = self.engine, self.cache, list(self.rows)
         start = time.perf_counter()
         cache.rows = [r.slot for r in rows]
@@ -166,14 +216,179 @@ class BatchDecoder:
 
     def _place(self, row: Row, single) -> None:
         """Copy a prefilled sequence into a free cache row (growing the cache to the row's whole need)."""
+        self._assign_slot(row, self.engine.cache_capacity(single.length, row.config.max_new_tokens))
+        self.cache.load(row.slot, single)
+
+    def _assign_slot(self, row: Row, need: int) -> None:
+        """A free cache row for ``row`` (growing the cache to ``need`` slots per row); the row joins."""
         engine = self.engine
-        need = engine.cache_capacity(single.length, row.config.max_new_tokens)
-        if self.cache is None:
+        if self.cache is None:   # packed: the whole window at once, untouched pages cost nothing (lazy)
             cfg = engine.config
-            self.cache = BatchKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, need, self.max_batch,
-                                      dtype=engine.model.dtype, device=engine.device)
+            self.cache = BatchKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                      engine.max_context if self.packed else need, self.max_batch,
+                                      dtype=engine.model.dtype, device=engine.device, lazy=self.packed)
         self.cache.grow(need)
         used = {r.slot for r in self.rows}
         row.slot = next(s for s in range(self.max_batch) if s not in used)
-        self.cache.load(row.slot, single)
         self.rows.append(row)
+
+    # -- packed mode ------------------------------------------------------------------------------------------
+    def _row_drafter(self, config: GenerationConfig) -> Drafter | None:
+        """This row's own drafter: a new instance of the config's (model-free where it would run a model),
+        wrapped by the prediction's drafter when the request has one."""
+        engine, drafter = self.engine, config.drafter
+        if isinstance(drafter, str) and drafter != "none":
+            drafter = make_drafter(drafter)
+            drafter.check_target(engine)
+        elif drafter == "none":
+            drafter = None
+        if drafter is not None and drafts_with_a_model(drafter):
+            drafter = make_drafter("model-free")
+            drafter.check_target(engine)
+        if config.prediction is not None:
+            pred = config.prediction
+            ids = engine.tokenizer.encode(pred, add_special_tokens=False) if isinstance(pred, str) else pred
+            drafter = prediction_drafter(ids, drafter)
+            drafter.check_target(engine)
+        return drafter if config.max_draft_tokens else None
+
+    def _decode_cost(self, tokens: int) -> float:
+        """Seconds of a forward over ``tokens`` running-row tokens (the engine's measured step costs,
+        extended linearly past the widths it measured)."""
+        costs = self.engine.step_costs()
+        top = len(costs) - 1
+        return costs[min(tokens, top)] + self._marginal_cost() * max(0, tokens - top)
+
+    def _marginal_cost(self) -> float:
+        costs = self.engine.step_costs()
+        top = len(costs) - 1
+        return max((costs[top] - costs[1]) / (top - 1), 1e-6)
+
+    def _chunk_budget(self, decode_tokens: int) -> int:
+        """Prompt tokens a joining row may put in this forward: a whole chunk with nothing else running, else
+        as many as cost about ``prefill_share`` times the running rows' tokens. A prompt token's cost grows
+        with its position (attention over every earlier token), so it is measured on the previous steps
+        that carried a chunk (``_observe_chunk``), starting from the marginal cost of a short forward."""
+        if not decode_tokens:
+            return PREFILL_CHUNK
+        per_token = self.__dict__.get("_prompt_token_s") or self._marginal_cost()
+        return max(4, int(self.prefill_share * self._decode_cost(decode_tokens) / per_token))
+
+    def _observe_chunk(self, decode_tokens: int, chunk_tokens: int, elapsed: float) -> None:
+        """Learn a prompt token's cost in a mixed forward from its time beyond the running rows' expected."""
+        if not (decode_tokens and chunk_tokens):
+            return
+        seen = max(elapsed - self._decode_cost(decode_tokens), 0.1 * elapsed) / chunk_tokens
+        before = self.__dict__.get("_prompt_token_s")
+        self._prompt_token_s = seen if before is None else 0.5 * before + 0.5 * seen
+
+    def _packed_step(self) -> list[Event]:
+        engine, cache = self.engine, self.cache
+        start = time.perf_counter()
+        plan: list[tuple[Row, list[int], DraftTree | None]] = []   # (row, tokens, tree; None: a prompt chunk)
+        decode_tokens = 0
+        for row in self.rows:
+            if row.pending:
+                continue
+            length = cache.lengths[row.slot]
+            room = min(engine.max_context - length - 2, row.config.max_new_tokens - row.stats.generated_tokens - 1)
+            tree = DraftTree.empty()
+            if row.drafter is not None and room > 0:
+                t = time.perf_counter()
+                tree = row.drafter.propose(row.ids, min(row.config.max_draft_tokens, room))
+                if len(tree) > room:
+                    tree = tree.truncate(room)
+                row.stats.draft_s += time.perf_counter() - t
+            plan.append((row, [row.root] + tree.tokens, tree))
+            decode_tokens += 1 + len(tree)
+        budget = self._chunk_budget(decode_tokens)
+        for row in self.rows:   # joining prompts, first come first served
+            if row.pending and budget > 0:
+                chunk = row.pending[:min(budget, PREFILL_CHUNK)]
+                plan.append((row, chunk, None))
+                budget -= len(chunk)
+        tokens, positions, rows, slots, prefix, blocks, logit_rows = [], [], [], [], [], [], []
+        for row, toks, tree in plan:
+            base = cache.lengths[row.slot]
+            offsets = tree.position_offsets().tolist() if tree is not None else range(len(toks))
+            first = len(tokens)
+            tokens += toks
+            positions += [base + o for o in offsets]
+            rows += [row.slot] * len(toks)
+            slots += range(base, base + len(toks))
+            prefix += [base] * len(toks)
+            if tree is not None:
+                blocks.append(tree.attention_mask())
+                logit_rows += range(first, first + len(toks))
+            else:
+                blocks.append(torch.ones(len(toks), len(toks), dtype=torch.bool).tril())
+                if len(toks) == len(row.pending):   # the prompt's last token: its logits choose the first token
+                    logit_rows.append(first + len(toks) - 1)
+        cache.grow(max(s for s in slots) + 1)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64)   # noqa: E731
+        forward_start = time.perf_counter()
+        logits = engine.model.cpu_forward.packed(
+            cache, as_tensor(tokens), as_tensor(positions), as_tensor(rows), as_tensor(slots), as_tensor(prefix),
+            torch.block_diag(*blocks), as_tensor(logit_rows))
+        elapsed = time.perf_counter() - start
+        self._observe_chunk(decode_tokens, sum(len(t) for _, t, tree in plan if tree is None),
+                            time.perf_counter() - forward_start)
+        events: list[Event] = []
+        at = 0
+        for row, toks, tree in plan:
+            if tree is None:
+                last = len(toks) == len(row.pending)
+                events += self._prefilled(row, toks, logits[at:at + 1] if last else None)
+                at += last
+            else:
+                events += self._verified(row, toks, tree, logits[at:at + len(toks)], elapsed)
+                at += len(toks)
+        return events
+
+    def _prefilled(self, row: Row, chunk: list[int], logits: torch.Tensor | None) -> list[Event]:
+        """A prompt chunk is in the cache; after the last one, choose the first token (as Engine._prefill)."""
+        self.cache.lengths[row.slot] += len(chunk)
+        row.ids += chunk
+        row.pending = row.pending[len(chunk):]
+        if logits is None:
+            return []
+        engine = self.engine
+        row.root = engine._choose(logits, row.ids, row.processor, row.probs_fn, row.generator)
+        row.ids.append(row.root)
+        if row.drafter is not None:
+            row.drafter.reset(row.ids[:-1])
+        row.stats.prefill_s = time.perf_counter() - row.joined
+        row.stats.generated_tokens = 1
+        events = self._emit(row, Step([row.root], 0, 0))
+        if not row.done and not self._budget_left(row, self.cache.lengths[row.slot]):
+            events += self._finish(row)
+        return events
+
+    def _verified(self, row: Row, tokens: list[int], tree: DraftTree, logits: torch.Tensor,
+                  elapsed: float) -> list[Event]:
+        """Verify one row's draft (the engine's loop body, without the forward) and keep its accepted path."""
+        t = time.perf_counter()
+        device = self.engine.device
+        if row.processor is not None:   # penalties: each node sees its own path as context
+            logits = row.processor(logits, tree.row_contexts(torch.tensor(row.ids, device=device)))
+        if row.probs_fn is None:
+            accepted, bonus = verify_greedy(tree, logits)
+        else:
+            accepted, bonus = verify_sampling(tree, row.probs_fn(logits), row.generator)
+        base = self.cache.lengths[row.slot]
+        self.cache.keep_row(row.slot, [base] + [base + 1 + j for j in accepted])
+        new = [tree.tokens[j] for j in accepted] + [bonus]
+        row.ids += new
+        row.root = bonus
+        if row.drafter is not None:
+            row.drafter.update(row.ids, len(accepted), logits if row.drafter.needs_logits else None, tokens)
+        stats = row.stats
+        stats.forwards += 1
+        stats.drafted += len(tree)
+        stats.accepted += len(accepted)
+        stats.generated_tokens += len(new)
+        stats.decode_s += elapsed + time.perf_counter() - t
+        events = self._emit(row, Step(new, len(accepted), len(tree)))
+        if not row.done and not self._budget_left(row, self.cache.lengths[row.slot]):
+            events += self._finish(row)
+        return events

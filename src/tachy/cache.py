@@ -291,7 +291,12 @@ class BatchKVCache(KVCache):
     ragged = True
     can_rollback = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, lazy: bool = False, **kwargs):
+        """lazy: leave the buffer uninitialized, so memory is taken only as rows write their slots (the
+        operating system maps pages on first touch): a cache sized for the whole context window from the
+        start never needs growing, i.e. never copies itself while rows wait. Only for forwards that read no
+        slot beyond a row's length (the C forward); the PyTorch forward reads masked slots, which must be 0."""
+        self._lazy = lazy
         super().__init__(*args, fixed=True, **kwargs)
         self.lengths = [0] * self.shape[1]
         self.rows: list[int] = []              # cache rows of the next forward's batch entries, in order
@@ -337,6 +342,25 @@ class BatchKVCache(KVCache):
         self.k[:, row, :, :n] = cache.k[:, 0, :, :n]
         self.v[:, row, :, :n] = cache.v[:, 0, :, :n]
         self.lengths[row] = n
+
+    def _allocate(self, capacity: int) -> None:
+        if not self._lazy:
+            return super()._allocate(capacity)
+        layers, batch, heads, dim = self.shape
+        self.k = torch.empty(layers, batch, heads, capacity, dim, dtype=self.dtype, device=self.device)
+        self.v = torch.empty_like(self.k)
+
+    def keep_row(self, row: int, slots: list[int]) -> None:
+        """In cache row ``row``: keep ``slots`` (ascending) from ``slots[0]`` on, moved down to be contiguous,
+        and set the row's length after them (a verified draft tree's accepted path, like KVCache.keep)."""
+        first, n = slots[0], len(slots)
+        if slots[-1] != first + n - 1:
+            index = torch.tensor(slots, device=self.device)
+            k, v = self.k[:, row], self.v[:, row]        # [L, H, S, D] views
+            k[:, :, first:first + n] = k.index_select(2, index)
+            v[:, :, first:first + n] = v.index_select(2, index)
+        self.lengths[row] = first + n
+        self._index = None
 
     def grow(self, capacity: int) -> None:
         """At least ``capacity`` slots per row (rows keep their keys)."""

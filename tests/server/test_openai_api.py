@@ -200,7 +200,19 @@ def _wait(cond, timeout=60.0):
         time.sleep(0.05)
 
 
-def test_full_queue_429_and_disconnect_frees_the_slot(server, client):
+@pytest.fixture(scope="module")
+def serial_server(smollm, one_torch_thread):
+    """One request at a time (--max-batch 1) and one waiting: the queue is easy to fill."""
+    from tachy.server import create_app
+    from tachy.server.background import serve_in_thread
+
+    with serve_in_thread(create_app(smollm, api_key=API_KEY, max_queue=1, max_batch=1)) as url:
+        yield url
+
+
+def test_full_queue_429_and_disconnect_frees_the_slot(serial_server):
+    server = serial_server
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=120)
     # A: a long stream (plain decoding, 2000 tokens: a minute or more on a CPU) that we read once and drop
     long = client.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=2000, temperature=0,
                                      stream=True, extra_body={"tachy": {"drafter": "none"}})

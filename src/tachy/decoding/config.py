@@ -57,6 +57,8 @@ class GenerationConfig:
             raise InvalidArgumentError(f"max_draft_tokens must be >= 0, got {self.max_draft_tokens}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
         if self.press == "none":
             self.press = None
         if isinstance(self.press, str):   # a Press object carries its own ratio

@@ -199,21 +199,43 @@ class CPUForward:
             n_out = 1 if last_only else T
             logit_rows = torch.tensor([T - 1], dtype=torch.int64) if last_only else None
         pos = positions.reshape(-1).to(torch.int64).contiguous()
-        logits = torch.empty(n_out, self.cfg.vocab_size, dtype=torch.float32)
-        hidden = torch.empty(T, self.cfg.hidden_size, dtype=torch.float32) if return_hidden else None
-        k, v = cache.k, cache.v
-        c = _Cache(k.data_ptr(), v.data_ptr(), k.shape[1], k.shape[3])
-        b = _Batch(T, ids.data_ptr(), pos.data_ptr(), rows.data_ptr(), slots.data_ptr(), prefix.data_ptr(),
-                   None if new_mask is None else new_mask.data_ptr(), n_out,
-                   None if logit_rows is None else logit_rows.data_ptr(), logits.data_ptr(),
-                   None if hidden is None else hidden.data_ptr())
-        kernels.sync_threads(self.lib)
-        rc = self.lib.tq_forward(ctypes.byref(self.struct), ctypes.byref(c), ctypes.byref(b))
-        if rc != 0:
-            raise RuntimeError(f"tachy's CPU decoder failed (code {rc})")
+        logits, hidden = self._run(cache, ids, pos, rows, slots, prefix, new_mask, logit_rows, n_out, return_hidden)
         cache.advance(1 if cache.ragged else T)
         logits = logits.view(T, 1, -1) if cache.ragged else logits.unsqueeze(0)
         if return_hidden:
             hidden = hidden.to(self.model.dtype)
             return logits, (hidden.view(T, 1, -1) if cache.ragged else hidden.unsqueeze(0))
         return logits
+
+    def packed(self, cache: KVCache, tokens: Tensor, positions: Tensor, rows: Tensor, slots: Tensor,
+               prefix: Tensor, mask: Tensor | None, logit_rows: Tensor) -> Tensor:
+        """One forward over tokens of several sequences packed together (no padding): token t of cache row
+        ``rows[t]`` is written at slot ``slots[t]`` and attends to that row's slots ``[0, prefix[t])`` then to
+        the new tokens ``mask[t]`` allows ([T, T] bool; None: the earlier new tokens of its own row). The
+        caller keeps the cache's bookkeeping (lengths). Returns the logits of ``logit_rows`` [n, V].
+
+        Batched speculative decoding (tachy.batch) puts every row's ``[root] + draft`` tree and chunks of
+        joining prompts in one call; each token's result is what the sequence alone would compute."""
+        as_long = lambda t: t.to(torch.int64).contiguous()   # noqa: E731
+        mask = None if mask is None else mask.to(torch.uint8).contiguous()
+        logits, _ = self._run(cache, as_long(tokens), as_long(positions), as_long(rows), as_long(slots),
+                              as_long(prefix), mask, as_long(logit_rows), len(logit_rows), False)
+        return logits
+
+    def _run(self, cache: KVCache, ids: Tensor, pos: Tensor, rows: Tensor, slots: Tensor, prefix: Tensor,
+             mask: Tensor | None, logit_rows: Tensor | None, n_out: int,
+             return_hidden: bool) -> tuple[Tensor, Tensor | None]:
+        T = len(ids)
+        logits = torch.empty(n_out, self.cfg.vocab_size, dtype=torch.float32)
+        hidden = torch.empty(T, self.cfg.hidden_size, dtype=torch.float32) if return_hidden else None
+        k, v = cache.k, cache.v
+        c = _Cache(k.data_ptr(), v.data_ptr(), k.shape[1], k.shape[3])
+        b = _Batch(T, ids.data_ptr(), pos.data_ptr(), rows.data_ptr(), slots.data_ptr(), prefix.data_ptr(),
+                   None if mask is None else mask.data_ptr(), n_out,
+                   None if logit_rows is None else logit_rows.data_ptr(), logits.data_ptr(),
+                   None if hidden is None else hidden.data_ptr())
+        kernels.sync_threads(self.lib)
+        rc = self.lib.tq_forward(ctypes.byref(self.struct), ctypes.byref(c), ctypes.byref(b))
+        if rc != 0:
+            raise RuntimeError(f"tachy's CPU decoder failed (code {rc})")
+        return logits, hidden

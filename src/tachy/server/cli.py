@@ -24,7 +24,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise TachyError("--compile-timeout and --stall-timeout must be > 0 seconds")
     engine = load_engine(args)
     app = create_app(engine, api_key=args.api_key, max_queue=args.max_queue, model_name=args.served_model_name,
-                     max_batch=args.max_batch, compile_timeout_s=args.compile_timeout, stall_s=args.stall_timeout)
+                     max_batch=args.max_batch, compile_timeout_s=args.compile_timeout, stall_s=args.stall_timeout,
+                     speculative_batching=args.batching == "speculative")
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
     stop_serving = server.handle_exit
@@ -52,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
     p.add_argument("--max-batch", type=int, default=8,
                    help="overlapping requests decoded together, one forward per step (1: one at a time)")
+    p.add_argument("--batching", default="speculative", choices=["speculative", "plain"],
+                   help="speculative: every row drafts and joining prompts are prefilled in chunks beside the "
+                        "running rows (with the C forward); plain: rows decode one token per step (as before)")
     p.add_argument("--compile-timeout", type=float, default=10.0,
                    help="seconds one response_format (regex/schema) may take to compile; over it a 400")
     p.add_argument("--stall-timeout", type=float, default=60.0,

@@ -5,15 +5,16 @@ on a CPU a single generation already uses every core it is given, so running two
 The HTTP side never waits on the model: each request is a :class:`Job` with a channel (an asyncio queue fed
 through ``loop.call_soon_threadsafe``) that the async endpoint reads piece by piece.
 
-* Batching policy (``max_batch`` > 1): the worker takes the oldest job. If no other job waits, it runs alone
-  on the engine's own path (speculative decoding with the request's drafter), so single-request latency is
-  today's. If others wait, it starts a batch (tachy.batch.BatchDecoder: one forward per step for all rows,
-  plain decoding): every choice of every job is a row, and waiting jobs join at step boundaries while rows
-  are free, in FIFO order. A job whose options need the single path (a search strategy, a press, a
-  prediction: ``batch.batchable``) runs alone: it stops admission until the batch drains. Requests that arrive
-  while a lone generation runs wait for it to end. Greedy output is the same either way (batched rows are
-  exact, speculative decoding is lossless); a seeded sampled request reproduces its lone ``drafter="none"``
-  output when batched, not its speculative one.
+* Batching policy (``max_batch`` > 1), with the C forward (tachy.batch's packed mode): every request is a
+  batch row, alone or not. Each row drafts with its own drafter and one forward verifies every row's draft
+  packed together, joining prompts prefilled in chunks inside the same forwards; waiting jobs join at each
+  step while rows are free, in FIFO order, so nobody waits for another's whole generation. Without the C
+  forward (the PyTorch engine, CUDA): a lone job runs on the engine's own speculative path; if others wait,
+  a batch starts whose rows decode plainly (one token per step) and joiners are prefilled whole. Either way
+  a job whose options need the single path (a search strategy, a press; a prediction without the C forward:
+  ``batch.batchable``) runs alone and stops admission until the batch drains. Greedy output is the request's
+  lone output in every mode; sampled rows are exact samples (a seeded request reproduces its lone output
+  where its drafts are the same: packed rows, or plain rows against ``drafter="none"``).
 * Bounded queue: at most ``max_queue`` jobs wait (besides the running ones); :meth:`Scheduler.submit` raises
   :class:`QueueFull` beyond that, which the app answers with 429, instead of piling up work.
 * Cancellation: a client that goes away sets ``job.cancelled``; the worker checks it between pieces (one
@@ -81,8 +82,9 @@ class Scheduler:
     """A FIFO of jobs and the worker thread that runs them on ``engine``."""
 
     def __init__(self, engine: Engine, max_queue: int = 64, metrics: Metrics | None = None, grace_s: float = 30.0,
-                 max_batch: int = 1):
+                 max_batch: int = 1, speculative_batching: bool = True):
         self.engine, self.max_queue, self.grace_s, self.max_batch = engine, max_queue, grace_s, max_batch
+        self.speculative_batching = speculative_batching
         self.metrics = metrics or Metrics()
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -168,8 +170,10 @@ class Scheduler:
                 self._running = [job]
                 self._progress()
                 self.metrics.set_queue(len(self._waiting), True)
-                together = self.max_batch > 1 and self._batchable(job) and any(
-                    not j.cancelled.is_set() for j in self._waiting)
+                # with rows that draft (the C forward), every request runs as a batch row, even alone: no
+                # lone path to wait behind; else a lone request keeps the engine's speculative path
+                together = self.max_batch > 1 and self._batchable(job) and (self.packed or any(
+                    not j.cancelled.is_set() for j in self._waiting))
             try:
                 if job.cancelled.is_set():
                     job.send("end")
@@ -183,15 +187,19 @@ class Scheduler:
                     self._progress()
                     self.metrics.set_queue(len(self._waiting), False)
 
-    @staticmethod
-    def _batchable(job: Job) -> bool:
-        return all(batchable(config) for _, config in job.work)
+    @property
+    def packed(self) -> bool:
+        """Whether batch rows draft and prefill in chunks (tachy.batch's packed mode: the C forward)."""
+        return self.speculative_batching and getattr(self.engine.model, "cpu_forward", None) is not None
+
+    def _batchable(self, job: Job) -> bool:
+        return all(batchable(config, self.packed) for _, config in job.work)
 
     # -- batches -------------------------------------------------------------------------------------------
     def _run_batch(self, first: Job) -> None:
         """Run ``first`` and every batchable job that arrives meanwhile as rows of one BatchDecoder, until
         none is left (see the module docstring)."""
-        decoder = BatchDecoder(self.engine, self.max_batch)
+        decoder = BatchDecoder(self.engine, self.max_batch, packed=self.packed)
         state = _BatchState(self, decoder)
         state.admit(first)
         while True:
