@@ -170,7 +170,8 @@ async def join_test(base: str, model: str, long_prompt: str, join: bool) -> dict
             await asyncio.sleep(3.0)
             joiner, t1 = None, time.perf_counter()
         results = await asyncio.gather(*runners)
-    gaps = sorted(b - a for r in results for a, b in zip(r["chunks"], r["chunks"][1:]) if t0 <= b <= t1)
+    # every gap that overlaps the window, so a stream stalled through all of it counts with its whole stall
+    gaps = sorted(b - a for r in results for a, b in zip(r["chunks"], r["chunks"][1:]) if b >= t0 and a <= t1)
     return {"window_s": round(t1 - t0, 2), "gaps": len(gaps),
             "itl_p50_ms": round(1000 * pct(gaps, 50), 1) if gaps else None,
             "itl_p99_ms": round(1000 * pct(gaps, 99), 1) if gaps else None,

@@ -213,3 +213,34 @@ def test_packed_chunk_budget_follows_the_running_rows():
         BatchDecoder(engine, 4, prefill_share=0)
     assert batchable(GenerationConfig(prediction=[1, 2]), packed=True)
     assert not batchable(GenerationConfig(press="snapkv", compression_ratio=0.5), packed=True)
+
+
+def test_logprobs_are_the_same_plain_speculative_and_batched():
+    """Per-token log-probabilities (GenerationConfig.logprobs) do not depend on drafts or batching."""
+    engine = packed_engine("llama", seed=3)
+    rng = random.Random(7)
+    prompts = [repetitive_prompt(rng, engine.config.vocab_size) for _ in range(3)]
+
+    def lps(pieces):
+        return [(x.token, round(x.logprob, 5), [(t, round(v, 5)) for t, v in x.top])
+                for p in pieces for x in p.logprobs]
+
+    plain = [lps(engine.stream(p, GenerationConfig(max_new_tokens=24, ignore_eos=True, drafter="none",
+                                                    logprobs=3))) for p in prompts]
+    spec = [lps(engine.stream(p, GenerationConfig(max_new_tokens=24, ignore_eos=True, drafter="sam",
+                                                   logprobs=3))) for p in prompts]
+    assert spec == plain and all(len(x) == 24 and len(x[0][2]) == 3 for x in plain)
+    decoder = BatchDecoder(engine, 3)
+    got = {i: [] for i in range(3)}
+    for i, p in enumerate(prompts):
+        for row, piece in decoder.add(p, GenerationConfig(max_new_tokens=24, ignore_eos=True, drafter="pld",
+                                                          logprobs=3), tag=i):
+            got[row.tag].append(piece)
+    while decoder.rows:
+        for row, piece in decoder.step():
+            got[row.tag].append(piece)
+    assert [lps(got[i]) for i in range(3)] == plain
+    with pytest.raises(InvalidArgumentError, match="logprobs"):
+        GenerationConfig(logprobs=21)
+    with pytest.raises(InvalidArgumentError, match="logprobs"):
+        GenerationConfig(logprobs=2, strategy="beam")

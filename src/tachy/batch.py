@@ -53,6 +53,7 @@ from .generation import PREFILL_CHUNK, GenerationResponse, GenerationStats, Step
 from .errors import InvalidArgumentError
 from .speculative.drafters import Drafter, make_drafter, prediction_drafter
 from .speculative.tree import DraftTree
+from .sampling import token_logprobs
 from .speculative.verify import verify_greedy, verify_sampling
 
 Event = tuple["Row", GenerationResponse]
@@ -141,12 +142,12 @@ class BatchDecoder:
         capacity = engine.cache_capacity(len(prompt_ids), config.max_new_tokens)
         single = engine.model.new_cache(capacity=capacity, fixed=True)
         logits = engine._prefill(row.ids, single)
-        row.root = engine._choose(logits, row.ids, row.processor, row.probs_fn, row.generator)
+        row.root, logits = engine._choose(logits, row.ids, row.processor, row.probs_fn, row.generator)
         row.ids.append(row.root)
         row.limit = engine.max_context - 1
         stats.prefill_s = time.perf_counter() - start
         stats.generated_tokens = 1
-        events = self._emit(row, Step([row.root], 0, 0))
+        events = self._emit(row, Step([row.root], 0, 0, _logprobs(row, logits, [row.root])))
         if not row.done and not self._budget_left(row, single.length):
             events += self._finish(row)
         if row.done:
@@ -191,7 +192,7 @@ class BatchDecoder:
             row.stats.forwards += 1
             row.stats.generated_tokens += 1
             row.stats.decode_s += elapsed + time.perf_counter() - t
-            events += self._emit(row, Step([token], 0, 0))
+            events += self._emit(row, Step([token], 0, 0, _logprobs(row, row_logits, [token])))
             if not row.done and not self._budget_left(row, cache.lengths[row.slot]):
                 events += self._finish(row)
         return events
@@ -264,6 +265,17 @@ class BatchDecoder:
         top = len(costs) - 1
         return max((costs[top] - costs[1]) / (top - 1), 1e-6)
 
+    def _row_costs(self, rows: int) -> list[float]:
+        """What a row's tokens cost inside a batch of ``rows``: its share of a forward over every row's root
+        token, then the marginal cost of each drafted token. Each row's drafter weighs its draft against these
+        (OPT-Tree, ``DraftTree.best_for_cost``), so in a big batch, where a row's share of the weight reads is
+        small, only drafts likely to be accepted are sent."""
+        cached = self.__dict__.setdefault("_costs_by_rows", {})
+        if rows not in cached:
+            share, marginal = self._decode_cost(rows) / rows, self._marginal_cost()
+            cached[rows] = [0.0] + [share + k * marginal for k in range(len(self.engine.step_costs()) - 1)]
+        return cached[rows]
+
     def _chunk_budget(self, decode_tokens: int) -> int:
         """Prompt tokens a joining row may put in this forward: a whole chunk with nothing else running, else
         as many as cost about ``prefill_share`` times the running rows' tokens. A prompt token's cost grows
@@ -287,9 +299,13 @@ class BatchDecoder:
         start = time.perf_counter()
         plan: list[tuple[Row, list[int], DraftTree | None]] = []   # (row, tokens, tree; None: a prompt chunk)
         decode_tokens = 0
+        costs = self._row_costs(sum(not r.pending for r in self.rows) or 1)
         for row in self.rows:
             if row.pending:
                 continue
+            if row.drafter is not None and (row.probs_fn is None or row.config.seed is None):
+                # a seeded sampling row keeps the lone costs: its drafts, hence its draws, are its lone run's
+                _use_costs(row.drafter, costs)
             length = cache.lengths[row.slot]
             room = min(engine.max_context - length - 2, row.config.max_new_tokens - row.stats.generated_tokens - 1)
             tree = DraftTree.empty()
@@ -307,6 +323,8 @@ class BatchDecoder:
                 chunk = row.pending[:min(budget, PREFILL_CHUNK)]
                 plan.append((row, chunk, None))
                 budget -= len(chunk)
+        # chains and prompt chunks see the earlier new tokens of their own row: the forward's default (no mask)
+        causal = all(tree is None or tree.is_chain for _, _, tree in plan)
         tokens, positions, rows, slots, prefix, blocks, logit_rows = [], [], [], [], [], [], []
         for row, toks, tree in plan:
             base = cache.lengths[row.slot]
@@ -317,19 +335,18 @@ class BatchDecoder:
             rows += [row.slot] * len(toks)
             slots += range(base, base + len(toks))
             prefix += [base] * len(toks)
+            if not causal:
+                blocks.append(tree.attention_mask() if tree is not None else
+                              torch.ones(len(toks), len(toks), dtype=torch.bool).tril())
             if tree is not None:
-                blocks.append(tree.attention_mask())
                 logit_rows += range(first, first + len(toks))
-            else:
-                blocks.append(torch.ones(len(toks), len(toks), dtype=torch.bool).tril())
-                if len(toks) == len(row.pending):   # the prompt's last token: its logits choose the first token
-                    logit_rows.append(first + len(toks) - 1)
-        cache.grow(max(s for s in slots) + 1)
+            elif len(toks) == len(row.pending):   # the prompt's last token: its logits choose the first token
+                logit_rows.append(first + len(toks) - 1)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64)   # noqa: E731
         forward_start = time.perf_counter()
         logits = engine.model.cpu_forward.packed(
             cache, as_tensor(tokens), as_tensor(positions), as_tensor(rows), as_tensor(slots), as_tensor(prefix),
-            torch.block_diag(*blocks), as_tensor(logit_rows))
+            None if causal else torch.block_diag(*blocks), as_tensor(logit_rows))
         elapsed = time.perf_counter() - start
         self._observe_chunk(decode_tokens, sum(len(t) for _, t, tree in plan if tree is None),
                             time.perf_counter() - forward_start)
@@ -353,13 +370,13 @@ class BatchDecoder:
         if logits is None:
             return []
         engine = self.engine
-        row.root = engine._choose(logits, row.ids, row.processor, row.probs_fn, row.generator)
+        row.root, logits = engine._choose(logits, row.ids, row.processor, row.probs_fn, row.generator)
         row.ids.append(row.root)
         if row.drafter is not None:
             row.drafter.reset(row.ids[:-1])
         row.stats.prefill_s = time.perf_counter() - row.joined
         row.stats.generated_tokens = 1
-        events = self._emit(row, Step([row.root], 0, 0))
+        events = self._emit(row, Step([row.root], 0, 0, _logprobs(row, logits, [row.root])))
         if not row.done and not self._budget_left(row, self.cache.lengths[row.slot]):
             events += self._finish(row)
         return events
@@ -388,7 +405,22 @@ class BatchDecoder:
         stats.accepted += len(accepted)
         stats.generated_tokens += len(new)
         stats.decode_s += elapsed + time.perf_counter() - t
-        events = self._emit(row, Step(new, len(accepted), len(tree)))
+        path = logits[[0] + [1 + j for j in accepted]]
+        events = self._emit(row, Step(new, len(accepted), len(tree), _logprobs(row, path, new)))
         if not row.done and not self._budget_left(row, self.cache.lengths[row.slot]):
             events += self._finish(row)
         return events
+
+
+def _use_costs(drafter: Drafter, costs: list[float]) -> None:
+    """Give a drafter and the drafters inside it the forward costs to weigh drafts against."""
+    drafter.costs = costs
+    for inner in list(getattr(drafter, "drafters", ())) + [getattr(drafter, "inner", None)]:
+        if inner is not None:
+            _use_costs(inner, costs)
+
+
+def _logprobs(row: Row, logits: torch.Tensor, tokens: list[int]):
+    """The tokens' log-probabilities (rows of processed logits), when the row's config asks for them."""
+    top = row.config.logprobs
+    return None if top is None else token_logprobs(logits, tokens, top)

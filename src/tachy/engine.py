@@ -25,7 +25,7 @@ from .errors import ContextLengthError, InvalidArgumentError
 from .generation import PREFILL_CHUNK, GenerationResponse, GenerationStats, Step
 from .models.llama import Transformer
 from .presses import Press
-from .sampling import SamplingConfig, make_generator, make_probs_fn, sample
+from .sampling import SamplingConfig, make_generator, make_probs_fn, sample, token_logprobs
 from .speculative.drafters import Drafter, make_drafter, prediction_drafter
 from .speculative.tree import DraftTree
 from .speculative.verify import commit_exact, verify_greedy, verify_sampling
@@ -157,7 +157,7 @@ class Engine:
         with kernels.threads_to_kernels() if model.exact_trees(cache) else nullcontext():
             logits = self._prefill(prompt_ids, cache, config.press)
         ids = list(prompt_ids)
-        root = self._choose(logits, ids, processor, probs_fn, generator)
+        root, logits = self._choose(logits, ids, processor, probs_fn, generator)
         ids.append(root)
         if drafter is not None:
             t = time.perf_counter()
@@ -169,7 +169,8 @@ class Engine:
         stats.prefill_s = time.perf_counter() - start
         stats.generated_tokens = 1
         stats.kv_bytes, stats.kv_full_bytes = cache.nbytes, cache.uncompressed_nbytes
-        yield Step([root], 0, 0)
+        top = config.logprobs
+        yield Step([root], 0, 0, None if top is None else token_logprobs(logits, [root], top))
         # a press that also evicts while decoding (StreamingLLM's evict_every): back to the post-prefill size
         # each time the cache has grown by evict_every slots
         press = config.press
@@ -229,7 +230,8 @@ class Engine:
                 stats.generated_tokens += len(new)
                 stats.kv_bytes, stats.kv_full_bytes = cache.nbytes, cache.uncompressed_nbytes
                 stats.decode_s += time.perf_counter() - step_start
-                step = Step(new, len(accepted), len(tree))
+                step = Step(new, len(accepted), len(tree), None if top is None else token_logprobs(
+                    logits[[0] + [1 + j for j in accepted]], new, top))
             yield step
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
@@ -276,13 +278,13 @@ class Engine:
                 None if sampling.greedy else make_generator(sampling.seed, self.device))
 
     @staticmethod
-    def _choose(logits, context: list[int], processor, probs_fn, generator) -> int:
-        """The first new token, from the prefill logits [1, V]."""
+    def _choose(logits, context: list[int], processor, probs_fn, generator) -> tuple[int, torch.Tensor]:
+        """The first new token, from the prefill logits [1, V], and those logits as processed."""
         if processor is not None:
             logits = processor(logits, context)
         if probs_fn is None:
-            return int(logits.argmax(-1))
-        return int(sample(probs_fn(logits), generator))
+            return int(logits.argmax(-1)), logits
+        return int(sample(probs_fn(logits), generator)), logits
 
     def load_drafter(self, name: str = "default") -> Drafter | None:
         """The engine's drafter ``name``, built now (the default drafter's int4 copy takes a second or so):
@@ -356,6 +358,7 @@ class TextStream:
         self.produced = 0
         self.pending_ids: list[int] = []   # tokens behind text not yet sent (held back for stop strings)
         self.pending_draft: list[bool] = []
+        self.pending_logprobs: list | None = None if config.logprobs is None else []
 
     def push(self, step: Step) -> GenerationResponse | None:
         """The piece this step makes sendable (finish_reason set on the last one), or None while held back."""
@@ -370,6 +373,8 @@ class TextStream:
         self.stats.generated_tokens = self.produced
         self.pending_ids += tokens
         self.pending_draft += [i < step.accepted for i in range(len(tokens))]
+        if self.pending_logprobs is not None and step.logprobs is not None:
+            self.pending_logprobs += step.logprobs[:len(tokens)]
         for tok in tokens:
             self.text += self.detok.add(tok)
         if finish is not None:
@@ -388,8 +393,10 @@ class TextStream:
         return self._send(self.text[self.emitted:] + self.detok.flush(), "length")
 
     def _send(self, piece: str, finish: str | None) -> GenerationResponse:
-        out = GenerationResponse(piece, self.pending_ids, self.pending_draft, self.stats, finish)
+        out = GenerationResponse(piece, self.pending_ids, self.pending_draft, self.stats, finish,
+                                 self.pending_logprobs)
         self.pending_ids, self.pending_draft = [], []
+        self.pending_logprobs = None if self.pending_logprobs is None else []
         return out
 
 

@@ -11,12 +11,25 @@ PREFILL_CHUNK = 1024   # prompt tokens per prefill forward (bounds the attention
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the distribution it was chosen from (the target's logits
+    after the generation's logits processors, before temperature and truncation), and the ``top`` most likely
+    tokens there as (id, log-probability), most likely first (``GenerationConfig.logprobs`` of them)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Step:
-    """One target forward: the tokens it committed (``accepted`` drafts, then the bonus token)."""
+    """One target forward: the tokens it committed (``accepted`` drafts, then the bonus token), and their
+    log-probabilities when the generation asked for them."""
 
     tokens: list[int]
     accepted: int
     draft_size: int
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -53,3 +66,4 @@ class GenerationResponse:
     from_draft: list[bool]
     stats: GenerationStats
     finish_reason: str | None = None   # "stop" (EOS or stop string) or "length"
+    logprobs: list[TokenLogprob] | None = None   # one per token_ids entry, when asked for

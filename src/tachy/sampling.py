@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from tachy.errors import InvalidArgumentError
+from tachy.generation import TokenLogprob
 
 Context = Union[Tensor, Sequence[int]]
 # logits [N, V], context: one id sequence shared by all rows, or a list of N (one per row) -> new logits [N, V]
@@ -299,3 +300,16 @@ def chain(*processors: LogitsProcessor | None) -> LogitsProcessor | None:
         return logits
 
     return process
+
+
+def token_logprobs(logits: Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """``[TokenLogprob]`` for ``tokens[i]`` under row ``i`` of ``logits`` [n, V] (log-softmax in float32),
+    each with the ``top`` most likely tokens of its row."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    if top:
+        values, ids = logp.topk(top, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in tokens]
+    return [TokenLogprob(t, lp, tp) for t, lp, tp in zip(tokens, chosen, tops)]

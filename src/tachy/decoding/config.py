@@ -47,6 +47,7 @@ class GenerationConfig:
     response_format: dict | None = None
     watermark: bool | dict | None = None
     prediction: str | list[int] | None = None    # expected output (Predicted Outputs): drafted from, losslessly
+    logprobs: int | None = None                  # per-token log-probabilities with this many alternatives
     press: str | Press | None = None             # KV-cache compression after prefill (tachy.presses)
     compression_ratio: float = 0.0               # fraction of the prompt's KV the press removes
 
@@ -77,6 +78,12 @@ def check_config(config: GenerationConfig) -> Strategy:
     strategy = config.strategy if isinstance(config.strategy, Strategy) else make_strategy(
         config.strategy, **(config.strategy_options or {}))
     strategy.check(config)
+    if config.logprobs is not None:
+        if not isinstance(config.logprobs, int) or not 0 <= config.logprobs <= 20:
+            raise InvalidArgumentError(f"logprobs must be an integer in [0, 20] (alternatives per token), "
+                                       f"got {config.logprobs!r}")
+        if strategy.is_search:
+            raise InvalidArgumentError(f"logprobs are not available with the {strategy.name!r} strategy")
     check_response_format(config.response_format)
     check_watermark(config.watermark)
     return strategy

@@ -8,7 +8,7 @@ most a time budget of a process that can be killed, never the server's worker or
 
 Protocol on stdin/stdout: length-prefixed pickles (parent and child are the same installation). The first
 message is ``(eos_id, vocabulary, whitespace, max_transitions, memory_bytes)``, then each message is
-``(kind, text)`` with kind "regex" or "schema", answered ``("ok", (initial, transitions, finals))`` or
+``(kind, text)`` with kind "regex", "schema" or "schema_or_text", answered ``("ok", (initial, transitions, finals))`` or
 ``("error", message)``.
 """
 from __future__ import annotations
@@ -25,12 +25,20 @@ class AutomatonTooLarge(ValueError):
     """The automaton has more token transitions than the budget allows."""
 
 
+def source_regex(kind: str, text: str, whitespace: str) -> str:
+    """The regex of a constraint source: a regex as is, a JSON schema's (outlines-core's builder), or for
+    "schema_or_text" a JSON value of the schema or free text that does not begin with "{"."""
+    if kind == "regex":
+        return text
+    regex = build_regex_from_schema(text, whitespace)
+    return regex if kind == "schema" else f"(?:{regex})|(?:[^{{][\\s\\S]*)"
+
+
 def compile_automaton(kind: str, text: str, eos_id: int, vocabulary: dict[bytes, list[int]], whitespace: str,
                       max_transitions: int | None = None) -> tuple[int, dict[int, dict[int, int]], set[int]]:
     """(initial state, {state: {token: next state}}, accepting states) of a regex or JSON schema over a
     vocabulary; ValueError (with outlines-core's message) if the pattern is invalid or unsupported."""
-    regex = build_regex_from_schema(text, whitespace) if kind == "schema" else text
-    index = outlines_core.Index(regex, outlines_core.Vocabulary(eos_id, vocabulary))
+    index = outlines_core.Index(source_regex(kind, text, whitespace), outlines_core.Vocabulary(eos_id, vocabulary))
     transitions = index.get_transitions()
     size = sum(len(edges) for edges in transitions.values())
     if max_transitions is not None and size > max_transitions:

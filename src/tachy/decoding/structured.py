@@ -32,7 +32,7 @@ from torch import Tensor
 from ..errors import InvalidArgumentError
 from ..sampling import LogitsProcessor
 from .base import row_contexts
-from .regex_child import compile_automaton
+from .regex_child import compile_automaton, source_regex
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -66,12 +66,13 @@ def response_format_source(response_format: dict | str) -> tuple[str, str] | Non
                                    f"regex) or a regex string, got {str(response_format)[:200]!r}")
     elif response_format["type"] == "json_object":
         source = ("schema", json.dumps(JSON_OBJECT_SCHEMA))
-    elif response_format["type"] == "json_schema":
+    elif response_format["type"] in ("json_schema", "json_schema_or_text"):   # the latter: tool calls' "auto"
         holder = response_format.get("json_schema", response_format)
         schema = holder.get("schema") if isinstance(holder, dict) else None
         if schema is None:
             raise InvalidArgumentError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
-        source = ("schema", _schema_text(schema))
+        kind = "schema" if response_format["type"] == "json_schema" else "schema_or_text"
+        source = (kind, _schema_text(schema))
     elif response_format["type"] == "regex":
         regex = response_format.get("regex")
         if not isinstance(regex, str):
@@ -113,7 +114,12 @@ def response_format_regex(response_format: dict | str) -> str:
     source = response_format_source(response_format)
     if source is None:
         return ""
-    return schema_regex(source[1]) if source[0] == "schema" else source[1]
+    if source[0] == "regex":
+        return source[1]
+    try:
+        return source_regex(*source, WHITESPACE)
+    except (ValueError, TypeError) as e:
+        raise InvalidArgumentError(f"invalid JSON schema: {e}") from None
 
 
 def check_response_format(response_format: "dict | str | Constraint | None") -> None:
@@ -124,7 +130,7 @@ def check_response_format(response_format: "dict | str | Constraint | None") -> 
 
 def compile_error(kind: str, text: str, message: str) -> InvalidArgumentError:
     """The error a client sees for a pattern outlines-core refused."""
-    if kind == "schema":
+    if kind != "regex":
         return InvalidArgumentError(f"invalid JSON schema (or one outlines-core does not support): {message}")
     return InvalidArgumentError(f"invalid or unsupported regular expression {text[:80]!r}: {message}")
 

@@ -296,7 +296,8 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
         int64_t n = 0, lo = 0;
         if (window > 0 && pos - window + 1 > 0) lo = pos - window + 1;
         for (int64_t s = lo; s < b->prefix[t]; s++) keys[n++] = s;
-        for (int64_t j = 0; j < T; j++)
+        int64_t last = b->mask ? T : t + 1;   /* without a mask only earlier new tokens are seen */
+        for (int64_t j = 0; j < last; j++)
             if (sees(b, t, j) && !(window > 0 && pos - b->positions[j] >= window)) keys[n++] = b->slots[j];
         const uint16_t *K0 = cache_at(f, f->c->k, row, g, 0), *V0 = cache_at(f, f->c->v, row, g, 0);
         for (int64_t h = g * G; h < (g + 1) * G; h++) {

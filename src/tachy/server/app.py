@@ -8,6 +8,7 @@ the scheduler's worker thread (scheduler.py). Responses and stream chunks carry 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import time
@@ -30,6 +31,7 @@ from .http_errors import ApiError, BodyGuard, ClientGone, install_error_handlers
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, _Sampling, error_body
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
+from .tools import ToolPlan
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20
@@ -103,23 +105,33 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_common(body, model_name)
-        if body.logprobs:
-            raise ApiError(400, "logprobs are not supported by tachy's server", param="logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if not engine.tokenizer.has_chat_template:
             raise ApiError(400, f"model {model_name!r} has no chat template (a base model); "
                                 f"use /v1/completions", param="messages", code="no_chat_template")
+        tools = ToolPlan(body.tools, body.tool_choice)
+        if tools.active and body.response_format is not None and body.response_format.type != "text":
+            raise ApiError(400, "response_format cannot be combined with tools (a tool call is already "
+                                "constrained to its parameters' schema)", param="response_format")
         # tokenizing a large prompt takes a while: off the event loop
-        prompt_ids = await asyncio.to_thread(engine.chat_prompt, [m.as_dict() for m in body.messages])
+        messages = tools.messages([m.as_dict() for m in body.messages])
+        prompt_ids = await asyncio.to_thread(engine.chat_prompt, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        work = _work([prompt_ids], body, max_tokens, engine, await _constraint(compiler, body))
-        return await _respond(request, scheduler, work, body, model_name, chat=True, tokenizer=engine.tokenizer)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        constraint = await _constraint(compiler, body, tools.response_format())
+        work = _work([prompt_ids], body, max_tokens, engine, constraint, logprobs)
+        return await _respond(request, scheduler, work, body, model_name, chat=True, tokenizer=engine.tokenizer,
+                              tools=tools)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request):
         _check_common(body, model_name)
-        for field, unsupported in (("logprobs", body.logprobs), ("echo", body.echo), ("suffix", body.suffix)):
-            if unsupported:
-                raise ApiError(400, f"{field} is not supported by tachy's server", param=field)
+        if body.suffix:
+            raise ApiError(400, "suffix (fill-in-the-middle) is not supported by tachy's server", param="suffix")
+        if body.echo and body.logprobs is not None:
+            raise ApiError(400, "echo with logprobs (log-probabilities of the prompt) is not supported",
+                           param="echo")
         prompt = body.prompt
         if not prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")
@@ -131,8 +143,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         else:
             texts = [prompt] if isinstance(prompt, str) else prompt
             prompts = await asyncio.to_thread(lambda: [engine.tokenizer.encode(t) for t in texts])
-        work = _work(prompts, body, body.max_tokens, engine, await _constraint(compiler, body))
-        return await _respond(request, scheduler, work, body, model_name, chat=False, tokenizer=engine.tokenizer)
+        work = _work(prompts, body, body.max_tokens, engine, await _constraint(compiler, body), body.logprobs)
+        echo = [engine.tokenizer.decode(p) for p, _ in work] if body.echo else None
+        return await _respond(request, scheduler, work, body, model_name, chat=False, tokenizer=engine.tokenizer,
+                              echo=echo)
 
     return app
 
@@ -173,9 +187,12 @@ def _invalid_unicode(value) -> str | None:
     return None
 
 
-async def _constraint(compiler: ConstraintCompiler, body: _Sampling) -> Constraint | None:
-    """The request's structured-output constraint, compiled off the worker and the event loop."""
-    response_format = body.response_format.as_config() if body.response_format is not None else None
+async def _constraint(compiler: ConstraintCompiler, body: _Sampling,
+                      response_format: dict | None = None) -> Constraint | None:
+    """The request's structured-output constraint (its response_format, or the one given: tool calls),
+    compiled off the worker and the event loop."""
+    if response_format is None and body.response_format is not None:
+        response_format = body.response_format.as_config()
     if response_format is None:
         return None
     try:
@@ -190,7 +207,7 @@ async def _constraint(compiler: ConstraintCompiler, body: _Sampling) -> Constrai
 
 
 def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, engine: Engine,
-          constraint: Constraint | None) -> list[tuple[list[int], GenerationConfig]]:
+          constraint: Constraint | None, logprobs: int | None = None) -> list[tuple[list[int], GenerationConfig]]:
     """(prompt ids, config) per choice: each prompt ``n`` times, seeds ``seed, seed + 1, ...``."""
     work = []
     for prompt_ids in prompts:
@@ -213,7 +230,7 @@ def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, eng
                 watermark=body.tachy.watermark, press=body.tachy.press,
                 compression_ratio=body.tachy.compression_ratio,
                 prediction=body.prediction.text if body.prediction is not None else None,
-                response_format=constraint)))
+                response_format=constraint, logprobs=logprobs)))
     return work
 
 
@@ -266,7 +283,7 @@ def _raise_for(exc: Exception) -> None:
 
 
 async def _respond(request: Request, scheduler: Scheduler, work, body: _Sampling, model_name: str, chat: bool,
-                   tokenizer):
+                   tokenizer, echo: list[str] | None = None, tools: ToolPlan | None = None):
     job = Job(work, asyncio.get_running_loop())
     try:
         scheduler.submit(job)
@@ -285,10 +302,11 @@ async def _respond(request: Request, scheduler: Scheduler, work, body: _Sampling
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         reader.watch = False
-        events = _stream(reader, first, meta, chat, len(work), prompt_tokens, include_usage, tokenizer)
+        events = _stream(reader, first, meta, chat, len(work), prompt_tokens, include_usage, tokenizer, echo,
+                         tools)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await _collect(reader, first, meta, chat, len(work), prompt_tokens)
+    return await _collect(reader, first, meta, chat, len(work), prompt_tokens, tokenizer, echo, tools)
 
 
 async def _pieces(reader: _Reader, first: tuple) -> AsyncIterator[tuple]:
@@ -298,9 +316,11 @@ async def _pieces(reader: _Reader, first: tuple) -> AsyncIterator[tuple]:
         item = await reader.next()
 
 
-async def _collect(reader: _Reader, first: tuple, meta: dict, chat: bool, choices: int,
-                   prompt_tokens: int) -> JSONResponse:
-    texts, finish = [""] * choices, [None] * choices
+async def _collect(reader: _Reader, first: tuple, meta: dict, chat: bool, choices: int, prompt_tokens: int,
+                   tokenizer, echo: list[str] | None, tools: ToolPlan | None) -> JSONResponse:
+    texts = list(echo) if echo else [""] * choices
+    finish: list[str | None] = [None] * choices
+    logprobs: list[list | None] = [None] * choices
     stats: list[GenerationStats] = [GenerationStats() for _ in range(choices)]
     async for kind, index, payload in _pieces(reader, first):
         if kind == "error":
@@ -308,48 +328,82 @@ async def _collect(reader: _Reader, first: tuple, meta: dict, chat: bool, choice
         texts[index] += payload.text
         stats[index] = payload.stats
         finish[index] = payload.finish_reason or finish[index]
+        if payload.logprobs is not None:
+            logprobs[index] = (logprobs[index] or []) + payload.logprobs
     completion_tokens = sum(s.generated_tokens for s in stats)
     if chat:
-        out = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f, "logprobs": None}
-               for i, (t, f) in enumerate(zip(texts, finish))]
+        out = []
+        for i, (t, f, lp) in enumerate(zip(texts, finish, logprobs)):
+            calls = tools.parse(t) if tools is not None else None
+            message = {"role": "assistant", "content": t} if calls is None else \
+                {"role": "assistant", "content": None, "tool_calls": calls}
+            out.append({"index": i, "message": message, "finish_reason": f if calls is None else "tool_calls",
+                        "logprobs": _logprobs_json(lp, tokenizer, chat=True)})
     else:
-        out = [{"index": i, "text": t, "finish_reason": f, "logprobs": None}
-               for i, (t, f) in enumerate(zip(texts, finish))]
+        out = [{"index": i, "text": t, "finish_reason": f, "logprobs": _logprobs_json(lp, tokenizer, chat=False)}
+               for i, (t, f, lp) in enumerate(zip(texts, finish, logprobs))]
     return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion", "choices": out,
                          "usage": _usage(prompt_tokens, completion_tokens),
                          "tachy": {"stats": [_stats_json(s) for s in stats]}})
 
 
 async def _stream(reader: _Reader, first: tuple, meta: dict, chat: bool, choices: int, prompt_tokens: int,
-                  include_usage: bool, tokenizer) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+                  include_usage: bool, tokenizer, echo: list[str] | None = None,
+                  tools: ToolPlan | None = None) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``. An answer that may be a tool
+    call is held back until it is known (then one ``delta.tool_calls`` chunk), see server/tools.py."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     usage_field = {"usage": None} if include_usage else {}
+    offsets = [len(e) for e in echo] if echo else [0] * choices   # completions' text_offset, per choice
 
     def chunk(index: int, text: str | None, finish: str | None, extra: dict | None = None,
-              role: bool = False) -> str:
+              role: bool = False, logprobs: list | None = None) -> str:
+        lp = _logprobs_json(logprobs, tokenizer, chat, offsets[index])
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
         else:
-            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": lp}
         data = {**meta, "object": obj, "choices": [choice], **usage_field, **(extra or {})}
         return f"data: {json.dumps(data)}\n\n"
 
     completion_tokens = [0] * choices
     started = [False] * choices
+    held: list[str | None] = [""] * choices if tools is not None and tools.active else [None] * choices
+    held_logprobs: list[list] = [[] for _ in range(choices)]
     try:
         async for kind, index, payload in _pieces(reader, first):
             if kind == "error":
                 yield f"data: {json.dumps(_stream_error(payload))}\n\n"
                 continue
             piece: GenerationResponse = payload
-            if chat and not started[index]:
+            if not started[index]:
                 started[index] = True
-                yield chunk(index, None, None, role=True)
+                if chat:
+                    yield chunk(index, None, None, role=True)
+                elif echo:
+                    yield chunk(index, echo[index], None)
             completion_tokens[index] = piece.stats.generated_tokens
+            if held[index] is not None:   # maybe a tool call: hold the text until that is decided
+                held[index] += piece.text
+                held_logprobs[index] += piece.logprobs or []
+                calls = tools.parse(held[index]) if piece.finish_reason is not None else None
+                if calls is not None:
+                    delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+                    data = {**meta, "object": obj, **usage_field, "choices": [
+                        {"index": index, "delta": delta, "finish_reason": None, "logprobs": None}]}
+                    yield f"data: {json.dumps(data)}\n\n"
+                    yield chunk(index, None, "tool_calls")
+                    continue
+                if tools.maybe_call(held[index]) and piece.finish_reason is None:
+                    continue
+                piece = dataclasses.replace(   # a text answer after all: release it
+                    piece, text=held[index], logprobs=held_logprobs[index] if piece.logprobs is not None else None)
+                held[index] = None
             if piece.text or piece.token_ids:
-                yield chunk(index, piece.text, None, {"tachy": _piece_json(piece, tokenizer)})
+                yield chunk(index, piece.text, None, {"tachy": _piece_json(piece, tokenizer)},
+                            logprobs=piece.logprobs)
+                offsets[index] += len(piece.text)
             if piece.finish_reason is not None:
                 yield chunk(index, None if chat else "", piece.finish_reason)
         if include_usage and not reader.job.cancelled.is_set():
@@ -358,6 +412,29 @@ async def _stream(reader: _Reader, first: tuple, meta: dict, chat: bool, choices
         yield "data: [DONE]\n\n"
     finally:
         reader.close()  # a client gone mid-stream lands here too: the worker drops the job at its next step
+
+
+def _logprobs_json(logprobs: list | None, tokenizer, chat: bool, offset: int = 0) -> dict | None:
+    """OpenAI's logprobs object for some generated tokens: chat's ``{"content": [{token, logprob, bytes,
+    top_logprobs}]}``, or completions' ``{tokens, token_logprobs, top_logprobs, text_offset}``."""
+    if logprobs is None:
+        return None
+    text = lambda t: tokenizer.decode([t])   # noqa: E731
+
+    def entry(token: int, logprob: float) -> dict:
+        s = text(token)
+        return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8", "backslashreplace"))}
+
+    if chat:
+        return {"content": [{**entry(x.token, x.logprob), "top_logprobs": [entry(t, lp) for t, lp in x.top]}
+                            for x in logprobs]}
+    tokens = [text(x.token) for x in logprobs]
+    starts = []
+    for s in tokens:
+        starts.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": [x.logprob for x in logprobs],
+            "top_logprobs": [{text(t): lp for t, lp in x.top} for x in logprobs], "text_offset": starts}
 
 
 def _stream_error(exc: Exception) -> dict:

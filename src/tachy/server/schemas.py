@@ -5,6 +5,7 @@ and ignored, as vLLM does, so that existing clients keep working. Ranges follow 
 """
 from __future__ import annotations
 
+import json
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,14 +61,50 @@ class ResponseFormat(_Body):
         return None if self.type == "text" else self.model_dump()
 
 
+class FunctionDef(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(_Body):
+    """Function calling (server/tools.py): ``{"type": "function", "function": {"name", "description",
+    "parameters"}}``."""
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: dict
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+
+
 class ChatMessage(_Body):
     role: str
     content: Union[str, list[TextPart], None] = None
+    tool_calls: list[dict] | None = None     # an assistant turn that called tools (server/tools.py)
+    tool_call_id: str | None = None          # a tool's answer
 
     def as_dict(self) -> dict:
         text = self.content if isinstance(self.content, str) or self.content is None else \
             "".join(p.text for p in self.content)
+        if not text and self.tool_calls:   # shown to the model as the calls it wrote
+            text = "\n".join(_call_text(c) for c in self.tool_calls)
         return {"role": self.role, "content": text or ""}
+
+
+def _call_text(call: dict) -> str:
+    function = call.get("function") if isinstance(call.get("function"), dict) else {}
+    arguments = function.get("arguments", "{}")
+    try:
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        pass
+    return json.dumps({"name": function.get("name"), "arguments": arguments})
 
 
 class _Sampling(_Body):
@@ -97,6 +134,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
 
 
 class CompletionRequest(_Sampling):
