@@ -39,13 +39,20 @@ valid_chat = st.fixed_dictionaries(
     {"model": st.just(MODEL), "max_tokens": small_tokens,
      "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]),
                                                  "content": st.text(max_size=30)}), min_size=1, max_size=3)},
-    optional={**valid_common, "max_completion_tokens": small_tokens, "logprobs": st.just(False)})
+    optional={**valid_common, "max_completion_tokens": small_tokens, "logprobs": st.booleans(),
+              "top_logprobs": st.integers(0, 20),
+              "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+                  {"name": st.sampled_from(["f", "g", "get_x"])}, optional={"parameters": st.just(
+                      {"type": "object", "properties": {"a": {"type": "integer"}}})})}), max_size=2),
+              "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function",
+                                                                          "function": {"name": "f"}}])})
 valid_completion = st.fixed_dictionaries(
     {"model": st.just(MODEL), "max_tokens": small_tokens,
      "prompt": st.one_of(st.text(max_size=30), st.lists(st.integers(-5, 50000), max_size=5),
                          st.lists(st.text(max_size=10), max_size=2))},
-    optional={**valid_common, "echo": st.just(False), "suffix": st.none()})
+    optional={**valid_common, "echo": st.booleans(), "logprobs": st.integers(0, 5), "suffix": st.none()})
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "echo",
+          "tools", "tool_choice",
           "suffix", "user", *valid_common]
 
 

@@ -134,8 +134,8 @@ def _assert_openai_error(r, status):
      "max_tokens"),
     (b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "a"}], "temperature": 9}',
      "temperature"),
-    (b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "a"}], "logprobs": true}',
-     "logprobs"),
+    (b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}',
+     "top_logprobs"),
 ])
 def test_bad_chat_requests_get_400(server, body, param):
     err = _assert_openai_error(_post(server, "/v1/chat/completions", body), 400)
