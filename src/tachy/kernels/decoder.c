@@ -278,6 +278,60 @@ static inline int sees(const tq_batch *b, int64_t t, int64_t j) {
     return j <= t && b->rows[j] == b->rows[t];
 }
 
+#if DEC_AVX512
+/* The G query heads of key head g for token t over its n keys, each K and V row loaded (and widened from
+   bf16) once for all G heads. Every head's arithmetic is the per-head loop's below, in the same order (the
+   dot product's 16-lane fmadd chain then its reduction, the max, exp, sum, then out += p * v key by key), so
+   the results are the same bits; only the memory traffic shrinks. score: G * cap floats. */
+static void grouped_heads(fwd *f, int64_t t, int64_t g, int64_t G, const int64_t *keys, int64_t n,
+                          const uint16_t *K0, const uint16_t *V0, float *score, int64_t cap) {
+    const tq_model *m = f->m;
+    int64_t D = m->head_dim, H = m->heads, C = D / 16;
+    float scale = (float)m->attn_scale;
+    __m512 q[8][16], row[16], out[8][16];
+    float mx[8], sum[8];
+    for (int64_t h = 0; h < G; h++) {
+        const float *qh = f->qkv + t * f->qkv_n + (g * G + h) * D;
+        for (int64_t c = 0; c < C; c++) q[h][c] = _mm512_loadu_ps(qh + 16 * c);
+        mx[h] = -INFINITY;
+    }
+    for (int64_t k = 0; k < n; k++) {
+        const uint16_t *kr = K0 + keys[k] * D;
+        for (int64_t c = 0; c < C; c++) row[c] = load_bf16x16(kr + 16 * c);
+        for (int64_t h = 0; h < G; h++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < C; c++) acc = _mm512_fmadd_ps(q[h][c], row[c], acc);
+            float sc = _mm512_reduce_add_ps(acc) * scale;
+            score[h * cap + k] = sc;
+            if (sc > mx[h]) mx[h] = sc;
+        }
+    }
+    for (int64_t h = 0; h < G; h++) {
+        float *sh = score + h * cap;
+        for (int64_t k = 0; k < n; k++) sh[k] -= mx[h];
+        exp_inplace(sh, n);
+        float s = 0;
+        for (int64_t k = 0; k < n; k++) s += sh[k];
+        sum[h] = s;
+        for (int64_t c = 0; c < C; c++) out[h][c] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < n; k++) {
+        const uint16_t *vr = V0 + keys[k] * D;
+        for (int64_t c = 0; c < C; c++) row[c] = load_bf16x16(vr + 16 * c);
+        for (int64_t h = 0; h < G; h++) {
+            __m512 pp = _mm512_set1_ps(score[h * cap + k]);
+            for (int64_t c = 0; c < C; c++) out[h][c] = _mm512_fmadd_ps(pp, row[c], out[h][c]);
+        }
+    }
+    for (int64_t h = 0; h < G; h++) {
+        float o[256], inv = 1.0f / sum[h];
+        for (int64_t c = 0; c < C; c++) _mm512_storeu_ps(o + 16 * c, out[h][c]);
+        uint16_t *dst = f->attn + t * H * D + (g * G + h) * D;
+        for (int64_t d = 0; d < D; d++) dst[d] = f2bf(o[d] * inv);
+    }
+}
+#endif
+
 /* attention of token t over its keys, for the query heads of one key head: tasks are (t, kv head) pairs */
 static void attention_task(void *p, int64_t i0, int64_t i1) {
     fwd *f = p;
@@ -288,7 +342,7 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
     float scale = (float)m->attn_scale;
     int64_t cap = f->c->cap + T;
     int64_t *keys = malloc(sizeof(int64_t) * cap);
-    float *score = malloc(sizeof(float) * cap);
+    float *score = malloc(sizeof(float) * cap * (G > 8 ? 1 : G));   /* one row per head of the group */
     float out[512];
     for (int64_t i = i0; i < i1; i++) {
         int64_t t = i / Hkv, g = i % Hkv, row = b->rows[t], pos = b->positions[t];
@@ -300,6 +354,12 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
         for (int64_t j = 0; j < last; j++)
             if (sees(b, t, j) && !(window > 0 && pos - b->positions[j] >= window)) keys[n++] = b->slots[j];
         const uint16_t *K0 = cache_at(f, f->c->k, row, g, 0), *V0 = cache_at(f, f->c->v, row, g, 0);
+#if DEC_AVX512
+        if (D % 16 == 0 && D <= 256 && G <= 8) {
+            grouped_heads(f, t, g, G, keys, n, K0, V0, score, cap);
+            continue;
+        }
+#endif
         for (int64_t h = g * G; h < (g + 1) * G; h++) {
             const float *q = f->qkv + t * f->qkv_n + h * D;
             float mx = -INFINITY;
