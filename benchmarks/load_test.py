@@ -233,6 +233,7 @@ def plot(results: dict, path: Path) -> None:
         axes[0].plot(c, [r["tokens_per_s"] for r in runs], marker="o", label=name)
         axes[1].plot(c, [r["ttft_p99_s"] for r in runs], marker="o", label=name)
         axes[2].plot(c, [r["itl_p99_ms"] for r in runs], marker="o", label=name)
+    axes[2].set_yscale("log")   # tens of milliseconds next to seconds-long stalls
     for ax, title in zip(axes, ["aggregate tokens/s", "p99 time to first token (s)", "p99 inter-token (ms)"]):
         ax.set_title(title)
         ax.set_xlabel("concurrency")
