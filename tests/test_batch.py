@@ -10,6 +10,7 @@ import torch
 from tachy.batch import BatchDecoder, batchable
 from tachy import GenerationConfig
 from tachy.errors import InvalidArgumentError
+from tests.conftest import needs_data
 from tests.decoding.helpers import tiny_engine
 
 
@@ -95,6 +96,7 @@ def test_remove_frees_the_row_and_rejects():
 
 
 @pytest.mark.slow
+@needs_data
 def test_batched_greedy_equals_alone_smollm(smollm, one_torch_thread):
     """bf16 SmolLM2 (the engine's default): 12 chat prompts, 6 rows, joins at different steps, token for
     token equal to each prompt decoded alone; one prompt is long enough for a second key bucket."""

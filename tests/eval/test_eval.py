@@ -9,6 +9,7 @@ from tachy.cli import main
 from tachy.errors import InvalidArgumentError, UnknownNameError
 from tachy.eval.sweep import settings
 from tachy.presses import available_presses
+from tests.conftest import needs_data
 
 
 def test_settings_sweep_every_press_and_ratio_after_the_baseline():
@@ -38,6 +39,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
+@needs_data
 def test_needle_and_ppl_smoke_on_the_real_model(tmp_path):
     out = tmp_path / "needle"
     assert main(["eval", "needle", "--context", "384", "--depths", "0.5", "--press", "snapkv,kivi4",
