@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from vs_llamacpp import memory_bandwidth   # benchmarks/ is on the path when run as a script
 
 SHAPES = {
     # name: (arch, hidden, layers, heads, kv_heads, head_dim, intermediate, vocab, rope_theta, qkv_bias)
@@ -86,9 +86,8 @@ def tachy_engine(path: Path, shape: str):
     """A tachy Engine on the file's own blocks, built without a tokenizer (the file has none)."""
     from tachy.config import ModelConfig
     from tachy.engine import Engine
-    from tachy.models import build_model
+    from tachy.models import model_from_state_dict
     from tachy.models.cpu_forward import CPUForward
-    from tachy.models.llama import Rope
     from tachy.models.load import read_gguf_blocks
 
     arch, hidden, layers, heads, kv_heads, head_dim, inter, vocab, theta, bias = SHAPES[shape]
@@ -96,12 +95,7 @@ def tachy_engine(path: Path, shape: str):
                       num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=inter, max_seq_len=4096,
                       rope_theta=theta, norm_eps=1e-5, tie_embeddings=True, qkv_bias=bias)
     sd = read_gguf_blocks(path, cfg)
-    with torch.device("meta"):
-        model = build_model(cfg)
-    model.load_quantized_state_dict(sd)
-    for module in model.modules():
-        if isinstance(module, Rope):
-            module.rebuild("cpu")
+    model = model_from_state_dict(cfg, sd, quantized=True)
     model.cpu_forward = CPUForward.build(model)
     return Engine(model.eval(), tokenizer=None, name=path.stem, weights="gguf")
 
@@ -168,18 +162,6 @@ def measure_llama(path: Path, prompt: list[int], new_tokens: int, threads: int) 
     return {"decode_tokens_per_s": decode, "prefill_tokens_per_s": len(prompt) / prefill, "verify_s": costs}
 
 
-def bandwidth(threads: int) -> float:
-    torch.set_num_threads(threads)
-    x = torch.ones(256 * (1 << 20))
-    x.sum()
-    times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - start)
-    return x.numel() * 4 / statistics.median(times) / 1e9
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="/tmp/tachy-scale", help="where the generated GGUF files are kept")
@@ -193,7 +175,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     folder = Path(args.models)
     folder.mkdir(parents=True, exist_ok=True)
-    bw = bandwidth(args.threads)
+    bw = memory_bandwidth(args.threads, mib=256)
     rows = []
     for shape in args.shapes.split(","):
         vocab = SHAPES[shape][7]

@@ -78,9 +78,8 @@ def tiny_gguf_model(arch: str = "llama", seed: int = 0, fmt: str = "Q8_0", **ove
     import numpy as np
 
     from tachy import kernels
-    from tachy.models import build_model
+    from tachy.models import model_from_state_dict
     from tachy.models.cpu_forward import CPUForward
-    from tachy.models.llama import Rope
 
     cfg = tiny_config(arch, **overrides)
     _, sd = hf_twin(cfg, seed)
@@ -92,12 +91,7 @@ def tiny_gguf_model(arch: str = "llama", seed: int = 0, fmt: str = "Q8_0", **ove
             quantized[name] = kernels.QuantWeight(int(qtype), torch.from_numpy(np.ascontiguousarray(blocks)), t.shape[1])
         else:
             quantized[name] = t.detach()
-    with torch.device("meta"):
-        model = build_model(cfg)
-    model.load_quantized_state_dict(quantized)
-    for module in model.modules():
-        if isinstance(module, Rope):
-            module.rebuild("cpu")
+    model = model_from_state_dict(cfg, quantized, quantized=True)
     model.cpu_forward = CPUForward.build(model)
     return model.eval()
 

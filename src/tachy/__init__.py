@@ -44,9 +44,8 @@ def load(name_or_path: str | Path | None = None, dtype: str | None = None, devic
     (default: gguf for a GGUF file where tachy's CPU kernels run natively, else bf16 where fast, else fp32).
     max_context: cap the context window (saves rope-table memory on long-context models).
     """
-    from .models import build_model
+    from .models import model_from_state_dict
     from .models.cpu_forward import CPUForward
-    from .models.llama import Rope
     from .models.load import load_checkpoint
     from .models.quant import WEIGHT_DTYPES, convert_weights
     from .registry import DEFAULT_MODEL, resolve_model
@@ -61,15 +60,7 @@ def load(name_or_path: str | Path | None = None, dtype: str | None = None, devic
     cfg, state_dict, tokenizer_dir = load_checkpoint(path, progress=progress, quantized=quantized)
     if max_context:
         cfg.max_seq_len = min(cfg.max_seq_len, max_context)
-    with torch.device("meta"):   # no random init: the checkpoint's tensors are assigned in place
-        model = build_model(cfg)
-    if quantized:
-        model.load_quantized_state_dict(state_dict)
-    else:
-        model.load_hf_state_dict(state_dict)
-    for module in model.modules():
-        if isinstance(module, Rope):
-            module.rebuild("cpu")
+    model = model_from_state_dict(cfg, state_dict, quantized)
     model = model.to(dev) if quantized else convert_weights(model.to(dev), dtype)
     model = model.eval()
     if kernels.has_avx512_bf16():   # the whole forward in one C call (GGUF blocks or bf16 weights)

@@ -42,6 +42,21 @@ static void argmax_task(void *p, int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++) a->out[t] = argmax_row(a->x + t * a->ld, a->V);
 }
 
+/* insert value y (index id) into the sorted list val/ids of n <= k entries if it is among the k largest so
+   far (a later equal value stays behind: ties go to the lower index); floor_v: the smallest kept once full */
+static inline void keep_top(float *val, int64_t *ids, int64_t *n, int64_t k, float *floor_v, float y, int64_t id) {
+    if (*n == k && !(y > *floor_v)) return;
+    int64_t pos = *n < k ? (*n)++ : k - 1;
+    while (pos > 0 && y > val[pos - 1]) {
+        val[pos] = val[pos - 1];
+        ids[pos] = ids[pos - 1];
+        pos--;
+    }
+    val[pos] = y;
+    ids[pos] = id;
+    if (*n == k) *floor_v = val[k - 1];
+}
+
 /* the k largest of a row, largest first (ties: lower index first): a sorted list of k, and a scan that only
    touches the list for entries above its smallest */
 static void topk_row(const float *x, int64_t V, int64_t k, int64_t *ids) {
@@ -56,33 +71,11 @@ static void topk_row(const float *x, int64_t V, int64_t k, int64_t *ids) {
         while (over) {
             int lane = __builtin_ctz(over);
             over &= over - 1;
-            float y = x[i + lane];
-            if (n == k && !(y > floor_v)) continue;
-            int64_t pos = n < k ? n++ : k - 1;
-            while (pos > 0 && y > val[pos - 1]) {
-                val[pos] = val[pos - 1];
-                ids[pos] = ids[pos - 1];
-                pos--;
-            }
-            val[pos] = y;
-            ids[pos] = i + lane;
-            if (n == k) floor_v = val[k - 1];
+            keep_top(val, ids, &n, k, &floor_v, x[i + lane], i + lane);
         }
     }
 #endif
-    for (; i < V; i++) {
-        float y = x[i];
-        if (n == k && !(y > floor_v)) continue;
-        int64_t pos = n < k ? n++ : k - 1;
-        while (pos > 0 && y > val[pos - 1]) {
-            val[pos] = val[pos - 1];
-            ids[pos] = ids[pos - 1];
-            pos--;
-        }
-        val[pos] = y;
-        ids[pos] = i;
-        if (n == k) floor_v = val[k - 1];
-    }
+    for (; i < V; i++) keep_top(val, ids, &n, k, &floor_v, x[i], i);
 }
 
 static void topk_task(void *p, int64_t t0, int64_t t1) {
