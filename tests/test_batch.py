@@ -191,7 +191,7 @@ def test_packed_seeded_sampling_reproduces_the_lone_speculative_run():
     engine = packed_engine("llama", seed=2)
     rng = random.Random(6)
     requests = []
-    for i, drafter in enumerate(["sam", "default", "pld", "none", "recycling"]):
+    for i, drafter in enumerate(["sam", "default", "pld", "none", "recycling", "gated"]):
         prompt = repetitive_prompt(rng, engine.config.vocab_size)
         config = GenerationConfig(max_new_tokens=30, temperature=0.8, top_p=0.95, seed=i, ignore_eos=True,
                                   drafter=drafter, repetition_penalty=1.2 if i == 2 else 1.0)

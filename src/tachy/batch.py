@@ -51,7 +51,7 @@ from .decoding import GenerationConfig
 from .engine import Engine, TextStream
 from .generation import PREFILL_CHUNK, GenerationResponse, GenerationStats, Step
 from .errors import InvalidArgumentError
-from .speculative.drafters import Drafter, make_drafter, prediction_drafter
+from .speculative.drafters import Drafter
 from .speculative.tree import DraftTree
 from .sampling import token_logprobs
 from .speculative.verify import verify_greedy, verify_sampling
@@ -110,6 +110,8 @@ class BatchDecoder:
         self.rows: list[Row] = []           # active rows, in join order
         self.cache: BatchKVCache | None = None
         self.packed = packed and engine.model.cpu_forward is not None   # packed=False: plain rows anyway
+        self._costs_by_rows: dict[int, list[float]] = {}   # _row_costs, by number of running rows
+        self._prompt_token_s: float | None = None           # a prompt token's cost in mixed forwards
 
     @property
     def free(self) -> int:
@@ -238,19 +240,13 @@ class BatchDecoder:
         """This row's own drafter: a new instance of the config's (model-free where it would run a model),
         wrapped by the prediction's drafter when the request has one."""
         engine, drafter = self.engine, config.drafter
-        if isinstance(drafter, str) and drafter != "none":
-            drafter = make_drafter(drafter)
-            drafter.check_target(engine)
-        elif drafter == "none":
+        if drafter == "none":
             drafter = None
+        elif isinstance(drafter, str):
+            drafter = engine.new_drafter(drafter, config.sampling)
         if drafter is not None and drafts_with_a_model(drafter):
-            drafter = make_drafter("model-free")
-            drafter.check_target(engine)
-        if config.prediction is not None:
-            pred = config.prediction
-            ids = engine.tokenizer.encode(pred, add_special_tokens=False) if isinstance(pred, str) else pred
-            drafter = prediction_drafter(ids, drafter)
-            drafter.check_target(engine)
+            drafter = engine.new_drafter("model-free", config.sampling)
+        drafter = engine.with_prediction(drafter, config)
         return drafter if config.max_draft_tokens else None
 
     def _decode_cost(self, tokens: int) -> float:
@@ -270,11 +266,11 @@ class BatchDecoder:
         token, then the marginal cost of each drafted token. Each row's drafter weighs its draft against these
         (OPT-Tree, ``DraftTree.best_for_cost``), so in a big batch, where a row's share of the weight reads is
         small, only drafts likely to be accepted are sent."""
-        cached = self.__dict__.setdefault("_costs_by_rows", {})
-        if rows not in cached:
+        if rows not in self._costs_by_rows:
             share, marginal = self._decode_cost(rows) / rows, self._marginal_cost()
-            cached[rows] = [0.0] + [share + k * marginal for k in range(len(self.engine.step_costs()) - 1)]
-        return cached[rows]
+            self._costs_by_rows[rows] = [0.0] + [share + k * marginal
+                                                 for k in range(len(self.engine.step_costs()) - 1)]
+        return self._costs_by_rows[rows]
 
     def _chunk_budget(self, decode_tokens: int) -> int:
         """Prompt tokens a joining row may put in this forward: a whole chunk with nothing else running, else
@@ -283,7 +279,7 @@ class BatchDecoder:
         that carried a chunk (``_observe_chunk``), starting from the marginal cost of a short forward."""
         if not decode_tokens:
             return PREFILL_CHUNK
-        per_token = self.__dict__.get("_prompt_token_s") or self._marginal_cost()
+        per_token = self._prompt_token_s or self._marginal_cost()
         return max(4, int(self.prefill_share * self._decode_cost(decode_tokens) / per_token))
 
     def _observe_chunk(self, decode_tokens: int, chunk_tokens: int, elapsed: float) -> None:
@@ -291,7 +287,7 @@ class BatchDecoder:
         if not (decode_tokens and chunk_tokens):
             return
         seen = max(elapsed - self._decode_cost(decode_tokens), 0.1 * elapsed) / chunk_tokens
-        before = self.__dict__.get("_prompt_token_s")
+        before = self._prompt_token_s
         self._prompt_token_s = seen if before is None else 0.5 * before + 0.5 * seen
 
     def _packed_step(self) -> list[Event]:

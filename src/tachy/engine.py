@@ -143,11 +143,7 @@ class Engine:
         if self.model.cpu_forward is None:   # the C forward has no per-shape kernels to build
             self.warmup(config.max_draft_tokens + 1 if drafting else 1)
         sampling = config.sampling
-        drafter = self._drafter(config.drafter, sampling)
-        if config.prediction is not None:  # a fresh drafter per request: it knows this request's prediction
-            pred = config.prediction
-            pred_ids = self.tokenizer.encode(pred, add_special_tokens=False) if isinstance(pred, str) else pred
-            drafter = prediction_drafter(pred_ids, drafter)
+        drafter = self.with_prediction(self._drafter(config.drafter, sampling), config)
         processor, probs_fn, generator = self.token_choice(config, prompt_ids)
         model, device = self.model, self.device
         cache = model.new_cache(capacity=self.cache_capacity(len(prompt_ids), config.max_new_tokens), fixed=True)
@@ -295,9 +291,7 @@ class Engine:
         if drafter is None or drafter == "none":
             return None
         if isinstance(drafter, str) and not sampling.greedy and sampling.seed is not None:
-            # A seed must reproduce the output: drafts then may depend on nothing but the text, so no state
-            # learned in earlier calls and no timing gate (the ungated "model-free" stands in for "gated").
-            return _check_target(make_drafter("model-free" if drafter == "gated" else drafter), self)
+            return self.new_drafter(drafter, sampling)
         if isinstance(drafter, str):
             # one instance per name and engine: learned state (Token Recycling's table) carries across calls
             cache = self.__dict__.setdefault("_drafters", {})
@@ -307,6 +301,22 @@ class Engine:
             return cache[drafter]
         _check_target(drafter, self)
         return drafter
+
+    def new_drafter(self, name: str, sampling: SamplingConfig) -> Drafter:
+        """A fresh drafter ``name`` for one generation, checked against this target (no state learned in
+        earlier calls). A seed must reproduce the output, so a seeded sampling generation's drafts may depend on
+        nothing but the text: no timing gate (the ungated "model-free" stands in for "gated")."""
+        seeded = not sampling.greedy and sampling.seed is not None
+        return _check_target(make_drafter("model-free" if seeded and name == "gated" else name), self)
+
+    def with_prediction(self, drafter: Drafter | None, config: GenerationConfig) -> Drafter | None:
+        """The drafter of a request with a prediction (Predicted Outputs): a fresh one that copies from the
+        prediction, asking ``drafter`` otherwise; ``drafter`` itself without a prediction."""
+        if config.prediction is None:
+            return drafter
+        pred = config.prediction
+        pred_ids = self.tokenizer.encode(pred, add_special_tokens=False) if isinstance(pred, str) else pred
+        return prediction_drafter(pred_ids, drafter)
 
     # -- middle layer: text pieces ------------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
