@@ -60,9 +60,9 @@ Event = tuple["Row", GenerationResponse]
 
 
 def batchable(config: GenerationConfig, packed: bool = False) -> bool:
-    """Whether a generation can be a batch row: next-token decoding, no press; a prediction only where rows
-    draft (``packed``, see the module docstring)."""
-    return (not config.decoding.is_search and config.press is None
+    """Whether a generation can be a batch row: next-token decoding, no press nor sparse attention; a
+    prediction only where rows draft (``packed``, see the module docstring)."""
+    return (not config.decoding.is_search and config.press is None and config.attention is None
             and (packed or config.prediction is None))
 
 
@@ -125,7 +125,7 @@ class BatchDecoder:
         if not self.free:
             raise InvalidArgumentError(f"the batch is full ({self.max_batch} rows)")
         if not batchable(config, self.packed):
-            raise InvalidArgumentError("search strategies and presses cannot run in a batch" +
+            raise InvalidArgumentError("search strategies, presses and sparse attention cannot run in a batch" +
                                        ("" if self.packed else "; nor predictions without the C forward"))
         prompt_ids = engine.check_prompt(prompt_ids)
         stats = GenerationStats(prompt_tokens=len(prompt_ids))

@@ -50,6 +50,7 @@ class KVCache:
         self.slot_pos: torch.Tensor | None = None  # [layers, batch, kv_heads, capacity] long, once compressed
         self.observer = None                       # press hook: observer(layer, q) during prefill
         self.prefix = None                         # quantized first slots: .length, .read(layer), .nbytes
+        self.sparse = None                         # decode-time sparse attention state (tachy.sparse.SparseState)
         self._layer_views: tuple | None = None     # (k, v, per-layer views), see layer_views
         self._allocate(capacity)
 
@@ -146,6 +147,8 @@ class KVCache:
             raise ValueError(f"cannot roll back {n} of {self.length} cached tokens")
         self.length -= n
         self.position -= n
+        if self.sparse is not None:
+            self.sparse.truncate(self.length)
 
     def keep(self, slots: list[int]) -> None:
         """Keep only ``slots`` (ascending) among the slots from ``slots[0]`` on; earlier slots stay untouched.
@@ -159,6 +162,8 @@ class KVCache:
         if any(b <= a for a, b in zip(slots, slots[1:])) or slots[-1] >= self.length or first < self._base:
             raise ValueError(f"slots must be ascending and below the cache length {self.length}: {slots}")
         n = len(slots)
+        if self.sparse is not None:
+            self.sparse.truncate(first)
         if slots[-1] != first + n - 1:  # not already contiguous: gather the survivors down
             index = torch.tensor(slots, device=self.device)
             local, base = index - self._base, first - self._base
@@ -180,6 +185,7 @@ class KVCache:
         capacity = self.capacity
         self.length = self.position = 0
         self.valid = self.slot_pos = None
+        self.sparse = None
         if self.prefix is not None:
             self.prefix = None
             self._allocate(capacity)
@@ -213,6 +219,8 @@ class KVCache:
             if counts is not None:
                 valid[layer, :, :, :m] &= torch.arange(m, device=self.device) < counts[layer].to(self.device)[..., None]
         self.valid, self.slot_pos, self.length = valid, positions, n
+        if self.sparse is not None:
+            self.sparse.truncate(0)
 
     def slot_positions(self) -> torch.Tensor:
         """[layers, batch, kv_heads, capacity] logical position of each slot (slot index when uncompressed)."""
@@ -253,7 +261,7 @@ class KVCache:
         other.k, other.v = self.k.clone(), self.v.clone()
         if self.valid is not None:
             other.valid, other.slot_pos = self.valid.clone(), self.slot_pos.clone()
-        other.observer = None
+        other.observer = other.sparse = None
         return other
 
     @property

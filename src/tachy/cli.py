@@ -38,6 +38,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-draft-tokens", type=int, default=16)
     p.add_argument("--press", default=None, help="KV-cache compression after prefill (see docs/presses.md)")
     p.add_argument("--ratio", type=float, default=0.0, help="fraction of the prompt's KV the press removes")
+    p.add_argument("--attention", default=None,
+                   help="decode-time sparse attention: dense (default), quest, tidal, with options as "
+                        "quest:budget=512 (see docs/long_context.md)")
 
 
 def generation_config(args: argparse.Namespace):
@@ -52,7 +55,7 @@ def generation_config(args: argparse.Namespace):
                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                             seed=args.seed, stop=args.stop, drafter=args.drafter,
                             max_draft_tokens=args.max_draft_tokens, press=args.press,
-                            compression_ratio=args.ratio, **decoding_fields(args))
+                            compression_ratio=args.ratio, attention=args.attention, **decoding_fields(args))
 
 
 def load_engine(args: argparse.Namespace):

@@ -152,6 +152,8 @@ class Engine:
         start = time.perf_counter()
         with kernels.threads_to_kernels() if model.exact_trees(cache) else nullcontext():
             logits = self._prefill(prompt_ids, cache, config.press)
+        if config.attention is not None:   # the prompt was prefilled densely; decoding reads sparsely
+            config.attention.attach(model, cache)
         ids = list(prompt_ids)
         root, logits = self._choose(logits, ids, processor, probs_fn, generator)
         ids.append(root)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..errors import InvalidArgumentError
 from ..presses import Press, make_press
+from ..sparse import SparseAttention, make_attention
 from ..sampling import LogitsProcessor, SamplingConfig, chain, make_logits_processor
 from ..speculative.drafters import Drafter
 from .base import Strategy, make_strategy
@@ -50,6 +51,7 @@ class GenerationConfig:
     logprobs: int | None = None                  # per-token log-probabilities with this many alternatives
     press: str | Press | None = None             # KV-cache compression after prefill (tachy.presses)
     compression_ratio: float = 0.0               # fraction of the prompt's KV the press removes
+    attention: str | SparseAttention | None = None   # decode-time sparse attention (tachy.sparse), e.g. "quest"
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -66,6 +68,10 @@ class GenerationConfig:
             self.press = make_press(self.press, self.compression_ratio)
         elif self.press is None and self.compression_ratio:
             raise InvalidArgumentError("compression_ratio needs a press (see tachy.presses.available_presses())")
+        if isinstance(self.attention, str):
+            self.attention = make_attention(self.attention)
+        if self.attention is not None:
+            self.attention.check_draft(self.max_draft_tokens)
         self.sampling = SamplingConfig(
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
             typical_p=self.typical_p, repetition_penalty=self.repetition_penalty,
@@ -78,6 +84,8 @@ def check_config(config: GenerationConfig) -> Strategy:
     strategy = config.strategy if isinstance(config.strategy, Strategy) else make_strategy(
         config.strategy, **(config.strategy_options or {}))
     strategy.check(config)
+    if config.attention is not None and strategy.is_search:
+        raise InvalidArgumentError(f"sparse attention is not available with the {strategy.name!r} strategy")
     if config.logprobs is not None:
         if not isinstance(config.logprobs, int) or not 0 <= config.logprobs <= 20:
             raise InvalidArgumentError(f"logprobs must be an integer in [0, 20] (alternatives per token), "

@@ -158,6 +158,8 @@ def _load() -> ctypes.CDLL | None:
     lib.tq_dequantize.argtypes = [i32, ptr, i64, i64, i64, ptr, ptr, i32, i32]
     lib.tq_set_threads.argtypes = [i32]
     lib.tq_forward.argtypes = [ptr, ptr, ptr]
+    lib.tq_forward_sparse.argtypes = [ptr, ptr, ptr, ptr]
+    lib.tq_page_bounds.argtypes = [ptr, ptr, i64, i64, ptr]
     lib.tq_profile.argtypes = [ptr, i32]
     lib.key = path.parent.name   # the machine key
     lib.tq_skip_gguf_strings.argtypes = [ptr, i64, i64, i64]

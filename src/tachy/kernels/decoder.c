@@ -92,6 +92,27 @@ typedef struct {
     float *hidden;                /* [T, hidden] final-norm hidden states, or NULL */
 } tq_batch;
 
+/* Decode-time sparse attention (tachy/sparse/): each query row of a sparse layer attends to its first
+   ``sinks`` keys, its last ``window`` keys and ``select`` more chosen among the keys in between (the
+   candidates), instead of all of them. The choice depends only on the row's query and the keys it sees, and
+   a row whose candidates all fit reads exactly its dense key list, so rows keep dense attention's bits.
+   Candidates lie within the cached prefix as long as window >= T (tachy checks it), i.e. among committed keys.
+   Quest (method 1): keys come in pages of ``page`` slots; each page's elementwise key min/max (bf16, kept up
+   to date for the pages a sequence has committed) bounds q.k from above, and the top pages are read.
+   TidalDecode (method 2): at each selection layer the row's full attention picks its top keys (attention
+   summed over the query heads of the kv head); later sparse layers read those, until the next selection
+   layer. Layers flagged 0 stay dense. */
+enum { SPARSE_QUEST = 1, SPARSE_TIDAL = 2 };
+enum { LAYER_DENSE = 0, LAYER_SPARSE = 1, LAYER_SELECT = 2 };
+
+typedef struct {
+    int64_t method, page, select, sinks, window;
+    const uint8_t *layers;        /* [n_layers]: LAYER_DENSE, LAYER_SPARSE, or LAYER_SELECT (TidalDecode) */
+    uint16_t *bounds;             /* Quest: bf16 [n_layers, batch, kv_heads, max_pages, 2, head_dim] min, max */
+    int64_t max_pages;
+    int64_t *bounded;             /* Quest: [batch] leading pages of each cache row whose bounds are current */
+} tq_sparse;
+
 /* ---- numerics -------------------------------------------------------------------------------------------- */
 static inline float bf2f(uint16_t b) {
     uint32_t u = (uint32_t)b << 16;
@@ -209,6 +230,8 @@ typedef struct {
     float *x, *tmp, *qkv, *gu;
     uint16_t *xn, *attn, *act;
     int64_t qkv_n;
+    const tq_sparse *sparse;      /* NULL: dense attention */
+    uint8_t *chosen;              /* TidalDecode: [T, kv_heads, cap + T] keys the last selection layer chose */
 } fwd;
 
 /* y [T, N] = x [T, K] times the layer's parts; packed parts share one int8 quantization of x */
@@ -332,6 +355,184 @@ static void grouped_heads(fwd *f, int64_t t, int64_t g, int64_t G, const int64_t
 }
 #endif
 
+/* ---- sparse attention (tq_sparse) ------------------------------------------------------------------------ */
+
+/* Quest's bound on q.k over one page: sum over d of max(q_d min_d, q_d max_d) (mn: the page's min row, then its
+   max row), in a fixed order (16 lanes, then their reduction) */
+static inline float page_bound(const float *q, const uint16_t *mn, int64_t D) {
+    const uint16_t *mx = mn + D;
+    int64_t i = 0;
+    float s = 0;
+#if DEC_AVX512
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= D; i += 16) {
+        __m512 qq = _mm512_loadu_ps(q + i);
+        acc = _mm512_add_ps(acc, _mm512_max_ps(_mm512_mul_ps(qq, load_bf16x16(mn + i)),
+                                               _mm512_mul_ps(qq, load_bf16x16(mx + i))));
+    }
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < D; i++) {
+        float a = q[i] * bf2f(mn[i]), b = q[i] * bf2f(mx[i]);
+        s += a > b ? a : b;
+    }
+    return s;
+}
+
+/* bounds of n pages (bounds: [n, 2, D] bf16) for query q [D]: what the decoder ranks pages by (for tests) */
+void tq_page_bounds(const float *q, const uint16_t *bounds, int64_t n, int64_t D, float *out) {
+    for (int64_t p = 0; p < n; p++) out[p] = page_bound(q, bounds + p * 2 * D, D);
+}
+
+/* the k-th largest of x[0..n) (1 <= k <= n); reorders x (Hoare's selection) */
+static float kth_largest(float *x, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = x[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (x[i] > pivot) i++;
+            while (x[j] < pivot) j--;
+            if (i <= j) {
+                float tmp = x[i];
+                x[i++] = x[j];
+                x[j--] = tmp;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return x[want];
+    }
+    return x[want];
+}
+
+/* flags[i] = 1 for the k largest of score[0..n), ties to the lower index; tmp: n floats of scratch */
+static void mark_top(const float *score, int64_t n, int64_t k, float *tmp, uint8_t *flags) {
+    memcpy(tmp, score, sizeof(float) * n);
+    float thr = kth_largest(tmp, n, k);
+    int64_t ties = k;
+    for (int64_t i = 0; i < n; i++) ties -= score[i] > thr;
+    for (int64_t i = 0; i < n; i++) flags[i] = score[i] > thr || (score[i] == thr && ties-- > 0);
+}
+
+/* Quest: a page's key min/max, per layer, cache row and kv head, for the pages a row has newly committed */
+typedef struct { fwd *f; int64_t n_jobs; const int64_t *job; } bounds_args;   /* job: (row, first page, end) */
+
+static void bounds_task(void *p, int64_t i0, int64_t i1) {
+    bounds_args *a = p;
+    fwd *f = a->f;
+    const tq_model *m = f->m;
+    const tq_sparse *sp = f->sparse;
+    int64_t D = m->head_dim, Hkv = m->kv_heads, P = sp->page;
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t l = i / (a->n_jobs * Hkv), j = i / Hkv % a->n_jobs, g = i % Hkv;
+        if (sp->layers[l] == LAYER_DENSE || m->layers[l].window > 0) continue;
+        int64_t row = a->job[3 * j];
+        const uint16_t *K0 = f->c->k + (((l * f->c->batch + row) * Hkv + g) * f->c->cap) * D;
+        uint16_t *out = sp->bounds + (((l * f->c->batch + row) * Hkv + g) * sp->max_pages) * 2 * D;
+        for (int64_t pg = a->job[3 * j + 1]; pg < a->job[3 * j + 2]; pg++) {
+            for (int64_t d = 0; d < D; d++) {
+                uint16_t lo = K0[pg * P * D + d], hi = lo;
+                for (int64_t s = 1; s < P; s++) {
+                    uint16_t x = K0[(pg * P + s) * D + d];
+                    if (bf2f(x) < bf2f(lo)) lo = x;
+                    if (bf2f(x) > bf2f(hi)) hi = x;
+                }
+                out[pg * 2 * D + d] = lo;
+                out[pg * 2 * D + D + d] = hi;
+            }
+        }
+    }
+}
+
+static void update_bounds(fwd *f) {
+    const tq_batch *b = f->b;
+    const tq_sparse *sp = f->sparse;
+    int64_t *job = malloc(sizeof(int64_t) * 3 * b->T), n_jobs = 0;
+    for (int64_t t = 0; t < b->T; t++) {     /* each row's committed pages: below its tokens' least prefix */
+        int64_t row = b->rows[t], end = b->prefix[t] / sp->page, j = 0;
+        while (j < n_jobs && job[3 * j] != row) j++;
+        if (j == n_jobs) {
+            job[3 * j] = row, job[3 * j + 1] = sp->bounded[row], job[3 * j + 2] = end;
+            n_jobs++;
+        } else if (end < job[3 * j + 2]) {
+            job[3 * j + 2] = end;
+        }
+    }
+    bounds_args a = {f, n_jobs, job};
+    tq_parallel_for(bounds_task, &a, f->m->n_layers * n_jobs * f->m->kv_heads, 1);
+    for (int64_t j = 0; j < n_jobs; j++)
+        if (job[3 * j + 2] > sp->bounded[job[3 * j]]) sp->bounded[job[3 * j]] = job[3 * j + 2];
+    free(job);
+}
+
+/* TidalDecode's score of each of the row's keys: its attention probability summed over the group's heads */
+static void attention_mass(fwd *f, int64_t t, int64_t g, const int64_t *keys, int64_t n, const uint16_t *K0,
+                           float *logit, float *mass) {
+    const tq_model *m = f->m;
+    int64_t D = m->head_dim, G = m->heads / m->kv_heads;
+    float scale = (float)m->attn_scale;
+    memset(mass, 0, sizeof(float) * n);
+    for (int64_t h = g * G; h < (g + 1) * G; h++) {
+        const float *q = f->qkv + t * f->qkv_n + h * D;
+        float mx = -INFINITY, sum = 0;
+        for (int64_t k = 0; k < n; k++) {
+            logit[k] = dot_f32_bf16(q, K0 + keys[k] * D, D) * scale;
+            if (logit[k] > mx) mx = logit[k];
+        }
+        for (int64_t k = 0; k < n; k++) logit[k] -= mx;
+        exp_inplace(logit, n);
+        for (int64_t k = 0; k < n; k++) sum += logit[k];
+        for (int64_t k = 0; k < n; k++) mass[k] += logit[k] / sum;
+    }
+}
+
+/* The keys a sparse layer's row t (kv head g) reads: keys[0..n) filtered in place (order kept); returns the
+   new count. score, tmp: cap floats of scratch; keep: cap bytes. */
+static int64_t sparse_keys(fwd *f, int64_t t, int64_t g, int64_t *keys, int64_t n, const uint16_t *K0,
+                           float *score, float *tmp, uint8_t *keep) {
+    const tq_sparse *sp = f->sparse;
+    const tq_model *m = f->m;
+    int64_t l = f->layer_index, role = sp->layers[l], D = m->head_dim, Hkv = m->kv_heads, G = m->heads / Hkv;
+    if (role == LAYER_DENSE || f->layer->window > 0) return n;
+    int64_t P = sp->method == SPARSE_QUEST ? sp->page : 1;
+    int64_t first = (sp->sinks + P - 1) / P, end = (n - sp->window) / P;   /* candidate units [first, end) */
+    if (end > f->b->prefix[t] / P) end = f->b->prefix[t] / P;            /* committed keys only */
+    int64_t cands = end - first;
+    uint8_t *chosen = f->chosen ? f->chosen + (t * Hkv + g) * (f->c->cap + f->b->T) : NULL;
+    if (sp->method == SPARSE_TIDAL && role == LAYER_SPARSE) {           /* reuse the last selection */
+        int64_t kept = 0;
+        for (int64_t i = 0; i < n; i++)
+            if (chosen[i]) keys[kept++] = keys[i];
+        return kept;
+    }
+    if (cands <= sp->select) {                                           /* everything fits: dense */
+        if (chosen) memset(chosen, 1, n);
+        return n;
+    }
+    if (sp->method == SPARSE_QUEST) {
+        const uint16_t *bounds = sp->bounds + (((l * f->c->batch + f->b->rows[t]) * Hkv + g) * sp->max_pages) * 2 * D;
+        for (int64_t p = 0; p < cands; p++) {
+            float best = -INFINITY;
+            for (int64_t h = g * G; h < (g + 1) * G; h++) {
+                float s = page_bound(f->qkv + t * f->qkv_n + h * D, bounds + (first + p) * 2 * D, D);
+                if (s > best) best = s;
+            }
+            score[p] = best;
+        }
+        mark_top(score, cands, sp->select, tmp, keep);
+        int64_t kept = 0;
+        for (int64_t i = 0; i < n; i++)
+            if (i < first * P || i >= end * P || keep[i / P - first]) keys[kept++] = keys[i];
+        return kept;
+    }
+    /* TidalDecode selection layer: rank by full attention, remember the choice, attend densely here */
+    attention_mass(f, t, g, keys, n, K0, tmp, score);
+    mark_top(score + first, cands, sp->select, tmp, keep);
+    for (int64_t i = 0; i < n; i++) chosen[i] = i < first || i >= end || keep[i - first];
+    return n;
+}
+
 /* attention of token t over its keys, for the query heads of one key head: tasks are (t, kv head) pairs */
 static void attention_task(void *p, int64_t i0, int64_t i1) {
     fwd *f = p;
@@ -344,6 +545,13 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
     int64_t *keys = malloc(sizeof(int64_t) * cap);
     float *score = malloc(sizeof(float) * cap * (G > 8 ? 1 : G));   /* one row per head of the group */
     float out[512];
+    float *sel_score = NULL, *sel_tmp = NULL;
+    uint8_t *keep = NULL;
+    if (f->sparse) {
+        sel_score = malloc(sizeof(float) * cap);
+        sel_tmp = malloc(sizeof(float) * cap);
+        keep = malloc(cap);
+    }
     for (int64_t i = i0; i < i1; i++) {
         int64_t t = i / Hkv, g = i % Hkv, row = b->rows[t], pos = b->positions[t];
         /* the keys it sees, in order: its row's first prefix[t] slots (within the window), then new tokens */
@@ -354,6 +562,7 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
         for (int64_t j = 0; j < last; j++)
             if (sees(b, t, j) && !(window > 0 && pos - b->positions[j] >= window)) keys[n++] = b->slots[j];
         const uint16_t *K0 = cache_at(f, f->c->k, row, g, 0), *V0 = cache_at(f, f->c->v, row, g, 0);
+        if (f->sparse) n = sparse_keys(f, t, g, keys, n, K0, sel_score, sel_tmp, keep);
 #if DEC_AVX512
         if (D % 16 == 0 && D <= 256 && G <= 8) {
             grouped_heads(f, t, g, G, keys, n, K0, V0, score, cap);
@@ -380,6 +589,9 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
     }
     free(keys);
     free(score);
+    free(sel_score);
+    free(sel_tmp);
+    free(keep);
 }
 
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
@@ -440,7 +652,7 @@ static void norm_task(void *p, int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++) rms_norm(f->x + t * Hd, a->next, Hd, f->m->eps, NULL, f->xn + t * Hd);
 }
 
-int tq_forward(const tq_model *m, tq_cache *c, const tq_batch *b) {
+int tq_forward_sparse(const tq_model *m, tq_cache *c, const tq_batch *b, const tq_sparse *sparse) {
     int64_t T = b->T, Hd = m->hidden, D = m->head_dim, I = m->inter;
     int64_t qkv_n = (m->heads + 2 * m->kv_heads) * D;
     if (T <= 0 || D > 512 || m->heads % m->kv_heads) return -1;
@@ -451,7 +663,17 @@ int tq_forward(const tq_model *m, tq_cache *c, const tq_batch *b) {
             b->prefix[t] < 0 || b->prefix[t] > c->cap || b->positions[t] < 0 || b->positions[t] >= m->rope_len ||
             b->tokens[t] < 0 || b->tokens[t] >= m->embed.N)
             return -2;
-    fwd f = {.m = m, .c = c, .b = b, .qkv_n = qkv_n};
+    fwd f = {.m = m, .c = c, .b = b, .qkv_n = qkv_n, .sparse = sparse};
+    if (sparse) {
+        if (sparse->method != SPARSE_QUEST && sparse->method != SPARSE_TIDAL) return -4;
+        if (sparse->method == SPARSE_QUEST) {
+            if (sparse->page < 1 || sparse->max_pages * sparse->page < c->cap) return -4;
+            update_bounds(&f);
+        } else {
+            f.chosen = malloc((size_t)(T * m->kv_heads * (c->cap + T)));
+            if (!f.chosen) return -3;
+        }
+    }
     int64_t width = Hd > I ? Hd : I;
     f.x = malloc(sizeof(float) * T * Hd);
     f.tmp = malloc(sizeof(float) * T * Hd);
@@ -506,6 +728,8 @@ int tq_forward(const tq_model *m, tq_cache *c, const tq_batch *b) {
     profile_calls++;
     if (b->hidden)
         for (int64_t t = 0; t < T; t++) rms_norm(f.x + t * Hd, m->final_norm, Hd, m->eps, b->hidden + t * Hd, NULL);
-    free(f.x); free(f.tmp); free(f.qkv); free(f.gu); free(f.xn); free(f.attn); free(f.act);
+    free(f.x); free(f.tmp); free(f.qkv); free(f.gu); free(f.xn); free(f.attn); free(f.act); free(f.chosen);
     return 0;
 }
+
+int tq_forward(const tq_model *m, tq_cache *c, const tq_batch *b) { return tq_forward_sparse(m, c, b, NULL); }

@@ -67,6 +67,22 @@ class _Batch(Structure):
                 ("logit_rows", c_void_p), ("logits", c_void_p), ("hidden", c_void_p)]
 
 
+class _Sparse(Structure):
+    """decoder.c's tq_sparse: a cache's decode-time sparse attention (tachy.sparse)."""
+    _fields_ = [("method", c_int64), ("page", c_int64), ("select", c_int64), ("sinks", c_int64),
+                ("window", c_int64), ("layers", c_void_p), ("bounds", c_void_p), ("max_pages", c_int64),
+                ("bounded", c_void_p)]
+
+    @classmethod
+    def of(cls, cache: KVCache) -> "_Sparse":
+        state = cache.sparse
+        method = state.method
+        bounds = state.page_bounds(cache)
+        return cls(method.method_id, method.unit, method.select, method.sinks, method.window,
+                   state.roles_u8.data_ptr(),
+                   bounds.data_ptr(), bounds.shape[3], state.bounded.data_ptr())
+
+
 def _quant_weights(module: nn.Module) -> list[QuantWeight] | None:
     """A linear layer's weights in a format the C decoder reads: GGUF blocks, or bf16 rows (an nn.Linear's, or
     a SplitKLinear's chunks joined back, a copy), which the kernels read as GGUF's BF16 format."""
@@ -235,7 +251,12 @@ class CPUForward:
                    None if logit_rows is None else logit_rows.data_ptr(), logits.data_ptr(),
                    None if hidden is None else hidden.data_ptr())
         kernels.sync_threads(self.lib)
-        rc = self.lib.tq_forward(ctypes.byref(self.struct), ctypes.byref(c), ctypes.byref(b))
+        if cache.sparse is not None:   # decode-time sparse attention (tachy.sparse)
+            sparse = _Sparse.of(cache)
+            rc = self.lib.tq_forward_sparse(ctypes.byref(self.struct), ctypes.byref(c), ctypes.byref(b),
+                                            ctypes.byref(sparse))
+        else:
+            rc = self.lib.tq_forward(ctypes.byref(self.struct), ctypes.byref(c), ctypes.byref(b))
         if rc != 0:
             raise RuntimeError(f"tachy's CPU decoder failed (code {rc})")
         return logits, hidden

@@ -127,6 +127,10 @@ class Attention(nn.Module):
             cache.observer(self.layer, q * self.scale)
         k, v = cache.write(self.layer, k, v)
         groups = self.heads // self.kv_heads
+        if cache.sparse is not None:   # decode-time sparse attention (tachy.sparse): fewer visible keys
+            if mask is None:
+                mask = causal_mask(k.shape[2] - T, T, k.device)
+            mask = cache.sparse.method.mask(cache.sparse, self.layer, q, k, mask, self.scale)
         if cache.prefix_attends:  # a quantized prefix attention reads in place (tachy.presses.int4kv)
             return self.o_proj(prefix_attention(q, k, v, mask, cache, self.layer, self.scale))
         if cache.ragged:  # a batch of sequences, one new token each (BatchKVCache, tachy.batch)

@@ -228,7 +228,7 @@ def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, eng
                 drafter=body.tachy.drafter, max_draft_tokens=body.tachy.max_draft_tokens,
                 strategy=body.tachy.strategy, strategy_options=body.tachy.strategy_options,
                 watermark=body.tachy.watermark, press=body.tachy.press,
-                compression_ratio=body.tachy.compression_ratio,
+                compression_ratio=body.tachy.compression_ratio, attention=body.tachy.attention,
                 prediction=body.prediction.text if body.prediction is not None else None,
                 response_format=constraint, logprobs=logprobs)))
     return work

@@ -11,7 +11,7 @@ through ``loop.call_soon_threadsafe``) that the async endpoint reads piece by pi
   step while rows are free, in FIFO order, so nobody waits for another's whole generation. Without the C
   forward (the PyTorch engine, CUDA): a lone job runs on the engine's own speculative path; if others wait,
   a batch starts whose rows decode plainly (one token per step) and joiners are prefilled whole. Either way
-  a job whose options need the single path (a search strategy, a press; a prediction without the C forward:
+  a job whose options need the single path (a search strategy, a press, sparse attention; a prediction without the C forward:
   ``batch.batchable``) runs alone and stops admission until the batch drains. Greedy output is the request's
   lone output in every mode; sampled rows are exact samples (a seeded request reproduces its lone output
   where its drafts are the same: packed rows, or plain rows against ``drafter="none"``).

@@ -17,7 +17,8 @@ class _Body(BaseModel):
 
 class TachyOptions(_Body):
     """The tachy extension: ``"tachy": {"drafter": "default", "max_draft_tokens": 16, "strategy": "beam",
-    "strategy_options": {"num_beams": 4}, "watermark": true, "press": "snapkv", "compression_ratio": 0.5}``."""
+    "strategy_options": {"num_beams": 4}, "watermark": true, "press": "snapkv", "compression_ratio": 0.5,
+    "attention": "quest"}``."""
 
     model_config = ConfigDict(extra="forbid")
     drafter: str = "default"          # a name from `tachy drafters`, "none" for plain decoding
@@ -27,6 +28,7 @@ class TachyOptions(_Body):
     watermark: Union[bool, dict, None] = None
     press: str | None = None          # KV-cache compression (tachy.presses), e.g. "snapkv" or "snapkv+kivi4"
     compression_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    attention: str | None = None      # decode-time sparse attention (tachy.sparse), e.g. "quest" or "tidal"
 
 
 class StreamOptions(_Body):
