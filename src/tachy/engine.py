@@ -22,7 +22,7 @@ from . import kernels
 from .cache import key_bucket
 from .decoding import GenerationConfig, logits_processor
 from .errors import ContextLengthError, InvalidArgumentError
-from .generation import PREFILL_CHUNK, GenerationResponse, GenerationStats, Step
+from .generation import COST_CONTEXT, PREFILL_CHUNK, GenerationResponse, GenerationStats, Step
 from .models.llama import Transformer
 from .presses import Press
 from .sampling import SamplingConfig, make_generator, make_probs_fn, sample, token_logprobs
@@ -66,21 +66,25 @@ class Engine:
         """Seconds of one target forward over T tokens, ``costs[T]`` for T = 1..max_tokens (``costs[0]`` = 0),
         measured once per engine after 128 tokens of context at a few T (best of 2 up to 4 tokens, where drafts
         are most often decided, one run beyond), interpolated and made non-decreasing: what drafters weigh a
-        draft's expected gain against (DraftTree.best_for_cost). About 0.1 s for SmolLM2-135M."""
+        draft's expected gain against (DraftTree.best_for_cost). About 0.1 s for SmolLM2-135M. Also measures
+        ``key_cost``, what each further cached token adds to each row."""
         costs = self.__dict__.get("_costs")
         if costs is not None and len(costs) > max_tokens:
             return costs
         saved = self._saved_costs_path()
         if saved is not None and saved.is_file():   # measured on this machine before (cold starts skip it)
             try:
-                costs = json.loads(saved.read_text())
+                found = json.loads(saved.read_text())
             except (OSError, ValueError):
-                costs = None
-            if isinstance(costs, list) and len(costs) > max_tokens:
-                self._costs = [float(c) for c in costs]
+                found = None
+            if isinstance(found, dict) and len(found.get("costs", [])) > max_tokens:
+                self._costs = [float(c) for c in found["costs"]]
+                self._key_cost = float(found.get("key_cost", 0.0))
                 return self._costs
-        context = min(128, self.max_context - max_tokens - 1)
-        cache = self.model.new_cache(capacity=key_bucket(context + max_tokens), fixed=True)
+        context = min(COST_CONTEXT, self.max_context - max_tokens - 1)
+        # a stretch of (zero) keys past the context: what attending to more keys adds (key_cost)
+        extra = min(2048, self.max_context - context - max_tokens - 1)
+        cache = self.model.new_cache(capacity=key_bucket(context + max(extra, 0) + max_tokens), fixed=True)
         native = self.model.exact_trees(cache)
         if not native:   # the PyTorch forward builds a kernel per shape on first use: not what a step costs
             self.warmup(max_tokens)
@@ -99,6 +103,7 @@ class Engine:
                     best = min(best, time.perf_counter() - start)
                     cache.rollback(T)
                 measured[T] = best
+            self._key_cost = self._measure_key_cost(cache, context, extra, min(4, max_tokens), measured)
         costs = [0.0]
         for T in range(1, max_tokens + 1):
             lo = max(w for w in widths if w <= T)
@@ -110,11 +115,36 @@ class Engine:
             try:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 tmp = saved.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_text(json.dumps(costs))
+                tmp.write_text(json.dumps({"costs": costs, "key_cost": self._key_cost}))
                 os.replace(tmp, saved)
             except OSError:
                 pass
         return costs
+
+    def _measure_key_cost(self, cache, context: int, extra: int, T: int, measured: dict[int, float]) -> float:
+        """Seconds each cached key adds to each row of a forward: a T-token forward after ``extra`` more keys
+        (zeros: attention's cost does not depend on their values) against the same forward at ``context``.
+        At long contexts attention is most of a verify forward's cost and grows with its rows, which the
+        costs measured at 128 tokens do not show (drafters scale them: Drafter.costs_at)."""
+        if extra < 256:
+            return 0.0
+        cache.advance(extra)
+        tokens = torch.ones(1, T, dtype=torch.long, device=self.device)
+        positions = torch.arange(context + extra, context + extra + T, device=self.device)
+        best = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            self.model(tokens, positions, cache)
+            best = min(best, time.perf_counter() - start)
+            cache.rollback(T)
+        cache.rollback(extra)
+        return max(0.0, (best - measured[T]) / (T * extra))
+
+    def key_cost(self) -> float:
+        """Seconds each cached token beyond COST_CONTEXT adds to each row of a target forward (measured with
+        ``step_costs``): drafters weigh long-context verify forwards with it (Drafter.costs_at)."""
+        self.step_costs()
+        return self.__dict__.get("_key_cost", 0.0)
 
     def _saved_costs_path(self) -> Path | None:
         """Where step_costs of this model, weight format, machine and thread count are kept (C forward only:
@@ -157,18 +187,18 @@ class Engine:
         ids = list(prompt_ids)
         root, logits = self._choose(logits, ids, processor, probs_fn, generator)
         ids.append(root)
-        if drafter is not None:
+        stats.prefill_s = time.perf_counter() - start
+        stats.generated_tokens = 1
+        stats.kv_bytes, stats.kv_full_bytes = cache.nbytes, cache.uncompressed_nbytes
+        top = config.logprobs
+        yield Step([root], 0, 0, None if top is None else token_logprobs(logits, [root], top))
+        if drafter is not None:   # after the first token: its time to first token is plain decoding's
             t = time.perf_counter()
             drafter.reset(prompt_ids)
             attach = getattr(drafter, "attach_cache", None)   # a self-draft reads the target's K/V
             if attach is not None:
                 attach(cache)
             stats.draft_s += time.perf_counter() - t
-        stats.prefill_s = time.perf_counter() - start
-        stats.generated_tokens = 1
-        stats.kv_bytes, stats.kv_full_bytes = cache.nbytes, cache.uncompressed_nbytes
-        top = config.logprobs
-        yield Step([root], 0, 0, None if top is None else token_logprobs(logits, [root], top))
         # a press that also evicts while decoding (StreamingLLM's evict_every): back to the post-prefill size
         # each time the cache has grown by evict_every slots
         press = config.press

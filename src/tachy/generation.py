@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PREFILL_CHUNK = 1024   # prompt tokens per prefill forward (bounds the attention scores' memory)
+COST_CONTEXT = 128     # cached tokens Engine.step_costs measures its forwards after
 
 
 @dataclass

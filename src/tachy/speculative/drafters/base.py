@@ -29,6 +29,7 @@ from typing import ClassVar, Sequence
 
 from torch import Tensor
 
+from ...generation import COST_CONTEXT
 from ..tree import DraftTree
 
 
@@ -126,6 +127,7 @@ class Drafter:
     # ------------------------------------------------------------------------------------- protocol
 
     costs: list[float] | None = None   # seconds of a target forward over T tokens, costs[T] (check_target)
+    key_cost: float = 0.0              # seconds each cached token past COST_CONTEXT adds to each row (check_target)
 
     def reset(self, prompt_ids: Sequence[int]) -> None:
         """Start a new sequence whose committed tokens so far are ``prompt_ids``."""
@@ -150,7 +152,7 @@ class Drafter:
                 table = self.__dict__.setdefault("acceptance", Acceptance())
                 tree = DraftTree(tree.tokens, tree.parents, [table.estimate(k, self._prior(k)) for k in keys])
                 if self.costs:
-                    kept = tree.best_nodes_for_cost(self.costs)
+                    kept = tree.best_nodes_for_cost(self.costs_at(len(ids)))
                     tree, keys = tree.subtree(kept), [keys[i] for i in kept]
         self.last_tree, self.last_keys = tree, keys
         return tree
@@ -176,6 +178,17 @@ class Drafter:
         class takes the target's forward costs, which ``propose`` weighs drafts against."""
         step_costs = getattr(target, "step_costs", None)
         self.costs = step_costs() if step_costs is not None else None
+        key_cost = getattr(target, "key_cost", None)
+        self.key_cost = key_cost() if key_cost is not None and self.costs else 0.0
+
+    def costs_at(self, context: int) -> list[float]:
+        """The target's forward costs with ``context`` cached tokens: ``costs`` (measured after COST_CONTEXT)
+        plus ``key_cost`` per further token and row. At 8k tokens a verify forward's rows each read every key,
+        so 8 rows cost ~7x one row where at 128 tokens they cost ~1.3x: drafts that paid there do not here."""
+        extra = context - COST_CONTEXT
+        if not self.key_cost or extra <= 0:
+            return self.costs
+        return [c + self.key_cost * extra * T for T, c in enumerate(self.costs)]
 
     def attach_cache(self, cache) -> None:
         """Called after prefill and ``reset`` with this sequence's target cache (a self-draft reads it)."""
