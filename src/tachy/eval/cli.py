@@ -13,7 +13,8 @@ from .sweep import parse_list, read_text, settings
 
 
 def _common(args: argparse.Namespace, flag: str):
-    sweep = settings(args.press, args.ratio)
+    presses = args.press if args.press is not None or args.attention else "snapkv"   # the default sweep
+    sweep = settings(presses, args.ratio, args.attention)
     contexts = parse_list(args.context, int, "context")
     if any(c < 64 for c in contexts):
         raise InvalidArgumentError("--context values must be at least 64 tokens")
@@ -55,12 +56,16 @@ def _finish(results: dict, args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="long-context evaluation of KV-cache presses (needle, ppl)")
+    p = sub.add_parser("eval", help="long-context evaluation of KV-cache presses and sparse attention (needle, ppl)")
     tasks = p.add_subparsers(dest="task", required=True)
     for name, func, help_ in (("needle", cmd_needle, "needle-in-a-haystack accuracy grid and heatmap"),
                               ("ppl", cmd_ppl, "perplexity of a text under each press")):
         t = tasks.add_parser(name, help=help_)
-        t.add_argument("--press", default="snapkv", help="comma-separated press names, or 'all'")
+        t.add_argument("--press", default=None,
+                       help="comma-separated press names, or 'all' (default: snapkv, unless --attention is given)")
+        t.add_argument("--attention", default=None,
+                       help="comma-separated sparse attention methods read over the full cache (quest, tidal, "
+                            "quest:budget=512, ...), each compared with dense attention")
         t.add_argument("--ratio", default="0.5", help="comma-separated compression ratios in [0, 1)")
         t.add_argument("--context", default="2048,4096", help="comma-separated context lengths (tokens)")
         t.add_argument("--out", default=f"eval_{name}", help="output folder")

@@ -9,11 +9,12 @@ after compression, so the whole answer comes from the compressed cache (as in ``
 from __future__ import annotations
 
 import random
+import time
 
 from tqdm import tqdm
 
 from ..engine import Engine
-from .sweep import Prefilled, Setting, greedy
+from .sweep import Prefilled, Setting, greedy, records
 
 QUESTION = "What is the secret number mentioned in the text above? Answer with the number only."
 ANSWER = "The secret number is"
@@ -58,15 +59,23 @@ def run_needle(engine: Engine, text: str, contexts: list[int], depths: list[floa
     cells = [(c, d, rng.randrange(10000, 99999)) for c in contexts for d in depths for _ in range(needles)]
     correct = {(s.label, c, d): 0 for s in settings for c in contexts for d in depths}
     kv_bytes = {(s.label, c): [] for s in settings for c in contexts}
+    prefill_s = {c: [] for c in contexts}
+    decode_s = {(s.label, c): [0.0, 0] for s in settings for c in contexts}   # seconds, tokens
     answers = []
     bar = tqdm(total=len(cells) * len(settings), disable=not progress, desc="needle")
     for context, depth, number in cells:
         ids = hay.prompt(context, depth, number)
-        pre = Prefilled(engine, ids[:-1], ANSWER_TOKENS + 1)
+        pre = Prefilled(engine, ids[:-1], ANSWER_TOKENS + 1, record=records(settings))
+        prefill_s[context].append(pre.seconds)
         for s in settings:
             cache = pre.compressed(s)
             kv_bytes[(s.label, context)].append(cache.nbytes)
-            out = engine.tokenizer.decode(greedy(engine, cache, ids[-1], ANSWER_TOKENS))
+            start = time.perf_counter()
+            answer = greedy(engine, cache, ids[-1], ANSWER_TOKENS)
+            timing = decode_s[(s.label, context)]
+            timing[0] += time.perf_counter() - start
+            timing[1] += len(answer) + 1
+            out = engine.tokenizer.decode(answer)
             ok = str(number) in out
             correct[(s.label, context, depth)] += ok
             answers.append({"setting": s.label, "context": context, "depth": depth, "number": number,
@@ -83,15 +92,23 @@ def run_needle(engine: Engine, text: str, contexts: list[int], depths: list[floa
     def mean_bytes(label: str, context: int) -> int:
         return round(sum(kv_bytes[(label, context)]) / len(kv_bytes[(label, context)]))
 
+    def speed(label: str, context: int) -> dict:
+        """The prompt's (dense, shared) prefill seconds and this setting's answer tokens per second."""
+        seconds, tokens = decode_s[(label, context)]
+        return {"prefill_s": sum(prefill_s[context]) / len(prefill_s[context]),
+                "decode_tokens_per_s": tokens / seconds if seconds else 0.0}
+
     full = settings[0].label
     return {
         "model": engine.name, "task": "needle", "contexts": contexts, "depths": depths, "needles": needles,
         "baseline": {"accuracy": sum(accuracy(full, c) for c in contexts) / len(contexts),
                      "kv_bytes": round(sum(mean_bytes(full, c) for c in contexts) / len(contexts)),
+                     "attention": "dense",
                      "per_context": [{"context": c, "accuracy": accuracy(full, c), "kv_bytes": mean_bytes(full, c),
-                                      "depths": by_depth(full, c)} for c in contexts]},
-        "runs": [{"press": s.press, "ratio": s.ratio, "context": c, "accuracy": accuracy(s.label, c),
-                  "kv_bytes": mean_bytes(s.label, c), "depths": by_depth(s.label, c)}
+                                      "depths": by_depth(full, c), **speed(full, c)} for c in contexts]},
+        "runs": [{"press": s.press, "ratio": s.ratio, "attention": s.attention, "context": c,
+                  "accuracy": accuracy(s.label, c), "kv_bytes": mean_bytes(s.label, c), "depths": by_depth(s.label, c),
+                  **speed(s.label, c)}
                  for s in settings[1:] for c in contexts],
         "answers": answers,
     }

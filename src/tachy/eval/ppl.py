@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..engine import Engine
-from .sweep import Prefilled, Setting
+from .sweep import Prefilled, Setting, records
 
 
 def run_ppl(engine: Engine, text: str, contexts: list[int], settings: list[Setting], tokens: int = 256,
@@ -30,13 +30,12 @@ def run_ppl(engine: Engine, text: str, contexts: list[int], settings: list[Setti
         for start in starts:
             prompt = bos + ids[start:start + context - len(bos)]
             target = ids[start + context - len(bos): start + context - len(bos) + tokens]
-            pre = Prefilled(engine, prompt, tokens)
+            pre = Prefilled(engine, prompt, tokens, record=records(settings))
             for s in settings:
                 cache = pre.compressed(s)
                 kv_bytes[(s.label, context)].append(cache.nbytes)
                 x = torch.tensor([target], device=engine.device)
-                positions = cache.position + torch.arange(tokens, device=engine.device)
-                logits = engine.model(x, positions, cache)[0, :-1].float()
+                logits = score(engine, x, cache, one_by_one=s.attention != "dense")
                 nll[(s.label, context)].append(float(F.cross_entropy(logits, x[0, 1:], reduction="sum")))
                 bar.update()
     bar.close()
@@ -50,11 +49,21 @@ def run_ppl(engine: Engine, text: str, contexts: list[int], settings: list[Setti
     full = settings[0].label
     return {
         "model": engine.name, "task": "ppl", "contexts": contexts, "tokens": tokens, "windows": windows,
-        "baseline": {"ppl": math.exp(sum(sum(nll[(full, c)]) for c in contexts)
+        "baseline": {"attention": "dense", "ppl": math.exp(sum(sum(nll[(full, c)]) for c in contexts)
                                      / (len(contexts) * windows * (tokens - 1))),
                      "kv_bytes": round(sum(mean_bytes(full, c) for c in contexts) / len(contexts)),
                      "per_context": [{"context": c, "ppl": ppl(full, c), "kv_bytes": mean_bytes(full, c)}
                                      for c in contexts]},
-        "runs": [{"press": s.press, "ratio": s.ratio, "context": c, "ppl": ppl(s.label, c),
+        "runs": [{"press": s.press, "ratio": s.ratio, "attention": s.attention, "context": c, "ppl": ppl(s.label, c),
                   "kv_bytes": mean_bytes(s.label, c)} for s in settings[1:] for c in contexts],
     }
+
+
+def score(engine: Engine, x: torch.Tensor, cache, one_by_one: bool) -> torch.Tensor:
+    """Logits [n-1, V] predicting x[0, 1:] after the cache: one teacher-forced forward, or (sparse attention,
+    which chooses keys per decoded token) one forward per token, as decoding reads them."""
+    positions = cache.position + torch.arange(x.shape[1], device=engine.device)
+    if not one_by_one:
+        return engine.model(x, positions, cache)[0, :-1].float()
+    rows = [engine.model(x[:, i:i + 1], positions[i:i + 1], cache)[0, 0] for i in range(x.shape[1] - 1)]
+    return torch.stack(rows).float()
