@@ -17,6 +17,8 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..cache import KVCache, key_bucket
 from ..decoding import GenerationConfig
 from ..engine import Engine
@@ -192,3 +194,17 @@ class Prefilled:
             press.apply(cache, self.memo)
         return cache
 
+
+def greedy(engine: Engine, cache: KVCache, token: int, n: int) -> list[int]:
+    """Forward ``token`` at the cache's next position, then decode greedily; return the ``n`` new tokens
+    (benchmarks/press_speed.py times decoding over a ``Prefilled`` copy with it)."""
+    out: list[int] = []
+    eos = set(engine.tokenizer.eos_token_ids)
+    for _ in range(n):
+        logits = engine.model(torch.tensor([[token]], device=engine.device),
+                              torch.tensor([cache.position], device=engine.device), cache)
+        token = int(logits[0, -1].argmax())
+        if token in eos:
+            break
+        out.append(token)
+    return out
