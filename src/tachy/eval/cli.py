@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                    "common words")):
         t = tasks.add_parser(name, help=help_)
         t.add_argument("--press", default="none" if name == "ruler" else "snapkv",
-                       help="comma-separated press names, 'all', or 'none' (the dense baseline only)")
+                       help="comma-separated press names, 'all', 'none' (no press; alone: the dense baseline only)")
         t.add_argument("--ratio", default="0.5", help="comma-separated compression ratios in [0, 1)")
         t.add_argument("--context", default="2048,4096", help="comma-separated context lengths (tokens)")
         t.add_argument("--out", default=f"eval_{name}", help="output folder")
@@ -85,13 +85,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name in ("needle", "ruler"):
             t.add_argument("--haystack", default=None,
                            help="plain-text file the haystack is cut from (default: shared/data/tinyshakespeare.txt)")
-            t.add_argument("--seed", type=int, default=0)
+            t.add_argument("--seed", type=int, default=0, help="seed of the needles and samples")
         if name == "needle":
             t.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, fractions of the haystack")
             t.add_argument("--needles", type=int, default=1, help="needles (random numbers) per cell")
         elif name == "ruler":
             t.add_argument("--tasks", default="all",
-                           help="comma-separated tasks: niah_multikey, niah_multivalue, niah_multiquery, vt, cwe")
+                           help="comma-separated tasks (default all): niah_multikey, niah_multivalue, niah_multiquery, "
+                                "vt, cwe")
             t.add_argument("--samples", "--limit", dest="samples", type=int, default=4,
                            help="samples per task and context")
         else:
