@@ -59,16 +59,18 @@ def test_needle_and_ppl_smoke_on_the_real_model(tmp_path):
     assert (out / "ppl.png").stat().st_size > 0
 
 
-def test_settings_add_sparse_attention_after_the_presses():
-    assert [x.label for x in settings(None, "0.5", "quest,tidal:budget=512")] == ["full", "quest", "tidal:budget=512"]
-    s = settings("snapkv", "0.5", "quest")
-    assert [(x.label, x.attention) for x in s] == [("full", "dense"), ("snapkv@0.5", "dense"), ("quest", "quest")]
+def test_settings_run_every_press_under_every_attention():
+    assert [x.label for x in settings("none", "0.5", "quest,tidal:budget=512")] == \
+        ["full", "none/quest", "none/tidal:budget=512"]
+    s = settings("snapkv", "0.5", "dense,quest")
+    assert [(x.label, x.attention) for x in s] == [("full", "dense"), ("snapkv@0.5", "dense"),
+                                                   ("snapkv@0.5/quest", "quest")]
     with pytest.raises(UnknownNameError, match="unknown attention 'nope'"):
-        settings(None, "0.5", "quest,nope")
+        settings("none", "0.5", "quest,nope")
 
 
 def test_cli_rejects_an_unknown_attention_in_one_line(tmp_path, capsys):
-    assert main(["eval", "needle", "--attention", "nope", "--out", str(tmp_path)]) == 2
+    assert main(["eval", "needle", "--press", "none", "--attention", "nope", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown attention 'nope'" in err[0]
 
@@ -78,18 +80,19 @@ def test_cli_rejects_an_unknown_attention_in_one_line(tmp_path, capsys):
 @needs_data
 def test_needle_and_ppl_under_sparse_attention_on_the_real_model(tmp_path):
     out = tmp_path / "needle"
-    assert main(["eval", "needle", "--context", "640", "--depths", "0.5", "--attention", "quest:budget=256",
-                 "--out", str(out)]) == 0
+    assert main(["eval", "needle", "--context", "640", "--depths", "0.5", "--press", "none",
+                 "--attention", "quest:budget=256", "--out", str(out)]) == 0
     r = json.loads((out / "results.json").read_text())
     assert r["baseline"]["attention"] == "dense" and r["baseline"]["per_context"][0]["prefill_s"] > 0
     run = r["runs"][0]
-    assert (run["press"], run["attention"], run["context"]) == ("full", "quest:budget=256", 640)
-    assert run["decode_tokens_per_s"] > 0 and run["kv_bytes"] == r["baseline"]["kv_bytes"]   # keeps every key
-    assert "| full | 0 | quest:budget=256 |" in (out / "results.md").read_text()
+    assert (run["press"], run["attention"], run["context"]) == ("none", "quest:budget=256", 640)
+    assert run["kv_bytes"] == r["baseline"]["kv_bytes"]   # sparse attention keeps every key
+    assert "| none | 0 | quest:budget=256 |" in (out / "results.md").read_text()
 
     out = tmp_path / "ppl"
-    assert main(["eval", "ppl", "--context", "512", "--tokens", "16", "--windows", "1", "--attention",
-                 "quest:budget=160", "--out", str(out)]) == 0
+    assert main(["eval", "ppl", "--context", "512", "--tokens", "16", "--windows", "1", "--press", "none",
+                 "--attention", "quest:budget=160", "--out", str(out)]) == 0
     r = json.loads((out / "results.json").read_text())
     assert r["runs"][0]["attention"] == "quest:budget=160" and r["runs"][0]["ppl"] != r["baseline"]["ppl"]
     assert abs(r["runs"][0]["ppl"] / r["baseline"]["ppl"] - 1) < 0.5
+    assert "| none | 0 | quest:budget=160 |" in (out / "results.md").read_text()

@@ -1,5 +1,6 @@
 """Perplexity under compression: prefill ``context`` tokens of a text, compress, then score the next
-``tokens`` tokens teacher-forced over the compressed cache (one forward). Several windows spread over the text
+``tokens`` tokens teacher-forced over the compressed cache (one forward; under sparse attention one forward
+per token, as decoding reads the cache). Several windows spread over the text
 average out its local difficulty; every setting sees the same windows and the same prefill.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..engine import Engine
-from .sweep import Prefilled, Setting, records
+from .sweep import DENSE, Prefilled, Setting, records
 
 
 def run_ppl(engine: Engine, text: str, contexts: list[int], settings: list[Setting], tokens: int = 256,
@@ -35,7 +36,7 @@ def run_ppl(engine: Engine, text: str, contexts: list[int], settings: list[Setti
                 cache = pre.compressed(s)
                 kv_bytes[(s.label, context)].append(cache.nbytes)
                 x = torch.tensor([target], device=engine.device)
-                logits = score(engine, x, cache, one_by_one=s.attention != "dense")
+                logits = score(engine, x, cache, one_by_one=s.attention != DENSE)
                 nll[(s.label, context)].append(float(F.cross_entropy(logits, x[0, 1:], reduction="sum")))
                 bar.update()
     bar.close()
@@ -49,7 +50,7 @@ def run_ppl(engine: Engine, text: str, contexts: list[int], settings: list[Setti
     full = settings[0].label
     return {
         "model": engine.name, "task": "ppl", "contexts": contexts, "tokens": tokens, "windows": windows,
-        "baseline": {"attention": "dense", "ppl": math.exp(sum(sum(nll[(full, c)]) for c in contexts)
+        "baseline": {"attention": DENSE, "ppl": math.exp(sum(sum(nll[(full, c)]) for c in contexts)
                                      / (len(contexts) * windows * (tokens - 1))),
                      "kv_bytes": round(sum(mean_bytes(full, c) for c in contexts) / len(contexts)),
                      "per_context": [{"context": c, "ppl": ppl(full, c), "kv_bytes": mean_bytes(full, c)}
@@ -60,8 +61,8 @@ def run_ppl(engine: Engine, text: str, contexts: list[int], settings: list[Setti
 
 
 def score(engine: Engine, x: torch.Tensor, cache, one_by_one: bool) -> torch.Tensor:
-    """Logits [n-1, V] predicting x[0, 1:] after the cache: one teacher-forced forward, or (sparse attention,
-    which chooses keys per decoded token) one forward per token, as decoding reads them."""
+    """Logits [n-1, V] predicting x[0, 1:] after the cache: one teacher-forced forward, or, under sparse
+    attention (which chooses keys per decoded token), one forward per token, as decoding reads them."""
     positions = cache.position + torch.arange(x.shape[1], device=engine.device)
     if not one_by_one:
         return engine.model(x, positions, cache)[0, :-1].float()
