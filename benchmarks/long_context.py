@@ -15,8 +15,9 @@ Writes results.json and results.md to ``--out``.
 
 A dense 8k prefill takes minutes on one busy core, and every decode-time method prefills the same way
 (densely, the same bits), so only the ``--ttft`` settings prefill for real each round; the others start from a
-copy of the first real prefill's cache (``SharedPrefill``), and their "prefill s" is the median real prefill
-plus their own time to first token beyond it (drafter set-up, sparse attention attach).
+copy of the first real prefill's cache (``SharedPrefill``; ``--keep-prefill FILE`` keeps it for later runs),
+and their "prefill s" is the median real prefill plus their own time to first token beyond it (drafter set-up,
+sparse attention attach).
 """
 from __future__ import annotations
 
@@ -54,19 +55,29 @@ class SharedPrefill:
     """Stands in for ``Engine._prefill`` (patched on the engine): the first call prefills for real and keeps
     the cache's K/V and the logits; later calls with ``real=False`` copy them into the new cache."""
 
-    def __init__(self, engine):
-        self.engine, self.real, self.saved = engine, True, None
+    def __init__(self, engine, keep: Path | None = None):
+        """keep: a file to keep the first prefill in (and its seconds), reused by later runs of the benchmark
+        with the same prompt: one dense 8k prefill is minutes on a busy core."""
+        self.engine, self.real, self.saved, self.keep = engine, True, None, keep
         self.prefill = engine._prefill
         self.seconds: list[float] = []     # each real prefill's
         engine._prefill = self
 
     def __call__(self, prompt_ids, cache, press=None):
+        if self.saved is None and self.keep is not None and self.keep.is_file():
+            kept = torch.load(self.keep)
+            if kept["ids"] == list(prompt_ids):
+                self.saved = (kept["k"], kept["v"], kept["n"], kept["logits"])
+                self.seconds.append(kept["seconds"])
         if self.real or self.saved is None:
             start = time.perf_counter()
             logits = self.prefill(prompt_ids, cache, press)
             self.seconds.append(time.perf_counter() - start)
             n = cache.length
             self.saved = (cache.k[:, :, :, :n].clone(), cache.v[:, :, :, :n].clone(), n, logits.clone())
+            if self.keep is not None and not self.keep.is_file():
+                torch.save({"ids": list(prompt_ids), "k": self.saved[0], "v": self.saved[1], "n": n,
+                            "logits": self.saved[3], "seconds": self.seconds[-1]}, self.keep)
             return logits
         k, v, n, logits = self.saved
         cache.k[:, :, :, :n], cache.v[:, :, :, :n] = k, v
@@ -94,6 +105,8 @@ def main() -> None:
     ap.add_argument("--settings", default="dense,quest,tidal,dense+default,quest+default")
     ap.add_argument("--ttft", default="dense,dense+default",
                     help="settings that prefill for real every round (time to first token compared)")
+    ap.add_argument("--keep-prefill", default=None,
+                    help="file keeping the first dense prefill (and its seconds) for later runs of this benchmark")
     ap.add_argument("--out", default="docs/results/long_context")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,7 +119,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {s: [] for s in settings}
     outputs: dict[str, list[int]] = {}
     engine.generate(ids[:64], max_new_tokens=4, drafter=None)   # warm-up (kernels, step costs)
-    shared = SharedPrefill(engine)
+    shared = SharedPrefill(engine, Path(args.keep_prefill) if args.keep_prefill else None)
     for r in range(args.rounds):
         for s in settings[r % len(settings):] + settings[:r % len(settings)]:
             attention, drafter = parse_setting(s)
@@ -121,7 +134,8 @@ def main() -> None:
             outputs[s] = tokens
             runs[s].append({"prefill_s": stats.prefill_s, "first_piece_s": first, "real_prefill": shared.real,
                             "decode_tokens_per_s": stats.tokens_per_s,
-                            "tokens_per_forward": stats.mean_accepted})
+                            "tokens_per_forward": stats.mean_accepted, "drafted": stats.drafted,
+                            "accepted": stats.accepted, "forwards": stats.forwards})
             print(f"round {r} {s}: prefill {stats.prefill_s:.2f}s, decode {stats.tokens_per_s:.2f} tokens/s",
                   flush=True)
     context = len(ids) + args.tokens // 2
