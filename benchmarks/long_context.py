@@ -6,7 +6,8 @@ drafter vs plain decoding, on one long prompt (interleaved rounds, medians).
         [--out docs/results/long_context]
 
 A setting is ``ATTENTION[+DRAFTER]`` (drafter ``none`` unless given; an attention may carry options:
-``quest:budget=512+default``). Each round runs every setting in turn through ``Engine.stream`` (order rotating
+``quest:budget=512+default``; ``DRAFTER@128`` weighs drafts by the costs measured after 128 tokens alone, as
+drafters did before they scaled them with the context). Each round runs every setting in turn through ``Engine.stream`` (order rotating
 per round, so machine noise spreads over all alike): the prompt (tinyshakespeare cut to ``--context`` tokens,
 then a question, as a chat turn; shortened so that it and the new tokens fit the model's window) is prefilled, then ``--tokens`` greedy tokens are decoded (EOS ignored).
 Reported per setting: median time to first token (prefill) and decode tokens/s, and the K/V bytes one decoded
@@ -41,6 +42,26 @@ def parse_setting(text: str) -> tuple[str, str]:
     """'quest:budget=512+default' -> ('quest:budget=512', 'default'); the drafter defaults to none."""
     attention, _, drafter = text.partition("+")
     return attention, drafter or "none"
+
+
+SHORT_COSTS = "@128"   # a drafter name suffix: its costs as measured after 128 tokens, not scaled by context
+
+
+def drafter_for(engine, name: str):
+    """The drafter a setting names: a registry name, or NAME@128, a fresh NAME that weighs drafts by the
+    forward costs measured after 128 tokens alone (key_cost 0: how drafters chose before Drafter.costs_at)."""
+    if not name.endswith(SHORT_COSTS):
+        return name
+    from tachy.speculative.drafters import make_drafter
+
+    drafter = make_drafter(name.removesuffix(SHORT_COSTS))
+    drafter.check_target(engine)
+    pending = [drafter]
+    while pending:   # every drafter inside the wrappers
+        d = pending.pop()
+        d.key_cost = 0.0
+        pending += [x for x in [getattr(d, "inner", None), *getattr(d, "drafters", [])] if x is not None]
+    return drafter
 
 
 def long_prompt(engine, context: int) -> list[int]:
@@ -112,9 +133,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     settings = args.settings.split(",")
     for s in settings:
-        GenerationConfig(attention=parse_setting(s)[0], drafter=parse_setting(s)[1])   # bad names fail now
+        GenerationConfig(attention=parse_setting(s)[0], drafter=parse_setting(s)[1].removesuffix(SHORT_COSTS))
     engine = tachy.load(args.model, progress=False)
     ids = long_prompt(engine, min(args.context, engine.max_context - args.tokens - 1))   # the window holds both
+    drafters = {s: drafter_for(engine, parse_setting(s)[1]) for s in settings}
     real = [s for s in args.ttft.split(",") if s]
     runs: dict[str, list[dict]] = {s: [] for s in settings}
     outputs: dict[str, list[int]] = {}
@@ -125,7 +147,7 @@ def main() -> None:
             attention, drafter = parse_setting(s)
             shared.real = s in real
             config = GenerationConfig(max_new_tokens=args.tokens, ignore_eos=True, attention=attention,
-                                      drafter=drafter)
+                                      drafter=drafters[s])
             tokens, stats, start, first = [], None, time.perf_counter(), None
             for piece in engine.stream(ids, config):
                 first = first or time.perf_counter() - start
@@ -135,7 +157,8 @@ def main() -> None:
             runs[s].append({"prefill_s": stats.prefill_s, "first_piece_s": first, "real_prefill": shared.real,
                             "decode_tokens_per_s": stats.tokens_per_s,
                             "tokens_per_forward": stats.mean_accepted, "drafted": stats.drafted,
-                            "accepted": stats.accepted, "forwards": stats.forwards})
+                            "accepted": stats.accepted, "forwards": stats.forwards,
+                            "draft_s": stats.draft_s, "decode_s": stats.decode_s})
             print(f"round {r} {s}: prefill {stats.prefill_s:.2f}s, decode {stats.tokens_per_s:.2f} tokens/s",
                   flush=True)
     context = len(ids) + args.tokens // 2
