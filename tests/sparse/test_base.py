@@ -62,3 +62,10 @@ def test_cli_rejects_bad_attention_before_loading(capsys):
     assert "unknown attention 'nope'; available: dense, quest, tidal" in capsys.readouterr().err
     assert main(["generate", "hi", "--attention", "quest:budget=10"]) == 2
     assert "leaves nothing to choose" in capsys.readouterr().err
+
+
+def test_the_servers_tachy_field_takes_an_attention():
+    from tachy.server.schemas import TachyOptions
+
+    assert TachyOptions(attention="quest:budget=512").attention == "quest:budget=512"
+    assert TachyOptions().attention is None

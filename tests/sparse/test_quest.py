@@ -78,8 +78,10 @@ def tokens(model, n, seed):
 
 
 @needs_kernels
-@pytest.mark.parametrize("attention", [SMALL, SMALL.replace("quest:page_size=4,", "tidal:selection=0,")])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch, attention", [
+    ("llama", SMALL), ("qwen2", SMALL), ("gemma3", SMALL),    # gemma3: sliding layers dense, its full layer sparse
+    ("llama", SMALL.replace("quest:page_size=4,", "tidal:selection=0,")),
+    ("qwen2", SMALL.replace("quest:page_size=4,", "tidal:selection=0,"))])
 def test_c_verify_rows_keep_one_token_decodings_bits(arch, attention):
     model = tiny_gguf_model(arch, seed=4)
     prompt, chain = tokens(model, 60, 1), tokens(model, 17, 2)
