@@ -15,7 +15,8 @@ from tachy.sparse.quest import page_bounds, page_scores
 from tests.conftest import tiny_gguf_model, tiny_model
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="kernels unavailable")
-SMALL = "quest:page_size=4,sinks=4,window=20,budget=40"    # 60-token prompts: 9 candidate pages, 4 chosen
+SMALL = "quest:page_size=4,sinks=4,window=20,budget=40,dense_layers=0"   # 60-token prompts: 9 candidate pages, 4 chosen
+TIDAL_SMALL = "tidal:selection=0,sinks=4,window=20,budget=40"
 
 
 @pytest.mark.parametrize("page", [1, 4, 16])
@@ -80,8 +81,8 @@ def tokens(model, n, seed):
 @needs_kernels
 @pytest.mark.parametrize("arch, attention", [
     ("llama", SMALL), ("qwen2", SMALL), ("gemma3", SMALL),    # gemma3: sliding layers dense, its full layer sparse
-    ("llama", SMALL.replace("quest:page_size=4,", "tidal:selection=0,")),
-    ("qwen2", SMALL.replace("quest:page_size=4,", "tidal:selection=0,"))])
+    ("llama", TIDAL_SMALL),
+    ("qwen2", TIDAL_SMALL)])
 def test_c_verify_rows_keep_one_token_decodings_bits(arch, attention):
     model = tiny_gguf_model(arch, seed=4)
     prompt, chain = tokens(model, 60, 1), tokens(model, 17, 2)

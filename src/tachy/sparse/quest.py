@@ -39,13 +39,19 @@ def page_scores(q: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 @dataclass
 class QuestAttention(SparseAttention):
     page_size: int = 16
+    dense_layers: int = 2       # the first layers read every key (as in the paper: they are the least sparse)
     name = "quest"
     method_id = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.page_size, int) or not 1 <= self.page_size <= 256:
             raise InvalidArgumentError(f"quest: page_size must be a whole number in [1, 256], got {self.page_size!r}")
+        if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise InvalidArgumentError(f"quest: dense_layers must be a whole number >= 0, got {self.dense_layers!r}")
         super().__post_init__()
+
+    def layer_roles(self, config):
+        return [DENSE if i < self.dense_layers else role for i, role in enumerate(super().layer_roles(config))]
 
     @property
     def unit(self) -> int:
