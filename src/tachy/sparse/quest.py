@@ -39,7 +39,7 @@ def page_scores(q: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 @dataclass
 class QuestAttention(SparseAttention):
     page_size: int = 16
-    dense_layers: int = 2       # the first layers read every key (as in the paper: they are the least sparse)
+    dense_layers: int = 0       # the first layers read every key (the paper keeps 2 dense: dense_layers=2)
     name = "quest"
     method_id = 1
 
