@@ -83,15 +83,22 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        """200 "ok"; 503 "stalled" when the worker has been busy without progress for ``stall_s`` (a load
-        balancer should route elsewhere or restart the process), 503 "shutting_down" while stopping."""
+    def health_report() -> dict:
+        """The health check's answer: status "ok", "stalled" when the worker has been busy without progress
+        for ``stall_s`` (a load balancer should route elsewhere or restart the process) or "shutting_down"
+        while stopping. Also ``app.state.health`` for hosts that check health without HTTP (Ray Serve)."""
         stalled = scheduler.stalled_for()
         status = "shutting_down" if scheduler.closed else "stalled" if stalled > stall_s else "ok"
-        return JSONResponse({"status": status, "model": model_name, "queue_depth": scheduler.queue_depth,
-                             "running": scheduler.running, "seconds_since_progress": round(stalled, 1)},
-                            status_code=200 if status == "ok" else 503)
+        return {"status": status, "model": model_name, "queue_depth": scheduler.queue_depth,
+                "running": scheduler.running, "seconds_since_progress": round(stalled, 1)}
+
+    app.state.health = health_report
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 "ok"; 503 "stalled" or "shutting_down" (health_report)."""
+        report = health_report()
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
