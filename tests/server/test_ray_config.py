@@ -1,0 +1,43 @@
+"""`tachy serve --ray` without a cluster: its options, the deployment they make, and the router's hashing."""
+from __future__ import annotations
+
+import pytest
+
+from tachy.cli import main
+
+
+def test_ray_options_need_ray(capsys):
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert "--replicas needs --ray" in capsys.readouterr().err
+
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (make test installs requirements/ray.txt)")
+
+from tachy.server.ray_router import rendezvous_order  # noqa: E402
+from tachy.server.ray_serve import RayServeConfig  # noqa: E402
+
+
+def test_bad_autoscaling_bounds_are_a_user_error(capsys):
+    assert main(["serve", "--ray", "--replicas", "3", "--max-replicas", "2"]) == 2
+    assert "max_replicas" in capsys.readouterr().err
+
+
+def test_fixed_replicas_or_autoscaling_bounds():
+    fixed = RayServeConfig(replicas=3, replica_cpus=2).deployment_options()
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.0}
+    assert fixed["request_router_config"].request_router_class.endswith("ConversationRouter")
+    scaled = RayServeConfig(replicas=2, min_replicas=1, max_replicas=4).deployment_options()
+    assert "num_replicas" not in scaled
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 2,
+                                            "target_ongoing_requests": 4.0}
+
+
+def test_rendezvous_moves_only_the_sessions_of_a_replica_that_left():
+    replicas = ["a1", "b2", "c3"]
+    sessions = [f"conversation-{i}" for i in range(300)]
+    before = {s: rendezvous_order(s, replicas)[0] for s in sessions}
+    assert set(before.values()) == set(replicas)   # every replica gets some
+    after = {s: rendezvous_order(s, ["a1", "c3"])[0] for s in sessions}
+    assert all(after[s] == before[s] for s in sessions if before[s] != "b2")
+    assert rendezvous_order("x", replicas) == rendezvous_order("x", list(reversed(replicas)))
