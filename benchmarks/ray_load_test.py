@@ -112,7 +112,7 @@ def main() -> None:
                "concurrency": args.concurrency, "replicas": args.replicas, "replica_threads": args.replica_threads,
                "machine": f"{os.cpu_count()} CPUs ({platform.machine()}), shared; 1-minute load average "
                           f"{os.getloadavg()[0]:.2f} before the run",
-               "command": "python benchmarks/ray_load_test.py " + " ".join(sys.argv[1:]), "load": {}}
+               "command": " ".join(["python benchmarks/ray_load_test.py", *sys.argv[1:]]), "load": {}}
     procs, twin = [], None
     try:
         for threads in args.direct_threads:
