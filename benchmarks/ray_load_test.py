@@ -56,13 +56,15 @@ def start_ray(model: str, replicas: int, threads: int) -> str:
     import ray
 
     from tachy.server.background import free_port
-    from tachy.server.ray_serve import EngineSpec, RayServeConfig, start
+    from tachy.server.ray_serve import EngineSpec, RayServeConfig, replica_room, start
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address="local", num_cpus=replicas * threads, include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
-    config = RayServeConfig(replicas=replicas, replica_cpus=threads, port=free_port(), max_ongoing_requests=256 + 8)
-    return start(EngineSpec(model=model, threads=threads), {"max_queue": 256, "max_batch": 8}, config)
+    options = {"max_queue": 256, "max_batch": 8}   # as the single-process server (load_test.start_server)
+    config = RayServeConfig(replicas=replicas, replica_cpus=threads, port=free_port(),
+                            max_ongoing_requests=replica_room(options))
+    return start(EngineSpec(model=model), options, config)
 
 
 def report(results: dict) -> str:

@@ -17,7 +17,7 @@ openai = pytest.importorskip("openai")
 
 from tachy.server.background import free_port  # noqa: E402
 from tachy.server.ray_router import rendezvous_order  # noqa: E402
-from tachy.server.ray_serve import REPLICA_HEADER, EngineSpec, RayServeConfig  # noqa: E402
+from tachy.server.ray_serve import REPLICA_HEADER, EngineSpec, RayServeConfig, replica_room  # noqa: E402
 
 from .conftest import API_KEY  # noqa: E402
 
@@ -45,8 +45,10 @@ def ray_url():
     except Exception as e:  # noqa: BLE001 - any reason Ray cannot start here is a skip, said plainly
         pytest.skip(f"Ray cannot start on this machine: {e!r}")
     try:
-        url = start(EngineSpec(model=MODEL), {"api_key": API_KEY, "max_queue": 8, "max_batch": 4},
-                    RayServeConfig(replicas=2, port=free_port(), max_ongoing_requests=12, health_period_s=2))
+        options = {"api_key": API_KEY, "max_queue": 8, "max_batch": 4}
+        url = start(EngineSpec(model=MODEL, threads=1), options,
+                    RayServeConfig(replicas=2, port=free_port(), max_ongoing_requests=replica_room(options),
+                                   health_period_s=2))
         yield url
     finally:
         serve.shutdown()

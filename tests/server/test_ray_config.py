@@ -41,3 +41,25 @@ def test_rendezvous_moves_only_the_sessions_of_a_replica_that_left():
     after = {s: rendezvous_order(s, ["a1", "c3"])[0] for s in sessions}
     assert all(after[s] == before[s] for s in sessions if before[s] != "b2")
     assert rendezvous_order("x", replicas) == rendezvous_order("x", list(reversed(replicas)))
+
+
+def test_the_kuberay_manifest_builds_the_application():
+    """docs/scale_out/rayservice.yaml: its Serve config passes Ray's schema and its args build the app."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from tachy.server import ray_serve
+
+    manifest = yaml.safe_load((Path(__file__).parents[2] / "docs" / "scale_out" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService"
+    serve_config = ServeDeploySchema(**yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    app = serve_config.applications[0]
+    module, name = app.import_path.split(":")
+    assert module == ray_serve.__name__ and getattr(ray_serve, name) is ray_serve.build
+    deployment = ray_serve.build(app.args)._bound_deployment
+    assert deployment._deployment_config.max_ongoing_requests == 72   # max_batch + max_queue
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 8
+    spec, options = deployment.init_args
+    assert spec == ray_serve.EngineSpec(model="smollm2-135m") and options == {"max_batch": 8, "max_queue": 64}

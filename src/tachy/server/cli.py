@@ -59,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_serve_ray(args: argparse.Namespace, options: dict) -> int:
     """``tachy serve --ray``: the same app on Ray Serve, one engine per replica (ray_serve.py)."""
     try:
-        from .ray_serve import EngineSpec, RayServeConfig, serve_forever
+        from .ray_serve import EngineSpec, RayServeConfig, replica_room, serve_forever
     except ModuleNotFoundError as e:
         raise TachyError(f"--ray needs {e.name}: pip install 'tachy[ray]'") from None
     from ..registry import DEFAULT_MODEL, resolve_model
@@ -69,12 +69,11 @@ def cmd_serve_ray(args: argparse.Namespace, options: dict) -> int:
         config = RayServeConfig(
             replicas=args.replicas if args.replicas is not None else 1, min_replicas=args.min_replicas,
             max_replicas=args.max_replicas, replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
-            max_ongoing_requests=options["max_queue"] + options["max_batch"], host=args.host, port=args.port,
+            max_ongoing_requests=replica_room(options), host=args.host, port=args.port,
             address=args.ray_address)
     except ValueError as e:
         raise TachyError(str(e)) from None
-    spec = EngineSpec(model=args.model, dtype=args.dtype, device=args.device,
-                      threads=max(1, int(args.replica_cpus)))
+    spec = EngineSpec(model=args.model, dtype=args.dtype, device=args.device)
     serve_forever(spec, options, config)
     return 0
 

@@ -9,6 +9,7 @@ autoscaling between bounds. Needs the ``ray`` extra: ``pip install 'tachy[ray]'`
 """
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import time
@@ -25,11 +26,12 @@ REPLICA_HEADER = "x-tachy-replica"   # every response names the replica that ans
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What each replica loads (the arguments of ``tachy.load``) and how many torch threads it runs."""
+    """What each replica loads (the arguments of ``tachy.load``) and how many torch threads it runs (None:
+    as many as the CPUs Ray gave the replica)."""
     model: str | None = None
     dtype: str | None = None
     device: str | None = None
-    threads: int = 1
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,10 @@ class TachyReplica:
 
         import tachy
 
-        torch.set_num_threads(spec.threads)
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(spec.threads or max(1, int(cpus)))
         self.engine = tachy.load(spec.model, dtype=spec.dtype, device=spec.device, progress=False)
         self.app_options = app_options
         self.replica_id = serve.get_replica_context().replica_tag
@@ -138,6 +143,26 @@ def application(spec: EngineSpec, app_options: dict[str, Any], config: RayServeC
     """The Ray Serve application (``serve.run`` it, or point a Serve config file's import_path at a builder
     that returns it)."""
     return TachyReplica.options(**config.deployment_options()).bind(spec, app_options)
+
+
+def build(args: dict[str, Any]):
+    """Application builder for Serve config files and KubeRay's RayService (``import_path:
+    tachy.server.ray_serve:build``). ``args`` holds fields of EngineSpec and RayServeConfig by name, the
+    rest are ``create_app``'s options (max_batch, max_queue, api_key ...); there the config file's
+    ``http_options`` decide host and port."""
+    names = lambda cls: {f.name for f in dataclasses.fields(cls)}   # noqa: E731
+    spec = EngineSpec(**{k: v for k, v in args.items() if k in names(EngineSpec)})
+    config = RayServeConfig(**{k: v for k, v in args.items() if k in names(RayServeConfig)})
+    options = {k: v for k, v in args.items() if k not in names(EngineSpec) | names(RayServeConfig)}
+    if "max_ongoing_requests" not in args:
+        config = dataclasses.replace(config, max_ongoing_requests=replica_room(options))
+    return application(spec, options, config)
+
+
+def replica_room(app_options: dict[str, Any]) -> int:
+    """How many requests Ray should send one replica at once: what its app batches plus what it queues
+    (more would get 429 from the replica while another has room)."""
+    return app_options.get("max_queue", 64) + app_options.get("max_batch", 8)
 
 
 def start(spec: EngineSpec, app_options: dict[str, Any], config: RayServeConfig, **ray_init: Any) -> str:
