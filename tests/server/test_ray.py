@@ -130,7 +130,8 @@ def test_without_a_session_the_least_loaded_replica_answers(ray_client):
 
 def test_a_replica_killed_mid_stream_ends_its_requests_with_an_error(ray_client):
     """Kill one replica's process while it streams: its stream and its other request fail at once (no hang),
-    the other replica's request completes, and later requests succeed on the survivor or the replacement."""
+    the other replica's request completes, later requests succeed on the survivor, and Ray's replacement
+    takes over the dead replica's share of conversations."""
     ids = replica_ids()
     victim_session = next(f"s{i}" for i in range(64) if rendezvous_order(f"s{i}", ids)[0] == ids[0])
     other_session = next(f"s{i}" for i in range(64) if rendezvous_order(f"s{i}", ids)[0] == ids[1])
@@ -167,3 +168,16 @@ def test_a_replica_killed_mid_stream_ends_its_requests_with_an_error(ray_client)
     for i in range(4):   # the dead replica's sessions move; nothing waits for the replacement
         _, r = chat(ray_client, victim_session if i % 2 else f"after-{i}")
         assert r.choices[0].finish_reason == "length"
+
+    deadline = time.monotonic() + 90   # Ray replaces the dead replica, and routing finds the new one
+    while time.monotonic() < deadline and not (len(replica_ids()) == 2 and ids[0] not in replica_ids()):
+        time.sleep(1)
+    new = [rid for rid in replica_ids() if rid not in ids]
+    assert len(new) == 1, replica_ids()
+    session = next(f"n{i}" for i in range(64) if rendezvous_order(f"n{i}", replica_ids())[0] == new[0])
+    for _ in range(30):   # the replacement counts once the router has heard of it, which takes a moment
+        where, r = chat(ray_client, session)
+        if where == new[0]:
+            break
+        time.sleep(1)
+    assert where == new[0] and r.choices[0].finish_reason == "length"
