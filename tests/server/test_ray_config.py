@@ -1,9 +1,14 @@
 """`tachy serve --ray` without a cluster: its options, the deployment they make, and the router's hashing."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from tachy.cli import main
+
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (make test installs requirements/ray.txt)")
 
 
 def test_ray_options_need_ray(capsys):
@@ -11,18 +16,27 @@ def test_ray_options_need_ray(capsys):
     assert "--replicas needs --ray" in capsys.readouterr().err
 
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (make test installs requirements/ray.txt)")
+@pytest.mark.skipif(HAVE_RAY, reason="Ray is installed")
+def test_without_ray_installed_it_says_how_to_get_it(capsys):
+    assert main(["serve", "--ray"]) == 2
+    assert "pip install 'tachy[ray]'" in capsys.readouterr().err
 
-from tachy.server.ray_router import rendezvous_order  # noqa: E402
-from tachy.server.ray_serve import RayServeConfig  # noqa: E402
+
+@pytest.fixture(scope="module")
+def ray_serve():
+    from tachy.server import ray_serve
+    return ray_serve
 
 
+@needs_ray
 def test_bad_autoscaling_bounds_are_a_user_error(capsys):
     assert main(["serve", "--ray", "--replicas", "3", "--max-replicas", "2"]) == 2
     assert "max_replicas" in capsys.readouterr().err
 
 
-def test_fixed_replicas_or_autoscaling_bounds():
+@needs_ray
+def test_fixed_replicas_or_autoscaling_bounds(ray_serve):
+    RayServeConfig = ray_serve.RayServeConfig
     fixed = RayServeConfig(replicas=3, replica_cpus=2).deployment_options()
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.0}
@@ -33,7 +47,10 @@ def test_fixed_replicas_or_autoscaling_bounds():
                                             "target_ongoing_requests": 4.0}
 
 
+@needs_ray
 def test_rendezvous_moves_only_the_sessions_of_a_replica_that_left():
+    from tachy.server.ray_router import rendezvous_order
+
     replicas = ["a1", "b2", "c3"]
     sessions = [f"conversation-{i}" for i in range(300)]
     before = {s: rendezvous_order(s, replicas)[0] for s in sessions}
@@ -43,14 +60,13 @@ def test_rendezvous_moves_only_the_sessions_of_a_replica_that_left():
     assert rendezvous_order("x", replicas) == rendezvous_order("x", list(reversed(replicas)))
 
 
-def test_the_kuberay_manifest_builds_the_application():
+@needs_ray
+def test_the_kuberay_manifest_builds_the_application(ray_serve):
     """docs/scale_out/rayservice.yaml: its Serve config passes Ray's schema and its args build the app."""
     from pathlib import Path
 
     import yaml
     from ray.serve.schema import ServeDeploySchema
-
-    from tachy.server import ray_serve
 
     manifest = yaml.safe_load((Path(__file__).parents[2] / "docs" / "scale_out" / "rayservice.yaml").read_text())
     assert manifest["kind"] == "RayService"
