@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -113,8 +114,6 @@ class TachyReplica:
 
         import tachy
 
-        import ray
-
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(spec.threads or max(1, int(cpus)))
         self.engine = tachy.load(spec.model, dtype=spec.dtype, device=spec.device, progress=False)
@@ -168,8 +167,6 @@ def replica_room(app_options: dict[str, Any]) -> int:
 def start(spec: EngineSpec, app_options: dict[str, Any], config: RayServeConfig, **ray_init: Any) -> str:
     """Start (or join) Ray, deploy the app and wait until its replicas are up; returns the base URL.
     ``ray_init``: extra arguments of ``ray.init`` (the tests start a small local cluster)."""
-    import ray
-
     if not ray.is_initialized():
         ray.init(address=config.address, include_dashboard=False, **ray_init)
     serve.start(http_options={"host": config.host, "port": config.port})
@@ -179,8 +176,6 @@ def start(spec: EngineSpec, app_options: dict[str, Any], config: RayServeConfig,
 
 def serve_forever(spec: EngineSpec, app_options: dict[str, Any], config: RayServeConfig) -> None:
     """``tachy serve --ray``: deploy, then wait for SIGINT/SIGTERM and take the deployment down."""
-    import ray
-
     url = start(spec, app_options, config)
     print(f"serving on Ray Serve at {url} ({config.replicas} replica(s); OpenAI API under /v1)",
           file=sys.stderr, flush=True)
