@@ -48,9 +48,10 @@ import torch
 from . import kernels
 from .cache import BatchKVCache
 from .decoding import GenerationConfig
-from .engine import Engine, TextStream
+from .engine import Engine, TextStream, prefix_tag
 from .generation import PREFILL_CHUNK, GenerationResponse, GenerationStats, Step
 from .errors import InvalidArgumentError
+from .prefix_cache import PrefixCache
 from .speculative.drafters import Drafter
 from .speculative.tree import DraftTree
 from .sampling import token_logprobs
@@ -91,6 +92,7 @@ class Row:
     drafter: Drafter | None = None                     # packed mode: this row's own drafter
     pending: list[int] = field(default_factory=list)   # packed mode: prompt tokens not in the cache yet
     joined: float = 0.0                                # when add() was called (time to first token)
+    prefix: PrefixCache | None = None                  # packed mode: the engine's prefix cache, if it may use it
 
 
 class BatchDecoder:
@@ -132,12 +134,17 @@ class BatchDecoder:
         row = Row(tag, config, list(prompt_ids), stats, TextStream(engine.tokenizer, config, stats),
                   *engine.token_choice(config, prompt_ids))
         start = row.joined = time.perf_counter()
-        if self.packed:   # prefilled in chunks by the next steps
+        if self.packed:   # prefilled in chunks by the next steps, after what the prefix cache holds
             row.drafter = self._row_drafter(config)
-            row.pending, row.ids = list(prompt_ids), []
             row.limit = engine.max_context - 1
             self._assign_slot(row, engine.cache_capacity(len(prompt_ids), config.max_new_tokens))
-            self.cache.lengths[row.slot] = 0
+            row.prefix = engine.prefix_cache_for(config, self.cache)
+            cached = 0
+            if row.prefix is not None:
+                k, v = self.cache.k[:, row.slot], self.cache.v[:, row.slot]
+                cached = stats.cached_tokens = row.prefix.load(prompt_ids[:-1], k, v, prefix_tag(config))
+            row.ids, row.pending = list(prompt_ids[:cached]), list(prompt_ids[cached:])
+            self.cache.lengths[row.slot] = cached
             return []
         engine.warmup(1)
         # the cache a lone generation would prefill into (same capacity, hence the same bits)
@@ -158,10 +165,18 @@ class BatchDecoder:
         return events
 
     def remove(self, row: Row) -> None:
-        """Drop a row (a cancelled request); its cache row is free for the next join."""
+        """Drop a row (a cancelled request); its cache row is free for the next join, once the prefix cache
+        has the blocks of its committed tokens."""
         if row in self.rows:
             self.rows.remove(row)
+            self._store_prefix(row, self.cache.lengths[row.slot])
         row.slot, row.done = -1, True
+
+    def _store_prefix(self, row: Row, tokens: int) -> None:
+        """Give the prefix cache the K/V of the row's first ``tokens`` tokens (all committed, in its cache row)."""
+        if row.prefix is not None:
+            k, v = self.cache.k[:, row.slot], self.cache.v[:, row.slot]
+            row.prefix.store(row.ids[:tokens], k, v, prefix_tag(row.config))
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
@@ -366,6 +381,7 @@ class BatchDecoder:
         if logits is None:
             return []
         engine = self.engine
+        self._store_prefix(row, len(row.ids))   # the whole prompt: requests that share it need not wait
         row.root, logits = engine._choose(logits, row.ids, row.processor, row.probs_fn, row.generator)
         row.ids.append(row.root)
         if row.drafter is not None:

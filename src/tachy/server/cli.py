@@ -7,6 +7,7 @@ import threading
 
 from ..cli import EXTRA_COMMANDS, add_model_args, load_engine
 from ..errors import TachyError
+from ..prefix_cache import DEFAULT_MB
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -22,7 +23,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise TachyError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.compile_timeout <= 0 or args.stall_timeout <= 0:
         raise TachyError("--compile-timeout and --stall-timeout must be > 0 seconds")
+    if args.prefix_cache_mb <= 0:
+        raise TachyError(f"--prefix-cache-mb must be > 0, got {args.prefix_cache_mb} (--no-prefix-cache turns it off)")
     engine = load_engine(args)
+    engine.set_prefix_cache(None if args.no_prefix_cache else args.prefix_cache_mb)
     app = create_app(engine, api_key=args.api_key, max_queue=args.max_queue, model_name=args.served_model_name,
                      max_batch=args.max_batch, compile_timeout_s=args.compile_timeout, stall_s=args.stall_timeout,
                      speculative_batching=args.batching == "speculative")
@@ -60,6 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds one response_format (regex/schema) may take to compile; over it a 400")
     p.add_argument("--stall-timeout", type=float, default=60.0,
                    help="/health answers 503 when the worker has been busy this long without progress")
+    p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_MB,
+                   help=f"memory for K/V of earlier requests' prefixes (default {DEFAULT_MB} MB)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt from scratch")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
