@@ -1,13 +1,13 @@
 """Context reuse measured: the prefix cache's second turn (engine and server), a shared system prompt under
 concurrent load, PIE on an edited code prompt, APE on RAG prompts.
 
-    python benchmarks/context_reuse.py [--conversations 5] [--repeats 3] [--parts turn2 server shared pie ape]
+    python benchmarks/context_reuse.py [--conversations 8] [--repeats 3] [--parts turn2 server shared pie]
 
 Every comparison runs side by side in one process/server, interleaved, and reports medians and ratios:
 
 * ``turn2``: conversations whose first turn holds a ~1.2k-token passage (monte_cristo_pg1184.txt) and a
-  question; turn 1 is generated (the cache keeps it), then turn 2's time to first token with the cache
-  against ``prefix_cache=False``, alternating; greedy outputs compared token for token.
+  question; turn 1 is generated (the cache keeps it), then turn 2's time to first token without the cache
+  (``prefix_cache=False``) and with it, back to back; greedy outputs compared token for token.
 * ``server``: the same through `tachy serve`'s streaming chat API (a subprocess on loopback): time to the first
   content chunk of turn 2, with ``"tachy": {"prefix_cache": false}`` against the default.
 * ``shared``: 48 requests at concurrency 8 sharing a ~1k-token system prompt, each with its own question, in
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load_test import DATA, pct, start_server, wait_ready  # noqa: E402
@@ -65,7 +66,9 @@ def ttft_and_tokens(engine, ids: list[int], config: GenerationConfig) -> tuple[f
     return first, tokens, cached
 
 
-def part_turn2(engine, conversations: int, repeats: int, max_new: int) -> dict:
+def part_turn2(engine, conversations: int, max_new: int) -> dict:
+    """Per conversation: turn 1 (the cache keeps it), then turn 2 without the cache, then with it (its first
+    hit: a repeated turn 2 would find its own blocks too), so each pair ran back to back."""
     config = GenerationConfig(max_new_tokens=max_new)
     rows = []
     for i in range(conversations):
@@ -74,18 +77,15 @@ def part_turn2(engine, conversations: int, repeats: int, max_new: int) -> dict:
         turn2 = history + [{"role": "assistant", "content": answer},
                            {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
         ids = engine.chat_prompt(turn2)
-        cold_s, warm_s, identical, cached = [], [], True, 0
-        reference = None
-        for _ in range(repeats):
-            for use in (False, True):
-                s, tokens, c = ttft_and_tokens(engine, ids, dataclasses.replace(config, prefix_cache=use))
-                (warm_s if use else cold_s).append(s)
-                reference = reference or tokens
-                identical &= tokens == reference
-                cached = c if use else cached
-        rows.append({"prompt_tokens": len(ids), "cached_tokens": cached, "ttft_cold_s": statistics.median(cold_s),
-                     "ttft_cached_s": statistics.median(warm_s), "identical": identical})
+        cold_s, cold_tokens, _ = ttft_and_tokens(engine, ids, dataclasses.replace(config, prefix_cache=False))
+        warm_s, warm_tokens, cached = ttft_and_tokens(engine, ids, config)
+        rows.append({"prompt_tokens": len(ids), "cached_tokens": cached, "ttft_cold_s": cold_s,
+                     "ttft_cached_s": warm_s, "identical": warm_tokens == cold_tokens})
         print(f"turn2 {i}: {rows[-1]}", file=sys.stderr)
+    return summarize(rows)
+
+
+def summarize(rows: list[dict]) -> dict:
     speedups = [r["ttft_cold_s"] / r["ttft_cached_s"] for r in rows]
     return {"conversations": rows, "median_speedup": statistics.median(speedups), "min_speedup": min(speedups),
             "identical": all(r["identical"] for r in rows)}
@@ -114,30 +114,23 @@ async def stream_chat(client: httpx.AsyncClient, base: str, model: str, messages
     return out
 
 
-async def part_server(base: str, model: str, conversations: int, repeats: int, max_new: int) -> dict:
+async def part_server(base: str, model: str, conversations: int, max_new: int) -> dict:
+    """part_turn2 through the streaming chat API (``"tachy": {"prefix_cache": false}`` for the cold run)."""
     rows = []
     async with httpx.AsyncClient(timeout=600) as client:
         for i in range(conversations):
-            history = first_turn(i)
+            history = first_turn(100 + i)
             answer = (await stream_chat(client, base, model, history, max_new))["text"]
             turn2 = history + [{"role": "assistant", "content": answer},
                                {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
-            cold, warm, texts, cached = [], [], set(), 0
-            for _ in range(repeats):
-                for use in (False, True):
-                    r = await stream_chat(client, base, model, turn2, max_new, use)
-                    (warm if use else cold).append(r["ttft_s"])
-                    texts.add(r["text"])
-                    if use:
-                        cached = r["usage"]["prompt_tokens_details"]["cached_tokens"]
-                    prompt_tokens = r["usage"]["prompt_tokens"]
-            rows.append({"prompt_tokens": prompt_tokens, "cached_tokens": cached,
-                         "ttft_cold_s": statistics.median(cold), "ttft_cached_s": statistics.median(warm),
-                         "identical": len(texts) == 1})
+            cold = await stream_chat(client, base, model, turn2, max_new, use_cache=False)
+            warm = await stream_chat(client, base, model, turn2, max_new)
+            rows.append({"prompt_tokens": warm["usage"]["prompt_tokens"],
+                         "cached_tokens": warm["usage"]["prompt_tokens_details"]["cached_tokens"],
+                         "ttft_cold_s": cold["ttft_s"], "ttft_cached_s": warm["ttft_s"],
+                         "identical": warm["text"] == cold["text"]})
             print(f"server turn2 {i}: {rows[-1]}", file=sys.stderr)
-    speedups = [r["ttft_cold_s"] / r["ttft_cached_s"] for r in rows]
-    return {"conversations": rows, "median_speedup": statistics.median(speedups), "min_speedup": min(speedups),
-            "identical": all(r["identical"] for r in rows)}
+    return summarize(rows)
 
 
 async def metric(client: httpx.AsyncClient, base: str, name: str) -> float:
@@ -186,6 +179,86 @@ async def part_shared(base: str, model: str, requests: int, concurrency: int, ro
     return out
 
 
+CODE_FILES = ["src/tachy/batch.py", "src/tachy/engine.py", "src/tachy/cache.py", "src/tachy/sampling.py"]
+
+
+def code_prompts(engine, tokens: int = 2000) -> list[tuple[list[int], list[int]]]:
+    """(original, edited) chat prompts around ~``tokens`` tokens of this repository's code: the edit rewrites
+    three lines in the middle of the file (a renamed variable, a changed constant, an inserted comment)."""
+    root = Path(__file__).resolve().parents[1]
+    out = []
+    for name in CODE_FILES:
+        text = (root / name).read_text()
+        lines = text.split("\n")
+        keep = len(lines)
+        while len(engine.tokenizer.encode("\n".join(lines[:keep]), add_special_tokens=False)) > tokens:
+            keep = int(keep * 0.9)
+        lines = lines[:keep]
+        mid = len(lines) // 2
+        edited = lines[:mid] + ["    # edited: the next two lines changed", lines[mid].replace("=", "= 1 +", 1),
+                                "    limit = 2 * limit"] + lines[mid + 2:]
+
+        def prompt(code: list[str]) -> list[int]:
+            ask = "Here is a Python file:\n```python\n" + "\n".join(code) + "\n```\nExplain what this code does."
+            return engine.chat_prompt([{"role": "user", "content": ask}])
+        out.append((prompt(lines), prompt(edited)))
+    return out
+
+
+def greedy_after(engine, cache, logits, n: int) -> list[int]:
+    """n greedy tokens decoded one at a time from a prefilled cache (plain decoding, no drafts)."""
+    out = [int(logits.argmax(-1))]
+    with torch.inference_mode():
+        while len(out) < n:
+            step = engine.model(torch.tensor([[out[-1]]]), torch.tensor([cache.position]), cache)[0]
+            out.append(int(step[-1].argmax(-1)))
+    return out
+
+
+def teacher_forced_agreement(engine, cache, logits, reference: list[int]) -> float:
+    """Fraction of the reference continuation's tokens that a cache predicts when fed the reference itself."""
+    with torch.inference_mode():
+        rest = engine.model(torch.tensor([reference[:-1]]),
+                            cache.position + torch.arange(len(reference) - 1), cache)[0]
+    predicted = [int(logits.argmax(-1))] + rest.argmax(-1).tolist()
+    return sum(p == r for p, r in zip(predicted, reference)) / len(reference)
+
+
+def part_pie(engine, repeats: int, continuation: int = 64) -> dict:
+    from tachy.context import pie_prefill
+    rows = []
+    for old, new in code_prompts(engine):
+        capacity = engine.cache_capacity(max(len(old), len(new)), continuation + 8)
+        old_cache = engine.model.new_cache(capacity=capacity, fixed=True)
+        with torch.inference_mode():
+            engine._prefill(old, old_cache)
+        full_s, pie_s = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with torch.inference_mode():
+                full_cache = engine.model.new_cache(capacity=capacity, fixed=True)
+                full_logits = engine._prefill(new, full_cache)
+            full_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                result = pie_prefill(engine, old, old_cache, new, capacity=capacity)
+            pie_s.append(time.perf_counter() - start)
+        reference = greedy_after(engine, full_cache, full_logits, continuation)
+        pie_tokens = greedy_after(engine, result.cache, result.logits, continuation)
+        diverge = next((i for i, (a, b) in enumerate(zip(reference, pie_tokens)) if a != b), continuation)
+        fresh = pie_prefill(engine, old, old_cache, new, capacity=capacity)
+        rows.append({"prompt_tokens": len(new), "reencoded": result.reencoded, "shifted": result.shifted,
+                     "full_s": statistics.median(full_s), "pie_s": statistics.median(pie_s),
+                     "teacher_forced_agreement": teacher_forced_agreement(engine, fresh.cache, fresh.logits,
+                                                                          reference),
+                     "identical_prefix_tokens": diverge})
+        print(f"pie: {rows[-1]}", file=sys.stderr)
+    speedups = [r["full_s"] / r["pie_s"] for r in rows]
+    return {"prompts": rows, "median_speedup": statistics.median(speedups), "min_speedup": min(speedups),
+            "mean_agreement": statistics.mean(r["teacher_forced_agreement"] for r in rows),
+            "continuation": continuation}
+
+
 def report(results: dict) -> str:
     lines = ["# Context reuse", "", f"`{results['command']}`, {results['model']}", ""]
     for part in ("turn2", "server"):
@@ -210,34 +283,46 @@ def report(results: dict) -> str:
                          f"{x['ttft_p99_s']:.3f} | {x['tokens_per_s']:.1f} |")
         lines += ["", f"hit rate {r['hit_rate']:.2f}, prompt tokens served by the cache {r['reused_token_share']:.2f}",
                   ""]
-    for part in ("pie", "ape"):
-        if part in results:
-            lines += [f"## {part.upper()}", "", "```", json.dumps(results[part], indent=1), "```", ""]
+    if "pie" in results:
+        r = results["pie"]
+        lines += ["## PIE: a 3-line edit in the middle of a ~2k-token code prompt", "",
+                  "| prompt tokens | re-encoded | re-rotated | full prefill (s) | PIE (s) | speedup | "
+                  f"next-token agreement ({r['continuation']} tokens, teacher-forced) | identical greedy prefix |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for p in r["prompts"]:
+            lines.append(f"| {p['prompt_tokens']} | {p['reencoded']} | {p['shifted']} | {p['full_s']:.3f} | "
+                         f"{p['pie_s']:.3f} | {p['full_s'] / p['pie_s']:.1f}x | {p['teacher_forced_agreement']:.2f} | "
+                         f"{p['identical_prefix_tokens']} |")
+        lines += ["", f"median speedup {r['median_speedup']:.1f}x (lowest {r['min_speedup']:.1f}x), mean agreement "
+                  f"{r['mean_agreement']:.2f}", ""]
+    if "ape" in results:
+        lines += ["## APE", "", "```", json.dumps(results["ape"], indent=1), "```", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--conversations", type=int, default=5)
+    ap.add_argument("--conversations", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--parts", nargs="+", default=["turn2", "server", "shared"])
+    ap.add_argument("--parts", nargs="+", default=["turn2", "server", "shared", "pie"])
     ap.add_argument("--port", type=int, default=8431)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     results = {"model": args.model, "command": "python benchmarks/context_reuse.py " + " ".join(sys.argv[1:])}
     engine = tachy.load(args.model)
     if "turn2" in args.parts:
-        results["turn2"] = part_turn2(engine, args.conversations, args.repeats, args.max_new_tokens)
+        results["turn2"] = part_turn2(engine, args.conversations, args.max_new_tokens)
+    if "pie" in args.parts:
+        results["pie"] = part_pie(engine, args.repeats)
     if {"server", "shared"} & set(args.parts):
         proc = start_server(args.model, args.port, 2, [])
         base = f"http://127.0.0.1:{args.port}"
         try:
             model = asyncio.run(wait_ready(base, proc))
             if "server" in args.parts:
-                results["server"] = asyncio.run(part_server(base, model, args.conversations, args.repeats,
-                                                            args.max_new_tokens))
+                results["server"] = asyncio.run(part_server(base, model, args.conversations, args.max_new_tokens))
             if "shared" in args.parts:
                 results["shared"] = asyncio.run(part_shared(base, model, 48, 8, 2, 32))
         finally:
