@@ -1,7 +1,7 @@
 """Context reuse measured: the prefix cache's second turn (engine and server), a shared system prompt under
 concurrent load, PIE on an edited code prompt, APE on RAG prompts.
 
-    python benchmarks/context_reuse.py [--conversations 8] [--repeats 3] [--parts turn2 server shared pie]
+    python benchmarks/context_reuse.py [--conversations 8] [--repeats 3] [--parts turn2 server shared pie ape]
 
 Every comparison runs side by side in one process/server, interleaved, and reports medians and ratios:
 
@@ -13,7 +13,13 @@ Every comparison runs side by side in one process/server, interleaved, and repor
 * ``shared``: 48 requests at concurrency 8 sharing a ~1k-token system prompt, each with its own question, in
   alternating rounds with and without the cache; p50/p99 time to first token, aggregate tokens/s and the
   server's own hit rate (/metrics).
-* ``pie`` / ``ape``: see tachy.context (the PIE and APE sections of docs/benchmarks.md).
+* ``pie``: ~2k-token chat prompts of this repository's code, then the same with three lines rewritten in the
+  middle: full re-encoding against PIE (tachy.context.pie) from the original's cache, and how often PIE's
+  cache predicts the next token of full re-encoding's 64-token greedy continuation (teacher-forced), plus
+  how many greedy tokens the two produce identically.
+* ``ape``: locally built RAG questions (8 passages of Frankenstein, one holding a "secret code" fact):
+  sequential encoding against APE (tachy.context.ape) with and without the passages cached; time to first
+  token and answer accuracy (the code in the greedy answer).
 
 Writes docs/results/context_reuse/results.json and results.md.
 """
@@ -259,6 +265,69 @@ def part_pie(engine, repeats: int, continuation: int = 64) -> dict:
             "continuation": continuation}
 
 
+CITIES = ["Paris", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Lisbon", "Dublin", "Oslo", "Warsaw", "Athens",
+          "Zurich"]
+
+
+def rag_questions(engine, n: int, passages: int = 8, seed: int = 0) -> list[dict]:
+    """Locally built RAG prompts: ``passages`` passages of Frankenstein (~220 tokens each), one of them (at a
+    random place) holding the fact "The secret code of the <city> office is <number>."; the question asks
+    for that code (SmolLM2-135M could not tell apart one fact per passage: 0 of 2 either way)."""
+    import random
+    rng = random.Random(seed)
+    book = (DATA / "frankenstein_pg84.txt").read_text()
+    enc = lambda text: engine.tokenizer.encode(text, add_special_tokens=False)   # noqa: E731
+    prefix = enc("<|im_start|>system\nYou answer questions using the passages given.<|im_end|>\n"
+                 "<|im_start|>user\n")
+    out = []
+    for _ in range(n):
+        city, code, holder = rng.choice(CITIES), str(rng.randrange(1000, 9999)), rng.randrange(passages)
+        texts = []
+        for j in range(passages):
+            start = rng.randrange(20_000, len(book) - 2_000)
+            text = book[start:start + 900]
+            if j == holder:
+                cut = rng.randrange(100, 800)
+                text = f"{text[:cut]} The secret code of the {city} office is {code}. {text[cut:]}"
+            texts.append(f"Passage {j + 1}: {text}\n\n")
+        question = enc(f"Question: what is the secret code of the {city} office? Answer with the code."
+                       "<|im_end|>\n<|im_start|>assistant\n")
+        out.append({"prefix": prefix, "passages": [enc(t) for t in texts], "question": question,
+                    "answer": code})
+    return out
+
+
+def part_ape(engine, samples: int, max_new: int = 16) -> dict:
+    from tachy.context import PassageStore, ape_generate
+    rows = []
+    for item in rag_questions(engine, samples):
+        full = item["prefix"] + sum(item["passages"], []) + item["question"]
+        config = GenerationConfig(max_new_tokens=max_new, drafter="none", prefix_cache=False)
+        start = time.perf_counter()
+        pieces = list(engine.stream(full, config))
+        seq_s = pieces[-1].stats.prefill_s
+        seq_text = "".join(p.text for p in pieces)
+        store = PassageStore()
+        start = time.perf_counter()
+        ape_generate(engine, item["prefix"], item["passages"], item["question"], 1, store=store)
+        cold_s = time.perf_counter() - start
+        start = time.perf_counter()
+        ape_generate(engine, item["prefix"], item["passages"], item["question"], 1, store=store)
+        warm_s = time.perf_counter() - start
+        ape_text = engine.tokenizer.decode(ape_generate(engine, item["prefix"], item["passages"], item["question"],
+                                                        max_new, store=store))
+        rows.append({"prompt_tokens": len(full), "passages": len(item["passages"]), "sequential_ttft_s": seq_s,
+                     "ape_cold_ttft_s": cold_s, "ape_cached_ttft_s": warm_s,
+                     "sequential_correct": item["answer"] in seq_text, "ape_correct": item["answer"] in ape_text,
+                     "sequential_answer": seq_text, "ape_answer": ape_text, "expected": item["answer"]})
+        print(f"ape: {rows[-1]}", file=sys.stderr)
+    med = lambda key: statistics.median(r[key] for r in rows)   # noqa: E731
+    return {"questions": rows, "sequential_ttft_s": med("sequential_ttft_s"), "ape_cold_ttft_s": med("ape_cold_ttft_s"),
+            "ape_cached_ttft_s": med("ape_cached_ttft_s"),
+            "sequential_accuracy": sum(r["sequential_correct"] for r in rows) / len(rows),
+            "ape_accuracy": sum(r["ape_correct"] for r in rows) / len(rows)}
+
+
 def report(results: dict) -> str:
     lines = ["# Context reuse", "", f"`{results['command']}`, {results['model']}", ""]
     for part in ("turn2", "server"):
@@ -296,7 +365,16 @@ def report(results: dict) -> str:
         lines += ["", f"median speedup {r['median_speedup']:.1f}x (lowest {r['min_speedup']:.1f}x), mean agreement "
                   f"{r['mean_agreement']:.2f}", ""]
     if "ape" in results:
-        lines += ["## APE", "", "```", json.dumps(results["ape"], indent=1), "```", ""]
+        r = results["ape"]
+        n = len(r["questions"])
+        lines += [f"## APE: {n} RAG questions, {r['questions'][0]['passages']} passages each "
+                  f"(~{statistics.median(q['prompt_tokens'] for q in r['questions']):.0f} tokens)", "",
+                  "| | time to first token (median s) | vs sequential | accuracy |", "|---|---:|---:|---:|",
+                  f"| sequential encoding | {r['sequential_ttft_s']:.3f} | 1.0x | {r['sequential_accuracy']:.2f} |",
+                  f"| APE, passages not cached | {r['ape_cold_ttft_s']:.3f} | "
+                  f"{r['sequential_ttft_s'] / r['ape_cold_ttft_s']:.1f}x | {r['ape_accuracy']:.2f} |",
+                  f"| APE, passages cached | {r['ape_cached_ttft_s']:.3f} | "
+                  f"{r['sequential_ttft_s'] / r['ape_cached_ttft_s']:.1f}x | {r['ape_accuracy']:.2f} |", ""]
     return "\n".join(lines)
 
 
@@ -305,8 +383,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--conversations", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rag-questions", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--parts", nargs="+", default=["turn2", "server", "shared", "pie"])
+    ap.add_argument("--parts", nargs="+", default=["turn2", "server", "shared", "pie", "ape"])
     ap.add_argument("--port", type=int, default=8431)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -316,6 +395,8 @@ def main() -> None:
         results["turn2"] = part_turn2(engine, args.conversations, args.max_new_tokens)
     if "pie" in args.parts:
         results["pie"] = part_pie(engine, args.repeats)
+    if "ape" in args.parts:
+        results["ape"] = part_ape(engine, args.rag_questions)
     if {"server", "shared"} & set(args.parts):
         proc = start_server(args.model, args.port, 2, [])
         base = f"http://127.0.0.1:{args.port}"
