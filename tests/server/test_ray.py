@@ -28,6 +28,8 @@ MODEL = "smollm2-135m"
 CHAT = [{"role": "user", "content": "Name three rivers."}]
 PROMPT = "The capital of France is"
 LONG = [{"role": "user", "content": "Write a long story about a dragon who learns to swim."}]
+SYSTEM = ("You are a patient geography tutor. Answer in short sentences, name real places only, and when the "
+          "student asks for more, add one new item each time without repeating earlier ones. ") * 3
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,8 @@ def test_same_greedy_output_as_the_single_process_server(ray_client, client):
 
 
 def test_a_conversation_stays_on_its_replica(ray_client):
-    """Every turn of a session lands on the replica rendezvous hashing gives it; sessions spread over both."""
+    """Every turn of a session lands on the replica rendezvous hashing gives it, where the replica's prefix
+    cache holds the earlier turns' K/V; sessions spread over both replicas."""
     ids = replica_ids()
     assert len(ids) == 2
     sessions = {}   # one session for each replica
@@ -112,10 +115,12 @@ def test_a_conversation_stays_on_its_replica(ray_client):
         sessions.setdefault(rendezvous_order(f"conversation-{i}", ids)[0], f"conversation-{i}")
     assert len(sessions) == 2
     for replica, session in sessions.items():
-        messages = list(CHAT)
-        for _ in range(3):
+        messages = [{"role": "system", "content": f"{SYSTEM} (Conversation {session}.)"}, *CHAT]
+        for turn in range(3):
             where, r = chat(ray_client, session, messages=messages, max_tokens=4)
             assert where == replica
+            cached = r.usage.prompt_tokens_details.cached_tokens
+            assert (cached == 0) if turn == 0 else (cached >= 64)   # a 64-token block or more reused
             messages += [{"role": "assistant", "content": r.choices[0].message.content},
                          {"role": "user", "content": "And one more?"}]
 

@@ -50,6 +50,7 @@ class GenerationConfig:
     logprobs: int | None = None                  # per-token log-probabilities with this many alternatives
     press: str | Press | None = None             # KV-cache compression after prefill (tachy.presses)
     compression_ratio: float = 0.0               # fraction of the prompt's KV the press removes
+    prefix_cache: bool = True                    # reuse K/V of earlier prompts/turns (tachy.prefix_cache)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

@@ -1,4 +1,4 @@
-"""`tachy eval needle|ppl`: the command-line face of needle.py and ppl.py (contract in DESIGN.md)."""
+"""`tachy eval needle|ppl|ruler`: the command-line face of needle.py, ppl.py and ruler.py (contract in DESIGN.md)."""
 from __future__ import annotations
 
 import argparse
@@ -9,11 +9,11 @@ import torch
 
 from ..cli import EXTRA_COMMANDS, add_model_args, load_engine
 from ..errors import InvalidArgumentError
-from .sweep import parse_list, read_text, settings
+from .sweep import DENSE, parse_list, read_text, settings
 
 
 def _common(args: argparse.Namespace, flag: str):
-    sweep = settings(args.press, args.ratio)
+    sweep = settings(args.press, args.ratio, getattr(args, "attention", DENSE))
     contexts = parse_list(args.context, int, "context")
     if any(c < 64 for c in contexts):
         raise InvalidArgumentError("--context values must be at least 64 tokens")
@@ -45,6 +45,19 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     return _finish(results, args)
 
 
+def cmd_ruler(args: argparse.Namespace) -> int:
+    from .ruler import run_ruler
+    from .ruler_tasks import check_tasks
+
+    tasks = check_tasks(parse_list(args.tasks, what="task"))
+    if args.samples < 1:
+        raise InvalidArgumentError("--samples must be at least 1")
+    sweep, contexts, text, engine = _common(args, "--haystack")
+    with torch.inference_mode():
+        results = run_ruler(engine, text, contexts, tasks, sweep, samples=args.samples, seed=args.seed)
+    return _finish(results, args)
+
+
 def _finish(results: dict, args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -55,23 +68,33 @@ def _finish(results: dict, args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="long-context evaluation of KV-cache presses (needle, ppl)")
+    p = sub.add_parser("eval", help="long-context evaluation of KV-cache presses (needle, ppl, ruler)")
     tasks = p.add_subparsers(dest="task", required=True)
     for name, func, help_ in (("needle", cmd_needle, "needle-in-a-haystack accuracy grid and heatmap"),
-                              ("ppl", cmd_ppl, "perplexity of a text under each press")):
+                              ("ppl", cmd_ppl, "perplexity of a text under each press"),
+                              ("ruler", cmd_ruler, "RULER-style tasks: multi-key needles, variable tracking, "
+                                                   "common words")):
         t = tasks.add_parser(name, help=help_)
-        t.add_argument("--press", default="snapkv", help="comma-separated press names, or 'all'")
+        t.add_argument("--press", default="none" if name == "ruler" else "snapkv",
+                       help="comma-separated press names, 'all', 'none' (no press; alone: the dense baseline only)")
         t.add_argument("--ratio", default="0.5", help="comma-separated compression ratios in [0, 1)")
         t.add_argument("--context", default="2048,4096", help="comma-separated context lengths (tokens)")
         t.add_argument("--out", default=f"eval_{name}", help="output folder")
         add_model_args(t)
         t.set_defaults(func=func)
-        if name == "needle":
+        if name in ("needle", "ruler"):
             t.add_argument("--haystack", default=None,
                            help="plain-text file the haystack is cut from (default: shared/data/tinyshakespeare.txt)")
+            t.add_argument("--seed", type=int, default=0, help="seed of the needles and samples")
+        if name == "needle":
             t.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, fractions of the haystack")
             t.add_argument("--needles", type=int, default=1, help="needles (random numbers) per cell")
-            t.add_argument("--seed", type=int, default=0)
+        elif name == "ruler":
+            t.add_argument("--tasks", default="all",
+                           help="comma-separated tasks (default all): niah_multikey, niah_multivalue, niah_multiquery, "
+                                "vt, cwe")
+            t.add_argument("--samples", "--limit", dest="samples", type=int, default=4,
+                           help="samples per task and context")
         else:
             t.add_argument("--text", default=None,
                            help="plain-text file scored (default: shared/data/tinyshakespeare.txt)")

@@ -1,10 +1,6 @@
 """Needle in a haystack: a fact ("The secret number is 48213.") hidden at a depth of a long text, then asked
-for. Each (context, depth) prompt is prefilled once; every press/ratio compresses a copy and answers.
-
-Prompt: an instruct model (with a chat template) gets the haystack and the question as the user turn and the
-answer primed with "The secret number is"; a base model gets the same as plain text ending in "Answer: The
-secret number is". The answer is correct when it contains the number. The prompt's last token is forwarded
-after compression, so the whole answer comes from the compressed cache (as in ``Engine._prefill``).
+for. Every setting answers every (context, depth) prompt through the engine (sweep.answer); the answer is
+primed with "The secret number is" (prompts.frame) and is correct when it contains the number.
 """
 from __future__ import annotations
 
@@ -13,85 +9,41 @@ import random
 from tqdm import tqdm
 
 from ..engine import Engine
-from .sweep import Prefilled, Setting, greedy
+from .prompts import Haystack, frame
+from .sweep import Setting, answer, summarize, tallies
 
 QUESTION = "What is the secret number mentioned in the text above? Answer with the number only."
 ANSWER = "The secret number is"
 ANSWER_TOKENS = 8
 
 
-class Haystack:
-    """Token ids of the haystack text and the prompt frame around it, for one engine."""
-
-    def __init__(self, engine: Engine, text: str, max_context: int):
-        tok = engine.tokenizer
-        self.engine = engine
-        self.filler = tok.encode(text[: max_context * 8], add_special_tokens=False)
-        if tok.has_chat_template:
-            marker = "@@HAYSTACK@@"
-            frame = tok.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True)
-            before, after = frame.split(marker)
-            self.head = tok.encode(before, add_special_tokens=False)
-            self.tail = tok.encode("\n\n" + QUESTION + after + ANSWER, add_special_tokens=False)
-        else:
-            self.head = tok.encode("", add_special_tokens=True)   # BOS where the model uses one
-            self.tail = tok.encode(f"\n\nQuestion: {QUESTION}\nAnswer: {ANSWER}", add_special_tokens=False)
-        if len(self.filler) < max_context:
-            raise ValueError(f"the haystack text has only {len(self.filler)} tokens; {max_context} needed")
-        newline = [i for i, t in enumerate(self.filler[:max_context]) if "\n" in tok.decode([t])]
-        self.breaks = newline or list(range(max_context))
-
-    def prompt(self, context: int, depth: float, number: int) -> list[int]:
-        """``context`` tokens: haystack with the needle at the line break nearest ``depth`` (0..1) of it."""
-        needle = self.engine.tokenizer.encode(f"The secret number is {number}.\n", add_special_tokens=False)
-        room = context - len(self.head) - len(self.tail) - len(needle)
-        at = min((b + 1 for b in self.breaks if b < room), key=lambda b: abs(b - depth * room), default=0)
-        filler = self.filler[:room]
-        return self.head + filler[:at] + needle + filler[at:] + self.tail
+def needle_prompt(engine: Engine, hay: Haystack, context: int, depth: float, number: int) -> list[int]:
+    """``context`` tokens: the haystack with the needle at the line break nearest ``depth`` (0..1) of it."""
+    f = frame(engine, QUESTION, ANSWER)
+    needle = hay.sentence(f"The secret number is {number}.")
+    return f.head + hay.body(context - len(f), [(depth, needle)]) + f.tail
 
 
 def run_needle(engine: Engine, text: str, contexts: list[int], depths: list[float], settings: list[Setting],
                needles: int = 1, seed: int = 0, progress: bool = True) -> dict:
-    """Accuracy of every setting at every (context, depth); returns the results.json dictionary."""
+    """Accuracy, KV held, prefill time and decode speed of every setting at every (context, depth); returns
+    the results.json dictionary."""
     hay = Haystack(engine, text, max(contexts))
     rng = random.Random(seed)
     cells = [(c, d, rng.randrange(10000, 99999)) for c in contexts for d in depths for _ in range(needles)]
-    correct = {(s.label, c, d): 0 for s in settings for c in contexts for d in depths}
-    kv_bytes = {(s.label, c): [] for s in settings for c in contexts}
+    tally = tallies(settings, contexts)
     answers = []
     bar = tqdm(total=len(cells) * len(settings), disable=not progress, desc="needle")
     for context, depth, number in cells:
-        ids = hay.prompt(context, depth, number)
-        pre = Prefilled(engine, ids[:-1], ANSWER_TOKENS + 1)
+        ids = needle_prompt(engine, hay, context, depth, number)
         for s in settings:
-            cache = pre.compressed(s)
-            kv_bytes[(s.label, context)].append(cache.nbytes)
-            out = engine.tokenizer.decode(greedy(engine, cache, ids[-1], ANSWER_TOKENS))
+            a = answer(engine, ids, s, ANSWER_TOKENS)
+            out = engine.tokenizer.decode(a.tokens)
             ok = str(number) in out
-            correct[(s.label, context, depth)] += ok
+            tally[(s, context)].add(f"{depth:g}", float(ok), a)
             answers.append({"setting": s.label, "context": context, "depth": depth, "number": number,
                             "answer": out, "correct": ok})
             bar.update()
     bar.close()
-
-    def accuracy(label: str, context: int) -> float:
-        return sum(correct[(label, context, d)] for d in depths) / (len(depths) * needles)
-
-    def by_depth(label: str, context: int) -> dict:
-        return {f"{d:g}": correct[(label, context, d)] / needles for d in depths}
-
-    def mean_bytes(label: str, context: int) -> int:
-        return round(sum(kv_bytes[(label, context)]) / len(kv_bytes[(label, context)]))
-
-    full = settings[0].label
-    return {
-        "model": engine.name, "task": "needle", "contexts": contexts, "depths": depths, "needles": needles,
-        "baseline": {"accuracy": sum(accuracy(full, c) for c in contexts) / len(contexts),
-                     "kv_bytes": round(sum(mean_bytes(full, c) for c in contexts) / len(contexts)),
-                     "per_context": [{"context": c, "accuracy": accuracy(full, c), "kv_bytes": mean_bytes(full, c),
-                                      "depths": by_depth(full, c)} for c in contexts]},
-        "runs": [{"press": s.press, "ratio": s.ratio, "context": c, "accuracy": accuracy(s.label, c),
-                  "kv_bytes": mean_bytes(s.label, c), "depths": by_depth(s.label, c)}
-                 for s in settings[1:] for c in contexts],
-        "answers": answers,
-    }
+    return {"model": engine.name, "task": "needle", "contexts": contexts, "depths": depths, "needles": needles,
+            **summarize(settings, contexts, tally, "depths"), "answers": answers}

@@ -1,37 +1,64 @@
-"""What needle.py and ppl.py share: the press sweep, one prefill per prompt, compressed copies, greedy decode.
+"""What needle.py, ruler.py and ppl.py share: the sweep of settings, answering a prompt under one, the tally.
 
-The expensive part of a long-context eval is the prefill, so each prompt is prefilled once (recording every
-layer's queries), and each press/ratio compresses a *copy* of that cache with those queries. Scores that do
-not depend on the ratio (SnapKV's votes, H2O's accumulated attention) are computed once per prompt (memo).
+A setting is a (press, ratio, attention) triple; the dense, uncompressed baseline comes first. Needle and
+RULER prompts are answered through ``Engine.generate_tokens`` with the setting's GenerationConfig (plain greedy
+decoding), so each answer comes with the engine's own GenerationStats: the prefill seconds and decode speed a
+user of ``tachy generate --press ...`` gets, and the KV bytes held after prefill.
+
+Perplexity scores teacher-forced tokens instead, so ppl.py prefills each window once (recording every layer's
+queries), and each press/ratio compresses a *copy* of that cache with those queries (``Prefilled``). Scores
+that do not depend on the ratio (SnapKV's votes, H2O's accumulated attention) are computed once (memo).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import statistics
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..cache import KVCache, key_bucket
+from ..decoding import GenerationConfig
 from ..engine import Engine
 from ..errors import InvalidArgumentError, TachyError
+from ..generation import GenerationStats
 from ..presses import Press, available_presses, make_press
 
 DEFAULT_HAYSTACK = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "tinyshakespeare.txt"
+DENSE = "dense"   # full attention over every cached key: the only attention until GenerationConfig.attention
 
 
-@dataclass
+@dataclass(frozen=True)
 class Setting:
-    """One press at one ratio ("full" is the uncompressed baseline)."""
+    """One press at one ratio under one attention ("full" is the uncompressed baseline, "none" no press)."""
 
     press: str
     ratio: float
+    attention: str = DENSE
 
     @property
     def label(self) -> str:
-        return "full" if self.press == "full" else f"{self.press}@{self.ratio:g}"
+        label = self.press if self.press in ("full", "none") else f"{self.press}@{self.ratio:g}"
+        return label if self.attention == DENSE else f"{label}/{self.attention}"
 
     def make(self) -> Press | None:
-        return None if self.press == "full" else make_press(self.press, self.ratio)
+        return None if self.press in ("full", "none") else make_press(self.press, self.ratio)
+
+    def config(self, max_new_tokens: int) -> GenerationConfig:
+        """Plain greedy decoding under this setting; the attention is passed on where GenerationConfig has one.
+        No prefix cache: every setting prefills its prompt itself, so prefill_s compares like with like."""
+        return GenerationConfig(max_new_tokens=max_new_tokens, drafter=None, press=self.make(), prefix_cache=False,
+                                **_attention_field(self.attention))
+
+
+def _attention_field(attention: str) -> dict:
+    if attention == DENSE:
+        return {}
+    if "attention" not in {f.name for f in dataclasses.fields(GenerationConfig)}:
+        raise InvalidArgumentError(f"unknown attention {attention!r}: this build has dense attention only")
+    return {"attention": attention}
 
 
 def parse_list(text: str, kind=str, what: str = "value") -> list:
@@ -44,20 +71,99 @@ def parse_list(text: str, kind=str, what: str = "value") -> list:
     return items
 
 
-def settings(presses: str, ratios: str) -> list[Setting]:
-    """The baseline plus every press at every ratio; each is validated before any model loads."""
+def settings(presses: str, ratios: str, attentions: str = DENSE) -> list[Setting]:
+    """The dense baseline, then every press at every ratio under every attention ("none": no press, for an
+    attention alone); each is validated before any model loads."""
     names = parse_list(presses, what="press")
     if "all" in names:
         names = available_presses()
     out = [Setting("full", 0.0)]
-    for name in names:
-        if not make_press(name, 0.0).evicts:   # quantization alone: its size is set by bits, not a ratio
-            out.append(Setting(name, 0.0))
-            continue
-        for ratio in parse_list(ratios, float, "ratio"):
-            make_press(name, ratio)   # unknown name / ratio outside [0, 1) fail here
-            out.append(Setting(name, ratio))
+    for attention in parse_list(attentions, what="attention"):
+        Setting("full", 0.0, attention).config(1)   # an unknown attention fails here
+        for name in names:
+            if name == "none":
+                if attention != DENSE:
+                    out.append(Setting("none", 0.0, attention))
+                continue
+            if not make_press(name, 0.0).evicts:   # quantization alone: its size is set by bits, not a ratio
+                out.append(Setting(name, 0.0, attention))
+                continue
+            for ratio in parse_list(ratios, float, "ratio"):
+                make_press(name, ratio)   # unknown name / ratio outside [0, 1) fail here
+                out.append(Setting(name, ratio, attention))
     return out
+
+
+@dataclass
+class Answer:
+    """A greedy answer (up to EOS, excluded) with the engine's stats and the KV bytes held after prefill."""
+
+    tokens: list[int]
+    kv_bytes: int
+    stats: GenerationStats
+
+
+def answer(engine: Engine, ids: list[int], setting: Setting, max_new_tokens: int) -> Answer:
+    stats, tokens, kv_bytes = GenerationStats(), [], 0
+    eos = set(engine.tokenizer.eos_token_ids)
+    with closing(engine.generate_tokens(ids, setting.config(max_new_tokens), stats)) as steps:
+        for step in steps:
+            kv_bytes = kv_bytes or stats.kv_bytes   # as of the first step: the prompt's cache after any press
+            ended = [i for i, t in enumerate(step.tokens) if t in eos]
+            tokens += step.tokens[: ended[0]] if ended else step.tokens
+            if ended:
+                break
+    return Answer(tokens, kv_bytes, stats)
+
+
+def score(expected: list[str], text: str) -> float:
+    """RULER's string match: the fraction of expected strings found in the answer, ignoring case."""
+    text = text.lower()
+    return sum(e.lower() in text for e in expected) / len(expected)
+
+
+@dataclass
+class Tally:
+    """What one setting scored and measured at one context, over its samples; ``groups`` splits the scores
+    (by needle depth, by task)."""
+
+    groups: dict[str, list[float]] = field(default_factory=dict)
+    kv_bytes: list[int] = field(default_factory=list)
+    prefill_s: list[float] = field(default_factory=list)
+    decode_tps: list[float] = field(default_factory=list)
+
+    def add(self, group: str, value: float, a: Answer) -> None:
+        self.groups.setdefault(group, []).append(value)
+        self.kv_bytes.append(a.kv_bytes)
+        self.prefill_s.append(a.stats.prefill_s)
+        if a.stats.decode_s > 0:   # an answer of one token has no decode step to time
+            self.decode_tps.append(a.stats.tokens_per_s)
+
+    def summary(self, group_name: str) -> dict:
+        """Accuracy (mean over samples), mean KV bytes, median prefill seconds and decode tokens/s."""
+        scores = [v for vs in self.groups.values() for v in vs]
+        return {"accuracy": sum(scores) / len(scores), "kv_bytes": round(statistics.mean(self.kv_bytes)),
+                "prefill_s": round(statistics.median(self.prefill_s), 4),
+                "decode_tokens_per_s": round(statistics.median(self.decode_tps), 2) if self.decode_tps else None,
+                group_name: {g: sum(vs) / len(vs) for g, vs in self.groups.items()}}
+
+
+def tallies(settings_: list[Setting], contexts: list[int]) -> dict[tuple[Setting, int], Tally]:
+    return {(s, c): Tally() for s in settings_ for c in contexts}
+
+
+def summarize(settings_: list[Setting], contexts: list[int], tally: dict[tuple[Setting, int], Tally],
+              group_name: str) -> dict:
+    """results.json's baseline and runs: one run per (setting, context); the baseline has one entry per
+    context and, at its top level, the mean over contexts of each number (as its accuracy always was)."""
+    base = [{"context": c, **tally[(settings_[0], c)].summary(group_name)} for c in contexts]
+    top = {k: statistics.mean(b[k] for b in base) if all(b[k] is not None for b in base) else None
+           for k in ("accuracy", "kv_bytes", "prefill_s", "decode_tokens_per_s")}
+    top["kv_bytes"] = round(top["kv_bytes"])
+    baseline = {"press": "full", "ratio": 0.0, "attention": DENSE, **top, "per_context": base}
+    runs = [{"press": s.press, "ratio": s.ratio, "attention": s.attention, "context": c,
+             **tally[(s, c)].summary(group_name)} for s in settings_[1:] for c in contexts]
+    return {"baseline": baseline, "runs": runs}
 
 
 def read_text(path: str | Path | None, flag: str) -> str:
@@ -91,7 +197,8 @@ class Prefilled:
 
 
 def greedy(engine: Engine, cache: KVCache, token: int, n: int) -> list[int]:
-    """Forward ``token`` at the cache's next position, then decode greedily; return the ``n`` new tokens."""
+    """Forward ``token`` at the cache's next position, then decode greedily; return the ``n`` new tokens
+    (benchmarks/press_speed.py times decoding over a ``Prefilled`` copy with it)."""
     out: list[int] = []
     eos = set(engine.tokenizer.eos_token_ids)
     for _ in range(n):

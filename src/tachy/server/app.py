@@ -52,6 +52,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
     """
     model_name = model_name or engine.name
     metrics = Metrics()
+    metrics.prefix_cache = engine.prefix_cache
     if warmup:
         engine.warmup()  # kernels' one-time setup now, not in the first user's latency
         engine.load_drafter("default")
@@ -235,7 +236,7 @@ def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, eng
                 drafter=body.tachy.drafter, max_draft_tokens=body.tachy.max_draft_tokens,
                 strategy=body.tachy.strategy, strategy_options=body.tachy.strategy_options,
                 watermark=body.tachy.watermark, press=body.tachy.press,
-                compression_ratio=body.tachy.compression_ratio,
+                compression_ratio=body.tachy.compression_ratio, prefix_cache=body.tachy.prefix_cache,
                 prediction=body.prediction.text if body.prediction is not None else None,
                 response_format=constraint, logprobs=logprobs)))
     return work
@@ -350,7 +351,7 @@ async def _collect(reader: _Reader, first: tuple, meta: dict, chat: bool, choice
         out = [{"index": i, "text": t, "finish_reason": f, "logprobs": _logprobs_json(lp, tokenizer, chat=False)}
                for i, (t, f, lp) in enumerate(zip(texts, finish, logprobs))]
     return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion", "choices": out,
-                         "usage": _usage(prompt_tokens, completion_tokens),
+                         "usage": _usage(prompt_tokens, completion_tokens, stats[0].cached_tokens),
                          "tachy": {"stats": [_stats_json(s) for s in stats]}})
 
 
@@ -375,6 +376,7 @@ async def _stream(reader: _Reader, first: tuple, meta: dict, chat: bool, choices
         return f"data: {json.dumps(data)}\n\n"
 
     completion_tokens = [0] * choices
+    cached_tokens = 0
     started = [False] * choices
     held: list[str | None] = [""] * choices if tools is not None and tools.active else [None] * choices
     held_logprobs: list[list] = [[] for _ in range(choices)]
@@ -391,6 +393,7 @@ async def _stream(reader: _Reader, first: tuple, meta: dict, chat: bool, choices
                 elif echo:
                     yield chunk(index, echo[index], None)
             completion_tokens[index] = piece.stats.generated_tokens
+            cached_tokens = max(cached_tokens, piece.stats.cached_tokens)
             if held[index] is not None:   # maybe a tool call: hold the text until that is decided
                 held[index] += piece.text
                 held_logprobs[index] += piece.logprobs or []
@@ -414,7 +417,7 @@ async def _stream(reader: _Reader, first: tuple, meta: dict, chat: bool, choices
             if piece.finish_reason is not None:
                 yield chunk(index, None if chat else "", piece.finish_reason)
         if include_usage and not reader.job.cancelled.is_set():
-            usage = _usage(prompt_tokens, sum(completion_tokens))
+            usage = _usage(prompt_tokens, sum(completion_tokens), cached_tokens)
             yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
@@ -453,9 +456,11 @@ def _stream_error(exc: Exception) -> dict:
     return error_body("internal error", "server_error")
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens whose K/V the prefix cache held."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _stats_json(s: GenerationStats) -> dict:

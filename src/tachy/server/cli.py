@@ -7,6 +7,7 @@ import threading
 
 from ..cli import EXTRA_COMMANDS, add_model_args, load_engine
 from ..errors import TachyError
+from ..prefix_cache import DEFAULT_MB
 
 
 def app_options(args: argparse.Namespace) -> dict:
@@ -30,13 +31,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as e:
         raise TachyError(f"the server needs {e.name}: pip install 'tachy[server]'") from None
     options = app_options(args)
+    if args.prefix_cache_mb <= 0:
+        raise TachyError(f"--prefix-cache-mb must be > 0, got {args.prefix_cache_mb} (--no-prefix-cache turns it off)")
+    prefix_mb = None if args.no_prefix_cache else args.prefix_cache_mb
     if args.ray:
-        return cmd_serve_ray(args, options)
+        return cmd_serve_ray(args, options, prefix_mb)
     ray_only = [f for f in ("replicas", "min_replicas", "max_replicas", "ray_address")
                 if getattr(args, f) is not None]
     if ray_only:
         raise TachyError(f"--{ray_only[0].replace('_', '-')} needs --ray")
     engine = load_engine(args)
+    engine.set_prefix_cache(prefix_mb)
     app = create_app(engine, **options)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
@@ -56,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve_ray(args: argparse.Namespace, options: dict) -> int:
+def cmd_serve_ray(args: argparse.Namespace, options: dict, prefix_mb: float | None) -> int:
     """``tachy serve --ray``: the same app on Ray Serve, one engine per replica (ray_serve.py)."""
     try:
         from .ray_serve import EngineSpec, RayServeConfig, replica_room, serve_forever
@@ -73,7 +78,7 @@ def cmd_serve_ray(args: argparse.Namespace, options: dict) -> int:
             address=args.ray_address)
     except ValueError as e:
         raise TachyError(str(e)) from None
-    spec = EngineSpec(model=args.model, dtype=args.dtype, device=args.device)
+    spec = EngineSpec(model=args.model, dtype=args.dtype, device=args.device, prefix_cache_mb=prefix_mb)
     serve_forever(spec, options, config)
     return 0
 
@@ -94,6 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds one response_format (regex/schema) may take to compile; over it a 400")
     p.add_argument("--stall-timeout", type=float, default=60.0,
                    help="/health answers 503 when the worker has been busy this long without progress")
+    p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_MB,
+                   help=f"memory for K/V of earlier requests' prefixes (default {DEFAULT_MB} MB)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt from scratch")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     ray = p.add_argument_group("Ray Serve (pip install 'tachy[ray]'; docs/scale_out.md)")

@@ -20,6 +20,7 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from ..prefix_cache import DEFAULT_MB
 from .ray_router import ROUTER_PATH
 
 REPLICA_HEADER = "x-tachy-replica"   # every response names the replica that answered it
@@ -27,12 +28,13 @@ REPLICA_HEADER = "x-tachy-replica"   # every response names the replica that ans
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What each replica loads (the arguments of ``tachy.load``) and how many torch threads it runs (None:
-    as many as the CPUs Ray gave the replica)."""
+    """What each replica loads (the arguments of ``tachy.load``), how many torch threads it runs (None: as
+    many as the CPUs Ray gave the replica) and its prefix cache's budget (None: off)."""
     model: str | None = None
     dtype: str | None = None
     device: str | None = None
     threads: int | None = None
+    prefix_cache_mb: float | None = DEFAULT_MB
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class TachyReplica:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(spec.threads or max(1, int(cpus)))
         self.engine = tachy.load(spec.model, dtype=spec.dtype, device=spec.device, progress=False)
+        self.engine.set_prefix_cache(spec.prefix_cache_mb)
         self.app_options = app_options
         self.replica_id = serve.get_replica_context().replica_tag
         self.tachy_app = None

@@ -27,6 +27,7 @@ class TachyOptions(_Body):
     watermark: Union[bool, dict, None] = None
     press: str | None = None          # KV-cache compression (tachy.presses), e.g. "snapkv" or "snapkv+kivi4"
     compression_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    prefix_cache: bool = True         # reuse the K/V of earlier requests' prefixes (tachy.prefix_cache)
 
 
 class StreamOptions(_Body):
