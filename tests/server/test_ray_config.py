@@ -79,3 +79,19 @@ def test_the_kuberay_manifest_builds_the_application(ray_serve):
     assert deployment._deployment_config.autoscaling_config.max_replicas == 8
     spec, options = deployment.init_args
     assert spec == ray_serve.EngineSpec(model="smollm2-135m") and options == {"max_batch": 8, "max_queue": 64}
+
+
+@needs_ray
+def test_ray_health_check_is_the_apps_own(ray_serve):
+    """A replica whose app reports anything but "ok" (a stalled worker, shutting down) fails Ray's health
+    check, so Ray replaces it."""
+    from types import SimpleNamespace
+
+    check = ray_serve.TachyReplica.func_or_class.check_health
+    report = {"status": "ok"}
+    app = SimpleNamespace(state=SimpleNamespace(health=lambda: report))
+    replica = SimpleNamespace(replica_id="r1", tachy_app=app)
+    check(replica)
+    report["status"] = "stalled"
+    with pytest.raises(RuntimeError, match="r1 is unhealthy"):
+        check(replica)
