@@ -63,7 +63,7 @@ Event = tuple["Row", GenerationResponse]
 def batchable(config: GenerationConfig, packed: bool = False) -> bool:
     """Whether a generation can be a batch row: next-token decoding, no press; a prediction only where rows
     draft (``packed``, see the module docstring)."""
-    return (not config.decoding.is_search and config.press is None
+    return (not config.decoding.is_search and config.press is None and config.passages is None
             and (packed or config.prediction is None))
 
 

@@ -24,6 +24,7 @@ from .decoding import GenerationConfig, logits_processor
 from .errors import ContextLengthError, InvalidArgumentError
 from .generation import PREFILL_CHUNK, GenerationResponse, GenerationStats, Step
 from .models.llama import Transformer
+from .context.ape import PassageStore, ape_steps
 from .prefix_cache import DEFAULT_MB, PrefixCache
 from .presses import Press
 from .sampling import SamplingConfig, make_generator, make_probs_fn, sample, token_logprobs
@@ -46,6 +47,7 @@ class Engine:
         self.cache_dir = cache_dir
         self._prefix_mb: float | None = DEFAULT_MB
         self._prefix_cache: PrefixCache | None = None
+        self.passage_store = PassageStore()   # APE's encoded passages (tachy.context.ape), reused across requests
 
     @property
     def prefix_cache(self) -> PrefixCache | None:
@@ -164,6 +166,9 @@ class Engine:
         prompt_ids = self.check_prompt(prompt_ids)
         if config.decoding.is_search:   # beam search & co. drive the model themselves (tachy.decoding)
             yield from config.decoding.search(self, prompt_ids, config, stats)
+            return
+        if config.passages is not None:   # retrieved passages encoded apart (APE, tachy.context.ape)
+            yield from ape_steps(self, prompt_ids, config, stats)
             return
         drafting = config.drafter not in (None, "none") or config.prediction is not None
         if self.model.cpu_forward is None:   # the C forward has no per-shape kernels to build

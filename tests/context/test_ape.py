@@ -87,3 +87,18 @@ def test_sliding_window_models_are_refused():
     engine = Engine(tiny_model("gemma3"), IdsTokenizer([3]), name="tiny-gemma3")
     with pytest.raises(InvalidArgumentError, match="sliding-window"):
         ape_generate(engine, [5, 6], [[7, 8]], [9], 2)
+
+
+def test_the_engine_streams_ape_through_generation_config(smollm):
+    prefix, passages, question = chat_parts(smollm, ["Alice keeps the red key.\n\n", "Bob keeps the blue key.\n\n"],
+                                            "Who keeps the blue key?")
+    config = GenerationConfig(max_new_tokens=8, passages=passages, passages_at=len(prefix))
+    pieces = list(smollm.stream(prefix + question, config))
+    eos = set(smollm.tokenizer.eos_token_ids)   # the stream does not send the EOS token itself
+    expected = [t for t in ape_generate(smollm, prefix, passages, question, 8) if t not in eos]
+    assert [t for p in pieces for t in p.token_ids] == expected
+    assert pieces[-1].stats.prompt_tokens == len(prefix) + len(question) + sum(map(len, passages))
+    with pytest.raises(InvalidArgumentError, match="cannot be combined"):
+        GenerationConfig(passages=passages, press="snapkv", compression_ratio=0.5)
+    with pytest.raises(InvalidArgumentError, match="ape_temperature"):
+        GenerationConfig(passages=passages, ape_scale=1.5)

@@ -18,21 +18,25 @@ KV press uses, models/llama.py ``prefix_attention``), so the question and answer
 forward; passages themselves are encoded by the engine's usual forward (the C decoder where it runs).
 
     tokens = ape_generate(engine, prefix_ids, [passage_ids, ...], question_ids, max_new_tokens=32)
+    engine.generate(prefix_ids + question_ids, passages=[...], passages_at=len(prefix_ids))   # same, streamed
 """
 from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import kernels
 from ..errors import ContextLengthError, InvalidArgumentError
+from ..generation import GenerationStats, Step
 from ..models.llama import merge_attention
+from ..sampling import token_logprobs
 
 
 @dataclass
@@ -157,37 +161,64 @@ def encode_passages(engine, prefix_ids: Sequence[int], passages: Sequence[Sequen
     return prefix_kv, out
 
 
-@torch.inference_mode()
 def ape_generate(engine, prefix_ids: Sequence[int], passages: Sequence[Sequence[int]],
                  question_ids: Sequence[int], max_new_tokens: int = 64, config: APEConfig | None = None,
                  store: PassageStore | None = None) -> list[int]:
     """Greedy answer tokens (up to EOS or ``max_new_tokens``) for prefix + passages + question under APE."""
+    from ..decoding import GenerationConfig
+
     config = config or APEConfig()
-    _check(engine, prefix_ids, passages, question_ids, max_new_tokens)
-    prefix_kv, passages_kv = encode_passages(engine, prefix_ids, passages, store)
-    context = APEContext(prefix_kv, passages_kv, config)
-    # the question follows the longest passage: every passage started right after the prefix
-    with kernels.threads_to_kernels():   # the GGUF layers' kernels beside PyTorch's attention, taking turns
-        return _answer(engine, context, len(prefix_ids) + max(len(p) for p in passages), question_ids,
-                       max_new_tokens)
-
-
-def _answer(engine, context: APEContext, position: int, question_ids: Sequence[int],
-            max_new_tokens: int) -> list[int]:
-    """Greedy decoding of the question's answer over ``context``, the question at ``position`` on."""
-    model, device = engine.model, engine.device
-    cache = model.new_cache(capacity=context.length + len(question_ids) + max_new_tokens)
-    cache.length = context.length
-    cache.freeze_prefix(context)
-    logits = model(torch.tensor([list(question_ids)], device=device),
-                   torch.arange(position, position + len(question_ids), device=device), cache, last_only=True)
-    position += len(question_ids)
+    generation = GenerationConfig(max_new_tokens=max_new_tokens, drafter=None, prefix_cache=False,
+                                  passages=[list(p) for p in passages], passages_at=len(prefix_ids),
+                                  ape_temperature=config.temperature, ape_scale=config.scale)
     eos = set(engine.tokenizer.eos_token_ids)
     out: list[int] = []
-    while True:
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        if token in eos or len(out) >= max_new_tokens:
-            return out
-        logits = model(torch.tensor([[token]], device=device), torch.tensor([position], device=device), cache)
-        position += 1
+    for step in ape_steps(engine, list(prefix_ids) + list(question_ids), generation, GenerationStats(), store):
+        out += step.tokens
+        if step.tokens[-1] in eos:
+            break
+    return out
+
+
+def ape_steps(engine, prompt_ids: Sequence[int], config, stats: GenerationStats,
+              store: PassageStore | None = None) -> Iterator[Step]:
+    """Engine.generate_tokens for a config with ``passages``: prompt_ids[:passages_at] is the shared prefix,
+    the rest the question; one Step per token (no drafts: the answer runs on the PyTorch forward)."""
+    at = config.passages_at
+    prefix, question, passages = list(prompt_ids[:at]), list(prompt_ids[at:]), config.passages
+    ape = APEConfig(config.ape_temperature, config.ape_scale)
+    _check(engine, prefix, passages, question, config.max_new_tokens)
+    store = store if store is not None else engine.passage_store
+    model, device = engine.model, engine.device
+    start = time.perf_counter()
+    stats.prompt_tokens = len(prompt_ids) + sum(len(p) for p in passages)
+    with torch.inference_mode():
+        prefix_kv, passages_kv = encode_passages(engine, prefix, passages, store)
+        context = APEContext(prefix_kv, passages_kv, ape)
+        cache = model.new_cache(capacity=context.length + len(question) + config.max_new_tokens)
+        cache.length = context.length
+        cache.freeze_prefix(context)
+        processor, probs_fn, generator = engine.token_choice(config, prompt_ids)
+        # the question follows the longest passage: every passage started right after the prefix
+        position = len(prefix) + max(len(p) for p in passages)
+        tokens, ids = question, list(prompt_ids)
+        while True:
+            with kernels.threads_to_kernels():   # the GGUF layers' kernels beside PyTorch's attention
+                logits = model(torch.tensor([tokens], device=device),
+                               torch.arange(position, position + len(tokens), device=device), cache,
+                               last_only=True)[0]
+                token, logits = engine._choose(logits, ids, processor, probs_fn, generator)
+            position += len(tokens)
+            ids.append(token)
+            if stats.generated_tokens == 0:
+                stats.prefill_s = time.perf_counter() - start
+            else:
+                stats.forwards += 1
+                stats.decode_s = time.perf_counter() - start - stats.prefill_s
+            stats.generated_tokens += 1
+            stats.kv_bytes = stats.kv_full_bytes = cache.nbytes + context.nbytes
+            yield Step([token], 0, 0, None if config.logprobs is None else
+                       token_logprobs(logits, [token], config.logprobs))
+            if stats.generated_tokens >= config.max_new_tokens or position + 1 >= engine.max_context:
+                return
+            tokens = [token]

@@ -124,11 +124,15 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
                                 "constrained to its parameters' schema)", param="response_format")
         # tokenizing a large prompt takes a while: off the event loop
         messages = tools.messages([m.as_dict() for m in body.messages])
-        prompt_ids = await asyncio.to_thread(engine.chat_prompt, messages)
+        extra = {}
+        if body.tachy.passages is not None:
+            prompt_ids, extra = await asyncio.to_thread(_with_passages, engine, messages, body.tachy)
+        else:
+            prompt_ids = await asyncio.to_thread(engine.chat_prompt, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         constraint = await _constraint(compiler, body, tools.response_format())
-        work = _work([prompt_ids], body, max_tokens, engine, constraint, logprobs)
+        work = _work([prompt_ids], body, max_tokens, engine, constraint, logprobs, extra)
         return await _respond(request, scheduler, work, body, model_name, chat=True, tokenizer=engine.tokenizer,
                               tools=tools)
 
@@ -137,6 +141,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         _check_common(body, model_name)
         if body.suffix:
             raise ApiError(400, "suffix (fill-in-the-middle) is not supported by tachy's server", param="suffix")
+        if body.tachy.passages is not None:
+            raise ApiError(400, "tachy.passages is for chat completions (the question is the last user message)",
+                           param="tachy.passages")
         if body.echo and body.logprobs is not None:
             raise ApiError(400, "echo with logprobs (log-probabilities of the prompt) is not supported",
                            param="echo")
@@ -214,9 +221,36 @@ async def _constraint(compiler: ConstraintCompiler, body: _Sampling,
     return constraint
 
 
+PASSAGES_MARK = "\u27e6tachy passages\u27e7"   # where the passages go in the rendered conversation
+
+
+def _with_passages(engine: Engine, messages: list[dict], options) -> tuple[list[int], dict]:
+    """APE's parts of a chat request with passages: the conversation rendered with the passages where the
+    last user message begins, split there into the shared prefix and the question; returns (prefix + question
+    ids, GenerationConfig fields)."""
+    if not messages or messages[-1].get("role") != "user" or not isinstance(messages[-1].get("content"), str):
+        raise ApiError(400, "tachy.passages needs the last message to be the user's question (text)",
+                       param="tachy.passages")
+    marked = messages[:-1] + [{**messages[-1], "content": PASSAGES_MARK + messages[-1]["content"]}]
+    text = engine.tokenizer.apply_chat_template(marked, add_generation_prompt=True)
+    if text.count(PASSAGES_MARK) != 1:
+        raise ApiError(400, "this model's chat template does not keep the question intact; tachy.passages "
+                            "cannot be placed", param="tachy.passages")
+    before, after = text.split(PASSAGES_MARK)
+    encode = lambda t: engine.tokenizer.encode(t, add_special_tokens=False)   # noqa: E731
+    prefix, question = encode(before), encode(after)
+    passages = [encode(p) for p in options.passages]
+    if not prefix or not all(passages):
+        raise ApiError(400, "empty passage or prefix", param="tachy.passages")
+    return prefix + question, {"passages": passages, "passages_at": len(prefix),
+                               "ape_temperature": options.ape_temperature, "ape_scale": options.ape_scale}
+
+
 def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, engine: Engine,
-          constraint: Constraint | None, logprobs: int | None = None) -> list[tuple[list[int], GenerationConfig]]:
-    """(prompt ids, config) per choice: each prompt ``n`` times, seeds ``seed, seed + 1, ...``."""
+          constraint: Constraint | None, logprobs: int | None = None,
+          extra: dict | None = None) -> list[tuple[list[int], GenerationConfig]]:
+    """(prompt ids, config) per choice: each prompt ``n`` times, seeds ``seed, seed + 1, ...``; ``extra``:
+    more GenerationConfig fields (APE's passages)."""
     work = []
     for prompt_ids in prompts:
         if not prompt_ids:
@@ -238,7 +272,7 @@ def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, eng
                 watermark=body.tachy.watermark, press=body.tachy.press,
                 compression_ratio=body.tachy.compression_ratio, prefix_cache=body.tachy.prefix_cache,
                 prediction=body.prediction.text if body.prediction is not None else None,
-                response_format=constraint, logprobs=logprobs)))
+                response_format=constraint, logprobs=logprobs, **(extra or {}))))
     return work
 
 
@@ -306,7 +340,7 @@ async def _respond(request: Request, scheduler: Scheduler, work, body: _Sampling
         _raise_for(first[2])
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     meta = {"id": rid, "created": int(time.time()), "model": model_name}
-    prompt_tokens = sum(len(p) for p, _ in work[::body.n])
+    prompt_tokens = sum(len(p) + sum(len(x) for x in c.passages or []) for p, c in work[::body.n])
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         reader.watch = False
