@@ -47,13 +47,25 @@ def rerotate(k: Tensor, rope: Rope, delta: int) -> Tensor:
 
 def reuse_plan(old_ids: Sequence[int], new_ids: Sequence[int]) -> list[int | None]:
     """For each new position, the old position whose K/V it reuses, or None where it must be encoded: runs
-    of tokens the two prompts share (a token diff), except the new prompt's last token."""
+    of tokens the two prompts share (a token diff), except the new prompt's last token. The common head and
+    tail are matched directly and only the stretch between them is diffed: difflib is quadratic on code's
+    repetitive tokens (seconds for a 2k-token file), the head and tail are linear."""
+    old_ids, new_ids = list(old_ids), list(new_ids)
+    head = 0
+    while head < min(len(old_ids), len(new_ids)) and old_ids[head] == new_ids[head]:
+        head += 1
+    tail = 0
+    while (tail < min(len(old_ids), len(new_ids)) - head
+           and old_ids[len(old_ids) - 1 - tail] == new_ids[len(new_ids) - 1 - tail]):
+        tail += 1
     plan: list[int | None] = [None] * len(new_ids)
-    matcher = SequenceMatcher(None, list(old_ids), list(new_ids), autojunk=False)
-    for tag, i1, _, j1, j2 in matcher.get_opcodes():
+    plan[:head] = range(head)
+    shift = len(old_ids) - len(new_ids)
+    plan[len(new_ids) - tail:] = range(len(new_ids) - tail + shift, len(old_ids))
+    old_mid, new_mid = old_ids[head:len(old_ids) - tail], new_ids[head:len(new_ids) - tail]
+    for tag, i1, _, j1, j2 in SequenceMatcher(None, old_mid, new_mid, autojunk=False).get_opcodes():
         if tag == "equal":
-            for d in range(j2 - j1):
-                plan[j1 + d] = i1 + d
+            plan[head + j1:head + j2] = range(head + i1, head + i1 + j2 - j1)
     if plan:
         plan[-1] = None
     return plan
