@@ -14,7 +14,12 @@ UV     ?= uv==0.13.9
 # Workers for the test suite (pytest-xdist); the suite's models run one torch thread each.
 JOBS   ?= 2
 
-LOCKS  := requirements/runtime.txt requirements/dev.txt requirements/legacy-parity.txt
+LOCKS  := requirements/runtime.txt requirements/dev.txt requirements/ray.txt requirements/legacy-parity.txt
+# make test installs the ray extra from requirements/ray.txt (dev.txt plus Ray, the same versions) for the Ray
+# Serve tests; RAY=0 tests on dev.txt alone (those tests then skip, saying why). make run never needs Ray.
+RAY    ?= 1
+TEST_LOCK := $(if $(filter 1,$(RAY)),requirements/ray.txt,requirements/dev.txt)
+TEST_ENV  := $(if $(filter 1,$(RAY)),$(VENV)/.ray-done,$(VENV)/.dev-done)
 
 .PHONY: setup dev run test test-fast test-legacy-parity check-lock lock bench-env clean
 
@@ -34,6 +39,11 @@ $(VENV)/.setup-done: pyproject.toml requirements/runtime.txt requirements/dev.tx
 $(VENV)/.dev-done: $(VENV)/.setup-done
 	$(PY) -m pip install -q --no-deps -r requirements/dev.txt
 	$(PY) requirements/check_lock.py requirements/dev.txt --also "$(TORCH)"
+	touch $@
+
+$(VENV)/.ray-done: $(VENV)/.dev-done requirements/ray.txt
+	$(PY) -m pip install -q --no-deps -r requirements/ray.txt
+	$(PY) requirements/check_lock.py requirements/ray.txt --also "$(TORCH)"
 	touch $@
 
 # transformers >= 4.56 no longer ships contrastive search and group (diverse) beam search, so their parity
@@ -68,11 +78,12 @@ dev: $(VENV)/.dev-done
 run: setup
 	$(VENV)/bin/tachy generate --chat "Write a Python function that checks whether a number is prime, then explain it." --max-new-tokens 128
 
-check-lock: dev
-	$(PY) requirements/check_lock.py requirements/dev.txt --also "$(TORCH)"
+check-lock: $(TEST_ENV)
+	$(PY) requirements/check_lock.py $(TEST_LOCK) --also "$(TORCH)"
 
+# --dist loadgroup: the tests of one xdist_group (the Ray cluster's) share a worker and so one cluster
 test: check-lock $(LEGACY)/.done
-	$(PY) -m pytest -q --durations=15 -n $(JOBS)
+	$(PY) -m pytest -q --durations=15 -n $(JOBS) --dist loadgroup
 	$(MAKE) --no-print-directory test-legacy-parity
 
 # The legacy venv reads the embedded model's converted cache; the main venv converts it (GGUF tokenizers need
@@ -84,7 +95,7 @@ test-legacy-parity: $(LEGACY)/.done setup
 	    tests/decoding/test_parity_legacy.py
 
 test-fast: check-lock
-	$(PY) -m pytest -q -m "not slow" -n $(JOBS)
+	$(PY) -m pytest -q -m "not slow" -n $(JOBS) --dist loadgroup
 
 # Regenerate the locks after changing dependencies in pyproject.toml or requirements/*.in, or to move to newer
 # releases on purpose; run `make test` on the new locks before committing them.

@@ -48,9 +48,10 @@ import torch
 from . import kernels
 from .cache import BatchKVCache
 from .decoding import GenerationConfig
-from .engine import Engine, TextStream
+from .engine import Engine, TextStream, prefix_tag
 from .generation import PREFILL_CHUNK, GenerationResponse, GenerationStats, Step
 from .errors import InvalidArgumentError
+from .prefix_cache import BLOCK_TOKENS, PrefixCache
 from .speculative.drafters import Drafter
 from .speculative.tree import DraftTree
 from .sampling import token_logprobs
@@ -63,6 +64,7 @@ def batchable(config: GenerationConfig, packed: bool = False) -> bool:
     """Whether a generation can be a batch row: next-token decoding, no press nor sparse attention; a
     prediction only where rows draft (``packed``, see the module docstring)."""
     return (not config.decoding.is_search and config.press is None and config.attention is None
+            and config.passages is None
             and (packed or config.prediction is None))
 
 
@@ -91,6 +93,8 @@ class Row:
     drafter: Drafter | None = None                     # packed mode: this row's own drafter
     pending: list[int] = field(default_factory=list)   # packed mode: prompt tokens not in the cache yet
     joined: float = 0.0                                # when add() was called (time to first token)
+    prefix: PrefixCache | None = None                  # packed mode: the engine's prefix cache, if it may use it
+    looked_up: bool = False                            # packed mode: the prefix cache was asked for the prompt
 
 
 class BatchDecoder:
@@ -132,11 +136,12 @@ class BatchDecoder:
         row = Row(tag, config, list(prompt_ids), stats, TextStream(engine.tokenizer, config, stats),
                   *engine.token_choice(config, prompt_ids))
         start = row.joined = time.perf_counter()
-        if self.packed:   # prefilled in chunks by the next steps
+        if self.packed:   # prefilled in chunks by the next steps, after what the prefix cache holds
             row.drafter = self._row_drafter(config)
-            row.pending, row.ids = list(prompt_ids), []
             row.limit = engine.max_context - 1
             self._assign_slot(row, engine.cache_capacity(len(prompt_ids), config.max_new_tokens))
+            row.prefix = engine.prefix_cache_for(config, self.cache)
+            row.pending, row.ids = list(prompt_ids), []
             self.cache.lengths[row.slot] = 0
             return []
         engine.warmup(1)
@@ -158,10 +163,31 @@ class BatchDecoder:
         return events
 
     def remove(self, row: Row) -> None:
-        """Drop a row (a cancelled request); its cache row is free for the next join."""
+        """Drop a row (a cancelled request); its cache row is free for the next join, once the prefix cache
+        has the blocks of its committed tokens."""
         if row in self.rows:
             self.rows.remove(row)
+            self._store_prefix(row, self.cache.lengths[row.slot])
         row.slot, row.done = -1, True
+
+    def _reuse_prefix(self, row: Row) -> None:
+        """Before a joining prompt's first chunk: start it after the blocks the prefix cache holds. Asked then,
+        not when the row joined, so that a prompt queued behind another with the same prefix (a shared system
+        prompt) finds the blocks that one stored when its prefill ended."""
+        if row.looked_up:
+            return
+        row.looked_up = True
+        if row.prefix is not None:
+            k, v = self.cache.k[:, row.slot], self.cache.v[:, row.slot]
+            cached = row.prefix.load(row.pending[:-1], k, v, prefix_tag(row.config))
+            row.stats.cached_tokens = self.cache.lengths[row.slot] = cached
+            row.ids, row.pending = row.pending[:cached], row.pending[cached:]
+
+    def _store_prefix(self, row: Row, tokens: int) -> None:
+        """Give the prefix cache the K/V of the row's first ``tokens`` tokens (all committed, in its cache row)."""
+        if row.prefix is not None:
+            k, v = self.cache.k[:, row.slot], self.cache.v[:, row.slot]
+            row.prefix.store(row.ids[:tokens], k, v, prefix_tag(row.config))
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
@@ -314,11 +340,16 @@ class BatchDecoder:
             plan.append((row, [row.root] + tree.tokens, tree))
             decode_tokens += 1 + len(tree)
         budget = self._chunk_budget(decode_tokens)
+        reading: set[tuple[int, ...]] = set()   # first blocks of the prompts being read in this forward
         for row in self.rows:   # joining prompts, first come first served
             if row.pending and budget > 0:
+                if row.prefix is not None and not row.looked_up and tuple(row.pending[:BLOCK_TOKENS]) in reading:
+                    continue   # same start as a prompt being read: wait for its blocks in the prefix cache
+                self._reuse_prefix(row)
                 chunk = row.pending[:min(budget, PREFILL_CHUNK)]
                 plan.append((row, chunk, None))
                 budget -= len(chunk)
+                reading.add(tuple((row.ids + row.pending)[:BLOCK_TOKENS]))
         # chains and prompt chunks see the earlier new tokens of their own row: the forward's default (no mask)
         causal = all(tree is None or tree.is_chain for _, _, tree in plan)
         tokens, positions, rows, slots, prefix, blocks, logit_rows = [], [], [], [], [], [], []
@@ -366,6 +397,7 @@ class BatchDecoder:
         if logits is None:
             return []
         engine = self.engine
+        self._store_prefix(row, len(row.ids))   # the whole prompt: requests that share it need not wait
         row.root, logits = engine._choose(logits, row.ids, row.processor, row.probs_fn, row.generator)
         row.ids.append(row.root)
         if row.drafter is not None:

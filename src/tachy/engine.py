@@ -24,6 +24,8 @@ from .decoding import GenerationConfig, logits_processor
 from .errors import ContextLengthError, InvalidArgumentError
 from .generation import COST_CONTEXT, PREFILL_CHUNK, GenerationResponse, GenerationStats, Step
 from .models.llama import Transformer
+from .context.ape import PassageStore, ape_steps
+from .prefix_cache import DEFAULT_MB, PrefixCache
 from .presses import Press
 from .sampling import SamplingConfig, make_generator, make_probs_fn, sample, token_logprobs
 from .speculative.drafters import Drafter, make_drafter, prediction_drafter
@@ -43,6 +45,32 @@ class Engine:
         self.config = model.config
         self.weights = weights or str(model.dtype).removeprefix("torch.")   # the weight format, for humans
         self.cache_dir = cache_dir
+        self._prefix_mb: float | None = DEFAULT_MB
+        self._prefix_cache: PrefixCache | None = None
+        self.passage_store = PassageStore()   # APE's encoded passages (tachy.context.ape), reused across requests
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """K/V of earlier prompts and turns (tachy.prefix_cache), made on first use; None when turned off."""
+        if self._prefix_cache is None and self._prefix_mb is not None:
+            self._prefix_cache = PrefixCache.from_mb(self._prefix_mb)
+        return self._prefix_cache
+
+    def set_prefix_cache(self, mb: float | None) -> None:
+        """Bound the prefix cache to ``mb`` megabytes (dropping what it holds), or turn it off with None."""
+        if mb is not None:
+            PrefixCache.from_mb(mb)   # a bad budget fails here, not in the first request
+        self._prefix_mb, self._prefix_cache = mb, None
+
+    def prefix_cache_for(self, config: GenerationConfig, cache) -> PrefixCache | None:
+        """The prefix cache a generation may read and fill: only where a hit reproduces the cold prefill bit
+        for bit (the row-exact C forward on an uncompressed cache), and never under a press."""
+        press = config.press
+        if not config.prefix_cache or (press is not None and press.active) or config.decoding.is_search:
+            return None
+        if not self.model.exact_trees(cache):
+            return None
+        return self.prefix_cache
 
     @property
     def device(self) -> torch.device:
@@ -169,6 +197,9 @@ class Engine:
         if config.decoding.is_search:   # beam search & co. drive the model themselves (tachy.decoding)
             yield from config.decoding.search(self, prompt_ids, config, stats)
             return
+        if config.passages is not None:   # retrieved passages encoded apart (APE, tachy.context.ape)
+            yield from ape_steps(self, prompt_ids, config, stats)
+            return
         drafting = config.drafter not in (None, "none") or config.prediction is not None
         if self.model.cpu_forward is None:   # the C forward has no per-shape kernels to build
             self.warmup(config.max_draft_tokens + 1 if drafting else 1)
@@ -180,8 +211,14 @@ class Engine:
         stats.prompt_tokens = len(prompt_ids)
 
         start = time.perf_counter()
+        prefix, tag = self.prefix_cache_for(config, cache), prefix_tag(config)
+        if prefix is not None:
+            stats.cached_tokens = cache.length = cache.position = prefix.load(prompt_ids[:-1], cache.k[:, 0],
+                                                                              cache.v[:, 0], tag)
         with kernels.threads_to_kernels() if model.exact_trees(cache) else nullcontext():
             logits = self._prefill(prompt_ids, cache, config.press)
+        if prefix is not None:
+            prefix.store(prompt_ids, cache.k[:, 0], cache.v[:, 0], tag)
         if config.attention is not None:   # the prompt was prefilled densely; decoding reads sparsely
             config.attention.attach(model, cache)
         ids = list(prompt_ids)
@@ -208,59 +245,63 @@ class Engine:
         exact_trees = model.exact_trees(cache)
         threads = kernels.threads_to_kernels if exact_trees else nullcontext
 
-        while cache.position + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:
-            with threads():   # the C forward's kernels and PyTorch's small ops take turns on the cores
-                step_start = time.perf_counter()
-                if evict_every and cache.length >= budget + evict_every:
-                    press.evict_while_decoding(cache, budget)
-                # no drafting past the context window or the token budget (the bonus token is always produced),
-                # nor past the next eviction (plain and speculative decoding then evict at the same cache sizes)
-                room = min(self.max_context - cache.position - 2,
-                           config.max_new_tokens - stats.generated_tokens - 1)
-                if evict_every:
-                    room = min(room, budget + evict_every - cache.length - 1)
-                tree = DraftTree.empty()
-                if drafter is not None and config.max_draft_tokens and room > 0:
-                    tree = drafter.propose(ids, min(config.max_draft_tokens, room))
+        try:
+            while cache.position + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:
+                with threads():   # the C forward's kernels and PyTorch's small ops take turns on the cores
+                    step_start = time.perf_counter()
+                    if evict_every and cache.length >= budget + evict_every:
+                        press.evict_while_decoding(cache, budget)
+                    # no drafting past the context window or the token budget (the bonus token is always produced),
+                    # nor past the next eviction (plain and speculative decoding then evict at the same cache sizes)
+                    room = min(self.max_context - cache.position - 2,
+                               config.max_new_tokens - stats.generated_tokens - 1)
+                    if evict_every:
+                        room = min(room, budget + evict_every - cache.length - 1)
+                    tree = DraftTree.empty()
+                    if drafter is not None and config.max_draft_tokens and room > 0:
+                        tree = drafter.propose(ids, min(config.max_draft_tokens, room))
+                        if not exact_trees:
+                            tree = tree.prune_to_spine()
+                        if len(tree) > room:
+                            tree = tree.truncate(room)
+                        stats.draft_s += time.perf_counter() - step_start
+                        stats.draft_model_s = drafter.model_s
+                    tokens = [root] + tree.tokens
+                    positions = cache.position + tree.position_offsets().to(device)
+                    mask = None
+                    if len(tree):
+                        mask = torch.cat([torch.ones(len(tokens), cache.length, dtype=torch.bool, device=device),
+                                          tree.attention_mask(device)], dim=1)
+                    base = cache.length
+                    logits = model(torch.tensor([tokens], device=device), positions, cache, mask)[0]
+                    if processor is not None:  # penalties: each node sees its own path as context
+                        logits = processor(logits, tree.row_contexts(torch.tensor(ids, device=device)))
+                    if probs_fn is None:
+                        accepted, bonus = verify_greedy(tree, logits)
+                    else:
+                        accepted, bonus = verify_sampling(tree, probs_fn(logits), generator)
                     if not exact_trees:
-                        tree = tree.prune_to_spine()
-                    if len(tree) > room:
-                        tree = tree.truncate(room)
-                    stats.draft_s += time.perf_counter() - step_start
-                    stats.draft_model_s = drafter.model_s
-                tokens = [root] + tree.tokens
-                positions = cache.position + tree.position_offsets().to(device)
-                mask = None
-                if len(tree):
-                    mask = torch.cat([torch.ones(len(tokens), cache.length, dtype=torch.bool, device=device),
-                                      tree.attention_mask(device)], dim=1)
-                base = cache.length
-                logits = model(torch.tensor([tokens], device=device), positions, cache, mask)[0]
-                if processor is not None:  # penalties: each node sees its own path as context
-                    logits = processor(logits, tree.row_contexts(torch.tensor(ids, device=device)))
-                if probs_fn is None:
-                    accepted, bonus = verify_greedy(tree, logits)
-                else:
-                    accepted, bonus = verify_sampling(tree, probs_fn(logits), generator)
-                if not exact_trees:
-                    accepted, bonus = commit_exact(tree, accepted, bonus)
-                cache.keep([base] + [base + 1 + j for j in accepted])
-                new = [tree.tokens[j] for j in accepted] + [bonus]
-                ids.extend(new)
-                root = bonus
-                if drafter is not None:
-                    t = time.perf_counter()
-                    drafter.update(ids, len(accepted), logits if drafter.needs_logits else None, tokens)
-                    stats.draft_s += time.perf_counter() - t
-                stats.forwards += 1
-                stats.drafted += len(tree)
-                stats.accepted += len(accepted)
-                stats.generated_tokens += len(new)
-                stats.kv_bytes, stats.kv_full_bytes = cache.nbytes, cache.uncompressed_nbytes
-                stats.decode_s += time.perf_counter() - step_start
-                step = Step(new, len(accepted), len(tree), None if top is None else token_logprobs(
-                    logits[[0] + [1 + j for j in accepted]], new, top))
-            yield step
+                        accepted, bonus = commit_exact(tree, accepted, bonus)
+                    cache.keep([base] + [base + 1 + j for j in accepted])
+                    new = [tree.tokens[j] for j in accepted] + [bonus]
+                    ids.extend(new)
+                    root = bonus
+                    if drafter is not None:
+                        t = time.perf_counter()
+                        drafter.update(ids, len(accepted), logits if drafter.needs_logits else None, tokens)
+                        stats.draft_s += time.perf_counter() - t
+                    stats.forwards += 1
+                    stats.drafted += len(tree)
+                    stats.accepted += len(accepted)
+                    stats.generated_tokens += len(new)
+                    stats.kv_bytes, stats.kv_full_bytes = cache.nbytes, cache.uncompressed_nbytes
+                    stats.decode_s += time.perf_counter() - step_start
+                    step = Step(new, len(accepted), len(tree), None if top is None else token_logprobs(
+                        logits[[0] + [1 + j for j in accepted]], new, top))
+                yield step
+        finally:   # the committed sequence's blocks, for the next turn (its last token is not in the cache yet)
+            if prefix is not None:
+                prefix.store(ids[:-1], cache.k[:, 0], cache.v[:, 0], tag)
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
         prompt_ids = list(prompt_ids)
@@ -285,7 +326,7 @@ class Engine:
             return self.model(tokens, torch.tensor([cache.position], device=self.device), cache)[0]
         logits = None
         with cache.plain_rows():
-            for s in range(0, len(prompt_ids), PREFILL_CHUNK):
+            for s in range(cache.length, len(prompt_ids), PREFILL_CHUNK):   # after a prefix-cache hit
                 chunk = prompt_ids[s:s + PREFILL_CHUNK]
                 tokens = torch.tensor([chunk], device=self.device)
                 positions = torch.arange(s, s + len(chunk), device=self.device)
@@ -440,6 +481,13 @@ class TextStream:
         self.pending_ids, self.pending_draft = [], []
         self.pending_logprobs = None if self.pending_logprobs is None else []
         return out
+
+
+def prefix_tag(config: GenerationConfig) -> str:
+    """What besides the tokens decides a sequence's K/V: blocks stored under one tag serve only that tag
+    (a sparse attention method changes the hidden states, hence the K/V, of the tokens it runs on)."""
+    attention = getattr(config, "attention", None)
+    return "" if attention in (None, "", "dense") else str(attention)
 
 
 def _check_target(drafter: Drafter, engine: Engine) -> Drafter:

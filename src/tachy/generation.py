@@ -36,6 +36,7 @@ class Step:
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0       # of the prompt, tokens whose K/V came from the prefix cache
     generated_tokens: int = 0
     forwards: int = 0            # target forwards after prefill
     drafted: int = 0

@@ -33,7 +33,9 @@ valid_common = {
     "prediction": st.fixed_dictionaries({"type": st.just("content"), "content": st.text(max_size=30)}),
     "tachy": st.fixed_dictionaries({}, optional={
         "drafter": st.sampled_from(["default", "none", "sam", "pld", "rest", "trigram", "gated", "x"]),
-        "max_draft_tokens": st.integers(0, 8)}),
+        "max_draft_tokens": st.integers(0, 8), "prefix_cache": st.booleans(),
+        "passages": st.lists(st.text(max_size=20), max_size=3), "ape_temperature": st.floats(-1, 2),
+        "ape_scale": st.floats(-1, 2)}),
 }
 valid_chat = st.fixed_dictionaries(
     {"model": st.just(MODEL), "max_tokens": small_tokens,

@@ -52,6 +52,13 @@ class GenerationConfig:
     press: str | Press | None = None             # KV-cache compression after prefill (tachy.presses)
     compression_ratio: float = 0.0               # fraction of the prompt's KV the press removes
     attention: str | SparseAttention | None = None   # decode-time sparse attention (tachy.sparse), e.g. "quest"
+    prefix_cache: bool = True                    # reuse K/V of earlier prompts/turns (tachy.prefix_cache)
+    # APE (tachy.context.ape): retrieved passages, token ids, encoded one by one; they go between the prompt's
+    # first ``passages_at`` tokens (the shared prefix) and the rest (the question)
+    passages: list[list[int]] | None = None
+    passages_at: int = 0
+    ape_temperature: float = 0.9
+    ape_scale: float = 0.9
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -77,6 +84,13 @@ class GenerationConfig:
             typical_p=self.typical_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed)
         self.decoding = check_config(self)
+        if self.passages is not None:
+            if self.decoding.is_search or self.press is not None or self.prediction is not None:
+                raise InvalidArgumentError("passages (APE) cannot be combined with a search strategy, a press "
+                                           "or a prediction")
+            if not 0 < self.ape_temperature <= 1 or not 0 < self.ape_scale <= 1:
+                raise InvalidArgumentError(f"ape_temperature and ape_scale must be in (0, 1], got "
+                                           f"{self.ape_temperature} and {self.ape_scale}")
 
 
 def check_config(config: GenerationConfig) -> Strategy:

@@ -48,8 +48,9 @@ class Setting:
         return None if self.press in ("full", "none") else make_press(self.press, self.ratio)
 
     def config(self, max_new_tokens: int) -> GenerationConfig:
-        """Plain greedy decoding under this setting; the attention is passed on where GenerationConfig has one."""
-        return GenerationConfig(max_new_tokens=max_new_tokens, drafter=None, press=self.make(),
+        """Plain greedy decoding under this setting; the attention is passed on where GenerationConfig has one.
+        No prefix cache: every setting prefills its prompt itself, so prefill_s compares like with like."""
+        return GenerationConfig(max_new_tokens=max_new_tokens, drafter=None, press=self.make(), prefix_cache=False,
                                 **_attention_field(self.attention))
 
 

@@ -52,6 +52,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
     """
     model_name = model_name or engine.name
     metrics = Metrics()
+    metrics.prefix_cache = engine.prefix_cache
     if warmup:
         engine.warmup()  # kernels' one-time setup now, not in the first user's latency
         engine.load_drafter("default")
@@ -83,15 +84,22 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        """200 "ok"; 503 "stalled" when the worker has been busy without progress for ``stall_s`` (a load
-        balancer should route elsewhere or restart the process), 503 "shutting_down" while stopping."""
+    def health_report() -> dict:
+        """The health check's answer: status "ok", "stalled" when the worker has been busy without progress
+        for ``stall_s`` (a load balancer should route elsewhere or restart the process) or "shutting_down"
+        while stopping. Also ``app.state.health`` for hosts that check health without HTTP (Ray Serve)."""
         stalled = scheduler.stalled_for()
         status = "shutting_down" if scheduler.closed else "stalled" if stalled > stall_s else "ok"
-        return JSONResponse({"status": status, "model": model_name, "queue_depth": scheduler.queue_depth,
-                             "running": scheduler.running, "seconds_since_progress": round(stalled, 1)},
-                            status_code=200 if status == "ok" else 503)
+        return {"status": status, "model": model_name, "queue_depth": scheduler.queue_depth,
+                "running": scheduler.running, "seconds_since_progress": round(stalled, 1)}
+
+    app.state.health = health_report
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 "ok"; 503 "stalled" or "shutting_down" (health_report)."""
+        report = health_report()
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -116,11 +124,15 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
                                 "constrained to its parameters' schema)", param="response_format")
         # tokenizing a large prompt takes a while: off the event loop
         messages = tools.messages([m.as_dict() for m in body.messages])
-        prompt_ids = await asyncio.to_thread(engine.chat_prompt, messages)
+        extra = {}
+        if body.tachy.passages is not None:
+            prompt_ids, extra = await asyncio.to_thread(_with_passages, engine, messages, body.tachy)
+        else:
+            prompt_ids = await asyncio.to_thread(engine.chat_prompt, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         constraint = await _constraint(compiler, body, tools.response_format())
-        work = _work([prompt_ids], body, max_tokens, engine, constraint, logprobs)
+        work = _work([prompt_ids], body, max_tokens, engine, constraint, logprobs, extra)
         return await _respond(request, scheduler, work, body, model_name, chat=True, tokenizer=engine.tokenizer,
                               tools=tools)
 
@@ -129,6 +141,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         _check_common(body, model_name)
         if body.suffix:
             raise ApiError(400, "suffix (fill-in-the-middle) is not supported by tachy's server", param="suffix")
+        if body.tachy.passages is not None:
+            raise ApiError(400, "tachy.passages is for chat completions (the question is the last user message)",
+                           param="tachy.passages")
         if body.echo and body.logprobs is not None:
             raise ApiError(400, "echo with logprobs (log-probabilities of the prompt) is not supported",
                            param="echo")
@@ -206,9 +221,36 @@ async def _constraint(compiler: ConstraintCompiler, body: _Sampling,
     return constraint
 
 
+PASSAGES_MARK = "\u27e6tachy passages\u27e7"   # where the passages go in the rendered conversation
+
+
+def _with_passages(engine: Engine, messages: list[dict], options) -> tuple[list[int], dict]:
+    """APE's parts of a chat request with passages: the conversation rendered with the passages where the
+    last user message begins, split there into the shared prefix and the question; returns (prefix + question
+    ids, GenerationConfig fields)."""
+    if not messages or messages[-1].get("role") != "user" or not isinstance(messages[-1].get("content"), str):
+        raise ApiError(400, "tachy.passages needs the last message to be the user's question (text)",
+                       param="tachy.passages")
+    marked = messages[:-1] + [{**messages[-1], "content": PASSAGES_MARK + messages[-1]["content"]}]
+    text = engine.tokenizer.apply_chat_template(marked, add_generation_prompt=True)
+    if text.count(PASSAGES_MARK) != 1:
+        raise ApiError(400, "this model's chat template does not keep the question intact; tachy.passages "
+                            "cannot be placed", param="tachy.passages")
+    before, after = text.split(PASSAGES_MARK)
+    encode = lambda t: engine.tokenizer.encode(t, add_special_tokens=False)   # noqa: E731
+    prefix, question = encode(before), encode(after)
+    passages = [encode(p) for p in options.passages]
+    if not prefix or not all(passages):
+        raise ApiError(400, "empty passage or prefix", param="tachy.passages")
+    return prefix + question, {"passages": passages, "passages_at": len(prefix),
+                               "ape_temperature": options.ape_temperature, "ape_scale": options.ape_scale}
+
+
 def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, engine: Engine,
-          constraint: Constraint | None, logprobs: int | None = None) -> list[tuple[list[int], GenerationConfig]]:
-    """(prompt ids, config) per choice: each prompt ``n`` times, seeds ``seed, seed + 1, ...``."""
+          constraint: Constraint | None, logprobs: int | None = None,
+          extra: dict | None = None) -> list[tuple[list[int], GenerationConfig]]:
+    """(prompt ids, config) per choice: each prompt ``n`` times, seeds ``seed, seed + 1, ...``; ``extra``:
+    more GenerationConfig fields (APE's passages)."""
     work = []
     for prompt_ids in prompts:
         if not prompt_ids:
@@ -228,9 +270,10 @@ def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, eng
                 drafter=body.tachy.drafter, max_draft_tokens=body.tachy.max_draft_tokens,
                 strategy=body.tachy.strategy, strategy_options=body.tachy.strategy_options,
                 watermark=body.tachy.watermark, press=body.tachy.press,
-                compression_ratio=body.tachy.compression_ratio, attention=body.tachy.attention,
+                compression_ratio=body.tachy.compression_ratio, prefix_cache=body.tachy.prefix_cache,
+                attention=body.tachy.attention,
                 prediction=body.prediction.text if body.prediction is not None else None,
-                response_format=constraint, logprobs=logprobs)))
+                response_format=constraint, logprobs=logprobs, **(extra or {}))))
     return work
 
 
@@ -298,7 +341,7 @@ async def _respond(request: Request, scheduler: Scheduler, work, body: _Sampling
         _raise_for(first[2])
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     meta = {"id": rid, "created": int(time.time()), "model": model_name}
-    prompt_tokens = sum(len(p) for p, _ in work[::body.n])
+    prompt_tokens = sum(len(p) + sum(len(x) for x in c.passages or []) for p, c in work[::body.n])
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         reader.watch = False
@@ -343,7 +386,7 @@ async def _collect(reader: _Reader, first: tuple, meta: dict, chat: bool, choice
         out = [{"index": i, "text": t, "finish_reason": f, "logprobs": _logprobs_json(lp, tokenizer, chat=False)}
                for i, (t, f, lp) in enumerate(zip(texts, finish, logprobs))]
     return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion", "choices": out,
-                         "usage": _usage(prompt_tokens, completion_tokens),
+                         "usage": _usage(prompt_tokens, completion_tokens, stats[0].cached_tokens),
                          "tachy": {"stats": [_stats_json(s) for s in stats]}})
 
 
@@ -368,6 +411,7 @@ async def _stream(reader: _Reader, first: tuple, meta: dict, chat: bool, choices
         return f"data: {json.dumps(data)}\n\n"
 
     completion_tokens = [0] * choices
+    cached_tokens = 0
     started = [False] * choices
     held: list[str | None] = [""] * choices if tools is not None and tools.active else [None] * choices
     held_logprobs: list[list] = [[] for _ in range(choices)]
@@ -384,6 +428,7 @@ async def _stream(reader: _Reader, first: tuple, meta: dict, chat: bool, choices
                 elif echo:
                     yield chunk(index, echo[index], None)
             completion_tokens[index] = piece.stats.generated_tokens
+            cached_tokens = max(cached_tokens, piece.stats.cached_tokens)
             if held[index] is not None:   # maybe a tool call: hold the text until that is decided
                 held[index] += piece.text
                 held_logprobs[index] += piece.logprobs or []
@@ -407,7 +452,7 @@ async def _stream(reader: _Reader, first: tuple, meta: dict, chat: bool, choices
             if piece.finish_reason is not None:
                 yield chunk(index, None if chat else "", piece.finish_reason)
         if include_usage and not reader.job.cancelled.is_set():
-            usage = _usage(prompt_tokens, sum(completion_tokens))
+            usage = _usage(prompt_tokens, sum(completion_tokens), cached_tokens)
             yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
@@ -446,9 +491,11 @@ def _stream_error(exc: Exception) -> dict:
     return error_body("internal error", "server_error")
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens whose K/V the prefix cache held."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _stats_json(s: GenerationStats) -> dict:

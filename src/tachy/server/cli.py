@@ -7,6 +7,20 @@ import threading
 
 from ..cli import EXTRA_COMMANDS, add_model_args, load_engine
 from ..errors import TachyError
+from ..prefix_cache import DEFAULT_MB
+
+
+def app_options(args: argparse.Namespace) -> dict:
+    """``create_app``'s keyword arguments from the command line (one process or each Ray replica alike)."""
+    if args.max_queue < 0:
+        raise TachyError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_batch < 1:
+        raise TachyError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.compile_timeout <= 0 or args.stall_timeout <= 0:
+        raise TachyError("--compile-timeout and --stall-timeout must be > 0 seconds")
+    return dict(api_key=args.api_key, max_queue=args.max_queue, model_name=args.served_model_name,
+                max_batch=args.max_batch, compile_timeout_s=args.compile_timeout, stall_s=args.stall_timeout,
+                speculative_batching=args.batching == "speculative")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -16,16 +30,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .app import create_app
     except ModuleNotFoundError as e:
         raise TachyError(f"the server needs {e.name}: pip install 'tachy[server]'") from None
-    if args.max_queue < 0:
-        raise TachyError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if args.max_batch < 1:
-        raise TachyError(f"--max-batch must be >= 1, got {args.max_batch}")
-    if args.compile_timeout <= 0 or args.stall_timeout <= 0:
-        raise TachyError("--compile-timeout and --stall-timeout must be > 0 seconds")
+    options = app_options(args)
+    if args.prefix_cache_mb <= 0:
+        raise TachyError(f"--prefix-cache-mb must be > 0, got {args.prefix_cache_mb} (--no-prefix-cache turns it off)")
+    prefix_mb = None if args.no_prefix_cache else args.prefix_cache_mb
+    if args.ray:
+        return cmd_serve_ray(args, options, prefix_mb)
+    ray_only = [f for f in ("replicas", "min_replicas", "max_replicas", "ray_address")
+                if getattr(args, f) is not None]
+    if ray_only:
+        raise TachyError(f"--{ray_only[0].replace('_', '-')} needs --ray")
     engine = load_engine(args)
-    app = create_app(engine, api_key=args.api_key, max_queue=args.max_queue, model_name=args.served_model_name,
-                     max_batch=args.max_batch, compile_timeout_s=args.compile_timeout, stall_s=args.stall_timeout,
-                     speculative_batching=args.batching == "speculative")
+    engine.set_prefix_cache(prefix_mb)
+    app = create_app(engine, **options)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
     stop_serving = server.handle_exit
@@ -41,6 +58,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {engine.name} on http://{args.host}:{args.port} (web page at /, OpenAI API under /v1)",
           file=sys.stderr, flush=True)
     server.run()
+    return 0
+
+
+def cmd_serve_ray(args: argparse.Namespace, options: dict, prefix_mb: float | None) -> int:
+    """``tachy serve --ray``: the same app on Ray Serve, one engine per replica (ray_serve.py)."""
+    try:
+        from .ray_serve import EngineSpec, RayServeConfig, replica_room, serve_forever
+    except ModuleNotFoundError as e:
+        raise TachyError(f"--ray needs {e.name}: pip install 'tachy[ray]'") from None
+    from ..registry import DEFAULT_MODEL, resolve_model
+
+    resolve_model(args.model or DEFAULT_MODEL)   # an unknown model fails here, not in every replica
+    try:
+        config = RayServeConfig(
+            replicas=args.replicas if args.replicas is not None else 1, min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas, replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
+            max_ongoing_requests=replica_room(options), host=args.host, port=args.port,
+            address=args.ray_address)
+    except ValueError as e:
+        raise TachyError(str(e)) from None
+    spec = EngineSpec(model=args.model, dtype=args.dtype, device=args.device, prefix_cache_mb=prefix_mb)
+    serve_forever(spec, options, config)
     return 0
 
 
@@ -60,8 +99,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds one response_format (regex/schema) may take to compile; over it a 400")
     p.add_argument("--stall-timeout", type=float, default=60.0,
                    help="/health answers 503 when the worker has been busy this long without progress")
+    p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_MB,
+                   help=f"memory for K/V of earlier requests' prefixes (default {DEFAULT_MB} MB)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt from scratch")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    ray = p.add_argument_group("Ray Serve (pip install 'tachy[ray]'; docs/scale_out.md)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve on Ray Serve: replicas of the same app, each with its own engine")
+    ray.add_argument("--replicas", type=int, default=None, help="replicas to start (default 1)")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
+    ray.add_argument("--ray-address", default=None,
+                     help="join this Ray cluster ('auto': the one `ray start` runs here); default: start Ray locally")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica (also its torch threads)")
+    ray.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica (with --device cuda)")
     p.set_defaults(func=cmd_serve)
 
 

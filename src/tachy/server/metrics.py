@@ -26,6 +26,7 @@ class Metrics:
         self.last_tokens_per_s = 0.0
         self.batch_steps = 0       # batched forwards (scheduler batches) and the rows they ran
         self.batch_rows = 0
+        self.prefix_cache = None   # the engine's PrefixCache (create_app): its counters are read at each scrape
 
     def count_request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -53,6 +54,25 @@ class Metrics:
     def record_request_time(self, seconds: float) -> None:
         with self._lock:
             self.busy_s += seconds
+
+    def _prefix_rows(self) -> list[tuple]:
+        cache = self.prefix_cache
+        if cache is None:
+            return []
+        s = cache.stats
+        return [
+            ("tachy_prefix_cache_lookups_total", "counter", "prompts looked up in the prefix cache", [("", s.lookups)]),
+            ("tachy_prefix_cache_hits_total", "counter", "lookups that reused at least one cached block",
+             [("", s.hits)]),
+            ("tachy_prefix_cache_hit_rate", "gauge", "hits / lookups", [("", round(s.hit_rate, 4))]),
+            ("tachy_prefix_cache_reused_tokens_total", "counter", "prompt tokens whose K/V came from the cache",
+             [("", s.reused_tokens)]),
+            ("tachy_prefix_cache_looked_up_tokens_total", "counter", "prompt tokens offered to the cache",
+             [("", s.looked_up_tokens)]),
+            ("tachy_prefix_cache_bytes", "gauge", "K/V bytes the cache holds", [("", cache.nbytes)]),
+            ("tachy_prefix_cache_evicted_blocks_total", "counter", "blocks evicted to stay within the budget",
+             [("", s.evicted_blocks)]),
+        ]
 
     def render(self) -> str:
         """The exposition text (version 0.0.4)."""
@@ -83,7 +103,7 @@ class Metrics:
                  [("", self.batch_steps)]),
                 ("tachy_batch_rows_total", "counter", "rows over all batched forwards (mean batch = rows/steps)",
                  [("", self.batch_rows)]),
-            ]
+            ] + self._prefix_rows()
         out = []
         for name, kind, help_text, samples in rows:
             out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]

@@ -28,6 +28,12 @@ class TachyOptions(_Body):
     watermark: Union[bool, dict, None] = None
     press: str | None = None          # KV-cache compression (tachy.presses), e.g. "snapkv" or "snapkv+kivi4"
     compression_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    prefix_cache: bool = True         # reuse the K/V of earlier requests' prefixes (tachy.prefix_cache)
+    # chat only: retrieved passages placed before the last user message, encoded one by one (APE,
+    # tachy.context.ape) and cached across requests; each string as given (include your own separators)
+    passages: list[str] | None = Field(None, min_length=1, max_length=64)
+    ape_temperature: float = Field(0.9, gt=0.0, le=1.0)
+    ape_scale: float = Field(0.9, gt=0.0, le=1.0)
     attention: str | None = None      # decode-time sparse attention (tachy.sparse), e.g. "quest" or "tidal"
 
 
