@@ -191,3 +191,19 @@ def test_second_chat_turn_with_long_history_is_identical(smollm):
     cold = list(engine.stream(ids, dataclasses.replace(config, prefix_cache=False)))
     assert tokens(warm) == tokens(cold)
     assert warm[-1].stats.cached_tokens >= 1000 - BLOCK_TOKENS
+
+
+def test_under_sparse_attention_only_the_prompt_is_stored_and_the_output_holds():
+    """Sparse attention prefills densely but decodes sparsely: the generated tokens' K/V differ from what a
+    prefill of the next turn computes, so only the prompt's blocks are stored, and a hit keeps the output."""
+    engine = packed_engine("llama", seed=6)
+    rng = random.Random(7)
+    prompt = [rng.randrange(4, engine.config.vocab_size) for _ in range(5 * BLOCK_TOKENS)]
+    config = GenerationConfig(max_new_tokens=70, ignore_eos=True, drafter="none",
+                              attention="quest:budget=64,window=32,sinks=16")
+    first = [t for p in engine.stream(prompt, config) for t in p.token_ids]
+    turn2 = prompt + first + [9, 10, 11]
+    warm = list(engine.stream(turn2, config))
+    cold = list(engine.stream(turn2, dataclasses.replace(config, prefix_cache=False)))
+    assert tokens(warm) == tokens(cold)
+    assert warm[-1].stats.cached_tokens == len(prompt)   # the prompt's blocks, none of the generated ones

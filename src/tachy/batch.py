@@ -48,7 +48,7 @@ import torch
 from . import kernels
 from .cache import BatchKVCache
 from .decoding import GenerationConfig
-from .engine import Engine, TextStream, prefix_tag
+from .engine import Engine, TextStream
 from .generation import PREFILL_CHUNK, GenerationResponse, GenerationStats, Step
 from .errors import InvalidArgumentError
 from .prefix_cache import BLOCK_TOKENS, PrefixCache
@@ -179,7 +179,7 @@ class BatchDecoder:
         row.looked_up = True
         if row.prefix is not None:
             k, v = self.cache.k[:, row.slot], self.cache.v[:, row.slot]
-            cached = row.prefix.load(row.pending[:-1], k, v, prefix_tag(row.config))
+            cached = row.prefix.load(row.pending[:-1], k, v)
             row.stats.cached_tokens = self.cache.lengths[row.slot] = cached
             row.ids, row.pending = row.pending[:cached], row.pending[cached:]
 
@@ -187,7 +187,7 @@ class BatchDecoder:
         """Give the prefix cache the K/V of the row's first ``tokens`` tokens (all committed, in its cache row)."""
         if row.prefix is not None:
             k, v = self.cache.k[:, row.slot], self.cache.v[:, row.slot]
-            row.prefix.store(row.ids[:tokens], k, v, prefix_tag(row.config))
+            row.prefix.store(row.ids[:tokens], k, v)
 
     @torch.inference_mode()
     def step(self) -> list[Event]:

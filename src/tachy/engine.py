@@ -211,14 +211,14 @@ class Engine:
         stats.prompt_tokens = len(prompt_ids)
 
         start = time.perf_counter()
-        prefix, tag = self.prefix_cache_for(config, cache), prefix_tag(config)
+        prefix = self.prefix_cache_for(config, cache)
         if prefix is not None:
             stats.cached_tokens = cache.length = cache.position = prefix.load(prompt_ids[:-1], cache.k[:, 0],
-                                                                              cache.v[:, 0], tag)
+                                                                              cache.v[:, 0])
         with kernels.threads_to_kernels() if model.exact_trees(cache) else nullcontext():
             logits = self._prefill(prompt_ids, cache, config.press)
         if prefix is not None:
-            prefix.store(prompt_ids, cache.k[:, 0], cache.v[:, 0], tag)
+            prefix.store(prompt_ids, cache.k[:, 0], cache.v[:, 0])   # a dense prefill, even under sparse attention
         if config.attention is not None:   # the prompt was prefilled densely; decoding reads sparsely
             config.attention.attach(model, cache)
         ids = list(prompt_ids)
@@ -299,9 +299,10 @@ class Engine:
                     step = Step(new, len(accepted), len(tree), None if top is None else token_logprobs(
                         logits[[0] + [1 + j for j in accepted]], new, top))
                 yield step
-        finally:   # the committed sequence's blocks, for the next turn (its last token is not in the cache yet)
-            if prefix is not None:
-                prefix.store(ids[:-1], cache.k[:, 0], cache.v[:, 0], tag)
+        finally:   # the committed sequence's blocks, for the next turn (its last token is not in the cache yet);
+            # not under sparse attention, whose generated tokens' K/V differ from a (dense) prefill's
+            if prefix is not None and config.attention is None:
+                prefix.store(ids[:-1], cache.k[:, 0], cache.v[:, 0])
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
         prompt_ids = list(prompt_ids)
@@ -481,13 +482,6 @@ class TextStream:
         self.pending_ids, self.pending_draft = [], []
         self.pending_logprobs = None if self.pending_logprobs is None else []
         return out
-
-
-def prefix_tag(config: GenerationConfig) -> str:
-    """What besides the tokens decides a sequence's K/V: blocks stored under one tag serve only that tag
-    (a sparse attention method changes the hidden states, hence the K/V, of the tokens it runs on)."""
-    attention = getattr(config, "attention", None)
-    return "" if attention in (None, "", "dense") else str(attention)
 
 
 def _check_target(drafter: Drafter, engine: Engine) -> Drafter:

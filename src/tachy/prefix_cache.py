@@ -10,9 +10,10 @@ in a cache's committed slots, see KVCache.keep).
 
 Exactness: the engine uses the cache only with the row-exact C forward (models/cpu_forward.py), where a
 token's K/V are the same bits whichever forward computed them (a prefill chunk of any size, a verification
-row, a packed batch row), so a hit gives the cold prefill's logits bit for bit. Anything that changes what K/V
-a token gets keys its own blocks (``tag``: a sparse attention method), and a press bypasses the cache (a
-compressed cache is never stored, nor filled from full blocks).
+row, a packed batch row), so a hit gives the cold prefill's logits bit for bit. Only K/V a dense prefill would
+compute are stored: a press bypasses the cache (a compressed cache is never stored, nor filled from full
+blocks), and under sparse attention only the prompt's blocks are (its generated tokens' K/V differ from a
+prefill's). ``tag`` keeps apart blocks computed otherwise (for a caller whose prefill differs).
 
 Memory: at most ``max_bytes`` of blocks; storing past it evicts least recently used leaf blocks (a leaf: a
 parent is always used at least as recently as its children, and evicting it first would strand them).
