@@ -349,7 +349,7 @@ class BatchDecoder:
                 chunk = row.pending[:min(budget, PREFILL_CHUNK)]
                 plan.append((row, chunk, None))
                 budget -= len(chunk)
-                reading.add(tuple((row.ids + row.pending)[:BLOCK_TOKENS]))
+                reading.add(tuple((row.ids[:BLOCK_TOKENS] + row.pending[:BLOCK_TOKENS])[:BLOCK_TOKENS]))
         # chains and prompt chunks see the earlier new tokens of their own row: the forward's default (no mask)
         causal = all(tree is None or tree.is_chain for _, _, tree in plan)
         tokens, positions, rows, slots, prefix, blocks, logit_rows = [], [], [], [], [], [], []

@@ -46,8 +46,8 @@ class APEConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.temperature <= 1 or not 0 < self.scale <= 1:
-            raise InvalidArgumentError(f"APE temperature and scale must be in (0, 1], got {self.temperature} "
-                                       f"and {self.scale}")
+            raise InvalidArgumentError(f"APE temperature and scale (ape_temperature, ape_scale) must be in "
+                                       f"(0, 1], got {self.temperature} and {self.scale}")
 
 
 class APEContext:
@@ -64,10 +64,6 @@ class APEContext:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.prefix_k, self.prefix_v, self.docs_k, self.docs_v))
-
-    def read(self, layer: int) -> tuple[Tensor, Tensor]:
-        return (torch.cat([self.prefix_k[layer], self.docs_k[layer]], 1)[None],
-                torch.cat([self.prefix_v[layer], self.docs_v[layer]], 1)[None])
 
     def attend(self, layer: int, q: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
         """Rows q [Hkv, M, D] over prefix and passages: (output [Hkv, M, D] float32, log-weight [Hkv, M]),
@@ -186,7 +182,6 @@ def ape_steps(engine, prompt_ids: Sequence[int], config, stats: GenerationStats,
     the rest the question; one Step per token (no drafts: the answer runs on the PyTorch forward)."""
     at = config.passages_at
     prefix, question, passages = list(prompt_ids[:at]), list(prompt_ids[at:]), config.passages
-    ape = APEConfig(config.ape_temperature, config.ape_scale)
     _check(engine, prefix, passages, question, config.max_new_tokens)
     store = store if store is not None else engine.passage_store
     model, device = engine.model, engine.device
@@ -194,7 +189,7 @@ def ape_steps(engine, prompt_ids: Sequence[int], config, stats: GenerationStats,
     stats.prompt_tokens = len(prompt_ids) + sum(len(p) for p in passages)
     with torch.inference_mode():
         prefix_kv, passages_kv = encode_passages(engine, prefix, passages, store)
-        context = APEContext(prefix_kv, passages_kv, ape)
+        context = APEContext(prefix_kv, passages_kv, config.ape)
         cache = model.new_cache(capacity=context.length + len(question) + config.max_new_tokens)
         cache.length = context.length
         cache.freeze_prefix(context)

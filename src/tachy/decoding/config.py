@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
+from ..context.ape import APEConfig
 from ..errors import InvalidArgumentError
 from ..presses import Press, make_press
 from ..sparse import SparseAttention, make_attention
@@ -84,13 +85,11 @@ class GenerationConfig:
             typical_p=self.typical_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed)
         self.decoding = check_config(self)
-        if self.passages is not None:
-            if self.decoding.is_search or self.press is not None or self.prediction is not None:
-                raise InvalidArgumentError("passages (APE) cannot be combined with a search strategy, a press "
-                                           "or a prediction")
-            if not 0 < self.ape_temperature <= 1 or not 0 < self.ape_scale <= 1:
-                raise InvalidArgumentError(f"ape_temperature and ape_scale must be in (0, 1], got "
-                                           f"{self.ape_temperature} and {self.ape_scale}")
+        if self.passages is not None and (self.decoding.is_search or self.press is not None
+                                          or self.prediction is not None):
+            raise InvalidArgumentError("passages (APE) cannot be combined with a search strategy, a press or a "
+                                       "prediction")
+        self.ape = None if self.passages is None else APEConfig(self.ape_temperature, self.ape_scale)
 
 
 def check_config(config: GenerationConfig) -> Strategy:
