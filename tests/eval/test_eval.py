@@ -96,3 +96,27 @@ def test_needle_and_ppl_under_sparse_attention_on_the_real_model(tmp_path):
     assert r["runs"][0]["attention"] == "quest:budget=160" and r["runs"][0]["ppl"] != r["baseline"]["ppl"]
     assert abs(r["runs"][0]["ppl"] / r["baseline"]["ppl"] - 1) < 0.5
     assert "| none | 0 | quest:budget=160 |" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+@needs_data
+def test_settings_that_prefill_densely_share_one_prefill_and_answer_as_alone(smollm):
+    """The baseline's prefill is reused by decode-time attentions (through the prefix cache), which then answer
+    exactly as they do with a prefill of their own; a press still prefills itself."""
+    from tachy.eval.sweep import DEFAULT_HAYSTACK, answer, answer_settings
+
+    ids = smollm.tokenizer.encode(DEFAULT_HAYSTACK.read_text()[:3000])[:600]
+    sweep = settings("none,snapkv", "0.5", "dense,quest:budget=160,tidal:budget=160")
+    assert [s.prefills_densely for s in sweep] == [True, False, True, False, True, False]
+    smollm.prefix_cache.clear()
+    shared = answer_settings(smollm, ids, sweep, 6)
+    alone = []
+    for s in sweep:
+        smollm.prefix_cache.clear()
+        alone.append(answer(smollm, ids, s, 6))
+    assert [a.tokens for a in shared] == [a.tokens for a in alone]
+    assert shared[0].stats.cached_tokens == 0 and shared[2].stats.cached_tokens >= 512
+    assert shared[2].stats.prefill_s == shared[4].stats.prefill_s == shared[0].stats.prefill_s
+    assert shared[1].stats.cached_tokens == 0 and shared[1].stats.prefill_s != shared[0].stats.prefill_s
+    assert smollm.prefix_cache.blocks == 0   # nothing carried to the next prompt

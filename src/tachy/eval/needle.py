@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..engine import Engine
 from .prompts import Haystack, frame
-from .sweep import Setting, answer, summarize, tallies
+from .sweep import Setting, answer_settings, summarize, tallies
 
 QUESTION = "What is the secret number mentioned in the text above? Answer with the number only."
 ANSWER = "The secret number is"
@@ -36,8 +36,7 @@ def run_needle(engine: Engine, text: str, contexts: list[int], depths: list[floa
     bar = tqdm(total=len(cells) * len(settings), disable=not progress, desc="needle")
     for context, depth, number in cells:
         ids = needle_prompt(engine, hay, context, depth, number)
-        for s in settings:
-            a = answer(engine, ids, s, ANSWER_TOKENS)
+        for s, a in zip(settings, answer_settings(engine, ids, settings, ANSWER_TOKENS)):
             out = engine.tokenizer.decode(a.tokens)
             ok = str(number) in out
             tally[(s, context)].add(f"{depth:g}", float(ok), a)

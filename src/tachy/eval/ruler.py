@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..engine import Engine
 from .ruler_tasks import RulerConfig, RulerPrompts, Sample
-from .sweep import Setting, answer, score, summarize, tallies
+from .sweep import Setting, answer_settings, score, summarize, tallies
 
 
 def build_samples(engine: Engine, text: str, contexts: list[int], tasks: list[str], samples: int, seed: int = 0,
@@ -28,8 +28,7 @@ def run_ruler(engine: Engine, text: str, contexts: list[int], tasks: list[str], 
     answers = []
     bar = tqdm(total=len(todo) * len(settings), disable=not progress, desc="ruler")
     for sample in todo:
-        for s in settings:
-            a = answer(engine, sample.ids, s, sample.max_new_tokens)
+        for s, a in zip(settings, answer_settings(engine, sample.ids, settings, sample.max_new_tokens)):
             out = engine.tokenizer.decode(a.tokens)
             value = score(sample.expected, out)
             tally[(s, sample.context)].add(sample.task, value, a)

@@ -47,11 +47,20 @@ class Setting:
     def make(self) -> Press | None:
         return None if self.press in ("full", "none") else make_press(self.press, self.ratio)
 
+    @property
+    def prefills_densely(self) -> bool:
+        """Whether this setting prefills its prompt as the dense baseline does: no press, and dense attention or
+        a decode-time method (one that attaches after a dense prefill)."""
+        if self.press not in ("full", "none"):
+            return False
+        return self.attention == DENSE or not make_attention(self.attention).sparse_prefill
+
     def config(self, max_new_tokens: int) -> GenerationConfig:
         """Plain greedy decoding under this setting; the attention is passed on where GenerationConfig has one.
-        No prefix cache: every setting prefills its prompt itself, so prefill_s compares like with like."""
-        return GenerationConfig(max_new_tokens=max_new_tokens, drafter=None, press=self.make(), prefix_cache=False,
-                                **_attention_field(self.attention))
+        The prefix cache serves only settings that prefill densely (``answers``); the others prefill
+        themselves, so their prefill_s is their own."""
+        return GenerationConfig(max_new_tokens=max_new_tokens, drafter=None, press=self.make(),
+                                prefix_cache=self.prefills_densely, **_attention_field(self.attention))
 
 
 def _attention_field(attention: str) -> dict:
@@ -115,6 +124,28 @@ def answer(engine: Engine, ids: list[int], setting: Setting, max_new_tokens: int
             if ended:
                 break
     return Answer(tokens, kv_bytes, stats)
+
+
+def answer_settings(engine: Engine, ids: list[int], settings_: list[Setting], max_new_tokens: int) -> list[Answer]:
+    """Every setting's answer to one prompt. The settings that prefill densely share one prefill: the first
+    (the baseline) stores its K/V in the engine's prefix cache and the others load it, which on the C forward
+    gives the cold prefill's logits bit for bit (tachy.prefix_cache), and report the prefill seconds of the
+    setting that actually prefilled. Decode-time methods are thus measured at 8k+ tokens for the price of one
+    prefill per prompt, and their prefill seconds are the dense ones, as they are in use."""
+    prefix = engine.prefix_cache
+    if prefix is not None:
+        prefix.clear()   # one prompt's blocks at a time: nothing carried between prompts
+    out, first_prefill = [], None
+    for s in settings_:
+        a = answer(engine, ids, s, max_new_tokens)
+        if s.prefills_densely and a.stats.cached_tokens == 0 and first_prefill is None:
+            first_prefill = a.stats.prefill_s
+        elif s.prefills_densely and a.stats.cached_tokens > 0 and first_prefill is not None:
+            a.stats.prefill_s = first_prefill
+        out.append(a)
+    if prefix is not None:
+        prefix.clear()
+    return out
 
 
 def score(expected: list[str], text: str) -> float:

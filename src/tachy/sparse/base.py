@@ -49,6 +49,7 @@ class SparseAttention:
     window: int = 64
     name: ClassVar[str] = "sparse"
     method_id: ClassVar[int] = 0
+    sparse_prefill: ClassVar[bool] = False   # True: the method also changes the prompt's prefill (not only decoding)
 
     def __post_init__(self) -> None:
         for field in ("budget", "sinks", "window"):
