@@ -250,3 +250,57 @@ def test_logprobs_are_the_same_plain_speculative_and_batched():
         GenerationConfig(logprobs=21)
     with pytest.raises(InvalidArgumentError, match="logprobs"):
         GenerationConfig(logprobs=2, strategy="beam")
+
+
+# -- preemption: a parked row resumes where it was ----------------------------------------------------------------
+@pytest.mark.parametrize("packed", [True, False])
+def test_parked_rows_resume_bit_for_bit(packed):
+    """Rows parked between steps (their cache rows taken by others meanwhile) and resumed later give their lone
+    tokens: greedy with drafts (packed) or plain rows (PyTorch forward), and a seeded sampling row."""
+    engine = packed_engine("llama", seed=3) if packed else tiny_engine(seed=1, eos=(3,))[0]
+    rng = random.Random(7)
+    vocab = engine.config.vocab_size
+    configs = [GenerationConfig(max_new_tokens=40, ignore_eos=True, drafter="default"),
+               GenerationConfig(max_new_tokens=30, ignore_eos=True, drafter="pld"),
+               GenerationConfig(max_new_tokens=35, ignore_eos=True, temperature=0.9, seed=4, drafter="none"),
+               GenerationConfig(max_new_tokens=12, ignore_eos=True)]
+    prompts = [repetitive_prompt(rng, vocab) for _ in configs]
+    decoder = BatchDecoder(engine, max_batch=2)
+    out = {i: [] for i in range(len(configs))}
+    todo, parks, step = list(range(len(configs))), 0, 0
+
+    def take(events):
+        for row, piece in events:
+            out[row.tag] += piece.token_ids
+
+    while todo or decoder.rows or decoder.parked:
+        if step % 5 == 4 and not decoder.free:   # every few steps a row makes room for the next in line
+            row = decoder.preemptible(1)
+            if row is not None:
+                decoder.park(row)
+                parks += 1
+        while decoder.free and (todo or decoder.parked):
+            if decoder.parked and (step % 2 or not todo):
+                decoder.resume()
+            else:
+                i = todo.pop(0)
+                take(decoder.add(prompts[i], configs[i], tag=i))
+        take(decoder.step())
+        step += 1
+    assert parks >= 4
+    for i, (prompt, config) in enumerate(zip(prompts, configs)):
+        lone = [t for p in engine.stream(prompt, config if config.temperature else
+                                         dataclasses.replace(config, drafter=None)) for t in p.token_ids]
+        if config.temperature and not packed:   # a plain sampling row draws as a lone plain generation
+            lone = alone(engine, prompt, config)[0]
+        assert out[i] == lone, f"request {i} ({config.drafter})"
+
+
+def test_park_refuses_a_row_still_reading_its_prompt():
+    engine = packed_engine("llama", seed=3)
+    decoder = BatchDecoder(engine, max_batch=1)
+    decoder.add(list(range(4, 40)), GenerationConfig(max_new_tokens=5))
+    with pytest.raises(InvalidArgumentError, match="parked"):
+        decoder.park(decoder.rows[0])
+    with pytest.raises(InvalidArgumentError, match="nothing to resume"):
+        decoder.resume()

@@ -12,6 +12,11 @@ scheduler uses this when requests overlap, server/scheduler.py).
   processors, structured output, watermark), greedy or sampled with its own generator; its own text stream
   (EOS, token budget, stop strings; ``engine.TextStream``).
 * A row **leaves** when it finishes or is removed (a cancelled request): its cache row is free at once.
+* A row may be **parked** (preempted) between steps to free its cache row for a waiting request: its K/V is
+  copied out and everything else (drafter, text stream, sampler, structured-output state) stays with it;
+  **resumed**, it gets a cache row again with those K/V copied back, so its tokens are those it would have
+  made without the pause, bit for bit (the server's fairness: a huge ``max_tokens`` cannot hold a row for
+  ever while others wait; server/scheduler.py decides when).
 
 Two ways to run the rows, by the target's forward:
 
@@ -95,6 +100,14 @@ class Row:
     joined: float = 0.0                                # when add() was called (time to first token)
     prefix: PrefixCache | None = None                  # packed mode: the engine's prefix cache, if it may use it
     looked_up: bool = False                            # packed mode: the prefix cache was asked for the prompt
+    since: int = 0                  # generated tokens when it (re)joined: what it made in its current turn
+    saved: tuple[torch.Tensor, torch.Tensor] | None = None   # parked: its K/V [layers, kv heads, length, dim]
+    parked_at: float = 0.0          # when it was parked (time.monotonic)
+
+    @property
+    def turn_tokens(self) -> int:
+        """Tokens made since the row last (re)joined the batch (fairness: parked after a quantum of them)."""
+        return self.stats.generated_tokens - self.since
 
 
 class BatchDecoder:
@@ -112,6 +125,7 @@ class BatchDecoder:
             raise InvalidArgumentError(f"prefill_share must be > 0, got {prefill_share}")
         self.engine, self.max_batch, self.prefill_share = engine, max_batch, prefill_share
         self.rows: list[Row] = []           # active rows, in join order
+        self.parked: list[Row] = []         # preempted rows waiting for a cache row, oldest first
         self.cache: BatchKVCache | None = None
         self.packed = packed and engine.model.cpu_forward is not None   # packed=False: plain rows anyway
         self._costs_by_rows: dict[int, list[float]] = {}   # _row_costs, by number of running rows
@@ -168,7 +182,39 @@ class BatchDecoder:
         if row in self.rows:
             self.rows.remove(row)
             self._store_prefix(row, self.cache.lengths[row.slot])
+        if row in self.parked:
+            self.parked.remove(row)
+            row.saved = None
         row.slot, row.done = -1, True
+
+    # -- preemption ---------------------------------------------------------------------------------------------
+    def preemptible(self, quantum: int) -> Row | None:
+        """The running row to park for a waiting request: among those that made at least ``quantum`` tokens
+        in their current turn (a prompt still being read is never parked), the one that made the most."""
+        rows = [r for r in self.rows if not r.pending and not r.done and r.turn_tokens >= quantum]
+        return max(rows, key=lambda r: r.turn_tokens, default=None)
+
+    @torch.inference_mode()
+    def park(self, row: Row) -> None:
+        """Take ``row`` out of the batch until ``resume``: its committed K/V is copied out of its cache row
+        (which is free at once); nothing else about it changes."""
+        if row not in self.rows or row.pending:
+            raise InvalidArgumentError("only a running row that has read its prompt can be parked")
+        row.saved = self.cache.row_kv(row.slot)
+        self.rows.remove(row)
+        row.slot, row.parked_at = -1, time.monotonic()
+        self.parked.append(row)
+
+    @torch.inference_mode()
+    def resume(self) -> Row:
+        """Put the longest-parked row back into a free cache row, its K/V as it left them."""
+        if not self.parked or not self.free:
+            raise InvalidArgumentError("nothing to resume, or no free cache row")
+        row = self.parked.pop(0)
+        self._assign_slot(row, self.engine.cache_capacity(row.stats.prompt_tokens, row.config.max_new_tokens))
+        self.cache.load_kv(row.slot, *row.saved)
+        row.saved, row.since = None, row.stats.generated_tokens
+        return row
 
     def _reuse_prefix(self, row: Row) -> None:
         """Before a joining prompt's first chunk: start it after the blocks the prefix cache holds. Asked then,

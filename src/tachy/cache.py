@@ -345,11 +345,21 @@ class BatchKVCache(KVCache):
     def load(self, row: int, cache: KVCache) -> None:
         """Copy a single sequence's (uncompressed) cache into ``row``."""
         n = cache.length
+        self.load_kv(row, cache.k[:, 0, :, :n], cache.v[:, 0, :, :n])
+
+    def load_kv(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fill ``row`` with one sequence's K/V, k/v [layers, kv heads, length, dim]."""
+        n = k.shape[2]
         if n > self.capacity:
             self.grow(n)
-        self.k[:, row, :, :n] = cache.k[:, 0, :, :n]
-        self.v[:, row, :, :n] = cache.v[:, 0, :, :n]
+        self.k[:, row, :, :n], self.v[:, row, :, :n] = k, v
         self.lengths[row] = n
+        self._index = None
+
+    def row_kv(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of ``row``'s K/V, [layers, kv heads, length, dim] each (``load_kv`` puts it back)."""
+        n = self.lengths[row]
+        return self.k[:, row, :, :n].clone(), self.v[:, row, :, :n].clone()
 
     def _allocate(self, capacity: int) -> None:
         if not self._lazy:

@@ -130,3 +130,34 @@ def test_a_failed_batch_forward_fails_its_jobs_and_the_worker_lives_on(monkeypat
     for items in failed:
         assert items[-1][0] == "error" and "forward failed" in str(items[-1][2])
     assert ok[-1][2].finish_reason == "length"
+
+
+def test_huge_max_tokens_cannot_starve_a_short_request():
+    """Every row taken by long generations: with preemption a short request joins after a turn of
+    ``preempt_after`` tokens and finishes while they still run; they resume and still give their lone text.
+    Without it (preempt_after=0) the short request waits for a long one to finish."""
+    engine, _ = tiny_engine(seed=1, eos=(3,), max_seq_len=1024)
+    longs_ = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in (200, 300)]
+    short = GenerationConfig(max_new_tokens=3, ignore_eos=True)
+
+    async def main(preempt_after):
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine, max_batch=2, preempt_after=preempt_after)
+        longs = [Job([([5 + i, 6], longs_[i])], loop) for i in range(2)]
+        submit_together(sched, longs)
+        first = await asyncio.wait_for(longs[0].channel.get(), 10)   # the long ones are running
+        quick = Job([([9, 9], short)], loop)
+        sched.submit(quick)
+        done = await drain(quick)
+        still_running = sched.running
+        rest = [[first] + await drain(longs[0]), await drain(longs[1])]
+        sched.close()
+        return done, still_running, rest, sched.metrics.preemptions
+
+    done, still_running, rest, preemptions = asyncio.run(main(8))
+    assert texts(done, 1) == [alone(engine, [9, 9], short)]
+    assert still_running == 2 and preemptions >= 1
+    for i, items in enumerate(rest):
+        assert texts(items, 1) == [alone(engine, [5 + i, 6], longs_[i])]
+    _, still_running, _, preemptions = asyncio.run(main(0))
+    assert still_running == 1 and preemptions == 0   # the shorter long job had to finish first

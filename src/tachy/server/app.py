@@ -40,7 +40,7 @@ MAX_BODY_BYTES = 1 << 20
 def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, model_name: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, grace_s: float = 30.0, warmup: bool = True,
                max_batch: int = 8, compile_timeout_s: float = 10.0, stall_s: float = 60.0,
-               speculative_batching: bool = True) -> FastAPI:
+               speculative_batching: bool = True, preempt_after: int = 256) -> FastAPI:
     """The app serving ``engine`` under ``model_name`` (default: the engine's name).
 
     max_queue: requests that may wait while one runs; more get 429. grace_s: how long shutdown lets the
@@ -49,6 +49,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
     prompts are prefilled in chunks (with the C forward; False: plain rows, as before). compile_timeout_s: the time budget of one
     structured-output constraint (compiled in a child process, constraint_compiler.py); over it a 400.
     stall_s: /health answers 503 "stalled" when the worker has made no progress for this long while busy.
+    preempt_after: in a full batch with requests waiting, a row is parked after this many tokens of its turn
+    so that they get its cache row (fairness; 0: never, a row keeps its cache row until it finishes).
     """
     model_name = model_name or engine.name
     metrics = Metrics()
@@ -57,7 +59,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         engine.warmup()  # kernels' one-time setup now, not in the first user's latency
         engine.load_drafter("default")
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics, grace_s=grace_s, max_batch=max_batch,
-                          speculative_batching=speculative_batching)
+                          speculative_batching=speculative_batching, preempt_after=preempt_after)
     compiler = ConstraintCompiler(engine.tokenizer, engine.config.vocab_size, timeout_s=compile_timeout_s)
 
     @asynccontextmanager

@@ -16,11 +16,13 @@ def app_options(args: argparse.Namespace) -> dict:
         raise TachyError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.max_batch < 1:
         raise TachyError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.preempt_after < 0:
+        raise TachyError(f"--preempt-after must be >= 0 tokens, got {args.preempt_after}")
     if args.compile_timeout <= 0 or args.stall_timeout <= 0:
         raise TachyError("--compile-timeout and --stall-timeout must be > 0 seconds")
     return dict(api_key=args.api_key, max_queue=args.max_queue, model_name=args.served_model_name,
                 max_batch=args.max_batch, compile_timeout_s=args.compile_timeout, stall_s=args.stall_timeout,
-                speculative_batching=args.batching == "speculative")
+                speculative_batching=args.batching == "speculative", preempt_after=args.preempt_after)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -95,6 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batching", default="speculative", choices=["speculative", "plain"],
                    help="speculative: every row drafts and joining prompts are prefilled in chunks beside the "
                         "running rows (with the C forward); plain: rows decode one token per step (as before)")
+    p.add_argument("--preempt-after", type=int, default=256,
+                   help="with every batch row taken and requests waiting, park a row after this many tokens of "
+                        "its turn so they can join (it resumes where it was; 0: never)")
     p.add_argument("--compile-timeout", type=float, default=10.0,
                    help="seconds one response_format (regex/schema) may take to compile; over it a 400")
     p.add_argument("--stall-timeout", type=float, default=60.0,

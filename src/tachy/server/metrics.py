@@ -26,6 +26,7 @@ class Metrics:
         self.last_tokens_per_s = 0.0
         self.batch_steps = 0       # batched forwards (scheduler batches) and the rows they ran
         self.batch_rows = 0
+        self.preemptions = 0       # batch rows parked so that a waiting request could join (fairness)
         self.prefix_cache = None   # the engine's PrefixCache (create_app): its counters are read at each scrape
 
     def count_request(self, endpoint: str, status: int) -> None:
@@ -103,6 +104,9 @@ class Metrics:
                  [("", self.batch_steps)]),
                 ("tachy_batch_rows_total", "counter", "rows over all batched forwards (mean batch = rows/steps)",
                  [("", self.batch_rows)]),
+                ("tachy_preemptions_total", "counter",
+                 "batch rows parked after a turn of --preempt-after tokens so that waiting requests could join",
+                 [("", self.preemptions)]),
             ] + self._prefix_rows()
         out = []
         for name, kind, help_text, samples in rows:

@@ -15,6 +15,11 @@ through ``loop.call_soon_threadsafe``) that the async endpoint reads piece by pi
   ``batch.batchable``) runs alone and stops admission until the batch drains. Greedy output is the request's
   lone output in every mode; sampled rows are exact samples (a seeded request reproduces its lone output
   where its drafts are the same: packed rows, or plain rows against ``drafter="none"``).
+* Fairness (``preempt_after`` tokens, batches only): FIFO admission; when every row is taken and a job waits,
+  the row that has made the most tokens in its turn (at least ``preempt_after``) is parked (its K/V copied
+  out, ``BatchDecoder.park``) and the job takes its cache row; parked rows resume, bit for bit, in order of
+  arrival with the waiting jobs. So huge ``max_tokens`` requests share the rows in turns instead of starving
+  short ones.
 * Bounded queue: at most ``max_queue`` jobs wait (besides the running ones); :meth:`Scheduler.submit` raises
   :class:`QueueFull` beyond that, which the app answers with 429, instead of piling up work.
 * Cancellation: a client that goes away sets ``job.cancelled``; the worker checks it between pieces (one
@@ -70,6 +75,7 @@ class Job:
     channel: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     aborted: bool = False     # cancelled by shutdown rather than by the client
+    queued_at: float = field(default_factory=time.monotonic)
 
     def send(self, kind: str, index: int | None = None, payload=None) -> None:
         try:
@@ -82,8 +88,9 @@ class Scheduler:
     """A FIFO of jobs and the worker thread that runs them on ``engine``."""
 
     def __init__(self, engine: Engine, max_queue: int = 64, metrics: Metrics | None = None, grace_s: float = 30.0,
-                 max_batch: int = 1, speculative_batching: bool = True):
+                 max_batch: int = 1, speculative_batching: bool = True, preempt_after: int = 256):
         self.engine, self.max_queue, self.grace_s, self.max_batch = engine, max_queue, grace_s, max_batch
+        self.preempt_after = preempt_after
         self.speculative_batching = speculative_batching
         self.metrics = metrics or Metrics()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -203,12 +210,18 @@ class Scheduler:
         state = _BatchState(self, decoder)
         state.admit(first)
         while True:
-            with self._cond:  # join at a step boundary, FIFO, while rows are free
-                while (self._waiting and not self._closed and len(state.pending) < decoder.free
-                       and self._batchable(self._waiting[0])):
-                    job = self._waiting.popleft()
-                    self._running.append(job)
-                    state.admit(job)
+            with self._cond:  # join at a step boundary while rows are free, in order of arrival
+                self._preempt(decoder, state)
+                while len(state.pending) < decoder.free:
+                    joinable = (self._waiting and not self._closed and self._batchable(self._waiting[0]))
+                    if decoder.parked and (not joinable or decoder.parked[0].parked_at <= self._waiting[0].queued_at):
+                        decoder.resume()   # a parked row's turn comes after the jobs that waited before it
+                    elif joinable:
+                        job = self._waiting.popleft()
+                        self._running.append(job)
+                        state.admit(job)
+                    else:
+                        break
                 self.metrics.set_queue(len(self._waiting), len(self._running))
             state.drop_cancelled()
             while state.pending and decoder.free:
@@ -218,7 +231,7 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001 - a bad request fails alone
                     state.end(job, e)
             if not decoder.rows:
-                if not state.pending:
+                if not state.pending and not decoder.parked:
                     return
                 continue
             try:
@@ -229,6 +242,19 @@ class Scheduler:
                 for job, *_ in list(state.jobs.values()):
                     state.end(job, e)
                 return
+
+    def _preempt(self, decoder: BatchDecoder, state: "_BatchState") -> None:
+        """Fairness: when every row is taken and a batchable job waits, park the row that made the most tokens
+        in its turn, if it made at least ``preempt_after`` (it resumes, bit for bit, after the jobs waiting
+        before it was parked). So a huge ``max_tokens`` holds a row for turns of ``preempt_after`` tokens, not
+        for its whole generation."""
+        if (not self.preempt_after or decoder.free > len(state.pending) or not self._waiting or self._closed
+                or not self._batchable(self._waiting[0])):
+            return
+        row = decoder.preemptible(self.preempt_after)
+        if row is not None:
+            decoder.park(row)
+            self.metrics.preemptions += 1
 
     def _execute(self, job: Job) -> None:
         start = time.perf_counter()
@@ -303,7 +329,7 @@ class _BatchState:
             return
         _, _, start, lasts = self.jobs.pop(id(job))
         self.pending = collections.deque(p for p in self.pending if p[0] is not job)
-        for row in [r for r in self.decoder.rows if r.tag[0] is job]:
+        for row in [r for r in self.decoder.rows + self.decoder.parked if r.tag[0] is job]:
             self.decoder.remove(row)
             if cancelled:
                 index = row.tag[1]
