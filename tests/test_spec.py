@@ -26,3 +26,12 @@ def test_values_are_typed_when_they_read_as_one():
 def test_an_option_without_key_and_value_is_an_error(bad):
     with pytest.raises(InvalidArgumentError, match="is not key=value"):
         parse_spec(bad)
+
+
+def test_split_specs_keeps_a_specs_options_together():
+    from tachy.spec import split_specs
+
+    assert split_specs("dense,quest:budget=2048,dense_layers=2,tidal") == \
+        ["dense", "quest:budget=2048,dense_layers=2", "tidal"]
+    assert split_specs("snapkv, ,h2o") == ["snapkv", "h2o"]
+    assert split_specs("a=1") == ["a=1"]   # no spec before it: left for the name check to refuse

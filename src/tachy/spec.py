@@ -37,3 +37,21 @@ def parse_spec(spec: str) -> tuple[str, dict]:
             raise InvalidArgumentError(f"option {item!r} in {spec!r} is not key=value")
         options[key.strip()] = parse_value(value.strip())
     return name.strip(), options
+
+
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of specs, where a spec's own options continue it: an item ``key=value`` without
+    a name belongs to the spec before it.
+
+    >>> split_specs("dense,quest:budget=2048,dense_layers=2,tidal")
+    ['dense', 'quest:budget=2048,dense_layers=2', 'tidal']
+    """
+    out: list[str] = []
+    for item in (x.strip() for x in str(text).split(",")):
+        if not item:
+            continue
+        if out and ":" not in item and "=" in item and ":" in out[-1]:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out

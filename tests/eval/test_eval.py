@@ -60,8 +60,8 @@ def test_needle_and_ppl_smoke_on_the_real_model(tmp_path):
 
 
 def test_settings_run_every_press_under_every_attention():
-    assert [x.label for x in settings("none", "0.5", "quest,tidal:budget=512")] == \
-        ["full", "none/quest", "none/tidal:budget=512"]
+    assert [x.label for x in settings("none", "0.5", "quest:budget=2048,dense_layers=2,tidal:budget=512")] == \
+        ["full", "none/quest:budget=2048,dense_layers=2", "none/tidal:budget=512"]
     s = settings("snapkv", "0.5", "dense,quest")
     assert [(x.label, x.attention) for x in s] == [("full", "dense"), ("snapkv@0.5", "dense"),
                                                    ("snapkv@0.5/quest", "quest")]

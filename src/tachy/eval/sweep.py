@@ -26,6 +26,7 @@ from ..errors import InvalidArgumentError, TachyError
 from ..generation import GenerationStats
 from ..presses import Press, available_presses, make_press
 from ..sparse import make_attention
+from ..spec import split_specs
 
 DEFAULT_HAYSTACK = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "tinyshakespeare.txt"
 DENSE = "dense"   # full attention over every cached key (else a tachy.sparse method, GenerationConfig.attention)
@@ -84,11 +85,11 @@ def parse_list(text: str, kind=str, what: str = "value") -> list:
 def settings(presses: str, ratios: str, attentions: str = DENSE) -> list[Setting]:
     """The dense baseline, then every press at every ratio under every attention ("none": no press, for an
     attention alone); each is validated before any model loads."""
-    names = parse_list(presses, what="press")
+    names = split_specs(presses) or parse_list(presses, what="press")
     if "all" in names:
         names = available_presses()
     out = [Setting("full", 0.0)]
-    for attention in parse_list(attentions, what="attention"):
+    for attention in split_specs(attentions) or parse_list(attentions, what="attention"):
         Setting("full", 0.0, attention).config(1)   # an unknown attention fails here
         for name in names:
             if name == "none":
