@@ -101,7 +101,8 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, i: int, 
             r = await client.post(url, json=body)
             out["status"] = r.status_code
             if r.status_code == 200:
-                out["tokens"] = r.json()["usage"]["completion_tokens"]
+                usage = r.json()["usage"]
+                out["tokens"], out["prompt_tokens"] = usage["completion_tokens"], usage["prompt_tokens"]
                 out["ok"] = True
             out["ttft_s"] = time.perf_counter() - start
         else:
@@ -124,6 +125,7 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, i: int, 
                             out["ttft_s"] = now - start
                 out["ok"] = r.status_code == 200 and done and usage is not None
                 out["tokens"] = usage["completion_tokens"] if usage else 0
+                out["prompt_tokens"] = usage["prompt_tokens"] if usage else 0
     except Exception as e:  # noqa: BLE001 - a failure to count, not to crash on
         out["error"] = repr(e)
     out["latency_s"] = time.perf_counter() - start
@@ -147,6 +149,7 @@ async def run_load(base: str, model: str, texts: list[str], concurrency: int, ma
     tokens = sum(r["tokens"] for r in results if r["ok"])
     return {"requests": len(texts), "concurrency": concurrency, "failed": sum(not r["ok"] for r in results),
             "wall_s": round(wall, 2), "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+            "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in results if r["ok"]),
             "latency_p50_s": round(pct(lat, 50), 3), "latency_p99_s": round(pct(lat, 99), 3),
             "ttft_p50_s": round(pct(ttft, 50), 3), "ttft_p99_s": round(pct(ttft, 99), 3),
             "itl_p50_ms": round(1000 * pct(gaps, 50), 1) if gaps else None,
