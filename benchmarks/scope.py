@@ -10,8 +10,9 @@ tinyshakespeare as plain text; every setting then
 * decodes ``--tokens`` greedy tokens through ``Engine.generate_tokens`` (EOS ignored), in ``--rounds``
   interleaved rounds (order rotating per round; the tokens are the same each round), reporting the KV bytes
   held at the end and at the peak, and the median decode tokens/s;
-* is compared with the full cache's greedy tokens: how many agree before the first difference, and the share
-  of positions that agree;
+* is compared with the full cache's greedy tokens, and with those of ``--versus`` (the prefill press alone,
+  whose prompt cache SCOPE shares): how many agree before the first difference, and the share of positions
+  that agree;
 * scores the text's real continuation (the next ``--tokens`` tokens) teacher-forced, one token per forward
   with the press's decoding-time eviction exactly as the engine runs it: perplexity over all of them and over
   the second half (where the generated part outgrows a decoding budget).
@@ -114,6 +115,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--settings", default=DEFAULT_SETTINGS)
+    ap.add_argument("--versus", default="snapkv@0.5",
+                    help="a second reference for greedy agreement: the prefill press alone (same prompt cache)")
     ap.add_argument("--out", default="docs/results/scope")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -137,15 +140,20 @@ def main() -> None:
             print(f"round {r} {s}: {run['decode_tokens_per_s']:.1f} tok/s, KV {run['kv_bytes'] / 2**20:.1f} MiB "
                   f"({time.perf_counter() - begin:.0f} s)", flush=True)
     reference = runs["full"]["tokens"]
+    versus = runs[args.versus]["tokens"] if args.versus in runs else None
     half = len(continuation) // 2
     results = {"model": args.model, "context": len(ids), "tokens": args.tokens, "rounds": args.rounds,
+               "versus": args.versus if versus is not None else None,
                "threads": args.threads, "settings": {}}
     for s in settings:
         nll = forced_nll(engine, ids, continuation, s)
         run = runs[s]
-        first, same = agreement(run.pop("tokens"), reference)
+        tokens = run.pop("tokens")
+        first, same = agreement(tokens, reference)
+        first_v, same_v = agreement(tokens, versus) if versus is not None else (None, None)
         results["settings"][s] = {**run, "decode_tokens_per_s": statistics.median(rates[s]), "all_rates": rates[s],
                                   "agree_prefix": first, "agree_share": same,
+                                  "agree_versus_prefix": first_v, "agree_versus_share": same_v,
                                   "ppl": math.exp(sum(nll) / len(nll)),
                                   "ppl_second_half": math.exp(sum(nll[half:]) / len(nll[half:]))}
         print(f"{s}: ppl {results['settings'][s]['ppl']:.3f} ({time.perf_counter() - begin:.0f} s)", flush=True)
@@ -157,11 +165,14 @@ def main() -> None:
              f"{args.threads} thread(s), decode tokens/s median of {args.rounds} interleaved rounds; perplexity of "
              f"the text's next {len(continuation)} tokens teacher-forced (2nd half: its last {len(continuation) - half}).",
              "", "| setting | KV at end MiB (vs full) | KV peak MiB | decode tok/s | greedy tokens = full: prefix / "
-             "share | ppl (Δ) | ppl 2nd half (Δ) |", "|---|---|---|---|---|---|---|"]
+             f"share | = {results['versus']}: prefix / share | ppl (Δ) | ppl 2nd half (Δ) |",
+             "|---|---|---|---|---|---|---|---|"]
     for s, v in results["settings"].items():
         lines.append(f"| {s} | {v['kv_bytes'] / 2**20:.1f} ({v['kv_full_bytes'] / v['kv_bytes']:.1f}x less) | "
                      f"{v['kv_peak_bytes'] / 2**20:.1f} | {v['decode_tokens_per_s']:.1f} | "
-                     f"{v['agree_prefix']} / {100 * v['agree_share']:.0f}% | {v['ppl']:.3f} "
+                     f"{v['agree_prefix']} / {100 * v['agree_share']:.0f}% | "
+                     + ("-" if versus is None else f"{v['agree_versus_prefix']} / {100 * v['agree_versus_share']:.0f}%")
+                     + f" | {v['ppl']:.3f} "
                      f"({100 * (v['ppl'] / full['ppl'] - 1):+.1f}%) | {v['ppl_second_half']:.3f} "
                      f"({100 * (v['ppl_second_half'] / full['ppl_second_half'] - 1):+.1f}%) |")
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -201,3 +201,16 @@ def test_evict_after_moves_the_kept_slots_down_and_leaves_the_earlier_ones():
         assert torch.equal(cache.v[:, :, head, 10:13], v[:, :, head, slots])
         assert cache.slot_pos[0, 0, head, :13].tolist() == list(range(10)) + slots
     assert cache.valid[..., :13].all() and not cache.valid[..., 13:20].any()
+
+
+def test_an_all_recent_budget_is_a_sliding_window_over_the_generated_tokens():
+    """recent == decode_budget: no scoring (no observer: a plain cache keeps the C forward), the newest slots."""
+    engine = engine_for("llama")
+    press = make_press("scope:decode_budget=8,recent=8,interval=4", 0.0)
+    assert not press.scoring
+    tokens, held, stats, (cache, _, start) = generate(engine, prompt_ids(40), press, 50)
+    assert cache.observer is None and len(tokens) == 50
+    newest = cache.position - 1
+    assert cache.slot_pos[0, 0, 0, start:cache.length].tolist() == list(range(newest - (cache.length - start) + 1,
+                                                                               newest + 1))
+    assert 8 <= cache.length - start <= 12

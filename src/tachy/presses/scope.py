@@ -118,8 +118,14 @@ class SCOPEPress(Press):
     # -- decoding: recent tokens + heavy hitters within the decoding budget --------------------------------
     def start_decoding(self, cache: KVCache) -> DecodingEviction:
         self._start, self._pending, self._decoded, self._scores = cache.length, {}, {}, None
-        cache.observer = self._watch
+        if self.scoring:
+            cache.observer = self._watch
         return DecodingEviction(self, cache.length, cache.position)
+
+    @property
+    def scoring(self) -> bool:
+        """False when the budget is all recent window (``recent == decode_budget``): nothing to score."""
+        return self.recent < self.decode_budget
 
     def _watch(self, layer: int, q: Tensor) -> None:
         self._pending[layer] = q
@@ -138,6 +144,11 @@ class SCOPEPress(Press):
         """Keep, per (layer, kv head), the ``recent`` newest generated slots and the most attended older ones,
         ``budget - start`` in all; the prompt's slots stay."""
         keep = budget - self._start
+        if not self.scoring:     # a sliding window over the generated tokens
+            region = cache.length - self._start
+            kept = torch.arange(region - keep, region, device=cache.device).expand(*cache.shape[:3], keep)
+            cache.evict_after(self._start, kept + self._start)
+            return
         scores = self.accumulated(cache)
         drop = scores.shape[-1] - keep      # few (the interval): find those rather than rank all the kept ones
         dropped = protect(scores, window=min(self.recent, keep)).topk(drop, dim=-1, largest=False).indices
@@ -149,20 +160,19 @@ class SCOPEPress(Press):
 
     def accumulated(self, cache: KVCache) -> Tensor:
         """[L, B, Hkv, n] attention each generated slot received from the generated tokens' queries (grouped
-        query heads averaged): the stored sums plus the queries committed since the last selection."""
+        query heads averaged): the stored sums plus the queries committed since the last selection. All layers
+        in one batch: a selection is a dozen ops, not a dozen per layer."""
         start, S = self._start, cache.length
         L, B, Hkv, D = cache.shape
-        scored = 0 if self._scores is None else self._scores.shape[-1]
-        scores = []
-        for layer in range(L):   # one layer at a time: no copy of the whole cache in float32
-            queries = torch.cat(self._decoded[layer], dim=2)                       # [B, H, n, D]
-            if queries.shape[2] != S - start - scored:
-                raise RuntimeError(f"scope: {queries.shape[2]} queries for {S - start - scored} new slots")
-            valid = None if cache.valid is None else cache.valid[layer, :, :, :S]
-            attn = grouped_attention(queries, cache.k[layer, :, :, :S], valid)    # [B, Hkv, G * n, S]
-            scores.append(attn[..., start:].sum(2) / (queries.shape[1] // Hkv))
+        queries = torch.stack([torch.cat(self._decoded[layer], dim=2) for layer in range(L)])  # [L, B, H, n, D]
         self._decoded = {}
-        scores = torch.stack(scores)
+        H, n = queries.shape[2], queries.shape[3]
+        scored = 0 if self._scores is None else self._scores.shape[-1]
+        if n != S - start - scored:
+            raise RuntimeError(f"scope: {n} queries for {S - start - scored} new slots")
+        valid = None if cache.valid is None else cache.valid[:, :, :, :S].flatten(0, 1)
+        attn = grouped_attention(queries.flatten(0, 1), cache.k[:, :, :, :S].flatten(0, 1), valid)
+        scores = attn[..., start:].sum(2).view(L, B, Hkv, S - start) / (H // Hkv)
         if scored:
             scores[..., :scored] += self._scores
         return scores
