@@ -5,8 +5,8 @@ with every generated token) and StreamingLLM evicting while decoding, against th
         [--rounds 2] [--threads 1] [--settings full,snapkv@0.5,scope:strategy=slide@0.5,...]
         [--out docs/results/scope]
 
-A setting is ``PRESS@RATIO`` (``full``: no press; options may hold commas, the ``@`` ends a setting). The prompt is the first ``--context`` tokens of
-tinyshakespeare as plain text; every setting then
+A setting is ``PRESS@RATIO`` (``full``: no press; options may hold commas, the ``@`` ends a setting). The
+prompt is the first ``--context`` tokens of tinyshakespeare as plain text; every setting then
 * decodes ``--tokens`` greedy tokens through ``Engine.generate_tokens`` (EOS ignored), in ``--rounds``
   interleaved rounds (order rotating per round; the tokens are the same each round), reporting the KV bytes
   held at the end and at the peak, and the median decode tokens/s;
@@ -163,7 +163,8 @@ def main() -> None:
     full = results["settings"]["full"]
     lines = [f"{args.model}, {len(ids)}-token prompt (tinyshakespeare), {args.tokens} generated tokens, "
              f"{args.threads} thread(s), decode tokens/s median of {args.rounds} interleaved rounds; perplexity of "
-             f"the text's next {len(continuation)} tokens teacher-forced (2nd half: its last {len(continuation) - half}).",
+             f"the text's next {len(continuation)} tokens teacher-forced (2nd half: its last "
+             f"{len(continuation) - half}).",
              "", "| setting | KV at end MiB (vs full) | KV peak MiB | decode tok/s | greedy tokens = full: prefix / "
              f"share | = {results['versus']}: prefix / share | ppl (Δ) | ppl 2nd half (Δ) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -150,6 +150,10 @@ def test_option_errors_are_clear():
     p = make_press("scope:decode_budget=64,strategy=discontinuous", 0.5)
     assert (p.recent, p.interval, p.evict_every, p.query_window) == (32, 16, 16, 32)
     assert make_press("scope:prefill=h2o", 0.5).query_window == -1
+    inner = make_press("scope:prefill=snapkv:window=64,decode_budget=32", 0.5)._prefill_press
+    assert (inner.name, inner.window, inner.compression_ratio) == ("snapkv", 64, 0.5)
+    config = GenerationConfig(press="scope:decode_budget=64,strategy=adaptive", compression_ratio=0.5)
+    assert (config.press.name, config.press.decode_budget, config.press.strategy) == ("scope", 64, "adaptive")
     cases = {"scope:strategy=fast": "strategy must be one of slide, adaptive, discontinuous",
              "scope:decode_budget=0": "decode_budget must be a whole number >= 1",
              "scope:decode_budget=8,recent=9": "recent .9. cannot exceed decode_budget .8.",
