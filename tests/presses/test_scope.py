@@ -218,3 +218,43 @@ def test_an_all_recent_budget_is_a_sliding_window_over_the_generated_tokens():
     assert cache.slot_pos[0, 0, 0, start:cache.length].tolist() == list(range(newest - (cache.length - start) + 1,
                                                                                newest + 1))
     assert 8 <= cache.length - start <= 12
+
+
+@torch.inference_mode()
+def test_sliding_layers_score_what_their_queries_see_and_drop_what_they_never_read_again():
+    """Gemma 3's sliding layers (window 8 in the tiny model): a query's attention is spread over the slots it saw
+    (checked one query and head at a time, on a sliding and on the global layer), and at selection
+    the slots the next query cannot see go first, so every slot still inside the window is kept."""
+    model = tiny_model("gemma3").float()
+    press = make_press("scope:decode_budget=10,recent=2", 0.5)
+    cache, _ = prefilled(model, press, prompt_ids())
+    press.apply(cache)
+    model(torch.tensor([[5]]), torch.tensor([PROMPT]), cache)
+    eviction = press.start_decoding(cache)
+    start = cache.length
+    for step in range(20):
+        model(torch.tensor([[(7 * step) % 100]]), torch.tensor([PROMPT + 1 + step]), cache)
+        eviction.committed([0])
+    assert press._windows == [8] * 5 + [None]
+    saved = {layer: list(q) for layer, q in press._decoded.items()}
+    scores = press.accumulated(cache)
+    press._decoded = saved
+    S, H, Hkv = cache.length, model.config.num_heads, cache.shape[2]
+    for layer, window in [(0, 8), (5, None)]:   # one query and one head at a time
+        q, k = torch.cat(saved[layer], dim=2)[0], cache.k[layer, 0, :, :S]
+        pos, valid = cache.slot_pos[layer, 0, :, :S], cache.valid[layer, 0, :, :S]
+        expect = torch.zeros(Hkv, S - start)
+        for i in range(20):
+            for h in range(H):
+                kv = h // (H // Hkv)
+                seen = valid[kv] & (torch.arange(S) <= start + i)
+                if window is not None:
+                    seen &= PROMPT + 1 + i - pos[kv] < window
+                attn = (q[h, i] @ k[kv].T).masked_fill(~seen, float("-inf")).softmax(-1)
+                expect[kv] += attn[start:] / (H // Hkv)
+        torch.testing.assert_close(scores[layer, 0], expect)
+    press.evict_while_decoding(cache, start + 10)
+    for layer in range(5):
+        for head in range(cache.shape[2]):
+            kept = cache.slot_pos[layer, 0, head, start:cache.length].tolist()
+            assert set(range(PROMPT + 1 + 20 - 7, PROMPT + 1 + 20)) <= set(kept)   # all the next query sees

@@ -24,9 +24,10 @@ The paper's three decoding strategies:
 How: the decoding queries come through ``cache.observer`` (which, like any press, keeps decoding on the
 PyTorch forward) and are scored in one batch at each selection. The queries since the last selection belong
 to the newest slots, and nothing was evicted since they ran, so causal attention over the cache as it is then
-is exactly what each of them saw. Speculative decoding works: only the committed rows' queries are kept
-(``committed``) and drafts stop at the next selection (base.py ``DecodingEviction``), so it gives plain
-decoding's tokens. CLI: ``--press scope:decode_budget=256,strategy=slide --ratio 0.5``.
+is exactly what each of them saw (on a sliding-window layer, only the keys inside its window; the slots the
+next query cannot see there are dropped first). Speculative decoding works: only the committed rows' queries
+are kept (``committed``) and drafts stop at the next selection (base.py ``DecodingEviction``), so it gives
+plain decoding's tokens. CLI: ``--press scope:decode_budget=256,strategy=slide --ratio 0.5``.
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class SCOPEPress(Press):
         self._pending: dict[int, Tensor] = {}        # layer -> the last forward's queries [B, H, T, D]
         self._decoded: dict[int, list[Tensor]] = {}  # layer -> committed queries since the last selection
         self._scores: Tensor | None = None           # [L, B, Hkv, n] attention the kept generated slots got
+        self._windows: list[int | None] = []         # per layer: a sliding window (Gemma 3), or None
 
     @property
     def query_window(self) -> int:  # type: ignore[override]
@@ -107,6 +109,8 @@ class SCOPEPress(Press):
 
     # -- prefill: the wrapped press ---------------------------------------------------------------------------
     def prepare(self, model) -> None:
+        cfg = model.config
+        self._windows = [cfg.sliding_window if kind == "sliding" else None for kind in cfg.layer_types]
         self._prefill_press.prepare(model)
 
     def apply(self, cache: KVCache, memo: dict | None = None) -> None:
@@ -121,6 +125,11 @@ class SCOPEPress(Press):
         if self.scoring:
             cache.observer = self._watch
         return DecodingEviction(self, cache.length, cache.position)
+
+    @property
+    def sliding(self) -> bool:
+        """Whether some layer reads only a sliding window (Gemma 3; known once ``prepare`` saw the model)."""
+        return any(window is not None for window in self._windows)
 
     @property
     def scoring(self) -> bool:
@@ -150,8 +159,14 @@ class SCOPEPress(Press):
             cache.evict_after(self._start, kept + self._start)
             return
         scores = self.accumulated(cache)
+        ranks = scores
+        if self.sliding:   # what a sliding layer's next query cannot see, it never reads again: first out
+            ranks, positions = scores.clone(), cache.slot_positions()[:, :, :, self._start:cache.length]
+            for layer, window in enumerate(self._windows):
+                if window is not None:
+                    ranks[layer].masked_fill_(cache.position - positions[layer] >= window, -1.0)
         drop = scores.shape[-1] - keep      # few (the interval): find those rather than rank all the kept ones
-        dropped = protect(scores, window=min(self.recent, keep)).topk(drop, dim=-1, largest=False).indices
+        dropped = protect(ranks, window=min(self.recent, keep)).topk(drop, dim=-1, largest=False).indices
         stays = torch.ones_like(scores, dtype=torch.bool).scatter_(-1, dropped, False)
         kept = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)[stays].view(
             *scores.shape[:-1], keep)       # ascending
@@ -170,8 +185,18 @@ class SCOPEPress(Press):
         scored = 0 if self._scores is None else self._scores.shape[-1]
         if n != S - start - scored:
             raise RuntimeError(f"scope: {n} queries for {S - start - scored} new slots")
-        valid = None if cache.valid is None else cache.valid[:, :, :, :S].flatten(0, 1)
-        attn = grouped_attention(queries.flatten(0, 1), cache.k[:, :, :, :S].flatten(0, 1), valid)
+        valid = None if cache.valid is None else cache.valid[:, :, :, :S]                # [L, B, Hkv, S]
+        if self.sliding:   # per query: a sliding layer's query does not see ``window`` or more positions back
+            seen = torch.ones(L, B, Hkv, n, S, dtype=torch.bool, device=cache.device) if valid is None \
+                else valid[:, :, :, None].expand(-1, -1, -1, n, -1).clone()
+            positions = cache.slot_positions()[:, :, :, :S]
+            at = torch.arange(cache.position - n, cache.position, device=cache.device)[:, None]   # [n, 1]
+            for layer, window in enumerate(self._windows):
+                if window is not None:
+                    seen[layer] &= at - positions[layer][:, :, None, :] < window
+            valid = seen                                                                 # [L, B, Hkv, n, S]
+        attn = grouped_attention(queries.flatten(0, 1), cache.k[:, :, :, :S].flatten(0, 1),
+                                 None if valid is None else valid.flatten(0, 1))
         scores = attn[..., start:].sum(2).view(L, B, Hkv, S - start) / (H // Hkv)
         if scored:
             scores[..., :scored] += self._scores
@@ -180,14 +205,14 @@ class SCOPEPress(Press):
 
 def grouped_attention(queries: Tensor, keys: Tensor, valid: Tensor | None = None) -> Tensor:
     """Softmax attention (float32) of the last n queries [B, H, n, D] over the S cached keys [B, Hkv, S, D],
-    causal (query i sits at slot S - n + i), without invalid slots (``valid`` [B, Hkv, S]): [B, Hkv, G * n, S],
-    each kv head's G query heads one after the other. base.py's ``window_attention`` repeats the keys for every
-    query head instead, which costs ~10x more at a decoding step's sizes."""
+    causal (query i sits at slot S - n + i), without invalid slots (``valid`` [B, Hkv, S], or per query
+    [B, Hkv, n, S]): [B, Hkv, G * n, S], each kv head's G query heads one after the other. base.py's
+    ``window_attention`` repeats the keys for every query head instead, ~10x slower at a decoding step's sizes."""
     B, H, n, D = queries.shape
     Hkv, S = keys.shape[1], keys.shape[2]
     logits = queries.float().reshape(B, Hkv, H // Hkv * n, D) @ keys.float().transpose(-1, -2)
     visible = (torch.arange(S, device=keys.device)[None, :]
                <= torch.arange(S - n, S, device=keys.device)[:, None]).repeat(H // Hkv, 1)    # [G * n, S]
     if valid is not None:
-        visible = visible & valid[:, :, None, :]
+        visible = visible & (valid[:, :, None, :] if valid.dim() == 3 else valid.repeat(1, 1, H // Hkv, 1))
     return logits.masked_fill(~visible, float("-inf")).softmax(-1)
