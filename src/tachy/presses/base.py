@@ -4,6 +4,8 @@ A press runs once, right after prefill (see ``Engine._prefill``): while the prom
 the queries it scores with (``observing``), then ``apply`` asks ``compress`` which slots each (layer, kv head)
 keeps and compacts the cache to them (``KVCache.compact``). Kept keys carry their rope, so decoding continues
 at the cache's logical ``position``; speculative rollback works on the slots after the compressed prefix.
+A press with ``evict_every`` also evicts while decoding: the engine consults the ``DecodingEviction`` that
+``start_decoding`` returns before every decoding forward (StreamingLLM's ``evict_every``, SCOPE).
 
 Vocabulary: the *budget* of a layer is the number of slots each of its kv heads keeps, ``round(S * (1 -
 compression_ratio))`` for S prompt tokens unless a method (PyramidKV) spreads it unevenly over layers.
