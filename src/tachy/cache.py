@@ -222,6 +222,37 @@ class KVCache:
         if self.sparse is not None:
             self.sparse.truncate(0)
 
+    def evict_after(self, start: int, kept: torch.Tensor) -> None:
+        """Keep, of the slots from ``start`` on, those in ``kept`` [layers, batch, kv_heads, n] (ascending per
+        head, each >= ``start``) and move them down to slots ``start..start+n-1``; slots before ``start`` stay
+        as they are. Eviction while decoding (presses/scope.py): the compressed prompt is left alone, and the
+        gather touches only the generated tokens' slots, all layers in one op. Positions do not change."""
+        if self.prefix is not None:
+            raise ValueError("evict_after() on a quantized cache")
+        if kept.dim() != 4 or kept.shape[:3] != self.shape[:3]:
+            raise ValueError(f"evict_after() needs kept slots [layers, batch, kv_heads, n], got {tuple(kept.shape)}")
+        if self.valid is None:   # first eviction of an uncompressed cache: every held slot is real
+            self.slot_pos = self.slot_positions()
+            self.valid = torch.zeros_like(self.slot_pos, dtype=torch.bool)
+            self.valid[..., :self.length] = True
+        n, index = kept.shape[-1], kept.to(self.device)
+        slots = torch.arange(start, start + n, device=self.device)
+        stay = int((index == slots).flatten(0, 2).all(0).long().cumprod(0).sum())   # already in place
+        if stay < n:   # move the rest: one index_select over the buffer's rows ([layers * batch * kv_heads *
+            # capacity, head_dim]) and one strided copy per buffer (a 5-dim gather is ~10x slower here)
+            heads, capacity, dim = index.shape[0] * index.shape[1] * index.shape[2], self.k.shape[3], self.shape[3]
+            first = torch.arange(heads, device=self.device)[:, None] * capacity
+            source = (first + index.reshape(heads, n)[:, stay:]).reshape(-1)
+            for buf in (self.k, self.v):
+                moved = buf.view(-1, dim).index_select(0, source).view(heads, n - stay, dim)
+                buf.view(heads, capacity, dim)[:, start + stay:start + n] = moved
+            self.slot_pos[..., start + stay:start + n] = self.slot_pos.gather(3, index[..., stay:])
+            self.valid[..., start + stay:start + n] = self.valid.gather(3, index[..., stay:])
+        self.valid[..., start + n:self.length] = False
+        self.length = start + n
+        if self.sparse is not None:
+            self.sparse.truncate(start)
+
     def slot_positions(self) -> torch.Tensor:
         """[layers, batch, kv_heads, capacity] logical position of each slot (slot index when uncompressed)."""
         if self.slot_pos is not None:

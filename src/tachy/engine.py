@@ -229,6 +229,10 @@ class Engine:
         stats.kv_bytes, stats.kv_full_bytes = cache.nbytes, cache.uncompressed_nbytes
         top = config.logprobs
         yield Step([root], 0, 0, None if top is None else token_logprobs(logits, [root], top))
+        # a press that also evicts while decoding (StreamingLLM's evict_every, SCOPE's decoding budget): it is
+        # consulted before each forward (presses/base.py DecodingEviction), and may watch the decoding queries
+        press = config.press
+        eviction = press.start_decoding(cache) if press is not None and press.active else None
         if drafter is not None:   # after the first token: its time to first token is plain decoding's
             t = time.perf_counter()
             drafter.reset(prompt_ids)
@@ -236,11 +240,6 @@ class Engine:
             if attach is not None:
                 attach(cache)
             stats.draft_s += time.perf_counter() - t
-        # a press that also evicts while decoding (StreamingLLM's evict_every): back to the post-prefill size
-        # each time the cache has grown by evict_every slots
-        press = config.press
-        evict_every = press.evict_every if press is not None and press.active else 0
-        budget = cache.length
         # Every tree node's row exact (the C forward), or only the leading chain's (speculative/verify.py)?
         exact_trees = model.exact_trees(cache)
         threads = kernels.threads_to_kernels if exact_trees else nullcontext
@@ -249,14 +248,12 @@ class Engine:
             while cache.position + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:
                 with threads():   # the C forward's kernels and PyTorch's small ops take turns on the cores
                     step_start = time.perf_counter()
-                    if evict_every and cache.length >= budget + evict_every:
-                        press.evict_while_decoding(cache, budget)
                     # no drafting past the context window or the token budget (the bonus token is always produced),
                     # nor past the next eviction (plain and speculative decoding then evict at the same cache sizes)
                     room = min(self.max_context - cache.position - 2,
                                config.max_new_tokens - stats.generated_tokens - 1)
-                    if evict_every:
-                        room = min(room, budget + evict_every - cache.length - 1)
+                    if eviction is not None:
+                        room = min(room, eviction.step(cache))
                     tree = DraftTree.empty()
                     if drafter is not None and config.max_draft_tokens and room > 0:
                         tree = drafter.propose(ids, min(config.max_draft_tokens, room))
@@ -283,6 +280,8 @@ class Engine:
                     if not exact_trees:
                         accepted, bonus = commit_exact(tree, accepted, bonus)
                     cache.keep([base] + [base + 1 + j for j in accepted])
+                    if eviction is not None:
+                        eviction.committed([0] + [1 + j for j in accepted])
                     new = [tree.tokens[j] for j in accepted] + [bonus]
                     ids.extend(new)
                     root = bonus

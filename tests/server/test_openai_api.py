@@ -307,3 +307,19 @@ def test_kv_press_per_request(client, smollm):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body={"tachy": {"press": "nope"}})
     assert "snapkv" in e.value.message   # the error lists the presses
+
+
+def test_scope_press_per_request(client, smollm):
+    """SCOPE's options travel in the press string; its decoding budget bounds the KV a long answer holds."""
+    prompt = "Once upon a time, in a land far away, there lived a king who had three daughters. " * 6
+    press = "scope:decode_budget=8,recent=4,strategy=discontinuous,delta=4"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                  extra_body={"tachy": {"press": press, "compression_ratio": 0.5}})
+    assert r.choices[0].text == smollm.generate(prompt, greedy(max_new_tokens=24, press=press,
+                                                               compression_ratio=0.5))
+    stats = r.model_extra["tachy"]["stats"][0]
+    assert 0 < stats["kv_bytes"] < 0.6 * stats["kv_full_bytes"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=4,
+                                  extra_body={"tachy": {"press": "scope:strategy=fast"}})
+    assert "slide, adaptive, discontinuous" in e.value.message

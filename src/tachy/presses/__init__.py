@@ -8,6 +8,7 @@ from .int4kv import Int4KVPress
 from .kivi import KIVI2Press, KIVI4Press, KIVIPress
 from .pyramidkv import PyramidKVPress
 from .razor import RazorAttentionPress
+from .scope import SCOPEPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
 from .value_norm import ValueNormPress
@@ -15,4 +16,4 @@ from .value_norm import ValueNormPress
 __all__ = ["PRESSES", "Press", "ScorerPress", "available_presses", "make_press", "H2OPress", "PyramidKVPress",
            "SnapKVPress", "StreamingLLMPress", "ValueNormPress",
            "KIVIPress", "KIVI4Press", "KIVI2Press", "GEAR4Press", "GEAR2Press",
-           "RazorAttentionPress", "EMSPress", "Int4KVPress", "HeadKVPress"]
+           "RazorAttentionPress", "SCOPEPress", "EMSPress", "Int4KVPress", "HeadKVPress"]

@@ -4,6 +4,8 @@ A press runs once, right after prefill (see ``Engine._prefill``): while the prom
 the queries it scores with (``observing``), then ``apply`` asks ``compress`` which slots each (layer, kv head)
 keeps and compacts the cache to them (``KVCache.compact``). Kept keys carry their rope, so decoding continues
 at the cache's logical ``position``; speculative rollback works on the slots after the compressed prefix.
+A press with ``evict_every`` also evicts while decoding: the engine consults the ``DecodingEviction`` that
+``start_decoding`` returns before every decoding forward (StreamingLLM's ``evict_every``, SCOPE).
 
 Vocabulary: the *budget* of a layer is the number of slots each of its kv heads keeps, ``round(S * (1 -
 compression_ratio))`` for S prompt tokens unless a method (PyramidKV) spreads it unevenly over layers.
@@ -117,10 +119,48 @@ class Press:
         """Called with the model before prefill; a press that probes the model once (RazorAttention) does it
         here. Default: nothing."""
 
+    # -- evicting while decoding (presses with evict_every > 0) ------------------------------------------------
+    def start_decoding(self, cache: KVCache) -> "DecodingEviction | None":
+        """Called by the engine once the whole prompt is in the (compressed) cache; returns what it consults
+        before each decoding forward, or None when this press leaves the cache alone while decoding."""
+        return DecodingEviction(self, cache.length, cache.position) if self.active and self.evict_every else None
+
+    def decoding_budget(self, start: int, decoded: int) -> int:
+        """Slots the cache is cut back to after ``decoded`` tokens were fed past ``start``, the cache's length
+        after prefill (must not shrink as ``decoded`` grows). Default: ``start`` (StreamingLLM)."""
+        return start
+
     def evict_while_decoding(self, cache: KVCache, budget: int) -> None:
-        """Cut the cache back to ``budget`` slots during decoding; the engine calls it each time the cache has
-        grown by ``evict_every`` slots past its size after prefill. Only presses with ``evict_every`` do."""
+        """Cut the cache back to ``budget`` slots during decoding; called each time the cache has grown by
+        ``evict_every`` slots past ``decoding_budget``. Only presses with ``evict_every`` do."""
         raise NotImplementedError(f"{self.name} does not evict while decoding")
+
+    def committed(self, rows: list[int]) -> None:
+        """The rows of the last decoding forward that were kept (the root and the accepted drafts): a press that
+        watches decoding forgets the others. Default: nothing."""
+
+
+@dataclass
+class DecodingEviction:
+    """The engine's side of evicting while decoding: before each forward, ``step`` evicts when the cache has
+    grown ``evict_every`` slots past the press's budget and says how many draft tokens fit before the next
+    eviction. The engine caps drafts there, so plain and speculative decoding evict at the same cache states
+    (the budget only grows with the tokens fed) and stay token-identical."""
+
+    press: Press
+    start: int       # cache length after prefill: the compressed prompt and its last token
+    position: int    # cache position then
+
+    def step(self, cache: KVCache) -> int:
+        """Evict if due; return the draft tokens the next forward may add without passing the next eviction."""
+        budget = self.press.decoding_budget(self.start, cache.position - self.position)
+        every = self.press.evict_every
+        if cache.length >= budget + every:
+            self.press.evict_while_decoding(cache, budget)
+        return budget + every - cache.length - 1
+
+    def committed(self, rows: list[int]) -> None:
+        self.press.committed(rows)
 
 
 @dataclass

@@ -6,12 +6,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import InvalidArgumentError
 from .base import Press
 
 
 @dataclass
 class ComposedPress(Press):
     parts: list[Press] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for part in self.parts:
+            if part.evict_every:   # its decoding-time eviction would be lost (and a quantized prefix refuses it)
+                raise InvalidArgumentError(f"{part.name} evicts while decoding and cannot be composed")
 
     @property
     def name(self) -> str:  # type: ignore[override]

@@ -126,13 +126,14 @@ class DraftModelDrafter(Drafter):
 
     def attach_cache(self, cache) -> None:
         """Read the target's cache this sequence, when its K/V mean the same thing to the draft model: the
-        target's own checkpoint, a plain cache (no press), the same dtype and device."""
+        target's own checkpoint, a plain cache (no press, nobody watching its queries: presses/scope.py), the
+        same dtype and device."""
         self.target_cache = None
         if not self.shares_target_kv:
             return
         model = self.engine.model
         cfg = model.config
-        if (cache.prefix is None and not cache.compressed and not cache.ragged
+        if (cache.prefix is None and not cache.compressed and not cache.ragged and cache.observer is None
                 and cache.shape == (cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim)
                 and cache.dtype == model.dtype and cache.device == model.device):
             self.target_cache = cache
