@@ -229,3 +229,12 @@ def test_registry_and_option_errors():
     with pytest.raises(InvalidArgumentError, match="window 16 must exceed"):
         GenerationConfig(attention="minference:decode=quest:window=16", max_draft_tokens=16)
     assert PATTERNS["vs"] == 1
+
+
+def test_the_ppl_eval_refuses_a_prefill_method():
+    from tachy.eval.sweep import Prefilled, Setting
+
+    engine = Engine(tiny_model("llama", seed=3), CharTokenizer(), name="tiny")
+    pre = Prefilled(engine, tokens(20, 1), 4, record=False)
+    with pytest.raises(InvalidArgumentError, match="sparsifies the prefill"):
+        pre.compressed(Setting("none", 0.0, "minference"))
