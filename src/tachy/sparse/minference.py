@@ -70,32 +70,32 @@ def vertical_slash_scores(q: Tensor, k: Tensor, scale: float) -> tuple[Tensor, T
     own keys are the last R of k), k [N, D] -> (by column [N], by offset row - column [N])."""
     G, R, _ = q.shape
     N = k.shape[0]
-    row = torch.arange(N - R, N)[:, None]                                    # each last row's own key index
-    col = torch.arange(N)[None, :]
+    row = torch.arange(N - R, N, device=k.device)[:, None]                   # each last row's own key index
+    col = torch.arange(N, device=k.device)[None, :]
     valid = (col <= row).expand(R, N)
     logits = (q.float() @ k.float().T) * scale                               # [G, R, N]
     p = logits.masked_fill(~valid, float("-inf")).softmax(-1).sum(0)         # [R, N]
-    slash = torch.zeros(N).index_add_(0, (row - col).expand(R, N)[valid], p[valid])
+    slash = torch.zeros(N, device=k.device).index_add_(0, (row - col).expand(R, N)[valid], p[valid])
     return p.sum(0), slash
 
 
 def vertical_slash_keys(columns: Tensor, offsets: Tensor, start: int, T: int, N: int) -> Tensor:
     """[T, N] bool: row t (key index start + t) reads the chosen columns up to itself and the keys at the chosen
     offsets behind it."""
-    row = torch.arange(start, start + T)[:, None]
-    col = torch.arange(N)[None, :]
-    is_col = torch.zeros(N, dtype=torch.bool)
+    row = torch.arange(start, start + T, device=columns.device)[:, None]
+    col = torch.arange(N, device=columns.device)[None, :]
+    is_col = torch.zeros(N, dtype=torch.bool, device=columns.device)
     is_col[columns] = True
-    is_off = torch.zeros(N, dtype=torch.bool)
+    is_off = torch.zeros_like(is_col)
     is_off[offsets] = True
     causal = col <= row
     return causal & (is_col[None, :] | is_off[(row - col).clamp(min=0)])
 
 
-def a_shape_keys(head: int, tail: int, start: int, T: int, N: int) -> Tensor:
+def a_shape_keys(head: int, tail: int, start: int, T: int, N: int, device: torch.device | str = "cpu") -> Tensor:
     """[T, N] bool: each row's first ``head`` keys and its last ``tail`` ones (itself included)."""
-    row = torch.arange(start, start + T)[:, None]
-    col = torch.arange(N)[None, :]
+    row = torch.arange(start, start + T, device=device)[:, None]
+    col = torch.arange(N, device=device)[None, :]
     return (col <= row) & ((col < head) | (col > row - tail))
 
 
@@ -108,7 +108,7 @@ def block_choice(q: Tensor, k: Tensor, start: int, blocks: int) -> Tensor:
     kb = -(-N // BLOCK)
     kmean = torch.stack([k[i * BLOCK:(i + 1) * BLOCK].float().mean(0) for i in range(kb)])
     first, last = start // BLOCK, (N - 1) // BLOCK
-    chosen = torch.zeros(last - first + 1, kb, dtype=torch.bool)
+    chosen = torch.zeros(last - first + 1, kb, dtype=torch.bool, device=k.device)
     qs = q.float().sum(0)                                                      # [T, D]
     for qb in range(first, last + 1):
         lo, hi = max(qb * BLOCK, start), min((qb + 1) * BLOCK, N)
@@ -120,8 +120,8 @@ def block_choice(q: Tensor, k: Tensor, start: int, blocks: int) -> Tensor:
 
 def block_keys(chosen: Tensor, start: int, T: int, N: int) -> Tensor:
     """[T, N] bool: each row reads the chosen key blocks of its query block, up to itself."""
-    row = torch.arange(start, start + T)[:, None]
-    col = torch.arange(N)[None, :]
+    row = torch.arange(start, start + T, device=chosen.device)[:, None]
+    col = torch.arange(N, device=chosen.device)[None, :]
     return (col <= row) & chosen[row // BLOCK - start // BLOCK, col // BLOCK]
 
 
@@ -241,7 +241,7 @@ class MInferenceAttention(SparseAttention):
                     self.measure_recall(state.recall[layer, g], qg[g], k[0, g, :N], start, scale)
                 continue
             keys = self.keys(pattern, qg[g], k[0, g, :N], start, scale)
-            dense_rows = torch.arange(start, N) >= state.dense_from
+            dense_rows = torch.arange(start, N, device=k.device) >= state.dense_from
             keys[dense_rows] = True
             visible[g, :, :N] &= keys
         return visible
@@ -250,7 +250,7 @@ class MInferenceAttention(SparseAttention):
         """[T, N] bool: the keys each chunk row reads under ``pattern``; q [G, T, D], k [N, D]."""
         T, N = q.shape[1], k.shape[0]
         if pattern == PATTERNS["ashape"]:
-            return a_shape_keys(self.vertical, self.slash, start, T, N)
+            return a_shape_keys(self.vertical, self.slash, start, T, N, k.device)
         if pattern == PATTERNS["block"]:
             return block_keys(block_choice(q, k, start, self.blocks), start, T, N)
         columns, offsets = vertical_slash_scores(q[:, -min(self.last_q, T):], k, scale)
@@ -268,9 +268,10 @@ class MInferenceAttention(SparseAttention):
         rows = [t for t in rows if start + t + 1 > self.vertical + self.slash]
         if not rows:
             return
-        col = torch.arange(N)
+        col = torch.arange(N, device=k.device)
         p = ((q[:, rows].float() @ k.float().T) * scale).masked_fill(
-            col[None, None] > torch.tensor(rows)[None, :, None] + start, float("-inf")).softmax(-1)   # [G, r, N]
+            col[None, None] > torch.tensor(rows, device=k.device)[None, :, None] + start,
+            float("-inf")).softmax(-1)                                                                  # [G, r, N]
         for i, pattern in enumerate(("vs", "ashape", "block")):
             keep = self.keys(PATTERNS[pattern], q, k, start, scale)[rows]
             out[i] += float((p * keep).sum())
