@@ -59,6 +59,17 @@ def test_budgets_covering_every_key_are_dense_prefill_bit_for_bit(c_forward, pat
 
 
 @needs_kernels
+def test_gemma3_sliding_layers_stay_dense_and_its_full_layer_is_sparse():
+    model = tiny_gguf_model("gemma3", seed=5, max_seq_len=LONG)
+    ids = tokens(200, 4)
+    dense = prefill(model, ids, None)
+    assert torch.equal(prefill(model, ids, make_attention("minference:pattern=vs,vertical=200,slash=200")), dense)
+    method = make_attention(f"minference:pattern=vs,{SMALL}")
+    assert method.patterns(model)[:5].eq(PATTERNS["dense"]).all() and method.patterns(model)[5].eq(1).all()
+    assert not torch.equal(prefill(model, ids, method), dense)
+
+
+@needs_kernels
 @pytest.mark.parametrize("pattern", ["vs", "ashape", "block"])
 def test_the_c_key_lists_agree_with_the_pytorch_oracle(pattern):
     """One sparse chunk after a dense one: the keys each row read in C (recorded) against the oracle's mask on
