@@ -95,7 +95,8 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     lines = [f"{args.model}, {len(ids)}-token prompt, {args.rounds} interleaved rounds, {args.threads} thread(s); "
              f"medians; speedup against `{base}`.", "",
-             "| setting | prefill s | speedup (ratio of medians; median of per-round) | attention s | first token as base |",
+             "| setting | prefill s | speedup (ratio of medians; median of per-round) | attention s "
+             "| first token as base |",
              "|---|---|---|---|---|"]
     for s, v in results["settings"].items():
         lines.append(f"| {s} | {v['prefill_s']:.1f} | {v['speedup']:.2f}x; "

@@ -18,7 +18,8 @@ from tachy.sparse.minference import (PATTERNS, PrefillState, block_choice, calib
 from tests.conftest import tiny_gguf_model, tiny_model
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="kernels unavailable")
-SMALL = "sinks=4,window=8,vertical=16,slash=24,blocks=2,last_q=16,dense_last=0"   # 200-token prompts: most unread
+# 200-token prompts: most keys unread
+SMALL = "sinks=4,window=8,vertical=16,slash=24,blocks=2,last_q=16,dense_last=0,dense_layers=0"
 LONG = 512
 
 
@@ -52,7 +53,8 @@ def test_budgets_covering_every_key_are_dense_prefill_bit_for_bit(c_forward, pat
         pytest.skip("kernels unavailable")
     model = (tiny_gguf_model if c_forward else tiny_model)("llama", seed=5, max_seq_len=LONG)
     ids = tokens(200, 1)
-    covering = make_attention(f"minference:pattern={pattern},vertical=200,slash=200,blocks=4,dense_last=0")
+    covering = make_attention(f"minference:pattern={pattern},vertical=200,slash=200,blocks=4,dense_last=0,"
+                              f"dense_layers=0")
     dense = prefill(model, ids, None)
     assert torch.equal(prefill(model, ids, covering), dense)
     assert not torch.equal(prefill(model, ids, make_attention(f"minference:pattern={pattern},{SMALL}")), dense)
@@ -63,7 +65,8 @@ def test_gemma3_sliding_layers_stay_dense_and_its_full_layer_is_sparse():
     model = tiny_gguf_model("gemma3", seed=5, max_seq_len=LONG)
     ids = tokens(200, 4)
     dense = prefill(model, ids, None)
-    assert torch.equal(prefill(model, ids, make_attention("minference:pattern=vs,vertical=200,slash=200")), dense)
+    covering = make_attention("minference:pattern=vs,vertical=200,slash=200,dense_layers=0")
+    assert torch.equal(prefill(model, ids, covering), dense)
     method = make_attention(f"minference:pattern=vs,{SMALL}")
     assert method.patterns(model)[:5].eq(PATTERNS["dense"]).all() and method.patterns(model)[5].eq(1).all()
     assert not torch.equal(prefill(model, ids, method), dense)
@@ -203,7 +206,7 @@ def test_the_engine_prefills_sparsely_then_decodes_as_told(tmp_path, monkeypatch
                 for t in r.token_ids]
 
     dense = run(None)
-    assert run("minference:pattern=vs,vertical=300,slash=300") == dense     # everything covered
+    assert run("minference:pattern=vs,vertical=300,slash=300,dense_layers=0") == dense   # everything covered
     assert len(run("minference:pattern=vs,decode=quest:budget=128")) == 6
     method = make_attention(f"minference:{SMALL},calibration_tokens=256")
     out = run(method)

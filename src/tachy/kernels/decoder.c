@@ -630,7 +630,8 @@ static void mi_estimate(void *p, int64_t g0, int64_t g1) {
                 for (int64_t d = 0; d < D; d++) km[d] /= (float)(hi - lo);
             }
             for (int64_t qb = f->mi_qb0; qb <= (N - 1) / MI_BLOCK; qb++) {   /* the chunk's query blocks */
-                int64_t lo = qb * MI_BLOCK > P0 ? qb * MI_BLOCK : P0, hi = (qb + 1) * MI_BLOCK < N ? (qb + 1) * MI_BLOCK : N;
+                int64_t lo = qb * MI_BLOCK > P0 ? qb * MI_BLOCK : P0;
+                int64_t hi = (qb + 1) * MI_BLOCK < N ? (qb + 1) * MI_BLOCK : N;
                 memset(qmean, 0, sizeof(float) * D);
                 for (int64_t i = lo; i < hi; i++)      /* the group's queries summed: a sum of the heads' scores */
                     for (int64_t hh = g * G; hh < (g + 1) * G; hh++)
