@@ -68,6 +68,8 @@ class Engine:
         press = config.press
         if not config.prefix_cache or (press is not None and press.active) or config.decoding.is_search:
             return None
+        if config.attention is not None and config.attention.sparse_prefill:   # its prompt K/V are not dense
+            return None
         if not self.model.exact_trees(cache):
             return None
         return self.prefix_cache
@@ -215,12 +217,16 @@ class Engine:
         if prefix is not None:
             stats.cached_tokens = cache.length = cache.position = prefix.load(prompt_ids[:-1], cache.k[:, 0],
                                                                               cache.v[:, 0])
+        attention = config.attention
+        if attention is not None and attention.sparse_prefill:   # the prompt itself read sparsely (MInference)
+            attention.prepare(self)
+            attention.attach_prefill(model, cache, len(prompt_ids))
         with kernels.threads_to_kernels() if model.exact_trees(cache) else nullcontext():
             logits = self._prefill(prompt_ids, cache, config.press)
         if prefix is not None:
             prefix.store(prompt_ids, cache.k[:, 0], cache.v[:, 0])   # a dense prefill, even under sparse attention
-        if config.attention is not None:   # the prompt was prefilled densely; decoding reads sparsely
-            config.attention.attach(model, cache)
+        if attention is not None:   # decoding reads sparsely (or, after a sparse prefill, as the method says)
+            attention.attach(model, cache)
         ids = list(prompt_ids)
         root, logits = self._choose(logits, ids, processor, probs_fn, generator)
         ids.append(root)

@@ -52,7 +52,7 @@ class GenerationConfig:
     logprobs: int | None = None                  # per-token log-probabilities with this many alternatives
     press: str | Press | None = None             # KV-cache compression after prefill (tachy.presses)
     compression_ratio: float = 0.0               # fraction of the prompt's KV the press removes
-    attention: str | SparseAttention | None = None   # decode-time sparse attention (tachy.sparse), e.g. "quest"
+    attention: str | SparseAttention | None = None   # sparse attention (tachy.sparse), e.g. "quest", "minference"
     prefix_cache: bool = True                    # reuse K/V of earlier prompts/turns (tachy.prefix_cache)
     # APE (tachy.context.ape): retrieved passages, token ids, encoded one by one; they go between the prompt's
     # first ``passages_at`` tokens (the shared prefix) and the rest (the question)

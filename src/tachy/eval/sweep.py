@@ -229,7 +229,11 @@ class Prefilled:
             press.adopt_queries(self.recorder.collected)
             press.apply(cache, self.memo)
         if setting.attention != DENSE:
-            make_attention(setting.attention).attach(self.engine.model, cache)
+            method = make_attention(setting.attention)
+            if method.sparse_prefill:   # the prefill here is dense and shared by every setting
+                raise InvalidArgumentError(f"{method.name} sparsifies the prefill, which this evaluation shares "
+                                           f"densely across settings; evaluate it with needle or ruler")
+            method.attach(self.engine.model, cache)
         return cache
 
 

@@ -102,8 +102,23 @@ typedef struct {
    TidalDecode (method 2): at each selection layer the row's full attention picks its top keys (attention
    summed over the query heads of the kv head); later sparse layers read those, until the next selection
    layer. Layers flagged 0 stay dense. */
-enum { SPARSE_QUEST = 1, SPARSE_TIDAL = 2 };
+enum { SPARSE_QUEST = 1, SPARSE_TIDAL = 2, SPARSE_MINFERENCE = 3 };
 enum { LAYER_DENSE = 0, LAYER_SPARSE = 1, LAYER_SELECT = 2 };
+
+/* Prefill-time sparse attention, MInference (method 3, tachy/sparse/minference.py): one plain prompt chunk a
+   call (one cache row, keys = slots 0..prefix+t). Per layer and kv head a pattern (``patterns``), whose keys
+   are estimated for the chunk before its attention runs, from the group's query heads together:
+   vertical-slash: the ``last_q`` last rows' attention summed by key (columns) and by offset t - j (diagonals);
+   the top ``vertical`` columns (the first ``sinks`` forced) and ``slash`` diagonals (the ``window`` nearest
+   forced); row t reads the chosen columns <= t and the keys t - offset.
+   A-shape: the first ``vertical`` keys and the last ``slash`` ones (static).
+   block-sparse: 64-row query blocks against 64-key blocks, scored by mean-pooled q (summed over the group)
+   and k; each query block reads its top ``blocks`` key blocks (the first and its own forced).
+   search (calibration): attends densely and adds to ``recall`` how much of sampled rows' attention each of
+   the three patterns would have kept. Rows at positions >= ``dense_from`` read densely. A row whose pattern
+   covers all its keys reads exactly its dense key list (dense attention's bits). */
+enum { PATTERN_DENSE = 0, PATTERN_VS = 1, PATTERN_ASHAPE = 2, PATTERN_BLOCK = 3, PATTERN_SEARCH = 4 };
+enum { MI_BLOCK = 64, MI_SAMPLES = 16 };
 
 typedef struct {
     int64_t method, page, select, sinks, window;
@@ -111,7 +126,18 @@ typedef struct {
     uint16_t *bounds;             /* Quest: bf16 [n_layers, batch, kv_heads, max_pages, 2, head_dim] min, max */
     int64_t max_pages;
     int64_t *bounded;             /* Quest: [batch] leading pages of each cache row whose bounds are current */
+    const uint8_t *patterns;      /* MInference: [n_layers, kv_heads] PATTERN_* */
+    int64_t vertical, slash, blocks, last_q, dense_from;
+    double *recall;               /* MInference search: [n_layers, kv_heads, 4] recall of VS, A-shape, block; rows */
+    uint8_t *record;              /* MInference, tests: [n_layers, kv_heads, T, prefix + T] keys each row read */
 } tq_sparse;
+
+/* one kv head's MInference choice for the current layer and chunk */
+typedef struct {
+    int64_t *vert, *slash;        /* chosen columns, ascending; chosen offsets, ascending */
+    int64_t n_vert, n_slash;
+    uint8_t *blocks;              /* [query blocks of the chunk, key blocks] */
+} mi_head;
 
 /* ---- numerics -------------------------------------------------------------------------------------------- */
 static inline float bf2f(uint16_t b) {
@@ -232,6 +258,8 @@ typedef struct {
     int64_t qkv_n;
     const tq_sparse *sparse;      /* NULL: dense attention */
     uint8_t *chosen;              /* TidalDecode: [T, kv_heads, cap + T] keys the last selection layer chose */
+    mi_head *mi;                  /* MInference: [kv_heads] */
+    int64_t mi_start, mi_qb0, mi_kb; /* the chunk's first slot, its first query block, key blocks */
 } fwd;
 
 /* y [T, N] = x [T, K] times the layer's parts; packed parts share one int8 quantization of x */
@@ -496,14 +524,161 @@ static void attention_mass(fwd *f, int64_t t, int64_t g, const int64_t *keys, in
     }
 }
 
+/* ---- MInference (prefill) ------------------------------------------------------------------------------ */
+
+/* The key indices (ascending) a row with n keys (itself the last, n - 1) reads under ``pattern`` (VS, A-shape
+   or block) of kv head g: written to out, returns their count. Cost: the chosen columns and diagonals (VS),
+   the key blocks of the row's query block (block), nothing per unread key. */
+static int64_t mi_select(const fwd *f, int64_t g, int64_t pattern, int64_t n, int64_t *out) {
+    const tq_sparse *sp = f->sparse;
+    const mi_head *h = &f->mi[g];
+    int64_t k = 0, self = n - 1;
+    if (pattern == PATTERN_ASHAPE) {
+        int64_t head = sp->vertical < n ? sp->vertical : n, tail = n - sp->slash > head ? n - sp->slash : head;
+        for (int64_t i = 0; i < head; i++) out[k++] = i;
+        for (int64_t i = tail; i < n; i++) out[k++] = i;
+        return k;
+    }
+    if (pattern == PATTERN_BLOCK) {
+        const uint8_t *row = h->blocks + (self / MI_BLOCK - f->mi_qb0) * f->mi_kb;
+        for (int64_t kb = 0; kb <= self / MI_BLOCK; kb++)
+            if (row[kb])
+                for (int64_t i = kb * MI_BLOCK; i < (kb + 1) * MI_BLOCK && i < n; i++) out[k++] = i;
+        return k;
+    }
+    /* vertical-slash: merge the columns < n (ascending) with the keys self - offset (offsets descending) */
+    int64_t i = 0, j = h->n_slash - 1;
+    while (j >= 0 && h->slash[j] > self) j--;
+    while ((i < h->n_vert && h->vert[i] < n) || j >= 0) {
+        int64_t a = i < h->n_vert && h->vert[i] < n ? h->vert[i] : INT64_MAX;
+        int64_t b = j >= 0 ? self - h->slash[j] : INT64_MAX;
+        int64_t idx = a < b ? a : b;
+        if (a == idx) i++;
+        if (b == idx) j--;
+        out[k++] = idx;
+    }
+    return k;
+}
+
+/* probabilities of query q over keys 0..n-1 of K0 (softmax of the scaled dot products), into p */
+static void mi_probs(const fwd *f, const float *q, const uint16_t *K0, int64_t n, float *p) {
+    int64_t D = f->m->head_dim;
+    float scale = (float)f->m->attn_scale, mx = -INFINITY, sum = 0;
+    for (int64_t i = 0; i < n; i++) {
+        p[i] = dot_f32_bf16(q, K0 + i * D, D) * scale;
+        if (p[i] > mx) mx = p[i];
+    }
+    for (int64_t i = 0; i < n; i++) p[i] -= mx;
+    exp_inplace(p, n);
+    for (int64_t i = 0; i < n; i++) sum += p[i];
+    float inv = 1.0f / sum;
+    for (int64_t i = 0; i < n; i++) p[i] *= inv;
+}
+
+/* ascending indices of the k best of score[0..n) into out (ties to the lower index) */
+static int64_t mi_top(const float *score, int64_t n, int64_t k, float *tmp, uint8_t *flags, int64_t *out) {
+    if (k > n) k = n;
+    if (k <= 0) return 0;
+    mark_top(score, n, k, tmp, flags);
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (flags[i]) out[c++] = i;
+    return c;
+}
+
+/* The chunk's choice for kv heads g0..g1 of the current layer (see tq_sparse), before its attention runs. */
+static void mi_estimate(void *p, int64_t g0, int64_t g1) {
+    fwd *f = p;
+    const tq_model *m = f->m;
+    const tq_sparse *sp = f->sparse;
+    const tq_batch *b = f->b;
+    int64_t D = m->head_dim, Hkv = m->kv_heads, G = m->heads / Hkv, T = b->T, P0 = f->mi_start, N = P0 + T;
+    int64_t l = f->layer_index, nkb = f->mi_kb, R = sp->last_q < T ? sp->last_q : T;
+    float *vs = malloc(sizeof(float) * N), *ss = malloc(sizeof(float) * N), *pr = malloc(sizeof(float) * N);
+    float *tmp = malloc(sizeof(float) * N), *kmean = malloc(sizeof(float) * nkb * D), qmean[512];
+    uint8_t *flags = malloc(N);
+    int64_t *idx = malloc(sizeof(int64_t) * N);
+    for (int64_t g = g0; g < g1; g++) {
+        int64_t pattern = sp->patterns[l * Hkv + g];
+        const uint16_t *K0 = cache_at(f, f->c->k, b->rows[0], g, 0);
+        mi_head *h = &f->mi[g];
+        if (pattern == PATTERN_VS || pattern == PATTERN_SEARCH) {
+            memset(vs, 0, sizeof(float) * N);
+            memset(ss, 0, sizeof(float) * N);
+            for (int64_t r = T - R; r < T; r++) {       /* the last rows' attention, by column and by offset */
+                int64_t n = P0 + r + 1;
+                for (int64_t hh = g * G; hh < (g + 1) * G; hh++) {
+                    mi_probs(f, f->qkv + r * f->qkv_n + hh * D, K0, n, pr);
+                    for (int64_t i = 0; i < n; i++) {
+                        vs[i] += pr[i];
+                        ss[n - 1 - i] += pr[i];
+                    }
+                }
+            }
+            for (int64_t i = 0; i < sp->sinks && i < N; i++) vs[i] = INFINITY;
+            for (int64_t o = 0; o < sp->window && o < N; o++) ss[o] = INFINITY;
+            h->n_vert = mi_top(vs, N, sp->vertical, tmp, flags, h->vert);
+            h->n_slash = mi_top(ss, N, sp->slash, tmp, flags, h->slash);
+        }
+        if (pattern == PATTERN_BLOCK || pattern == PATTERN_SEARCH) {
+            for (int64_t kb = 0; kb < nkb; kb++) {     /* mean-pooled keys of each 64-key block */
+                int64_t lo = kb * MI_BLOCK, hi = lo + MI_BLOCK < N ? lo + MI_BLOCK : N;
+                float *km = kmean + kb * D;
+                memset(km, 0, sizeof(float) * D);
+                for (int64_t i = lo; i < hi; i++)
+                    for (int64_t d = 0; d < D; d++) km[d] += bf2f(K0[i * D + d]);
+                for (int64_t d = 0; d < D; d++) km[d] /= (float)(hi - lo);
+            }
+            for (int64_t qb = f->mi_qb0; qb <= (N - 1) / MI_BLOCK; qb++) {   /* the chunk's query blocks */
+                int64_t lo = qb * MI_BLOCK > P0 ? qb * MI_BLOCK : P0;
+                int64_t hi = (qb + 1) * MI_BLOCK < N ? (qb + 1) * MI_BLOCK : N;
+                memset(qmean, 0, sizeof(float) * D);
+                for (int64_t i = lo; i < hi; i++)      /* the group's queries summed: a sum of the heads' scores */
+                    for (int64_t hh = g * G; hh < (g + 1) * G; hh++)
+                        for (int64_t d = 0; d < D; d++) qmean[d] += f->qkv[(i - P0) * f->qkv_n + hh * D + d];
+                for (int64_t d = 0; d < D; d++) qmean[d] /= (float)(hi - lo);
+                for (int64_t kb = 0; kb <= qb; kb++) tmp[kb] = dot_f32(qmean, kmean + kb * D, D);
+                tmp[0] = tmp[qb] = INFINITY;
+                uint8_t *row = h->blocks + (qb - f->mi_qb0) * nkb;
+                mark_top(tmp, qb + 1, sp->blocks < qb + 1 ? sp->blocks : qb + 1, ss, row);
+            }
+        }
+        if (pattern == PATTERN_SEARCH && T > R) {      /* calibration: each pattern's recall on sampled rows */
+            double *rec = sp->recall + (l * Hkv + g) * 4;
+            for (int64_t s = 0; s < MI_SAMPLES; s++) {
+                int64_t t = (s + 1) * (T - R) / (MI_SAMPLES + 1), n = P0 + t + 1;
+                if (n <= sp->vertical + sp->slash) continue;   /* every pattern reads all of it */
+                for (int64_t hh = g * G; hh < (g + 1) * G; hh++) {
+                    mi_probs(f, f->qkv + t * f->qkv_n + hh * D, K0, n, pr);
+                    for (int64_t pat = PATTERN_VS; pat <= PATTERN_BLOCK; pat++) {
+                        int64_t c = mi_select(f, g, pat, n, idx);
+                        double kept = 0;
+                        for (int64_t k = 0; k < c; k++) kept += pr[idx[k]];
+                        rec[pat - 1] += kept;
+                    }
+                    rec[3] += 1;
+                }
+            }
+        }
+    }
+    free(vs); free(ss); free(pr); free(tmp); free(kmean); free(flags); free(idx);
+}
+
 /* The keys a sparse layer's row t (kv head g) reads: keys[0..n) filtered in place (order kept); returns the
    new count. score, tmp: cap floats of scratch; keep: cap bytes. */
 static int64_t sparse_keys(fwd *f, int64_t t, int64_t g, int64_t *keys, int64_t n, const uint16_t *K0,
-                           float *score, float *tmp, uint8_t *keep) {
+                           float *score, float *tmp, uint8_t *keep, int64_t *idx) {
     const tq_sparse *sp = f->sparse;
     const tq_model *m = f->m;
     int64_t l = f->layer_index, role = sp->layers[l], D = m->head_dim, Hkv = m->kv_heads, G = m->heads / Hkv;
     if (role == LAYER_DENSE || f->layer->window > 0) return n;
+    if (sp->method == SPARSE_MINFERENCE) {
+        int64_t pattern = sp->patterns[l * Hkv + g];
+        if (pattern == PATTERN_DENSE || pattern == PATTERN_SEARCH || f->b->positions[t] >= sp->dense_from) return n;
+        int64_t kept = mi_select(f, g, pattern, n, idx);
+        for (int64_t k = 0; k < kept; k++) keys[k] = keys[idx[k]];   /* idx ascending: idx[k] >= k */
+        return kept;
+    }
     int64_t P = sp->method == SPARSE_QUEST ? sp->page : 1;
     int64_t first = (sp->sinks + P - 1) / P, end = (n - sp->window) / P;   /* candidate units [first, end) */
     if (end > f->b->prefix[t] / P) end = f->b->prefix[t] / P;            /* committed keys only */
@@ -556,10 +731,12 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
     float out[512];
     float *sel_score = NULL, *sel_tmp = NULL;
     uint8_t *keep = NULL;
+    int64_t *idx = NULL;
     if (f->sparse) {
         sel_score = malloc(sizeof(float) * cap);
         sel_tmp = malloc(sizeof(float) * cap);
         keep = malloc(cap);
+        if (f->mi) idx = malloc(sizeof(int64_t) * cap);
     }
     for (int64_t i = i0; i < i1; i++) {
         int64_t t = i / Hkv, g = i % Hkv, row = b->rows[t], pos = b->positions[t];
@@ -571,7 +748,11 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
         for (int64_t j = 0; j < last; j++)
             if (sees(b, t, j) && !(window > 0 && pos - b->positions[j] >= window)) keys[n++] = b->slots[j];
         const uint16_t *K0 = cache_at(f, f->c->k, row, g, 0), *V0 = cache_at(f, f->c->v, row, g, 0);
-        if (f->sparse) n = sparse_keys(f, t, g, keys, n, K0, sel_score, sel_tmp, keep);
+        if (f->sparse) n = sparse_keys(f, t, g, keys, n, K0, sel_score, sel_tmp, keep, idx);
+        if (f->sparse && f->sparse->record) {   /* tests: the slots this row read */
+            uint8_t *rec = f->sparse->record + ((f->layer_index * Hkv + g) * T + t) * (f->mi_start + T);
+            for (int64_t k = 0; k < n; k++) rec[keys[k]] = 1;
+        }
 #if DEC_AVX512
         if (D % 16 == 0 && D <= 256 && G <= 8) {
             grouped_heads(f, t, g, G, keys, n, K0, V0, score, cap);
@@ -601,6 +782,7 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
     free(sel_score);
     free(sel_tmp);
     free(keep);
+    free(idx);
 }
 
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
@@ -674,8 +856,26 @@ int tq_forward_sparse(const tq_model *m, tq_cache *c, const tq_batch *b, const t
             return -2;
     fwd f = {.m = m, .c = c, .b = b, .qkv_n = qkv_n, .sparse = sparse};
     if (sparse) {
-        if (sparse->method != SPARSE_QUEST && sparse->method != SPARSE_TIDAL) return -4;
-        if (sparse->method == SPARSE_QUEST) {
+        if (sparse->method < SPARSE_QUEST || sparse->method > SPARSE_MINFERENCE) return -4;
+        if (sparse->record && sparse->method != SPARSE_MINFERENCE) return -4;
+        if (sparse->method == SPARSE_MINFERENCE) {   /* one plain chunk of one sequence: slots prefix..prefix+T */
+            if (b->mask || sparse->last_q < 1) return -4;
+            for (int64_t t = 0; t < T; t++)
+                if (b->rows[t] != b->rows[0] || b->prefix[t] != b->prefix[0] || b->slots[t] != b->prefix[0] + t)
+                    return -4;
+            f.mi_start = b->prefix[0];
+            f.mi_qb0 = f.mi_start / MI_BLOCK;
+            f.mi_kb = (f.mi_start + T + MI_BLOCK - 1) / MI_BLOCK;
+            int64_t N = f.mi_start + T, nqb = (N - 1) / MI_BLOCK - f.mi_qb0 + 1;
+            f.mi = calloc((size_t)m->kv_heads, sizeof(mi_head));
+            if (!f.mi) return -3;
+            for (int64_t g = 0; g < m->kv_heads; g++) {
+                f.mi[g].vert = malloc(sizeof(int64_t) * N);
+                f.mi[g].slash = malloc(sizeof(int64_t) * N);
+                f.mi[g].blocks = calloc((size_t)(nqb * f.mi_kb), 1);
+                if (!f.mi[g].vert || !f.mi[g].slash || !f.mi[g].blocks) return -3;
+            }
+        } else if (sparse->method == SPARSE_QUEST) {
             if (sparse->page < 1 || sparse->max_pages * sparse->page < c->cap) return -4;
             update_bounds(&f);
         } else {
@@ -711,6 +911,8 @@ int tq_forward_sparse(const tq_model *m, tq_cache *c, const tq_batch *b, const t
         PHASE(P_QKV);
         tq_parallel_for(qkv_token, &f, T, grain);
         PHASE(P_ROPE);
+        if (f.mi && sparse->layers[l] != LAYER_DENSE && L->window == 0)
+            tq_parallel_for(mi_estimate, &f, m->kv_heads, 1);   /* counted as attention */
         tq_parallel_for(attention_task, &f, T * m->kv_heads, 1);
         PHASE(P_ATTENTION);
         linear(&L->o, f.attn, T, f.tmp);
@@ -738,6 +940,10 @@ int tq_forward_sparse(const tq_model *m, tq_cache *c, const tq_batch *b, const t
     if (b->hidden)
         for (int64_t t = 0; t < T; t++) rms_norm(f.x + t * Hd, m->final_norm, Hd, m->eps, b->hidden + t * Hd, NULL);
     free(f.x); free(f.tmp); free(f.qkv); free(f.gu); free(f.xn); free(f.attn); free(f.act); free(f.chosen);
+    for (int64_t g = 0; f.mi && g < m->kv_heads; g++) {
+        free(f.mi[g].vert); free(f.mi[g].slash); free(f.mi[g].blocks);
+    }
+    free(f.mi);
     return 0;
 }
 

@@ -68,19 +68,19 @@ class _Batch(Structure):
 
 
 class _Sparse(Structure):
-    """decoder.c's tq_sparse: a cache's decode-time sparse attention (tachy.sparse)."""
+    """decoder.c's tq_sparse: a cache's sparse attention (tachy.sparse): decode-time, or MInference's prefill."""
     _fields_ = [("method", c_int64), ("page", c_int64), ("select", c_int64), ("sinks", c_int64),
                 ("window", c_int64), ("layers", c_void_p), ("bounds", c_void_p), ("max_pages", c_int64),
-                ("bounded", c_void_p)]
+                ("bounded", c_void_p), ("patterns", c_void_p), ("vertical", c_int64), ("slash", c_int64),
+                ("blocks", c_int64), ("last_q", c_int64), ("dense_from", c_int64), ("recall", c_void_p),
+                ("record", c_void_p)]
 
     @classmethod
     def of(cls, cache: KVCache) -> "_Sparse":
         state = cache.sparse
         method = state.method
-        bounds = state.page_bounds(cache)
-        return cls(method.method_id, method.unit, method.select, method.sinks, method.window,
-                   state.roles_u8.data_ptr(),
-                   bounds.data_ptr(), bounds.shape[3], state.bounded.data_ptr())
+        return cls(method=method.method_id, sinks=method.sinks, window=method.window,
+                   layers=state.roles_u8.data_ptr(), **state.c_fields(cache))
 
 
 def _quant_weights(module: nn.Module) -> list[QuantWeight] | None:

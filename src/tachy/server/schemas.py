@@ -34,7 +34,7 @@ class TachyOptions(_Body):
     passages: list[str] | None = Field(None, min_length=1, max_length=64)
     ape_temperature: float = Field(0.9, gt=0.0, le=1.0)
     ape_scale: float = Field(0.9, gt=0.0, le=1.0)
-    attention: str | None = None      # decode-time sparse attention (tachy.sparse), e.g. "quest" or "tidal"
+    attention: str | None = None      # sparse attention (tachy.sparse), e.g. "quest", "tidal", "minference"
 
 
 class StreamOptions(_Body):

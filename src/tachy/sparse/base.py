@@ -49,7 +49,6 @@ class SparseAttention:
     window: int = 64
     name: ClassVar[str] = "sparse"
     method_id: ClassVar[int] = 0
-    sparse_prefill: ClassVar[bool] = False   # True: the method also changes the prompt's prefill (not only decoding)
 
     def __post_init__(self) -> None:
         for field in ("budget", "sinks", "window"):
@@ -94,6 +93,19 @@ class SparseAttention:
     def attach(self, model, cache: KVCache) -> None:
         """Make ``cache``'s decoding forwards read sparsely (after prefill: the prompt is prefilled densely)."""
         cache.sparse = SparseState(self, self.layer_roles(model.config), cache)
+
+    # -- prefill-time methods (MInference) override these --------------------------------------------------------
+    @property
+    def sparse_prefill(self) -> bool:
+        """Whether the prompt's prefill reads sparsely (then its K/V differ from a dense prefill's)."""
+        return False
+
+    def prepare(self, engine) -> None:
+        """One-time work for ``engine``'s model before its first prefill (a calibration); none here."""
+
+    def attach_prefill(self, model, cache: KVCache, prompt_tokens: int) -> None:
+        """Make ``cache``'s prefill forwards (a prompt of ``prompt_tokens`` tokens) read sparsely; the base
+        prefills densely."""
 
     # -- the PyTorch implementation ---------------------------------------------------------------------------
     def mask(self, state: "SparseState", layer: int, q: Tensor, k: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -160,6 +172,12 @@ class SparseState:
         self.bounded = torch.zeros(cache.shape[1], dtype=torch.int64)
         self.bounds: Tensor | None = None
         self.chosen: Tensor | None = None
+
+    def c_fields(self, cache: KVCache) -> dict:
+        """decoder.c's tq_sparse fields besides the method's (Quest's page bounds)."""
+        bounds = self.page_bounds(cache)
+        return dict(page=self.method.unit, select=self.method.select, bounds=bounds.data_ptr(),
+                    max_pages=bounds.shape[3], bounded=self.bounded.data_ptr())
 
     def truncate(self, length: int) -> None:
         """Slots from ``length`` on changed (rollback, a tree commit): pages reaching them need new bounds."""
