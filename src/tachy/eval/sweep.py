@@ -197,7 +197,9 @@ class Prefilled:
             press.adopt_queries(self.recorder.collected)
             press.apply(cache, self.memo)
         if setting.attention != DENSE:
-            make_attention(setting.attention).attach(self.engine.model, cache)
+            method = make_attention(setting.attention)
+            method.prepare(self.engine)
+            method.attach(self.engine.model, cache)
         return cache
 
 

@@ -101,16 +101,23 @@ typedef struct {
    to date for the pages a sequence has committed) bounds q.k from above, and the top pages are read.
    TidalDecode (method 2): at each selection layer the row's full attention picks its top keys (attention
    summed over the query heads of the kv head); later sparse layers read those, until the next selection
-   layer. Layers flagged 0 stay dense. */
-enum { SPARSE_QUEST = 1, SPARSE_TIDAL = 2 };
+   layer. Double Sparsity (method 3): each committed key keeps a label, its values on ``channels`` calibrated
+   channels of its kv head (bf16, in blocks of 16 keys stored channel-major); a row scores every candidate by
+   its query (summed over the group's heads) on those channels times the label, and reads the top keys.
+   Layers flagged 0 stay dense. */
+enum { SPARSE_QUEST = 1, SPARSE_TIDAL = 2, SPARSE_DOUBLE = 3 };
+enum { LABEL_BLOCK = 16 };
 enum { LAYER_DENSE = 0, LAYER_SPARSE = 1, LAYER_SELECT = 2 };
 
 typedef struct {
     int64_t method, page, select, sinks, window;
     const uint8_t *layers;        /* [n_layers]: LAYER_DENSE, LAYER_SPARSE, or LAYER_SELECT (TidalDecode) */
     uint16_t *bounds;             /* Quest: bf16 [n_layers, batch, kv_heads, max_pages, 2, head_dim] min, max */
-    int64_t max_pages;
-    int64_t *bounded;             /* Quest: [batch] leading pages of each cache row whose bounds are current */
+    int64_t max_pages;            /* Quest: pages in bounds; Double Sparsity: slots in labels (whole blocks) */
+    int64_t *bounded;             /* [batch] leading pages (slots) of each cache row whose bounds (labels) are current */
+    int64_t channels;             /* Double Sparsity: label channels per key */
+    const int64_t *channel_index; /* Double Sparsity: [n_layers, kv_heads, channels] the channels labels keep */
+    uint16_t *labels;             /* Double Sparsity: bf16 [n_layers, batch, kv_heads, max_pages / 16, channels, 16] */
 } tq_sparse;
 
 /* ---- numerics -------------------------------------------------------------------------------------------- */
@@ -424,7 +431,37 @@ static void mark_top(const float *score, int64_t n, int64_t k, float *tmp, uint8
     for (int64_t i = 0; i < n; i++) flags[i] = score[i] > thr || (score[i] == thr && ties-- > 0);
 }
 
-/* Quest: a page's key min/max, per layer, cache row and kv head, for the pages a row has newly committed */
+/* Double Sparsity's score of slots [first, end): qs [C] (the query on the label channels, summed over the
+   group) times each label, as C fused multiply-adds in channel order (16 keys a block in parallel). labels:
+   one (layer, row, kv head)'s label blocks. */
+static void label_scores(const float *qs, const uint16_t *labels, int64_t first, int64_t end, int64_t C, float *out) {
+    for (int64_t b = first / LABEL_BLOCK; b * LABEL_BLOCK < end; b++) {
+        const uint16_t *blk = labels + b * C * LABEL_BLOCK;
+        float lane[LABEL_BLOCK];
+#if DEC_AVX512
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t c = 0; c < C; c++)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(qs[c]), load_bf16x16(blk + c * LABEL_BLOCK), acc);
+        _mm512_storeu_ps(lane, acc);
+#else
+        for (int64_t i = 0; i < LABEL_BLOCK; i++) {
+            lane[i] = 0;
+            for (int64_t c = 0; c < C; c++) lane[i] = fmaf(qs[c], bf2f(blk[c * LABEL_BLOCK + i]), lane[i]);
+        }
+#endif
+        int64_t lo = b * LABEL_BLOCK < first ? first : b * LABEL_BLOCK;
+        int64_t hi = (b + 1) * LABEL_BLOCK > end ? end : (b + 1) * LABEL_BLOCK;
+        for (int64_t s = lo; s < hi; s++) out[s - first] = lane[s % LABEL_BLOCK];
+    }
+}
+
+/* label scores of slots [0, n) (for tests) */
+void tq_label_scores(const float *qs, const uint16_t *labels, int64_t n, int64_t C, float *out) {
+    label_scores(qs, labels, 0, n, C, out);
+}
+
+/* Quest: a page's key min/max (Double Sparsity: a key's label), per layer, cache row and kv head, for the pages
+   (slots) a row has newly committed */
 typedef struct { fwd *f; int64_t n_jobs; const int64_t *job; } bounds_args;   /* job: (row, first page, end) */
 
 static void bounds_task(void *p, int64_t i0, int64_t i1) {
@@ -438,6 +475,16 @@ static void bounds_task(void *p, int64_t i0, int64_t i1) {
         if (sp->layers[l] == LAYER_DENSE || m->layers[l].window > 0) continue;
         int64_t row = a->job[3 * j];
         const uint16_t *K0 = f->c->k + (((l * f->c->batch + row) * Hkv + g) * f->c->cap) * D;
+        if (sp->method == SPARSE_DOUBLE) {   /* labels: the key's chosen channels, block-wise channel-major */
+            int64_t C = sp->channels;
+            const int64_t *ch = sp->channel_index + (l * Hkv + g) * C;
+            uint16_t *lab = sp->labels + ((l * f->c->batch + row) * Hkv + g) * sp->max_pages * C;
+            for (int64_t s = a->job[3 * j + 1]; s < a->job[3 * j + 2]; s++) {
+                uint16_t *dst = lab + (s / LABEL_BLOCK) * C * LABEL_BLOCK + s % LABEL_BLOCK;
+                for (int64_t c = 0; c < C; c++) dst[c * LABEL_BLOCK] = K0[s * D + ch[c]];
+            }
+            continue;
+        }
         uint16_t *out = sp->bounds + (((l * f->c->batch + row) * Hkv + g) * sp->max_pages) * 2 * D;
         for (int64_t pg = a->job[3 * j + 1]; pg < a->job[3 * j + 2]; pg++) {
             for (int64_t d = 0; d < D; d++) {
@@ -518,6 +565,23 @@ static int64_t sparse_keys(fwd *f, int64_t t, int64_t g, int64_t *keys, int64_t 
     if (cands <= sp->select) {                                           /* everything fits: dense */
         if (chosen) memset(chosen, 1, n);
         return n;
+    }
+    if (sp->method == SPARSE_DOUBLE) {
+        int64_t C = sp->channels;
+        const int64_t *ch = sp->channel_index + (l * Hkv + g) * C;
+        float qs[512];
+        for (int64_t c = 0; c < C; c++) {
+            float s = 0;
+            for (int64_t h = g * G; h < (g + 1) * G; h++) s += f->qkv[t * f->qkv_n + h * D + ch[c]];
+            qs[c] = s;
+        }
+        label_scores(qs, sp->labels + ((l * f->c->batch + f->b->rows[t]) * Hkv + g) * sp->max_pages * C, first,
+                     end, C, score);
+        mark_top(score, cands, sp->select, tmp, keep);
+        int64_t kept = 0;
+        for (int64_t i = 0; i < n; i++)
+            if (i < first || i >= end || keep[i - first]) keys[kept++] = keys[i];
+        return kept;
     }
     if (sp->method == SPARSE_QUEST) {
         const uint16_t *bounds = sp->bounds + (((l * f->c->batch + f->b->rows[t]) * Hkv + g) * sp->max_pages) * 2 * D;
@@ -674,9 +738,17 @@ int tq_forward_sparse(const tq_model *m, tq_cache *c, const tq_batch *b, const t
             return -2;
     fwd f = {.m = m, .c = c, .b = b, .qkv_n = qkv_n, .sparse = sparse};
     if (sparse) {
-        if (sparse->method != SPARSE_QUEST && sparse->method != SPARSE_TIDAL) return -4;
+        if (sparse->method < SPARSE_QUEST || sparse->method > SPARSE_DOUBLE) return -4;
         if (sparse->method == SPARSE_QUEST) {
             if (sparse->page < 1 || sparse->max_pages * sparse->page < c->cap) return -4;
+            update_bounds(&f);
+        } else if (sparse->method == SPARSE_DOUBLE) {
+            int64_t C = sparse->channels;
+            if (sparse->page != 1 || C < 1 || C > D || !sparse->labels || !sparse->channel_index ||
+                sparse->max_pages % LABEL_BLOCK || sparse->max_pages < c->cap)
+                return -4;
+            for (int64_t i = 0; i < m->n_layers * m->kv_heads * C; i++)
+                if (sparse->channel_index[i] < 0 || sparse->channel_index[i] >= D) return -4;
             update_bounds(&f);
         } else {
             f.chosen = malloc((size_t)(T * m->kv_heads * (c->cap + T)));

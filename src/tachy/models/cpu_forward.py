@@ -71,16 +71,15 @@ class _Sparse(Structure):
     """decoder.c's tq_sparse: a cache's decode-time sparse attention (tachy.sparse)."""
     _fields_ = [("method", c_int64), ("page", c_int64), ("select", c_int64), ("sinks", c_int64),
                 ("window", c_int64), ("layers", c_void_p), ("bounds", c_void_p), ("max_pages", c_int64),
-                ("bounded", c_void_p)]
+                ("bounded", c_void_p), ("channels", c_int64), ("channel_index", c_void_p), ("labels", c_void_p)]
 
     @classmethod
     def of(cls, cache: KVCache) -> "_Sparse":
         state = cache.sparse
         method = state.method
-        bounds = state.page_bounds(cache)
-        return cls(method.method_id, method.unit, method.select, method.sinks, method.window,
-                   state.roles_u8.data_ptr(),
-                   bounds.data_ptr(), bounds.shape[3], state.bounded.data_ptr())
+        return cls(method=method.method_id, page=method.unit, select=method.select, sinks=method.sinks,
+                   window=method.window, layers=state.roles_u8.data_ptr(), bounded=state.bounded.data_ptr(),
+                   **method.c_fields(state, cache))
 
 
 def _quant_weights(module: nn.Module) -> list[QuantWeight] | None:

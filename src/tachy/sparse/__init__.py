@@ -4,8 +4,9 @@ Decode-time methods (``GenerationConfig(attention=...)``, ``--attention NAME``) 
 each query read a chosen part of it; see docs/long_context.md."""
 from .base import ATTENTIONS, DENSE, SELECT, SPARSE, SparseAttention, SparseState, available_attentions, \
     make_attention
+from .double_sparsity import DoubleSparsityAttention
 from .quest import QuestAttention
 from .tidal import TidalDecodeAttention
 
 __all__ = ["ATTENTIONS", "DENSE", "SELECT", "SPARSE", "SparseAttention", "SparseState", "available_attentions",
-           "make_attention", "QuestAttention", "TidalDecodeAttention"]
+           "make_attention", "DoubleSparsityAttention", "QuestAttention", "TidalDecodeAttention"]
