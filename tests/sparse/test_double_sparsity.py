@@ -67,6 +67,11 @@ def test_the_c_decoders_label_scores_are_the_pytorch_ones(channels):
                                       channels, ctypes.c_void_p(out.data_ptr()))
     every = torch.arange(channels)[None]
     assert torch.allclose(out, label_scores(qs.view(1, 1, 1, -1), k[None], every)[0, 0], rtol=1e-5, atol=1e-4)
+    # the decoder's choice: the top 30 of those scores, ties to the lower slot, ascending
+    chosen = torch.empty(100, dtype=torch.int64)
+    n = kernels.library().tq_label_top(ctypes.c_void_p(qs.data_ptr()), ctypes.c_void_p(labels.data_ptr()), 100,
+                                       channels, 30, ctypes.c_void_p(chosen.data_ptr()))
+    assert n == 30 and chosen[:n].tolist() == sorted(torch.sort(-out, stable=True).indices[:30].tolist())
 
 
 @pytest.mark.parametrize("c_forward", [True, False])

@@ -478,10 +478,43 @@ static void label_keys(const float *qs, const uint16_t *labels, int64_t first, i
     for (int64_t b = first / LABEL_BLOCK; b * LABEL_BLOCK < end; b++) {
         float lane[LABEL_BLOCK];
         label_block(qs, labels + b * C * LABEL_BLOCK, C, lane);
+#if DEC_AVX512
+        if (b * LABEL_BLOCK >= first && (b + 1) * LABEL_BLOCK <= end) {   /* a whole block: order_key on 16 lanes */
+            __m512i u = _mm512_castps_si512(_mm512_add_ps(_mm512_loadu_ps(lane), _mm512_setzero_ps()));
+            __m512i neg = _mm512_srai_epi32(u, 31);
+            u = _mm512_xor_si512(u, _mm512_or_si512(neg, _mm512_set1_epi32((int)0x80000000u)));
+            _mm512_storeu_si512(out + b * LABEL_BLOCK - first, u);
+            continue;
+        }
+#endif
         int64_t lo = b * LABEL_BLOCK < first ? first : b * LABEL_BLOCK;
         int64_t hi = (b + 1) * LABEL_BLOCK > end ? end : (b + 1) * LABEL_BLOCK;
         for (int64_t s = lo; s < hi; s++) out[s - first] = order_key(lane[s % LABEL_BLOCK]);
     }
+}
+
+/* Double Sparsity's choice: the k slots of [first, end) whose labels score highest (ties to the lower slot),
+   ascending, into chosen; returns their number (k, or all when fewer). rank: 2 (end - first) uint32. */
+static int64_t label_top(const float *qs, const uint16_t *labels, int64_t first, int64_t end, int64_t C, int64_t k,
+                         uint32_t *rank, int64_t *chosen) {
+    int64_t n = end - first, take, kept = 0;
+    if (k >= n) {
+        for (int64_t s = first; s < end; s++) chosen[kept++] = s;
+        return kept;
+    }
+    label_keys(qs, labels, first, end, C, rank);
+    uint32_t thr = kth_key(rank, n, k, rank + n, &take);
+    for (int64_t i = 0; i < n; i++)
+        if (rank[i] > thr || (rank[i] == thr && take-- > 0)) chosen[kept++] = first + i;
+    return kept;
+}
+
+/* label_top over slots [0, n) (for tests) */
+int64_t tq_label_top(const float *qs, const uint16_t *labels, int64_t n, int64_t C, int64_t k, int64_t *chosen) {
+    uint32_t *rank = malloc(sizeof(uint32_t) * 2 * (size_t)n);
+    int64_t kept = label_top(qs, labels, 0, n, C, k, rank, chosen);
+    free(rank);
+    return kept;
 }
 
 /* label scores of slots [0, n) (for tests) */
@@ -608,15 +641,8 @@ static int64_t sparse_keys(fwd *f, int64_t t, int64_t g, int64_t *keys, int64_t 
             for (int64_t h = g * G; h < (g + 1) * G; h++) s += f->qkv[t * f->qkv_n + h * D + ch[c]];
             qs[c] = s;
         }
-        uint32_t *key = rank, thr;
-        label_keys(qs, sp->labels + ((l * f->c->batch + f->b->rows[t]) * Hkv + g) * sp->max_pages * C, first, end,
-                   C, key);
-        int64_t take, kept = first;                   /* keys[i] == i up to end: the sinks stay in place */
-        thr = kth_key(key, cands, sp->select, rank + cands, &take);
-        for (int64_t i = first; i < end; i++) {
-            uint32_t u = key[i - first];
-            if (u > thr || (u == thr && take-- > 0)) keys[kept++] = keys[i];
-        }
+        const uint16_t *labels = sp->labels + ((l * f->c->batch + f->b->rows[t]) * Hkv + g) * sp->max_pages * C;
+        int64_t kept = first + label_top(qs, labels, first, end, C, sp->select, rank, keys + first);
         for (int64_t i = end; i < n; i++) keys[kept++] = keys[i];
         return kept;
     }
