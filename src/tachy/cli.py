@@ -39,7 +39,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--press", default=None, help="KV-cache compression after prefill (see docs/presses.md)")
     p.add_argument("--ratio", type=float, default=0.0, help="fraction of the prompt's KV the press removes")
     p.add_argument("--attention", default=None,
-                   help="decode-time sparse attention: dense (default), quest, tidal, with options as "
+                   help="decode-time sparse attention: dense (default), quest, tidal, double_sparsity, with options as "
                         "quest:budget=512 (see docs/long_context.md)")
 
 

@@ -95,7 +95,8 @@ def check_calibration(data: dict, model, source: Path | str) -> Tensor:
 def load_or_calibrate(model, tokenizer, text: Path | None = None, tokens: int = 4096, path: Path | None = None,
                       progress: bool = True) -> Tensor:
     """The channel importance of ``model``: read from ``path`` (default: the cache) if there, else calibrated on
-    the first ``tokens`` tokens (at most the model's window) of ``text`` (default DEFAULT_TEXT) and written there (atomically)."""
+    the first ``tokens`` tokens (at most the model's window) of ``text`` (default DEFAULT_TEXT) and written
+    there (atomically)."""
     text = Path(text) if text else DEFAULT_TEXT
     tokens = min(tokens, model.config.max_seq_len)     # the calibration is one sequence within the window
     explicit = path is not None

@@ -139,6 +139,7 @@ class DoubleSparsityAttention(SparseAttention):
     def kv_bytes_per_token(self, config, context: int, dtype_bytes: int = 2) -> int:
         """The base count plus the labels a sparse layer scores: ``channels`` values per cached key and kv head
         (all of them once the context exceeds the budget)."""
-        sparse = sum(role != DENSE and kind == "full" for role, kind in zip(self.layer_roles(config), config.layer_types))
+        roles = zip(self.layer_roles(config), config.layer_types)
+        sparse = sum(role != DENSE and kind == "full" for role, kind in roles)
         labels = sparse * context * config.num_kv_heads * self.channels * dtype_bytes if context > self.budget else 0
         return super().kv_bytes_per_token(config, context, dtype_bytes) + labels
