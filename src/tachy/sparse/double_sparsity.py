@@ -5,8 +5,9 @@ channels carry most of q.k (outlier channels, stable across inputs), so an offli
 layer and kv head (calibration.py: mean |q_d k_d|, summed over the query heads sharing the kv head), and each
 cached key keeps a *label*: its values on the top ``channels`` channels. A decoding query in a sparse layer
 scores every candidate key by q[channels] . label, with q summed over the group's query heads (one dot
-product per key for the whole group, as the paper's grouped-query variant), takes the top ``select`` keys, and
-attends exactly over the sinks, those keys and the recent window (single keys: unit 1, like TidalDecode).
+product per key for the whole group, where a max over the heads would take one per head), takes the top
+``select`` keys, and attends exactly over the sinks, those keys and the recent window (single keys: unit 1,
+like TidalDecode). Measured defaults and variants (``sinks=64``, ``channels=8``): docs/long_context.md.
 
 Rope rotates channel pairs (d, d + head_dim/2) by a position-dependent angle, which moves a pair's share of
 q.k between its two channels from one position to the next; so channels are chosen in whole pairs (a pair
