@@ -39,8 +39,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--press", default=None, help="KV-cache compression after prefill (see docs/presses.md)")
     p.add_argument("--ratio", type=float, default=0.0, help="fraction of the prompt's KV the press removes")
     p.add_argument("--attention", default=None,
-                   help="sparse attention: dense (default), quest, tidal (decode time), minference (prefill), "
-                        "with options as quest:budget=512 (see docs/long_context.md)")
+                   help="sparse attention: dense (default), quest, tidal, double_sparsity (decode time), minference "
+                        "(prefill), with options as quest:budget=512 (see docs/long_context.md)")
 
 
 def generation_config(args: argparse.Namespace):

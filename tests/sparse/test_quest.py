@@ -49,6 +49,22 @@ def test_the_c_decoders_bound_is_an_upper_bound_too():
         assert torch.allclose(out, page_scores(q[None], lo, hi)[0], rtol=1e-5, atol=1e-4)
 
 
+@needs_kernels
+@pytest.mark.parametrize("n, k", [(1, 1), (17, 5), (1000, 1), (1000, 999), (8192, 944)])
+def test_the_c_decoders_top_k_is_exact_with_ties_to_the_lower_index(n, k):
+    torch.manual_seed(n + k)
+    lib = kernels.library()
+    cases = [torch.randn(n), torch.randint(-3, 4, (n,)).float(), (torch.randn(n) * 1e-30),
+             torch.randint(-1, 2, (n,)).float() * torch.tensor([0.0, -0.0]).repeat(n)[:n]]   # +-0 ties
+    for score in cases:
+        flags = torch.zeros(n, dtype=torch.uint8)
+        lib.tq_mark_top(ctypes.c_void_p(score.data_ptr()), n, k, ctypes.c_void_p(flags.data_ptr()))
+        # the k largest, equal values taken from the lowest index up (a stable sort on -score)
+        want = torch.zeros(n, dtype=torch.uint8)
+        want[torch.sort(-score, stable=True).indices[:k]] = 1
+        assert torch.equal(flags, want)
+
+
 def forward(model, tokens, cache, positions=None, mask=None):
     positions = torch.arange(cache.length, cache.length + len(tokens)) if positions is None else positions
     with torch.inference_mode():

@@ -80,8 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="comma-separated press names, 'all', 'none' (no press; alone: the dense baseline only)")
         t.add_argument("--ratio", default="0.5", help="comma-separated compression ratios in [0, 1)")
         t.add_argument("--attention", default=DENSE,
-                       help="comma-separated attentions: dense (default) and sparse methods (quest, tidal, minference, with "
-                            "options as quest:budget=512; docs/long_context.md); every press runs under each, "
+                       help="comma-separated attentions: dense (default) and sparse methods (quest, tidal, "
+                            "double_sparsity, minference, with options as quest:budget=512; docs/long_context.md); "
+                            "every press runs under each, "
                             "'--press none' for an attention alone")
         t.add_argument("--context", default="2048,4096", help="comma-separated context lengths (tokens)")
         t.add_argument("--out", default=f"eval_{name}", help="output folder")

@@ -233,6 +233,7 @@ class Prefilled:
             if method.sparse_prefill:   # the prefill here is dense and shared by every setting
                 raise InvalidArgumentError(f"{method.name} sparsifies the prefill, which this evaluation shares "
                                            f"densely across settings; evaluate it with needle or ruler")
+            method.prepare(self.engine)
             method.attach(self.engine.model, cache)
         return cache
 

@@ -160,6 +160,10 @@ def _load() -> ctypes.CDLL | None:
     lib.tq_forward.argtypes = [ptr, ptr, ptr]
     lib.tq_forward_sparse.argtypes = [ptr, ptr, ptr, ptr]
     lib.tq_page_bounds.argtypes = [ptr, ptr, i64, i64, ptr]
+    lib.tq_label_scores.argtypes = [ptr, ptr, i64, i64, ptr]
+    lib.tq_mark_top.argtypes = [ptr, i64, i64, ptr]
+    lib.tq_label_top.argtypes = [ptr, ptr, i64, i64, i64, ptr]
+    lib.tq_label_top.restype = i64
     lib.tq_profile.argtypes = [ptr, i32]
     lib.key = path.parent.name   # the machine key
     lib.tq_skip_gguf_strings.argtypes = [ptr, i64, i64, i64]

@@ -73,7 +73,7 @@ class _Sparse(Structure):
                 ("window", c_int64), ("layers", c_void_p), ("bounds", c_void_p), ("max_pages", c_int64),
                 ("bounded", c_void_p), ("patterns", c_void_p), ("vertical", c_int64), ("slash", c_int64),
                 ("blocks", c_int64), ("last_q", c_int64), ("dense_from", c_int64), ("recall", c_void_p),
-                ("record", c_void_p)]
+                ("record", c_void_p), ("channels", c_int64), ("channel_index", c_void_p), ("labels", c_void_p)]
 
     @classmethod
     def of(cls, cache: KVCache) -> "_Sparse":

@@ -5,8 +5,10 @@ each query read a chosen part of it; MInference does so for the prompt's prefill
 from .base import ATTENTIONS, DENSE, SELECT, SPARSE, SparseAttention, SparseState, available_attentions, \
     make_attention
 from .minference import MInferenceAttention
+from .double_sparsity import DoubleSparsityAttention
 from .quest import QuestAttention
 from .tidal import TidalDecodeAttention
 
 __all__ = ["ATTENTIONS", "DENSE", "SELECT", "SPARSE", "SparseAttention", "SparseState", "available_attentions",
-           "make_attention", "MInferenceAttention", "QuestAttention", "TidalDecodeAttention"]
+           "make_attention", "DoubleSparsityAttention", "MInferenceAttention", "QuestAttention",
+           "TidalDecodeAttention"]

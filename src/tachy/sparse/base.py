@@ -90,6 +90,11 @@ class SparseAttention:
         stay dense; every full-attention layer is sparse by default."""
         return [SPARSE if t == "full" else DENSE for t in config.layer_types]
 
+    def prepare(self, engine) -> None:
+        """One-time work before a generation under this method (the engine calls it before prefill, outside the
+        timed prefill): a method with an offline calibration (Double Sparsity, MInference) loads or computes it
+        here. Nothing by default."""
+
     def attach(self, model, cache: KVCache) -> None:
         """Make ``cache``'s decoding forwards read sparsely (after prefill: the prompt is prefilled densely)."""
         cache.sparse = SparseState(self, self.layer_roles(model.config), cache)
@@ -100,12 +105,14 @@ class SparseAttention:
         """Whether the prompt's prefill reads sparsely (then its K/V differ from a dense prefill's)."""
         return False
 
-    def prepare(self, engine) -> None:
-        """One-time work for ``engine``'s model before its first prefill (a calibration); none here."""
-
     def attach_prefill(self, model, cache: KVCache, prompt_tokens: int) -> None:
         """Make ``cache``'s prefill forwards (a prompt of ``prompt_tokens`` tokens) read sparsely; the base
         prefills densely."""
+
+    def c_fields(self, state: "SparseState", cache: KVCache) -> dict:
+        """The method's own fields of decoder.c's tq_sparse (buffers kept beside the cache: Quest's page bounds,
+        Double Sparsity's labels), by field name; the shared ones are filled in by the caller."""
+        return {}
 
     # -- the PyTorch implementation ---------------------------------------------------------------------------
     def mask(self, state: "SparseState", layer: int, q: Tensor, k: Tensor, mask: Tensor, scale: float) -> Tensor:
@@ -162,9 +169,9 @@ class SparseAttention:
 
 class SparseState:
     """What one sequence's cache carries for its sparse attention (``cache.sparse``): the method, each layer's
-    role, Quest's page bounds for the C decoder and the number of leading pages whose bounds are current
-    (``bounded``, per cache row; ``truncate`` when committed slots change), and TidalDecode's last choice on
-    the PyTorch path."""
+    role, Quest's page bounds (Double Sparsity's labels) for the C decoder and the number of leading pages
+    (slots) whose bounds (labels) are current (``bounded``, per cache row; ``truncate`` when committed slots
+    change), and TidalDecode's last choice on the PyTorch path."""
 
     def __init__(self, method: SparseAttention, roles: list[int], cache: KVCache):
         self.method, self.roles = method, roles
@@ -172,12 +179,14 @@ class SparseState:
         self.bounded = torch.zeros(cache.shape[1], dtype=torch.int64)
         self.bounds: Tensor | None = None
         self.chosen: Tensor | None = None
+        self.channel_index: Tensor | None = None   # Double Sparsity: label channels [layers, kv_heads, channels]
+        self.labels: Tensor | None = None          # Double Sparsity: the C decoder's label cache
 
     def c_fields(self, cache: KVCache) -> dict:
-        """decoder.c's tq_sparse fields besides the method's (Quest's page bounds)."""
-        bounds = self.page_bounds(cache)
-        return dict(page=self.method.unit, select=self.method.select, bounds=bounds.data_ptr(),
-                    max_pages=bounds.shape[3], bounded=self.bounded.data_ptr())
+        """decoder.c's tq_sparse fields besides method, sinks, window and layers: the shared ones and the
+        method's own (``SparseAttention.c_fields``)."""
+        return dict(page=self.method.unit, select=self.method.select, bounded=self.bounded.data_ptr(),
+                    **self.method.c_fields(self, cache))
 
     def truncate(self, length: int) -> None:
         """Slots from ``length`` on changed (rollback, a tree commit): pages reaching them need new bounds."""

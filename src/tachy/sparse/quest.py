@@ -57,6 +57,10 @@ class QuestAttention(SparseAttention):
     def unit(self) -> int:
         return self.page_size
 
+    def c_fields(self, state, cache):
+        bounds = state.page_bounds(cache)
+        return {"bounds": bounds.data_ptr(), "max_pages": bounds.shape[3]}
+
     def choose(self, state, layer, q, k, visible, candidate, scale):
         Hkv, (_, H, T, D) = k.shape[1], q.shape
         lo, hi = page_bounds(k[0], self.page_size)                                    # [Hkv, pages, D]

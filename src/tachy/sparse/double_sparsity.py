@@ -1,0 +1,146 @@
+"""Double Sparsity: token sparsity chosen through channel sparsity.
+
+Based on Yang et al. 2024, "Post-Training Sparse Attention with Double Sparsity" (arXiv:2408.07092). A few key
+channels carry most of q.k (outlier channels, stable across inputs), so an offline calibration ranks them per
+layer and kv head (calibration.py: mean |q_d k_d|, summed over the query heads sharing the kv head), and each
+cached key keeps a *label*: its values on the top ``channels`` channels. A decoding query in a sparse layer
+scores every candidate key by q[channels] . label, with q summed over the group's query heads (one dot
+product per key for the whole group, where a max over the heads would take one per head), takes the top
+``select`` keys, and attends exactly over the sinks, those keys and the recent window (single keys: unit 1,
+like TidalDecode). Measured defaults and variants (``sinks=64``, ``channels=8``): docs/long_context.md.
+
+Rope rotates channel pairs (d, d + head_dim/2) by a position-dependent angle, which moves a pair's share of
+q.k between its two channels from one position to the next; so channels are chosen in whole pairs (a pair
+ranked by the sum of its two channels' importance), and a label scores a pair's exact contribution.
+``channels`` (default 16, a quarter of smollm2's 64: 1/8 of a K/V row per key) must be even and at most
+head_dim; ``channels=head_dim`` scores by the exact q.k (summed over the group).
+
+C decoder: labels are kept beside the cache (bf16 copies of the key's channels, blocks of 16 keys stored
+channel-major so 16 keys score in ``channels`` fused multiply-adds), computed once per committed slot like
+Quest's page bounds; rollback marks them stale. The calibration runs once per model (with a progress bar) and
+is cached under ``<cache root>/calibration/``. CLI: ``--attention double_sparsity`` or
+``double_sparsity:budget=1024,channels=16`` (``calibration=FILE``, ``calibration_text=FILE``,
+``calibration_tokens=N`` to choose the calibration).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidArgumentError
+from .base import DENSE, SparseAttention, SparseState, register
+from .calibration import load_or_calibrate
+
+LABEL_BLOCK = 16   # keys per label block (decoder.c's layout: [blocks, channels, 16])
+
+# model -> {calibration key: importance [layers, kv_heads, head_dim]}: calibrations loaded in this process
+_CALIBRATED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def top_channels(importance: Tensor, channels: int) -> Tensor:
+    """The ``channels`` most important channels of each (layer, kv head), in whole rope pairs (d, d + D/2),
+    ascending: importance [..., D] -> int64 [..., channels]."""
+    half = importance.shape[-1] // 2
+    pairs = importance[..., :half] + importance[..., half:]
+    best = pairs.topk(channels // 2, dim=-1).indices
+    return torch.cat([best, best + half], -1).sort(-1).values
+
+
+def label_scores(q: Tensor, k: Tensor, index: Tensor) -> Tensor:
+    """Each key's label score: (q summed over the group) . k on the chosen channels.
+    q [Hkv, G, T, D], k [Hkv, S, D], index [Hkv, C] -> float32 [Hkv, T, S]."""
+    qs = q.float().sum(1)
+    C = index.shape[-1]
+    q_label = qs.gather(-1, index[:, None, :].expand(-1, qs.shape[1], C))
+    k_label = k.float().gather(-1, index[:, None, :].expand(-1, k.shape[1], C))
+    return q_label @ k_label.transpose(-1, -2)
+
+
+@register
+@dataclass
+class DoubleSparsityAttention(SparseAttention):
+    """channels: label channels per kv head (even, <= head_dim; 16). calibration: a calibration file (default:
+    the per-model cache, made on first use); calibration_text / calibration_tokens: what to calibrate on
+    (default the first 4096 tokens of shared/data/frankenstein_pg84.txt)."""
+
+    channels: int = 16
+    calibration: str = ""
+    calibration_text: str = ""
+    calibration_tokens: int = 4096
+    name = "double_sparsity"
+    method_id = 4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.channels, int) or isinstance(self.channels, bool) or self.channels < 2 \
+                or self.channels % 2:
+            raise InvalidArgumentError(f"double_sparsity: channels must be an even whole number >= 2 (rope "
+                                       f"rotates channel pairs), got {self.channels!r}")
+        if not isinstance(self.calibration_tokens, int) or self.calibration_tokens < 16:
+            raise InvalidArgumentError(f"double_sparsity: calibration_tokens must be a whole number >= 16, "
+                                       f"got {self.calibration_tokens!r}")
+        for field in ("calibration", "calibration_text"):
+            if not isinstance(getattr(self, field), str):
+                raise InvalidArgumentError(f"double_sparsity: {field} must be a file path, "
+                                           f"got {getattr(self, field)!r}")
+        super().__post_init__()
+
+    # -- calibration ---------------------------------------------------------------------------------------------
+    @property
+    def calibration_key(self) -> tuple:
+        return self.calibration, self.calibration_text, self.calibration_tokens
+
+    def prepare(self, engine) -> None:
+        """Load this model's calibration (cached on disk), or calibrate it once with a progress bar."""
+        known = _CALIBRATED.setdefault(engine.model, {})
+        if self.calibration_key not in known:
+            self.check_model(engine.model.config)
+            known[self.calibration_key] = load_or_calibrate(
+                engine.model, engine.tokenizer, Path(self.calibration_text) if self.calibration_text else None,
+                self.calibration_tokens, Path(self.calibration) if self.calibration else None)
+
+    def use_calibration(self, model, importance: Tensor) -> None:
+        """Use ``importance`` ([layers, kv_heads, head_dim], calibration.channel_importance) for ``model``
+        instead of the file (tests, a calibration made elsewhere)."""
+        known = _CALIBRATED.setdefault(model, {})
+        known[self.calibration_key] = importance
+
+    def check_model(self, config) -> None:
+        if self.channels > config.head_dim:
+            raise InvalidArgumentError(f"double_sparsity: channels {self.channels} exceeds this model's head_dim "
+                                       f"{config.head_dim}")
+
+    def attach(self, model, cache) -> None:
+        self.check_model(model.config)
+        importance = _CALIBRATED.get(model, {}).get(self.calibration_key)
+        if importance is None:
+            raise InvalidArgumentError("double_sparsity: this model is not calibrated yet; call prepare(engine) "
+                                       "first (the engine does) or use_calibration(model, importance)")
+        super().attach(model, cache)
+        cache.sparse.channel_index = top_channels(importance, self.channels).to(cache.k.device)
+
+    # -- the C decoder's label cache -------------------------------------------------------------------------
+    def c_fields(self, state: SparseState, cache) -> dict:
+        layers, batch, heads, _ = cache.shape
+        blocks = -(-cache.capacity // LABEL_BLOCK)
+        if state.labels is None or state.labels.shape[3] < blocks:   # new slots: every label is recomputed
+            state.labels = torch.empty(layers, batch, heads, blocks, self.channels, LABEL_BLOCK, dtype=torch.bfloat16)
+            state.bounded.zero_()
+        return {"labels": state.labels.data_ptr(), "max_pages": state.labels.shape[3] * LABEL_BLOCK,
+                "channels": self.channels, "channel_index": state.channel_index.data_ptr()}
+
+    # -- the PyTorch implementation ------------------------------------------------------------------------------
+    def choose(self, state, layer, q, k, visible, candidate, scale):
+        Hkv, (_, H, T, D) = k.shape[1], q.shape
+        return self.top(label_scores(q[0].view(Hkv, H // Hkv, T, D), k[0], state.channel_index[layer]), candidate)
+
+    def kv_bytes_per_token(self, config, context: int, dtype_bytes: int = 2) -> int:
+        """The base count plus the labels a sparse layer scores: ``channels`` values per cached key and kv head
+        (all of them once the context exceeds the budget)."""
+        roles = zip(self.layer_roles(config), config.layer_types)
+        sparse = sum(role != DENSE and kind == "full" for role, kind in roles)
+        labels = sparse * context * config.num_kv_heads * self.channels * dtype_bytes if context > self.budget else 0
+        return super().kv_bytes_per_token(config, context, dtype_bytes) + labels
