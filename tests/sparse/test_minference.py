@@ -222,7 +222,7 @@ def test_registry_and_option_errors():
     assert isinstance(make_attention("minference"), MInferenceAttention)
     m = make_attention("minference:vertical=1000,slash=2048,pattern=vs,decode=quest")
     assert (m.vertical, m.slash, m.decode.name) == (1000, 2048, "quest")
-    with pytest.raises(UnknownNameError, match="available: dense, minference, quest, tidal"):
+    with pytest.raises(UnknownNameError, match="available: dense, double_sparsity, minference, quest, tidal"):
         make_attention("minferance")
     with pytest.raises(InvalidArgumentError, match="budget is not an option"):
         make_attention("minference:budget=1024")

@@ -180,7 +180,8 @@ class MInferenceAttention(SparseAttention):
         if isinstance(self.decode, str) or self.decode is None:
             self.decode = make_attention(self.decode or "dense")
         if isinstance(self.decode, MInferenceAttention):
-            raise InvalidArgumentError("minference: decode must be a decode-time method (dense, quest, tidal)")
+            raise InvalidArgumentError("minference: decode must be a decode-time method (dense, quest, tidal, "
+                                       "double_sparsity)")
 
     # -- the prefill --------------------------------------------------------------------------------------------
     @property
@@ -199,6 +200,8 @@ class MInferenceAttention(SparseAttention):
         a calibration prefill (then cached)."""
         if self.pattern == "auto" and model_key(engine) not in self.calibrated:
             self.calibrated[model_key(engine)] = calibrate(self, engine)
+        if self.decode is not None:   # the decode-time method's own calibration (Double Sparsity's channels)
+            self.decode.prepare(engine)
 
     def patterns(self, model) -> Tensor:
         """uint8 [layers, kv heads] of PATTERNS values for ``model``."""
