@@ -161,3 +161,24 @@ def test_huge_max_tokens_cannot_starve_a_short_request():
         assert texts(items, 1) == [alone(engine, [5 + i, 6], longs_[i])]
     _, still_running, _, preemptions = asyncio.run(main(0))
     assert still_running == 1 and preemptions == 0   # the shorter long job had to finish first
+
+
+def test_more_long_requests_than_rows_take_turns():
+    """Three long generations on two rows: the parked one gets its turn back before the others finish (parked
+    rows also claim a row after a turn), and each still gives its lone text."""
+    engine, _ = tiny_engine(seed=1, eos=(3,), max_seq_len=1024)
+    config = GenerationConfig(max_new_tokens=120, ignore_eos=True)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine, max_batch=2, preempt_after=10)
+        jobs = [Job([([5 + i, 6], config)], loop) for i in range(3)]
+        submit_together(sched, jobs)
+        results = [await drain(j) for j in jobs]
+        sched.close()
+        return results, sched.metrics.preemptions
+
+    results, preemptions = asyncio.run(main())
+    for i, items in enumerate(results):
+        assert texts(items, 1) == [alone(engine, [5 + i, 6], config)]
+    assert preemptions >= 6   # about one turn of 10 tokens in every 20 of each, not one park then a long wait

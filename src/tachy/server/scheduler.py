@@ -244,12 +244,14 @@ class Scheduler:
                 return
 
     def _preempt(self, decoder: BatchDecoder, state: "_BatchState") -> None:
-        """Fairness: when every row is taken and a batchable job waits, park the row that made the most tokens
-        in its turn, if it made at least ``preempt_after`` (it resumes, bit for bit, after the jobs waiting
-        before it was parked). So a huge ``max_tokens`` holds a row for turns of ``preempt_after`` tokens, not
-        for its whole generation."""
-        if (not self.preempt_after or decoder.free > len(state.pending) or not self._waiting or self._closed
-                or not self._batchable(self._waiting[0])):
+        """Fairness: when every row is taken and a batchable job or a parked row waits, park the row that made
+        the most tokens in its turn, if it made at least ``preempt_after`` (it resumes, bit for bit, after the
+        jobs and rows waiting before it was parked). So requests with huge ``max_tokens`` take turns of
+        ``preempt_after`` tokens on the rows instead of holding them for their whole generation."""
+        joinable = bool(self._waiting) and self._batchable(self._waiting[0])
+        if not self.preempt_after or decoder.free > len(state.pending) or self._closed:
+            return
+        if not joinable and not decoder.parked:   # a parked row waits for its turn too
             return
         row = decoder.preemptible(self.preempt_after)
         if row is not None:
