@@ -65,11 +65,14 @@ def drafter_for(engine, name: str):
 
 
 def long_prompt(engine, context: int) -> list[int]:
-    """A chat prompt of about ``context`` tokens: the text's first tokens, then the question."""
-    text_ids = engine.tokenizer.encode(read_text(None, "--text")[: context * 8], add_special_tokens=False)
-    overhead = len(engine.chat_prompt([{"role": "user", "content": QUESTION}]))
-    body = engine.tokenizer.decode(text_ids[: context - overhead])
-    return engine.chat_prompt([{"role": "user", "content": body + QUESTION}])
+    """A prompt of about ``context`` tokens: the text's first tokens, then the question; a chat turn where the
+    model has a chat template, else plain text (a base model: gemma3-270m)."""
+    tok = engine.tokenizer
+    wrap = ((lambda text: engine.chat_prompt([{"role": "user", "content": text}])) if tok.has_chat_template
+            else (lambda text: tok.encode(text)))
+    text_ids = tok.encode(read_text(None, "--text")[: context * 8], add_special_tokens=False)
+    body = tok.decode(text_ids[: context - len(wrap(QUESTION))])
+    return wrap(body + QUESTION)
 
 
 class SharedPrefill:
