@@ -254,10 +254,13 @@ def test_logprobs_are_the_same_plain_speculative_and_batched():
 
 # -- preemption: a parked row resumes where it was ----------------------------------------------------------------
 @pytest.mark.parametrize("packed", [True, False])
-def test_parked_rows_resume_bit_for_bit(packed):
+def test_parked_rows_resume_bit_for_bit(packed, monkeypatch):
     """Rows parked between steps (their cache rows taken by others meanwhile) and resumed later give their lone
     tokens: greedy with drafts (packed) or plain rows (PyTorch forward), and a seeded sampling row."""
     engine = packed_engine("llama", seed=3) if packed else tiny_engine(seed=1, eos=(3,))[0]
+    if packed:   # chunk sizes from fixed step costs, not this machine's timing: the same steps, hence parks, anywhere
+        engine._costs, engine._key_cost = [0.0] + [0.004 + 0.0005 * t for t in range(1, 65)], 0.0
+        monkeypatch.setattr(BatchDecoder, "_observe_chunk", lambda *args: None)
     rng = random.Random(7)
     vocab = engine.config.vocab_size
     configs = [GenerationConfig(max_new_tokens=40, ignore_eos=True, drafter="default"),
@@ -287,7 +290,7 @@ def test_parked_rows_resume_bit_for_bit(packed):
                 take(decoder.add(prompts[i], configs[i], tag=i))
         take(decoder.step())
         step += 1
-    assert parks >= 4
+    assert parks >= 3
     for i, (prompt, config) in enumerate(zip(prompts, configs)):
         lone = [t for p in engine.stream(prompt, config if config.temperature else
                                          dataclasses.replace(config, drafter=None)) for t in p.token_ids]
