@@ -161,3 +161,21 @@ def test_ties_go_to_the_lowest_index():
     x[1, [60, 90]] = 2.0
     assert K.argmax(x) == [7, 60]
     assert K.topk_ids(x, 3).tolist() == [[7, 40, 0], [60, 90, 0]]
+
+
+@pytest.mark.skipif(not K.available() or not hasattr(K.library(), "tq_horizontal_sums"),
+                    reason="an AVX-512 build of the kernels")
+def test_the_attention_sum_network_gives_each_rows_own_horizontal_sum_bits():
+    """decoder.c's grouped_tokens sums up to 16 product vectors at once through a shuffle network; each sum
+    must be the bits _mm512_reduce_add_ps gives that vector alone (what keeps a prefill chunk's tokens, a
+    verify row and a decoded token on the same bits). Magnitudes spread over 2^40, where order shows."""
+    import ctypes
+
+    gen = torch.Generator().manual_seed(0)
+    for n in list(range(1, 17)) * 40:
+        rows = torch.randn(n, 16, generator=gen) * torch.exp2(torch.randint(-20, 20, (n, 16), generator=gen))
+        network, alone = torch.empty(n), torch.empty(n)
+        K.library().tq_horizontal_sums(ctypes.c_void_p(rows.data_ptr()), n, ctypes.c_void_p(network.data_ptr()),
+                                       ctypes.c_void_p(alone.data_ptr()))
+        assert torch.equal(network.view(torch.int32), alone.view(torch.int32)), n
+        assert torch.allclose(alone.double(), rows.double().sum(1), rtol=1e-5, atol=1e-3 * rows.abs().max().item())

@@ -53,9 +53,21 @@ def one_token_rows(model, prompt: list[int], path: list[int]) -> torch.Tensor:
     return torch.stack([forward(model, [t], cache)[0] for t in path])
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_a_verify_chain_gives_one_token_decodings_bits(arch):
-    model = tiny_gguf_model(arch, seed=4)
+# grouped_tokens' shapes: G query heads per kv head, so 16 // G tokens share each key (5 for SmolLM2's G=3)
+CHUNK_SHAPES = [("llama", {}), ("qwen2", {}), ("gemma3", {}),
+                ("llama", dict(num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=288)),
+                ("llama", dict(num_heads=2, num_kv_heads=2, head_dim=48)),
+                ("gemma3", dict(num_heads=16, num_kv_heads=1, head_dim=16))]
+
+
+def SHAPE_IDS(x) -> str:
+    return x if isinstance(x, str) else "-".join(f"{k}{v}" for k, v in x.items()) or "default"
+
+
+@pytest.mark.parametrize("arch,shape", CHUNK_SHAPES, ids=SHAPE_IDS)
+def test_a_verify_chain_gives_one_token_decodings_bits(arch, shape):
+    """Every shape grouped_tokens takes (decoder.c), also where the attention scale is not a power of two."""
+    model = tiny_gguf_model(arch, seed=4, **shape)
     rng = random.Random(1)
     prompt = [rng.randrange(model.config.vocab_size) for _ in range(20)]   # gemma3's window is 8
     chain = [rng.randrange(model.config.vocab_size) for _ in range(17)]
@@ -64,6 +76,24 @@ def test_a_verify_chain_gives_one_token_decodings_bits(arch):
     mask = torch.cat([torch.ones(17, 20, dtype=torch.bool), torch.ones(17, 17, dtype=torch.bool).tril()], dim=1)
     verify = forward(model, chain, cache, mask=mask)
     assert torch.equal(verify, one_token_rows(model, prompt, chain))
+
+
+@pytest.mark.parametrize("arch,shape", CHUNK_SHAPES, ids=SHAPE_IDS)
+def test_a_prompt_chunk_gives_one_token_decodings_bits(arch, shape):
+    """A plain causal chunk reads its keys a block of tokens at a time (decoder.c's grouped_tokens: a horizontal
+    sum network across tokens, where a block's own new keys are summed one by one); every token still gets
+    the bits it gets decoded alone, from the first chunk and after a prefix, across gemma3's sliding window."""
+    model = tiny_gguf_model(arch, seed=7, **shape)
+    rng = random.Random(4)
+    tokens = [rng.randrange(model.config.vocab_size) for _ in range(29)]
+    whole = forward(model, tokens, model.new_cache(96, fixed=True))
+    cache = model.new_cache(96, fixed=True)
+    first = forward(model, tokens[:7], cache)
+    rest = forward(model, tokens[7:], cache)
+    step = model.new_cache(96, fixed=True)
+    alone = torch.cat([forward(model, [t], step) for t in tokens])
+    assert torch.equal(whole, alone)
+    assert torch.equal(torch.cat([first, rest]), alone)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -61,6 +61,20 @@ def test_budgets_covering_every_key_are_dense_prefill_bit_for_bit(c_forward, pat
 
 
 @needs_kernels
+@pytest.mark.parametrize("pattern", ["vs", "ashape", "block"])
+def test_rows_read_together_give_the_bits_they_get_alone(pattern):
+    """decoder.c reads a run of a chunk's rows together where they share their keys (dense layers, block-sparse
+    heads within a query block); recording the slots read sends every row alone: the same logits, bit for bit."""
+    model = tiny_gguf_model("llama", seed=8, max_seq_len=LONG)
+    ids = tokens(200, 5)
+    method = make_attention(f"minference:pattern={pattern},{SMALL.replace('dense_layers=0', 'dense_layers=1')}")
+    L, Hkv = model.config.num_layers, model.config.num_kv_heads
+    alone = prefill(model, ids, method, record=torch.zeros(L * Hkv * 64 * 264, dtype=torch.uint8))
+    assert torch.equal(prefill(model, ids, method), alone)
+    assert not torch.equal(alone, prefill(model, ids, None))
+
+
+@needs_kernels
 def test_gemma3_sliding_layers_stay_dense_and_its_full_layer_is_sparse():
     model = tiny_gguf_model("gemma3", seed=5, max_seq_len=LONG)
     ids = tokens(200, 4)

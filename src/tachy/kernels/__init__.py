@@ -165,6 +165,8 @@ def _load() -> ctypes.CDLL | None:
     lib.tq_label_top.argtypes = [ptr, ptr, i64, i64, i64, ptr]
     lib.tq_label_top.restype = i64
     lib.tq_profile.argtypes = [ptr, i32]
+    if hasattr(lib, "tq_horizontal_sums"):   # AVX-512 builds only
+        lib.tq_horizontal_sums.argtypes = [ptr, i64, ptr, ptr]
     lib.key = path.parent.name   # the machine key
     lib.tq_skip_gguf_strings.argtypes = [ptr, i64, i64, i64]
     lib.tq_skip_gguf_strings.restype = i64

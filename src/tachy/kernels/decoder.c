@@ -267,6 +267,8 @@ typedef struct {
     uint8_t *chosen;              /* TidalDecode: [T, kv_heads, cap + T] keys the last selection layer chose */
     mi_head *mi;                  /* MInference: [kv_heads] */
     int64_t mi_start, mi_qb0, mi_kb; /* the chunk's first slot, its first query block, key blocks */
+    int64_t grouped;              /* grouped_tokens serves this model's heads */
+    int64_t block;                /* tokens per attention item: 16 / G for plain causal chunks, else 1 */
 } fwd;
 
 /* y [T, N] = x [T, K] times the layer's parts; packed parts share one int8 quantization of x */
@@ -344,56 +346,211 @@ static inline void prefetch_row(const uint16_t *p, int64_t D) {
     for (int64_t i = 0; i < D; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
 }
 
-/* The G query heads of key head g for token t over its n keys, each K and V row loaded (and widened from
-   bf16) once for all G heads. Every head's arithmetic is the per-head loop's below, in the same order (the
-   dot product's 16-lane fmadd chain then its reduction, the max, exp, sum, then out += p * v key by key), so
-   the results are the same bits; only the memory traffic shrinks. score: G * cap floats. */
-static void grouped_heads(fwd *f, int64_t t, int64_t g, int64_t G, const int64_t *keys, int64_t n,
-                          const uint16_t *K0, const uint16_t *V0, float *score, int64_t cap) {
-    const tq_model *m = f->m;
-    int64_t D = m->head_dim, H = m->heads, C = D / 16;
-    float scale = (float)m->attn_scale;
-    __m512 q[8][16], row[16], out[8][16];
-    float mx[8], sum[8];
-    for (int64_t h = 0; h < G; h++) {
-        const float *qh = f->qkv + t * f->qkv_n + (g * G + h) * D;
-        for (int64_t c = 0; c < C; c++) q[h][c] = _mm512_loadu_ps(qh + 16 * c);
-        mx[h] = -INFINITY;
+/* Attention of several query rows over the same keys: one token's G heads (decoding, verify rows, sparse key
+   lists), or the G heads of up to 16 / G consecutive tokens of a plain causal chunk (prefill), with the bits
+   the per-head loop in attention_task gives each row alone: for each key, the dot product's 16-lane fmadd
+   chain then its horizontal sum (_mm512_reduce_add_ps: lanes i + i+8, then i + i+4, i + i+2, i + i+1), the
+   scale, the max, exp, the sum in key order, then out += p * v key by key.
+
+   The horizontal sums are most of that loop's time per key. Here up to 16 (token, head) pairs share each key:
+   their product vectors go through one transposing network that makes those same sums (the same operands at
+   every level, so the same bits) for all of them at once, one pair per lane, and the softmax then runs
+   lane-wise across pairs. Pair p sits in slot p of the network, whose result lands in lane lane_of(p). Each K
+   and V row is loaded once per key for all pairs, which is what makes a prefill chunk's attention cheaper than
+   its tokens' one at a time. */
+static inline int lane_of(int p) { return 4 * (p % 4) + p / 4; }
+
+/* one level of the network: lanes i and i+8 of a, of b (level 1); i and i+4 in each 8-lane half (2); ... */
+static inline __m512 net1(__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+}
+static inline __m512 net2(__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+}
+static inline __m512 net3(__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
+}
+static inline __m512 net4(__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
+}
+
+/* the horizontal sums of acc[0..n) (n <= 16), pair p's in lane lane_of(p) */
+static inline __m512 reduce_pairs(const __m512 *acc, int n) {
+    __m512 z = _mm512_setzero_ps(), v[8], w[4], u[2];
+    int n1 = (n + 1) / 2, n2 = (n1 + 1) / 2, n3 = (n2 + 1) / 2;
+    for (int j = 0; j < n1; j++) v[j] = net1(acc[2 * j], 2 * j + 1 < n ? acc[2 * j + 1] : z);
+    for (int j = 0; j < n2; j++) w[j] = net2(v[2 * j], 2 * j + 1 < n1 ? v[2 * j + 1] : z);
+    for (int j = 0; j < n3; j++) u[j] = net3(w[2 * j], 2 * j + 1 < n2 ? w[2 * j + 1] : z);
+    return net4(u[0], n3 > 1 ? u[1] : z);
+}
+
+/* tests: the horizontal sums of n <= 16 rows of 16 floats, through the network (network[p]) and one by one
+   (alone[p], _mm512_reduce_add_ps) */
+void tq_horizontal_sums(const float *rows, int64_t n, float *network, float *alone) {
+    __m512 acc[16];
+    float lanes[16];
+    for (int p = 0; p < n; p++) acc[p] = _mm512_loadu_ps(rows + 16 * p);
+    _mm512_storeu_ps(lanes, reduce_pairs(acc, (int)n));
+    for (int p = 0; p < n; p++) {
+        network[p] = lanes[lane_of(p)];
+        alone[p] = _mm512_reduce_add_ps(acc[p]);
     }
+}
+
+/* out[p] += e[k][p] * V row k, key by key (e: S floats per key), for NP pairs and NC * 16 channels from d0:
+   the accumulators stay in registers (NP <= 6, NC <= 4: 24 of them) */
+static inline __attribute__((always_inline)) void pv_pairs(int NP, int NC, const float *e, int64_t S, int64_t n,
+                                                           const int64_t *keys, const uint16_t *V0, int64_t D,
+                                                           int64_t d0, float *out) {
+    __m512 o[6][4], row[4];
+    for (int p = 0; p < NP; p++)
+        for (int c = 0; c < NC; c++) o[p][c] = _mm512_loadu_ps(out + p * 256 + d0 + 16 * c);
+    for (int64_t k = 0; k < n; k++) {
+        const uint16_t *vr = V0 + keys[k] * D + d0;
+        if (k + PREFETCH < n) prefetch_row(V0 + keys[k + PREFETCH] * D + d0, 16 * NC);
+        for (int c = 0; c < NC; c++) row[c] = load_bf16x16(vr + 16 * c);
+        for (int p = 0; p < NP; p++) {
+            __m512 pp = _mm512_set1_ps(e[k * S + p]);
+            for (int c = 0; c < NC; c++) o[p][c] = _mm512_fmadd_ps(pp, row[c], o[p][c]);
+        }
+    }
+    for (int p = 0; p < NP; p++)
+        for (int c = 0; c < NC; c++) _mm512_storeu_ps(out + p * 256 + d0 + 16 * c, o[p][c]);
+}
+
+#define PV_NC(NP) (nc == 4 ? pv_pairs(NP, 4, e, S, n, keys, V0, D, d0, out)   \
+                   : nc == 2 ? pv_pairs(NP, 2, e, S, n, keys, V0, D, d0, out) \
+                   : pv_pairs(NP, 1, e, S, n, keys, V0, D, d0, out))
+static void pv_group(int np, int nc, const float *e, int64_t S, int64_t n, const int64_t *keys,
+                     const uint16_t *V0, int64_t D, int64_t d0, float *out) {
+    switch (np) {
+    case 1: PV_NC(1); break;
+    case 2: PV_NC(2); break;
+    case 3: PV_NC(3); break;
+    case 4: PV_NC(4); break;
+    case 5: PV_NC(5); break;
+    default: PV_NC(6); break;
+    }
+}
+#undef PV_NC
+
+/* The scores of P <= S pairs on keys[0..n) (q[p]: pair p's query, C vectors of 16), S per key into sc (S = 4, 8
+   or 16, a constant here, so the network and its inputs stay in registers); returns their max per pair. */
+static inline __attribute__((always_inline)) __m512 qk_scores(int S, int P, int64_t C, const float *const *q,
+                                                              const int64_t *keys, int64_t n, const uint16_t *K0,
+                                                              int64_t D, float scale, __m512i to_pairs, float *sc) {
+    __m512 acc[16], row[16], mxv = _mm512_set1_ps(-INFINITY), scv = _mm512_set1_ps(scale);
     for (int64_t k = 0; k < n; k++) {
         const uint16_t *kr = K0 + keys[k] * D;
         if (k + PREFETCH < n) prefetch_row(K0 + keys[k + PREFETCH] * D, D);
         for (int64_t c = 0; c < C; c++) row[c] = load_bf16x16(kr + 16 * c);
-        for (int64_t h = 0; h < G; h++) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t c = 0; c < C; c++) acc = _mm512_fmadd_ps(q[h][c], row[c], acc);
-            float sc = _mm512_reduce_add_ps(acc) * scale;
-            score[h * cap + k] = sc;
-            if (sc > mx[h]) mx[h] = sc;
+        for (int p = 0; p < S; p++) {
+            __m512 a = _mm512_setzero_ps();
+            if (p < P)
+                for (int64_t c = 0; c < C; c++) a = _mm512_fmadd_ps(_mm512_loadu_ps(q[p] + 16 * c), row[c], a);
+            acc[p] = a;
         }
+        __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(to_pairs, reduce_pairs(acc, S)), scv);
+        if (S == 4) _mm_storeu_ps(sc + 4 * k, _mm512_castps512_ps128(s));
+        else if (S == 8) _mm256_storeu_ps(sc + 8 * k, _mm512_castps512_ps256(s));
+        else _mm512_storeu_ps(sc + 16 * k, s);
+        mxv = _mm512_max_ps(mxv, s);
     }
-    for (int64_t h = 0; h < G; h++) {
-        float *sh = score + h * cap;
-        for (int64_t k = 0; k < n; k++) sh[k] -= mx[h];
-        exp_inplace(sh, n);
-        float s = 0;
-        for (int64_t k = 0; k < n; k++) s += sh[k];
-        sum[h] = s;
-        for (int64_t c = 0; c < C; c++) out[h][c] = _mm512_setzero_ps();
+    return mxv;
+}
+
+/* sum[p] = e[0][p] + e[1][p] + ... in key order, for the S pairs of rows of S floats */
+static void key_order_sums(int64_t S, const float *e, int64_t n, float *sum) {
+    if (S == 4) {
+        __m128 a = _mm_setzero_ps();
+        for (int64_t k = 0; k < n; k++) a = _mm_add_ps(a, _mm_loadu_ps(e + 4 * k));
+        _mm_storeu_ps(sum, a);
+    } else if (S == 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t k = 0; k < n; k++) a = _mm256_add_ps(a, _mm256_loadu_ps(e + 8 * k));
+        _mm256_storeu_ps(sum, a);
+    } else {
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t k = 0; k < n; k++) a = _mm512_add_ps(a, _mm512_loadu_ps(e + 16 * k));
+        _mm512_storeu_ps(sum, a);
     }
-    for (int64_t k = 0; k < n; k++) {
-        const uint16_t *vr = V0 + keys[k] * D;
-        if (k + PREFETCH < n) prefetch_row(V0 + keys[k + PREFETCH] * D, D);
-        for (int64_t c = 0; c < C; c++) row[c] = load_bf16x16(vr + 16 * c);
-        for (int64_t h = 0; h < G; h++) {
-            __m512 pp = _mm512_set1_ps(score[h * cap + k]);
-            for (int64_t c = 0; c < C; c++) out[h][c] = _mm512_fmadd_ps(pp, row[c], out[h][c]);
+}
+
+/* Tokens t0 .. t0+nt-1 of one row, heads of kv head g (P = nt * G <= 16 pairs; pair p: token t0 + p / G, head
+   g * G + p % G). Token t0 reads keys[0..n) and token t0+i those and then the new tokens t0+1 .. t0+i (a causal
+   chunk), so each pair reads its keys in the order attention_task lists them. sc: 16 * n floats. Needs
+   D % 16 == 0, D <= 256. The scores are kept S = 4, 8 or 16 (>= P) per key, so one token's 3 or 4 heads
+   (decoding) exponentiate 4 keys per vector, as the per-head loop does 16 keys of one head. */
+static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G, const int64_t *keys,
+                           int64_t n, const uint16_t *K0, const uint16_t *V0, float *sc) {
+    const tq_model *m = f->m;
+    const tq_batch *b = f->b;
+    int64_t D = m->head_dim, H = m->heads, C = D / 16;
+    int P = (int)(nt * G);
+    int64_t S = P <= 4 ? 4 : P <= 8 ? 8 : 16;
+    float scale = (float)m->attn_scale;
+    const float *q[16];
+    int order[16];
+    for (int p = 0; p < 16; p++) order[p] = lane_of(p);   /* the network's lanes back to pair order */
+    for (int p = 0; p < P; p++) q[p] = f->qkv + (t0 + p / G) * f->qkv_n + (g * G + p % G) * D;
+    __m512i to_pairs = _mm512_loadu_si512(order);
+    __m512 mxv = S == 4 ? qk_scores(4, P, C, q, keys, n, K0, D, scale, to_pairs, sc)
+               : S == 8 ? qk_scores(8, P, C, q, keys, n, K0, D, scale, to_pairs, sc)
+               : qk_scores(16, P, C, q, keys, n, K0, D, scale, to_pairs, sc);
+    /* each later token's own new keys (at most nt - 1), scored one by one as the per-head loop does */
+    float mx[16], tail[16][16], sum[16];
+    _mm512_storeu_ps(mx, mxv);
+    for (int p = 0; p < 16; p++) {
+        float best = p < P && n ? mx[p] : p < P ? -INFINITY : 0.0f;
+        for (int64_t j = 1; p < P && j <= p / G; j++) {
+            const uint16_t *kr = K0 + b->slots[t0 + j] * D;
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t c = 0; c < C; c++)
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(q[p] + 16 * c), load_bf16x16(kr + 16 * c), a);
+            float v = _mm512_reduce_add_ps(a) * scale;
+            tail[p][j - 1] = v;
+            if (v > best) best = v;
         }
+        mx[p] = best;
     }
-    for (int64_t h = 0; h < G; h++) {
-        float o[256], inv = 1.0f / sum[h];
-        for (int64_t c = 0; c < C; c++) _mm512_storeu_ps(o + 16 * c, out[h][c]);
-        uint16_t *dst = f->attn + t * H * D + (g * G + h) * D;
+    /* softmax numerators (lane-wise: S-float rows of keys, 16 floats at a time), then their sums in key order */
+    float pattern[16];
+    for (int j = 0; j < 16; j++) pattern[j] = mx[j % S];
+    __m512 mp = _mm512_loadu_ps(pattern);
+    int64_t total = S * n, i = 0;
+    for (; i + 16 <= total; i += 16)
+        _mm512_storeu_ps(sc + i, exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + i), mp)));
+    if (i < total) {
+        __mmask16 rest = (__mmask16)((1u << (total - i)) - 1);
+        _mm512_mask_storeu_ps(sc + i, rest, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(rest, sc + i), mp)));
+    }
+    key_order_sums(S, sc, n, sum);
+    for (int p = 0; p < P; p++) {
+        int64_t extra = p / G;
+        for (int64_t j = 0; j < extra; j++) tail[p][j] -= mx[p];
+        exp_inplace(tail[p], extra);
+        for (int64_t j = 0; j < extra; j++) sum[p] += tail[p][j];
+    }
+    /* out = sum of e * V over the shared keys (pairs in groups of up to 6, 64 channels at a time), the tails */
+    float out[16 * 256];
+    memset(out, 0, sizeof(float) * 256 * (size_t)P);
+    for (int64_t d0 = 0; d0 < D;) {
+        int nc = D - d0 >= 64 ? 4 : D - d0 >= 32 ? 2 : 1;
+        for (int p0 = 0; p0 < P; p0 += 6)
+            pv_group(P - p0 < 6 ? P - p0 : 6, nc, sc + p0, S, n, keys, V0, D, d0, out + p0 * 256);
+        d0 += 16 * nc;
+    }
+    for (int p = 0; p < P; p++) {
+        int64_t extra = p / G, t = t0 + extra;
+        float *o = out + p * 256;
+        for (int64_t j = 1; j <= extra; j++) {
+            const uint16_t *vr = V0 + b->slots[t0 + j] * D;
+            __m512 pp = _mm512_set1_ps(tail[p][j - 1]);
+            for (int64_t c = 0; c < C; c++)
+                _mm512_storeu_ps(o + 16 * c, _mm512_fmadd_ps(pp, load_bf16x16(vr + 16 * c), _mm512_loadu_ps(o + 16 * c)));
+        }
+        float inv = 1.0f / sum[p];
+        uint16_t *dst = f->attn + t * H * D + (g * G + p % G) * D;
         for (int64_t d = 0; d < D; d++) dst[d] = f2bf(o[d] * inv);
     }
 }
@@ -846,6 +1003,30 @@ static int64_t sparse_keys(fwd *f, int64_t t, int64_t g, int64_t *keys, int64_t 
 }
 
 /* attention of token t over its keys, for the query heads of one key head: tasks are (t, kv head) pairs */
+/* How many tokens from t (up to te) read t's keys and then the chunk's new tokens after t, up to themselves: the
+   run grouped_tokens takes together. Plain causal chunks of one row, past no sliding window; under MInference,
+   its dense layers and heads, and block-sparse heads within one query block whose diagonal block is chosen
+   (mi_select's lists then grow by the new tokens only). */
+static int64_t shared_run(const fwd *f, int64_t t, int64_t g, int64_t te) {
+    const tq_batch *b = f->b;
+    const tq_sparse *sp = f->sparse;
+    int64_t window = f->layer->window, nt = 1;
+    while (t + nt < te && b->rows[t + nt] == b->rows[t] && b->prefix[t + nt] == b->prefix[t] &&
+           !(window > 0 && b->positions[t + nt] - window + 1 > 0))
+        nt++;
+    if (!sp || nt == 1) return nt;
+    if (sp->record || sp->method != SPARSE_MINFERENCE) return 1;
+    int64_t l = f->layer_index, pattern = sp->patterns[l * f->m->kv_heads + g];
+    if (sp->layers[l] == LAYER_DENSE || window > 0 || pattern == PATTERN_DENSE || pattern == PATTERN_SEARCH ||
+        b->positions[t] >= sp->dense_from)
+        return nt;   /* every key (positions only grow along the chunk) */
+    if (pattern != PATTERN_BLOCK) return 1;
+    int64_t qb = b->slots[t] / MI_BLOCK, k = 1;
+    if (!f->mi[g].blocks[(qb - f->mi_qb0) * f->mi_kb + qb]) return 1;
+    while (k < nt && b->slots[t + k] / MI_BLOCK == qb && b->positions[t + k] < sp->dense_from) k++;
+    return k;
+}
+
 static void attention_task(void *p, int64_t i0, int64_t i1) {
     fwd *f = p;
     const tq_model *m = f->m;
@@ -868,8 +1049,12 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
         keep = malloc(cap);
         if (f->mi) idx = malloc(sizeof(int64_t) * cap);
     }
-    for (int64_t i = i0; i < i1; i++) {
-        int64_t t = i / Hkv, g = i % Hkv, row = b->rows[t], pos = b->positions[t];
+    float *pair_score = NULL;   /* grouped_tokens' scores, where it serves this model */
+    if (f->grouped) pair_score = malloc(sizeof(float) * 16 * cap);
+    int64_t B = f->block;   /* tokens per item: a plain causal chunk's tokens share their keys */
+    for (int64_t i = i0; i < i1; i++)
+    for (int64_t t = i / Hkv * B, te = t + B < T ? t + B : T, g = i % Hkv; t < te; t++) {
+        int64_t row = b->rows[t], pos = b->positions[t];
         /* the keys it sees, in order: its row's first prefix[t] slots (within the window), then new tokens */
         int64_t n = 0, lo = 0;
         if (window > 0 && pos - window + 1 > 0) lo = pos - window + 1;
@@ -884,8 +1069,10 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
             for (int64_t k = 0; k < n; k++) rec[keys[k]] = 1;
         }
 #if DEC_AVX512
-        if (D % 16 == 0 && D <= 256 && G <= 8) {
-            grouped_heads(f, t, g, G, keys, n, K0, V0, score, cap);
+        if (pair_score) {   /* it and the next tokens that read its keys and then their own, together */
+            int64_t nt = B > 1 && lo == 0 ? shared_run(f, t, g, te) : 1;
+            grouped_tokens(f, t, nt, g, G, keys, n, K0, V0, pair_score);
+            t += nt - 1;
             continue;
         }
 #endif
@@ -909,6 +1096,7 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
     }
     free(keys);
     free(score);
+    free(pair_score);
     free(sel_score);
     free(sel_tmp);
     free(rank);
@@ -1022,6 +1210,14 @@ int tq_forward_sparse(const tq_model *m, tq_cache *c, const tq_batch *b, const t
             if (!f.chosen) return -3;
         }
     }
+    /* grouped_tokens: a token's G heads together; the tokens of a plain causal chunk (no mask) also share their
+       keys, 16 / G at a time, where every key is read (dense attention, MInference's dense layers) */
+    int64_t G = m->heads / m->kv_heads;
+    f.block = 1;
+#if DEC_AVX512
+    f.grouped = D % 16 == 0 && D <= 256 && G <= 16;
+    if (f.grouped && !b->mask && (!sparse || sparse->method == SPARSE_MINFERENCE)) f.block = 16 / G;
+#endif
     int64_t width = Hd > I ? Hd : I;
     f.x = malloc(sizeof(float) * T * Hd);
     f.tmp = malloc(sizeof(float) * T * Hd);
@@ -1052,7 +1248,7 @@ int tq_forward_sparse(const tq_model *m, tq_cache *c, const tq_batch *b, const t
         PHASE(P_ROPE);
         if (f.mi && sparse->layers[l] != LAYER_DENSE && L->window == 0)
             tq_parallel_for(mi_estimate, &f, m->kv_heads, 1);   /* counted as attention */
-        tq_parallel_for(attention_task, &f, T * m->kv_heads, 1);
+        tq_parallel_for(attention_task, &f, (T + f.block - 1) / f.block * m->kv_heads, 1);
         PHASE(P_ATTENTION);
         linear(&L->o, f.attn, T, f.tmp);
         ra = (residual_args){&f, L->post_attn_norm, L->mlp_norm};

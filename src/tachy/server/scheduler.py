@@ -202,6 +202,10 @@ class Scheduler:
     def _batchable(self, job: Job) -> bool:
         return all(batchable(config, self.packed) for _, config in job.work)
 
+    def _joinable(self) -> bool:
+        """Whether the first waiting job may join a running batch now (call with ``_cond`` held)."""
+        return bool(self._waiting) and not self._closed and self._batchable(self._waiting[0])
+
     # -- batches -------------------------------------------------------------------------------------------
     def _run_batch(self, first: Job) -> None:
         """Run ``first`` and every batchable job that arrives meanwhile as rows of one BatchDecoder, until
@@ -213,7 +217,7 @@ class Scheduler:
             with self._cond:  # join at a step boundary while rows are free, in order of arrival
                 self._preempt(decoder, state)
                 while len(state.pending) < decoder.free:
-                    joinable = (self._waiting and not self._closed and self._batchable(self._waiting[0]))
+                    joinable = self._joinable()
                     if decoder.parked and (not joinable or decoder.parked[0].parked_at <= self._waiting[0].queued_at):
                         decoder.resume()   # a parked row's turn comes after the jobs that waited before it
                     elif joinable:
@@ -248,10 +252,9 @@ class Scheduler:
         the most tokens in its turn, if it made at least ``preempt_after`` (it resumes, bit for bit, after the
         jobs and rows waiting before it was parked). So requests with huge ``max_tokens`` take turns of
         ``preempt_after`` tokens on the rows instead of holding them for their whole generation."""
-        joinable = bool(self._waiting) and self._batchable(self._waiting[0])
         if not self.preempt_after or decoder.free > len(state.pending) or self._closed:
             return
-        if not joinable and not decoder.parked:   # a parked row waits for its turn too
+        if not self._joinable() and not decoder.parked:   # a parked row waits for its turn too
             return
         row = decoder.preemptible(self.preempt_after)
         if row is not None:
