@@ -346,6 +346,60 @@ static inline void prefetch_row(const uint16_t *p, int64_t D) {
     for (int64_t i = 0; i < D; i += 32) _mm_prefetch((const char *)(p + i), _MM_HINT_T0);
 }
 
+/* The G query heads of key head g for token t over its n keys, each K and V row loaded (and widened from
+   bf16) once for all G heads. Every head's arithmetic is the per-head loop's below, in the same order (the
+   dot product's 16-lane fmadd chain then its reduction, the max, exp, sum, then out += p * v key by key), so
+   the results are the same bits; only the memory traffic shrinks. score: G * cap floats. */
+static void grouped_heads(fwd *f, int64_t t, int64_t g, int64_t G, const int64_t *keys, int64_t n,
+                          const uint16_t *K0, const uint16_t *V0, float *score, int64_t cap) {
+    const tq_model *m = f->m;
+    int64_t D = m->head_dim, H = m->heads, C = D / 16;
+    float scale = (float)m->attn_scale;
+    __m512 q[8][16], row[16], out[8][16];
+    float mx[8], sum[8];
+    for (int64_t h = 0; h < G; h++) {
+        const float *qh = f->qkv + t * f->qkv_n + (g * G + h) * D;
+        for (int64_t c = 0; c < C; c++) q[h][c] = _mm512_loadu_ps(qh + 16 * c);
+        mx[h] = -INFINITY;
+    }
+    for (int64_t k = 0; k < n; k++) {
+        const uint16_t *kr = K0 + keys[k] * D;
+        if (k + PREFETCH < n) prefetch_row(K0 + keys[k + PREFETCH] * D, D);
+        for (int64_t c = 0; c < C; c++) row[c] = load_bf16x16(kr + 16 * c);
+        for (int64_t h = 0; h < G; h++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < C; c++) acc = _mm512_fmadd_ps(q[h][c], row[c], acc);
+            float sc = _mm512_reduce_add_ps(acc) * scale;
+            score[h * cap + k] = sc;
+            if (sc > mx[h]) mx[h] = sc;
+        }
+    }
+    for (int64_t h = 0; h < G; h++) {
+        float *sh = score + h * cap;
+        for (int64_t k = 0; k < n; k++) sh[k] -= mx[h];
+        exp_inplace(sh, n);
+        float s = 0;
+        for (int64_t k = 0; k < n; k++) s += sh[k];
+        sum[h] = s;
+        for (int64_t c = 0; c < C; c++) out[h][c] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < n; k++) {
+        const uint16_t *vr = V0 + keys[k] * D;
+        if (k + PREFETCH < n) prefetch_row(V0 + keys[k + PREFETCH] * D, D);
+        for (int64_t c = 0; c < C; c++) row[c] = load_bf16x16(vr + 16 * c);
+        for (int64_t h = 0; h < G; h++) {
+            __m512 pp = _mm512_set1_ps(score[h * cap + k]);
+            for (int64_t c = 0; c < C; c++) out[h][c] = _mm512_fmadd_ps(pp, row[c], out[h][c]);
+        }
+    }
+    for (int64_t h = 0; h < G; h++) {
+        float o[256], inv = 1.0f / sum[h];
+        for (int64_t c = 0; c < C; c++) _mm512_storeu_ps(o + 16 * c, out[h][c]);
+        uint16_t *dst = f->attn + t * H * D + (g * G + h) * D;
+        for (int64_t d = 0; d < D; d++) dst[d] = f2bf(o[d] * inv);
+    }
+}
+
 /* Attention of several query rows over the same keys: one token's G heads (decoding, verify rows, sparse key
    lists), or the G heads of up to 16 / G consecutive tokens of a plain causal chunk (prefill), with the bits
    the per-head loop in attention_task gives each row alone: for each key, the dot product's 16-lane fmadd
@@ -1049,8 +1103,7 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
         keep = malloc(cap);
         if (f->mi) idx = malloc(sizeof(int64_t) * cap);
     }
-    float *pair_score = NULL;   /* grouped_tokens' scores, where it serves this model */
-    if (f->grouped) pair_score = malloc(sizeof(float) * 16 * cap);
+    float *pair_score = NULL;   /* grouped_tokens' scores (16 per key), allocated on first use */
     int64_t B = f->block;   /* tokens per item: a plain causal chunk's tokens share their keys */
     for (int64_t i = i0; i < i1; i++)
     for (int64_t t = i / Hkv * B, te = t + B < T ? t + B : T, g = i % Hkv; t < te; t++) {
@@ -1063,16 +1116,22 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
         for (int64_t j = 0; j < last; j++)
             if (sees(b, t, j) && !(window > 0 && pos - b->positions[j] >= window)) keys[n++] = b->slots[j];
         const uint16_t *K0 = cache_at(f, f->c->k, row, g, 0), *V0 = cache_at(f, f->c->v, row, g, 0);
+        int64_t seen = n;   /* keys it sees; a sparse layer reads fewer */
         if (f->sparse) n = sparse_keys(f, t, g, keys, n, K0, sel_score, sel_tmp, rank, keep, idx);
         if (f->sparse && f->sparse->record) {   /* tests: the slots this row read */
             uint8_t *rec = f->sparse->record + ((f->layer_index * Hkv + g) * T + t) * (f->mi_start + T);
             for (int64_t k = 0; k < n; k++) rec[keys[k]] = 1;
         }
 #if DEC_AVX512
-        if (pair_score) {   /* it and the next tokens that read its keys and then their own, together */
-            int64_t nt = B > 1 && lo == 0 ? shared_run(f, t, g, te) : 1;
+        int64_t nt = B > 1 && lo == 0 ? shared_run(f, t, g, te) : 1;
+        if (f->grouped && (nt > 1 || n == seen || G > 8)) {   /* it and the next tokens sharing its keys */
+            if (!pair_score) pair_score = malloc(sizeof(float) * 16 * cap);
             grouped_tokens(f, t, nt, g, G, keys, n, K0, V0, pair_score);
             t += nt - 1;
+            continue;
+        }
+        if (D % 16 == 0 && D <= 256 && G <= 8) {   /* a sparse list alone: measured faster this way */
+            grouped_heads(f, t, g, G, keys, n, K0, V0, score, cap);
             continue;
         }
 #endif
