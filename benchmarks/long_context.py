@@ -150,7 +150,7 @@ def main() -> None:
             attention, drafter = parse_setting(s)
             shared.real = s in real
             config = GenerationConfig(max_new_tokens=args.tokens, ignore_eos=True, attention=attention,
-                                      drafter=drafters[s])
+                                      drafter=drafters[s], prefix_cache=False)   # SharedPrefill shares, or not
             tokens, stats, start, first = [], None, time.perf_counter(), None
             for piece in engine.stream(ids, config):
                 first = first or time.perf_counter() - start
