@@ -557,11 +557,7 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
     for (int p = 0; p < 16; p++) {
         float best = p < P && n ? mx[p] : p < P ? -INFINITY : 0.0f;
         for (int64_t j = 1; p < P && j <= p / G; j++) {
-            const uint16_t *kr = K0 + b->slots[t0 + j] * D;
-            __m512 a = _mm512_setzero_ps();
-            for (int64_t c = 0; c < C; c++)
-                a = _mm512_fmadd_ps(_mm512_loadu_ps(q[p] + 16 * c), load_bf16x16(kr + 16 * c), a);
-            float v = _mm512_reduce_add_ps(a) * scale;
+            float v = dot_f32_bf16(q[p], K0 + b->slots[t0 + j] * D, D) * scale;
             tail[p][j - 1] = v;
             if (v > best) best = v;
         }
@@ -597,12 +593,7 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
     for (int p = 0; p < P; p++) {
         int64_t extra = p / G, t = t0 + extra;
         float *o = out + p * 256;
-        for (int64_t j = 1; j <= extra; j++) {
-            const uint16_t *vr = V0 + b->slots[t0 + j] * D;
-            __m512 pp = _mm512_set1_ps(tail[p][j - 1]);
-            for (int64_t c = 0; c < C; c++)
-                _mm512_storeu_ps(o + 16 * c, _mm512_fmadd_ps(pp, load_bf16x16(vr + 16 * c), _mm512_loadu_ps(o + 16 * c)));
-        }
+        for (int64_t j = 1; j <= extra; j++) axpy_bf16(o, tail[p][j - 1], V0 + b->slots[t0 + j] * D, D);
         float inv = 1.0f / sum[p];
         uint16_t *dst = f->attn + t * H * D + (g * G + p % G) * D;
         for (int64_t d = 0; d < D; d++) dst[d] = f2bf(o[d] * inv);
