@@ -93,6 +93,9 @@ class SharedPrefill:
             if kept["ids"] == list(prompt_ids):
                 self.saved = (kept["k"], kept["v"], kept["n"], kept["logits"])
                 self.seconds.append(kept["seconds"])
+            else:
+                print(f"{self.keep} holds another prompt's prefill: prefilling anew and replacing it")
+                self.keep.unlink()
         if self.real or self.saved is None:
             start = time.perf_counter()
             logits = self.prefill(prompt_ids, cache, press)

@@ -161,6 +161,7 @@ def _load() -> ctypes.CDLL | None:
     lib.tq_forward_sparse.argtypes = [ptr, ptr, ptr, ptr]
     lib.tq_page_bounds.argtypes = [ptr, ptr, i64, i64, ptr]
     lib.tq_label_scores.argtypes = [ptr, ptr, i64, i64, ptr]
+    lib.tq_write_labels.argtypes = [ptr, i64, i64, ptr]
     lib.tq_mark_top.argtypes = [ptr, i64, i64, ptr]
     lib.tq_label_top.argtypes = [ptr, ptr, i64, i64, i64, ptr]
     lib.tq_label_top.restype = i64

@@ -102,11 +102,14 @@ typedef struct {
    TidalDecode (method 2): at each selection layer the row's full attention picks its top keys (attention
    summed over the query heads of the kv head); later sparse layers read those, until the next selection
    layer. Double Sparsity (method 4): each committed key keeps a label, its values on ``channels`` calibrated
-   channels of its kv head (bf16, in blocks of 16 keys stored channel-major); a row scores every candidate by
-   its query (summed over the group's heads) on those channels times the label, and reads the top keys.
+   channels of its kv head (int8 with a per-key scale, in blocks of 16 keys); a row scores every candidate by
+   its query (summed over the group's heads, int8 too) on those channels times the label, and reads the top
+   keys.
    Layers flagged 0 stay dense. MInference (method 3, prefill) is described below. */
 enum { SPARSE_QUEST = 1, SPARSE_TIDAL = 2, SPARSE_MINFERENCE = 3, SPARSE_DOUBLE = 4 };
 enum { LABEL_BLOCK = 16 };
+#define LABEL_C4(C) (((C) + 3) & ~(int64_t)3)                 /* label channels, padded to whole groups of 4 */
+#define LABEL_STRIDE(C) (LABEL_BLOCK * (LABEL_C4(C) + 4))      /* bytes per block of 16 labels: values, scales */
 enum { LAYER_DENSE = 0, LAYER_SPARSE = 1, LAYER_SELECT = 2 };
 
 /* Prefill-time sparse attention, MInference (method 3, tachy/sparse/minference.py): one plain prompt chunk a
@@ -136,7 +139,7 @@ typedef struct {
     uint8_t *record;              /* MInference, tests: [n_layers, kv_heads, T, prefix + T] keys each row read */
     int64_t channels;             /* Double Sparsity: label channels per key */
     const int64_t *channel_index; /* Double Sparsity: [n_layers, kv_heads, channels] the channels labels keep */
-    uint16_t *labels;             /* Double Sparsity: bf16 [n_layers, batch, kv_heads, max_pages / 16, channels, 16] */
+    uint8_t *labels;              /* Double Sparsity: [n_layers, batch, kv_heads, max_pages / 16, LABEL_STRIDE] */
 } tq_sparse;
 
 /* one kv head's MInference choice for the current layer and chunk */
@@ -364,7 +367,10 @@ static void grouped_heads(fwd *f, int64_t t, int64_t g, int64_t G, const int64_t
     }
     for (int64_t k = 0; k < n; k++) {
         const uint16_t *kr = K0 + keys[k] * D;
-        if (k + PREFETCH < n) prefetch_row(K0 + keys[k + PREFETCH] * D, D);
+        if (k + PREFETCH < n) {   /* V rows too: the second loop then finds them in cache */
+            prefetch_row(K0 + keys[k + PREFETCH] * D, D);
+            prefetch_row(V0 + keys[k + PREFETCH] * D, D);
+        }
         for (int64_t c = 0; c < C; c++) row[c] = load_bf16x16(kr + 16 * c);
         for (int64_t h = 0; h < G; h++) {
             __m512 acc = _mm512_setzero_ps();
@@ -662,7 +668,17 @@ static uint32_t kth_key(const uint32_t *key, int64_t n, int64_t k, uint32_t *tmp
         if (pass == 2) break;
         uint32_t high = ~(((uint32_t)1 << shift[pass]) - 1);
         int64_t kept = 0;
-        for (i = 0; i < m; i++)
+        i = 0;
+#if DEC_AVX512   /* the bucket's keys, 16 compared and packed at a time */
+        for (; i + 16 <= m; i += 16) {
+            __m512i u = _mm512_loadu_si512(src + i);
+            __mmask16 in = _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32((int)high)),
+                                                   _mm512_set1_epi32((int)prefix));
+            _mm512_storeu_si512(tmp + kept, _mm512_maskz_compress_epi32(in, u));   /* (a compressing store is slow on AMD) */
+            kept += __builtin_popcount(in);
+        }
+#endif
+        for (; i < m; i++)
             if ((src[i] & high) == prefix) tmp[kept++] = src[i];
         src = tmp, m = kept;
     }
@@ -685,29 +701,71 @@ void tq_mark_top(const float *score, int64_t n, int64_t k, uint8_t *flags) {
     free(tmp);
 }
 
-/* Double Sparsity's scores of one block of 16 keys: qs [C] (the query on the label channels, summed over the
-   group) times each label, as C fused multiply-adds in channel order */
-static inline void label_block(const float *qs, const uint16_t *blk, int64_t C, float *lane) {
-#if DEC_AVX512
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = 0; c < C; c++)
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(qs[c]), load_bf16x16(blk + c * LABEL_BLOCK), acc);
-    _mm512_storeu_ps(lane, acc);
+/* Double Sparsity's labels are int8: a vector of C values (a key's chosen channels, or a query's) becomes
+   round(x * 127 / absmax) with the scale absmax / 127 (all zeros, scale 0, when absmax is 0 or not finite).
+   Returns the scale; out gets C4 = C rounded up to 4 values, the padding 0. */
+static float quantize_label(const float *x, int64_t C, int8_t *out) {
+    float mx = 0;
+    for (int64_t c = 0; c < C; c++) mx = fabsf(x[c]) > mx ? fabsf(x[c]) : mx;
+    int ok = mx > 0 && isfinite(mx);
+    float inv = ok ? 127.0f / mx : 0;
+    for (int64_t c = 0; c < LABEL_C4(C); c++) out[c] = c < C && ok ? (int8_t)nearbyintf(x[c] * inv) : 0;
+    return ok ? mx / 127.0f : 0;
+}
+
+/* key i (of 16) of a label block gets its quantized channels (each + 128, as unsigned bytes, 4 channels of a
+   key together: [C4 / 4][16 keys][4]) and its scale (after them: [16] floats) */
+static void write_label(const float *x, int64_t C, uint8_t *blk, int64_t i) {
+    int8_t v[512];
+    float scale = quantize_label(x, C, v);
+    for (int64_t c = 0; c < LABEL_C4(C); c++) blk[(c / 4) * 4 * LABEL_BLOCK + i * 4 + c % 4] = (uint8_t)(v[c] + 128);
+    memcpy(blk + LABEL_C4(C) * LABEL_BLOCK + i * 4, &scale, 4);
+}
+
+/* labels of n keys (keys [n, C] floats) into blocks (for tests) */
+void tq_write_labels(const float *keys, int64_t n, int64_t C, uint8_t *labels) {
+    for (int64_t s = 0; s < n; s++) write_label(keys + s * C, C, labels + s / LABEL_BLOCK * LABEL_STRIDE(C), s % LABEL_BLOCK);
+}
+
+/* A query's side of the label score: its int8 channels packed 4 to a word, and 128 times their sum (the
+   unsigned labels' offset, taken off again) */
+typedef struct { uint32_t packed[128]; int32_t offset; int64_t groups; } label_query;
+
+static void prepare_label_query(const float *qs, int64_t C, label_query *lq) {
+    int8_t v[512];
+    quantize_label(qs, C, v);   /* the query's own scale ranks nothing: dropped */
+    lq->groups = LABEL_C4(C) / 4;
+    lq->offset = 0;
+    for (int64_t c = 0; c < LABEL_C4(C); c++) lq->offset += 128 * v[c];
+    memcpy(lq->packed, v, (size_t)LABEL_C4(C));
+}
+
+/* Double Sparsity's scores of one block of 16 keys: the exact integer dot product of the query's and each key's
+   int8 channels (4 channels a step: vpdpbusd where the CPU has it), times the key's scale */
+static inline void label_block(const label_query *lq, const uint8_t *blk, float *lane) {
+    const float *scale = (const float *)(blk + lq->groups * 4 * LABEL_BLOCK);
+#if DEC_AVX512 && defined(__AVX512VNNI__)
+    __m512i acc = _mm512_set1_epi32(-lq->offset);
+    for (int64_t j = 0; j < lq->groups; j++)
+        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(blk + j * 4 * LABEL_BLOCK), _mm512_set1_epi32((int)lq->packed[j]));
+    _mm512_storeu_ps(lane, _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(scale)));
 #else
+    const int8_t *q = (const int8_t *)lq->packed;
     for (int64_t i = 0; i < LABEL_BLOCK; i++) {
-        lane[i] = 0;
-        for (int64_t c = 0; c < C; c++) lane[i] = fmaf(qs[c], bf2f(blk[c * LABEL_BLOCK + i]), lane[i]);
+        int32_t acc = -lq->offset;
+        for (int64_t c = 0; c < lq->groups * 4; c++) acc += q[c] * (int32_t)blk[(c / 4) * 4 * LABEL_BLOCK + i * 4 + c % 4];
+        lane[i] = (float)acc * scale[i];
     }
 #endif
 }
 
 /* the order keys of the label scores of slots [first, end) into out[0..end-first) (labels: one (layer, row,
    kv head)'s label blocks) */
-static void label_keys(const float *qs, const uint16_t *labels, int64_t first, int64_t end, int64_t C,
+static void label_keys(const label_query *lq, const uint8_t *labels, int64_t stride, int64_t first, int64_t end,
                        uint32_t *out) {
     for (int64_t b = first / LABEL_BLOCK; b * LABEL_BLOCK < end; b++) {
         float lane[LABEL_BLOCK];
-        label_block(qs, labels + b * C * LABEL_BLOCK, C, lane);
+        label_block(lq, labels + b * stride, lane);
 #if DEC_AVX512
         if (b * LABEL_BLOCK >= first && (b + 1) * LABEL_BLOCK <= end) {   /* a whole block: order_key on 16 lanes */
             __m512i u = _mm512_castps_si512(_mm512_add_ps(_mm512_loadu_ps(lane), _mm512_setzero_ps()));
@@ -725,33 +783,52 @@ static void label_keys(const float *qs, const uint16_t *labels, int64_t first, i
 
 /* Double Sparsity's choice: the k slots of [first, end) whose labels score highest (ties to the lower slot),
    ascending, into chosen; returns their number (k, or all when fewer). rank: 2 (end - first) uint32. */
-static int64_t label_top(const float *qs, const uint16_t *labels, int64_t first, int64_t end, int64_t C, int64_t k,
+static int64_t label_top(const float *qs, int64_t C, const uint8_t *labels, int64_t first, int64_t end, int64_t k,
                          uint32_t *rank, int64_t *chosen) {
     int64_t n = end - first, take, kept = 0;
     if (k >= n) {
         for (int64_t s = first; s < end; s++) chosen[kept++] = s;
         return kept;
     }
-    label_keys(qs, labels, first, end, C, rank);
+    label_query lq;
+    prepare_label_query(qs, C, &lq);
+    label_keys(&lq, labels, LABEL_STRIDE(C), first, end, rank);
     uint32_t thr = kth_key(rank, n, k, rank + n, &take);
-    for (int64_t i = 0; i < n; i++)
+    int64_t i = 0;
+#if DEC_AVX512   /* 16 slots at a time: those above the k-th, and the first `take` equal to it (the stores write
+                    whole vectors; what lies past `kept` is overwritten or past the list) */
+    for (; i + 16 <= n; i += 16) {
+        __m512i u = _mm512_loadu_si512(rank + i), t = _mm512_set1_epi32((int)thr);
+        __mmask16 sel = _mm512_cmpgt_epu32_mask(u, t), eq = _mm512_cmpeq_epu32_mask(u, t);
+        for (; eq && take > 0; take--, eq &= eq - 1) sel |= eq & -eq;
+        __m512i slot = _mm512_add_epi64(_mm512_set1_epi64(first + i), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+        _mm512_storeu_si512(chosen + kept, _mm512_maskz_compress_epi64((__mmask8)sel, slot));
+        kept += __builtin_popcount(sel & 0xFF);
+        slot = _mm512_add_epi64(slot, _mm512_set1_epi64(8));
+        _mm512_storeu_si512(chosen + kept, _mm512_maskz_compress_epi64((__mmask8)(sel >> 8), slot));
+        kept += __builtin_popcount(sel >> 8);
+    }
+#endif
+    for (; i < n; i++)
         if (rank[i] > thr || (rank[i] == thr && take-- > 0)) chosen[kept++] = first + i;
     return kept;
 }
 
 /* label_top over slots [0, n) (for tests) */
-int64_t tq_label_top(const float *qs, const uint16_t *labels, int64_t n, int64_t C, int64_t k, int64_t *chosen) {
+int64_t tq_label_top(const float *qs, const uint8_t *labels, int64_t n, int64_t C, int64_t k, int64_t *chosen) {
     uint32_t *rank = malloc(sizeof(uint32_t) * 2 * (size_t)n);
-    int64_t kept = label_top(qs, labels, 0, n, C, k, rank, chosen);
+    int64_t kept = label_top(qs, C, labels, 0, n, k, rank, chosen);
     free(rank);
     return kept;
 }
 
 /* label scores of slots [0, n) (for tests) */
-void tq_label_scores(const float *qs, const uint16_t *labels, int64_t n, int64_t C, float *out) {
+void tq_label_scores(const float *qs, const uint8_t *labels, int64_t n, int64_t C, float *out) {
+    label_query lq;
+    prepare_label_query(qs, C, &lq);
     for (int64_t b = 0; b * LABEL_BLOCK < n; b++) {
         float lane[LABEL_BLOCK];
-        label_block(qs, labels + b * C * LABEL_BLOCK, C, lane);
+        label_block(&lq, labels + b * LABEL_STRIDE(C), lane);
         for (int64_t s = b * LABEL_BLOCK; s < n && s < (b + 1) * LABEL_BLOCK; s++) out[s] = lane[s % LABEL_BLOCK];
     }
 }
@@ -774,10 +851,11 @@ static void bounds_task(void *p, int64_t i0, int64_t i1) {
         if (sp->method == SPARSE_DOUBLE) {   /* labels: the key's chosen channels, block-wise channel-major */
             int64_t C = sp->channels;
             const int64_t *ch = sp->channel_index + (l * Hkv + g) * C;
-            uint16_t *lab = sp->labels + ((l * f->c->batch + row) * Hkv + g) * sp->max_pages * C;
+            uint8_t *lab = sp->labels + ((l * f->c->batch + row) * Hkv + g) * (sp->max_pages / LABEL_BLOCK) * LABEL_STRIDE(C);
             for (int64_t s = a->job[3 * j + 1]; s < a->job[3 * j + 2]; s++) {
-                uint16_t *dst = lab + (s / LABEL_BLOCK) * C * LABEL_BLOCK + s % LABEL_BLOCK;
-                for (int64_t c = 0; c < C; c++) dst[c * LABEL_BLOCK] = K0[s * D + ch[c]];
+                float x[512];
+                for (int64_t c = 0; c < C; c++) x[c] = bf2f(K0[s * D + ch[c]]);
+                write_label(x, C, lab + (s / LABEL_BLOCK) * LABEL_STRIDE(C), s % LABEL_BLOCK);
             }
             continue;
         }
@@ -1019,8 +1097,8 @@ static int64_t sparse_keys(fwd *f, int64_t t, int64_t g, int64_t *keys, int64_t 
             for (int64_t h = g * G; h < (g + 1) * G; h++) s += f->qkv[t * f->qkv_n + h * D + ch[c]];
             qs[c] = s;
         }
-        const uint16_t *labels = sp->labels + ((l * f->c->batch + f->b->rows[t]) * Hkv + g) * sp->max_pages * C;
-        int64_t kept = first + label_top(qs, labels, first, end, C, sp->select, rank, keys + first);
+        const uint8_t *labels = sp->labels + ((l * f->c->batch + f->b->rows[t]) * Hkv + g) * (sp->max_pages / LABEL_BLOCK) * LABEL_STRIDE(C);
+        int64_t kept = first + label_top(qs, C, labels, first, end, sp->select, rank, keys + first);
         for (int64_t i = end; i < n; i++) keys[kept++] = keys[i];
         return kept;
     }

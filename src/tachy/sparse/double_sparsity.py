@@ -50,14 +50,32 @@ def top_channels(importance: Tensor, channels: int) -> Tensor:
     return torch.cat([best, best + half], -1).sort(-1).values
 
 
+def quantize_labels(x: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 labels, as decoder.c makes them: x [..., C] float32 -> (round(x * 127 / absmax) as float32
+    [..., C], the scale absmax / 127 [..., 1]); a vector whose absmax is 0 or not finite gets zeros and scale 0."""
+    mx = x.abs().amax(-1, keepdim=True)
+    ok = (mx > 0) & mx.isfinite()
+    full = torch.full_like(mx, 127.0)
+    inv = torch.where(ok, full / mx, torch.zeros_like(mx))                 # one IEEE division each, as in C
+    values = torch.where(ok, (torch.where(ok, x, torch.zeros_like(x)) * inv).round(), torch.zeros_like(x))
+    return values, torch.where(ok, mx / full, torch.zeros_like(mx))
+
+
 def label_scores(q: Tensor, k: Tensor, index: Tensor) -> Tensor:
-    """Each key's label score: (q summed over the group) . k on the chosen channels.
-    q [Hkv, G, T, D], k [Hkv, S, D], index [Hkv, C] -> float32 [Hkv, T, S]."""
+    """Each key's label score, decoder.c's bits: the int8 dot product of the query (summed over the group) and
+    the key on the chosen channels, times the key's label scale. q [Hkv, G, T, D], k [Hkv, S, D],
+    index [Hkv, C] -> float32 [Hkv, T, S]."""
     qs = q.float().sum(1)
     C = index.shape[-1]
-    q_label = qs.gather(-1, index[:, None, :].expand(-1, qs.shape[1], C))
-    k_label = k.float().gather(-1, index[:, None, :].expand(-1, k.shape[1], C))
-    return q_label @ k_label.transpose(-1, -2)
+    q_label, _ = quantize_labels(qs.gather(-1, index[:, None, :].expand(-1, qs.shape[1], C)))
+    k_label, k_scale = quantize_labels(k.float().gather(-1, index[:, None, :].expand(-1, k.shape[1], C)))
+    return (q_label @ k_label.transpose(-1, -2)) * k_scale.transpose(-1, -2)   # integer sums below 2^24: exact
+
+
+def label_stride(channels: int) -> int:
+    """Bytes per block of LABEL_BLOCK labels (decoder.c's LABEL_STRIDE): int8 values padded to 4 channels, then
+    a float32 scale per key."""
+    return LABEL_BLOCK * (-(-channels // 4) * 4 + 4)
 
 
 @register
@@ -127,7 +145,7 @@ class DoubleSparsityAttention(SparseAttention):
         layers, batch, heads, _ = cache.shape
         blocks = -(-cache.capacity // LABEL_BLOCK)
         if state.labels is None or state.labels.shape[3] < blocks:   # new slots: every label is recomputed
-            state.labels = torch.empty(layers, batch, heads, blocks, self.channels, LABEL_BLOCK, dtype=torch.bfloat16)
+            state.labels = torch.empty(layers, batch, heads, blocks, label_stride(self.channels), dtype=torch.uint8)
             state.bounded.zero_()
         return {"labels": state.labels.data_ptr(), "max_pages": state.labels.shape[3] * LABEL_BLOCK,
                 "channels": self.channels, "channel_index": state.channel_index.data_ptr()}
@@ -138,9 +156,10 @@ class DoubleSparsityAttention(SparseAttention):
         return self.top(label_scores(q[0].view(Hkv, H // Hkv, T, D), k[0], state.channel_index[layer]), candidate)
 
     def kv_bytes_per_token(self, config, context: int, dtype_bytes: int = 2) -> int:
-        """The base count plus the labels a sparse layer scores: ``channels`` values per cached key and kv head
-        (all of them once the context exceeds the budget)."""
+        """The base count plus the labels a sparse layer scores: ``channels`` int8 values (padded to 4) and a
+        float32 scale per cached key and kv head (all of them once the context exceeds the budget)."""
         roles = zip(self.layer_roles(config), config.layer_types)
         sparse = sum(role != DENSE and kind == "full" for role, kind in roles)
-        labels = sparse * context * config.num_kv_heads * self.channels * dtype_bytes if context > self.budget else 0
+        per_key = label_stride(self.channels) // LABEL_BLOCK
+        labels = sparse * context * config.num_kv_heads * per_key if context > self.budget else 0
         return super().kv_bytes_per_token(config, context, dtype_bytes) + labels
