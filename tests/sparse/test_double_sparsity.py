@@ -204,12 +204,14 @@ def test_options_and_errors():
     with pytest.raises(InvalidArgumentError, match="channels must be an even whole number >= 2"):
         make_attention("double_sparsity:channels=7")
     with pytest.raises(InvalidArgumentError, match="channels must be an even whole number >= 2"):
-        make_attention("double_sparsity:channels=0")
+        make_attention("double_sparsity:channels=-2")
     with pytest.raises(InvalidArgumentError, match="budget 64 leaves nothing to choose"):
         make_attention("double_sparsity:budget=64")
     with pytest.raises(InvalidArgumentError, match="calibration_tokens must be a whole number >= 16"):
         make_attention("double_sparsity:calibration_tokens=3")
     model = tiny_model("llama")                                                        # head_dim 16
+    assert make_attention("double_sparsity").channels_for(model.config) == 8               # default: half of it
+    assert make_attention("double_sparsity:channels=4").channels_for(model.config) == 4
     with pytest.raises(InvalidArgumentError, match="channels 32 exceeds this model's head_dim 16"):
         make_attention("double_sparsity:channels=32").attach(model, model.new_cache(64, fixed=True))
     with pytest.raises(InvalidArgumentError, match="not calibrated yet"):

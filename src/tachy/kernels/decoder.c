@@ -1150,6 +1150,24 @@ static int64_t shared_run(const fwd *f, int64_t t, int64_t g, int64_t te) {
     return k;
 }
 
+/* Scratch memory of the calling thread, kept between calls and grown when a call needs more: attention runs
+   once per layer and forward, and fresh buffers of hundreds of KB each time cost page faults. part[i] gets
+   sizes[i] bytes (64-byte aligned; NULL for 0). A pool thread keeps the largest block it needed until exit. */
+static void thread_scratch(const size_t *sizes, void **part, int n) {
+    static __thread char *block;
+    static __thread size_t have;
+    size_t need = 0;
+    for (int i = 0; i < n; i++) need += (sizes[i] + 63) & ~(size_t)63;
+    if (need > have) {
+        free(block);
+        block = aligned_alloc(64, need);
+        if (!block) abort();   /* out of memory inside a kernel task: nothing sane to go on with */
+        have = need;
+    }
+    for (size_t i = 0, at = 0; i < (size_t)n; at += (sizes[i] + 63) & ~(size_t)63, i++)
+        part[i] = sizes[i] ? block + at : NULL;
+}
+
 static void attention_task(void *p, int64_t i0, int64_t i1) {
     fwd *f = p;
     const tq_model *m = f->m;
@@ -1158,21 +1176,23 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
     int64_t window = f->layer->window;
     float scale = (float)m->attn_scale;
     int64_t cap = f->c->cap + T;
-    int64_t *keys = malloc(sizeof(int64_t) * cap);
-    float *score = malloc(sizeof(float) * cap * (G > 8 ? 1 : G));   /* one row per head of the group */
     float out[512];
-    float *sel_score = NULL, *sel_tmp = NULL;
-    uint32_t *rank = NULL;
-    uint8_t *keep = NULL;
-    int64_t *idx = NULL;
+    /* scratch from the thread's arena: keys, scores (one row per head of the group; grouped_tokens: 16 per key),
+       and the sparse selection's buffers */
+    size_t sizes[8] = {sizeof(int64_t) * cap, sizeof(float) * cap * (G > 8 ? 1 : G), sizeof(float) * 16 * cap};
     if (f->sparse) {
-        sel_score = malloc(sizeof(float) * cap);
-        sel_tmp = malloc(sizeof(float) * cap);
-        rank = malloc(sizeof(uint32_t) * 2 * cap);
-        keep = malloc(cap);
-        if (f->mi) idx = malloc(sizeof(int64_t) * cap);
+        sizes[3] = sizes[4] = sizeof(float) * cap;
+        sizes[5] = sizeof(uint32_t) * 2 * cap;
+        sizes[6] = cap;
+        sizes[7] = f->mi ? sizeof(int64_t) * cap : 0;
     }
-    float *pair_score = NULL;   /* grouped_tokens' scores (16 per key), allocated on first use */
+    void *part[8];
+    thread_scratch(sizes, part, 8);
+    int64_t *keys = part[0];
+    float *score = part[1], *pair_score = part[2], *sel_score = part[3], *sel_tmp = part[4];
+    uint32_t *rank = part[5];
+    uint8_t *keep = part[6];
+    int64_t *idx = part[7];
     int64_t B = f->block;   /* tokens per item: a plain causal chunk's tokens share their keys */
     for (int64_t i = i0; i < i1; i++)
     for (int64_t t = i / Hkv * B, te = t + B < T ? t + B : T, g = i % Hkv; t < te; t++) {
@@ -1194,7 +1214,6 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
 #if DEC_AVX512
         int64_t nt = B > 1 && lo == 0 ? shared_run(f, t, g, te) : 1;
         if (f->grouped && (nt > 1 || n == seen || G > 8)) {   /* it and the next tokens sharing its keys */
-            if (!pair_score) pair_score = malloc(sizeof(float) * 16 * cap);
             grouped_tokens(f, t, nt, g, G, keys, n, K0, V0, pair_score);
             t += nt - 1;
             continue;
@@ -1222,14 +1241,6 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
             for (int64_t d = 0; d < D; d++) dst[d] = f2bf(out[d] * inv);
         }
     }
-    free(keys);
-    free(score);
-    free(pair_score);
-    free(sel_score);
-    free(sel_tmp);
-    free(rank);
-    free(keep);
-    free(idx);
 }
 
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }

@@ -7,20 +7,26 @@ cached key keeps a *label*: its values on the top ``channels`` channels. A decod
 scores every candidate key by q[channels] . label, with q summed over the group's query heads (one dot
 product per key for the whole group, where a max over the heads would take one per head), takes the top
 ``select`` keys, and attends exactly over the sinks, those keys and the recent window (single keys: unit 1,
-like TidalDecode). Measured defaults and variants (``sinks=64``, ``channels=8``): docs/long_context.md.
+like TidalDecode). Measured defaults and variants: docs/long_context.md.
 
 Rope rotates channel pairs (d, d + head_dim/2) by a position-dependent angle, which moves a pair's share of
 q.k between its two channels from one position to the next; so channels are chosen in whole pairs (a pair
-ranked by the sum of its two channels' importance), and a label scores a pair's exact contribution.
-``channels`` (default 16, a quarter of smollm2's 64: 1/8 of a K/V row per key) must be even and at most
-head_dim; ``channels=head_dim`` scores by the exact q.k (summed over the group).
+ranked by the sum of its two channels' importance). ``channels`` must be even and at most head_dim; the
+default (0) takes half of head_dim (32 of smollm2's 64).
 
-C decoder: labels are kept beside the cache (bf16 copies of the key's channels, blocks of 16 keys stored
-channel-major so 16 keys score in ``channels`` fused multiply-adds), computed once per committed slot like
-Quest's page bounds; rollback marks them stale. The calibration runs once per model (with a progress bar) and
-is cached under ``<cache root>/calibration/``. CLI: ``--attention double_sparsity`` or
-``double_sparsity:budget=1024,channels=16`` (``calibration=FILE``, ``calibration_text=FILE``,
-``calibration_tokens=N`` to choose the calibration).
+Labels are int8: a key's chosen channels rounded to 127 levels of their absolute maximum, with that scale
+(a float) kept per key; the query (summed over the group) is rounded the same way, and a key's score is the
+exact integer dot product times the key's scale (the query's scale is the same for every key, so it ranks
+nothing). Half the bytes of bf16 labels: 32 int8 channels plus the scale cost 36 bytes per key, where 16
+bf16 channels cost 32; the rounding changes which keys are chosen far less than the number of channels does
+(docs/long_context.md).
+
+C decoder: labels are kept beside the cache (blocks of 16 keys, 4 channels of a key together, scored 16 keys
+by 4 channels per vpdpbusd), computed once per committed slot like Quest's page bounds; rollback marks them
+stale. ``label_scores`` is the PyTorch implementation and gives the same bits. The calibration runs once per
+model (with a progress bar) and is cached under ``<cache root>/calibration/``. CLI: ``--attention
+double_sparsity`` or ``double_sparsity:budget=1024,channels=16`` (``calibration=FILE``,
+``calibration_text=FILE``, ``calibration_tokens=N`` to choose the calibration).
 """
 from __future__ import annotations
 
@@ -81,11 +87,11 @@ def label_stride(channels: int) -> int:
 @register
 @dataclass
 class DoubleSparsityAttention(SparseAttention):
-    """channels: label channels per kv head (even, <= head_dim; 16). calibration: a calibration file (default:
+    """channels: label channels per kv head (even, <= head_dim; 0: half of head_dim, 32 on smollm2). calibration: a calibration file (default:
     the per-model cache, made on first use); calibration_text / calibration_tokens: what to calibrate on
     (default the first 4096 tokens of shared/data/frankenstein_pg84.txt)."""
 
-    channels: int = 16
+    channels: int = 0
     calibration: str = ""
     calibration_text: str = ""
     calibration_tokens: int = 4096
@@ -93,10 +99,10 @@ class DoubleSparsityAttention(SparseAttention):
     method_id = 4
 
     def __post_init__(self) -> None:
-        if not isinstance(self.channels, int) or isinstance(self.channels, bool) or self.channels < 2 \
+        if not isinstance(self.channels, int) or isinstance(self.channels, bool) or self.channels < 0 \
                 or self.channels % 2:
             raise InvalidArgumentError(f"double_sparsity: channels must be an even whole number >= 2 (rope "
-                                       f"rotates channel pairs), got {self.channels!r}")
+                                       f"rotates channel pairs), or 0 for half of head_dim, got {self.channels!r}")
         if not isinstance(self.calibration_tokens, int) or self.calibration_tokens < 16:
             raise InvalidArgumentError(f"double_sparsity: calibration_tokens must be a whole number >= 16, "
                                        f"got {self.calibration_tokens!r}")
@@ -126,8 +132,12 @@ class DoubleSparsityAttention(SparseAttention):
         known = _CALIBRATED.setdefault(model, {})
         known[self.calibration_key] = importance
 
+    def channels_for(self, config) -> int:
+        """The label channels on this model: ``channels``, or half of head_dim (rounded to even) when 0."""
+        return self.channels or max(2, config.head_dim // 4 * 2)
+
     def check_model(self, config) -> None:
-        if self.channels > config.head_dim:
+        if self.channels_for(config) > config.head_dim:
             raise InvalidArgumentError(f"double_sparsity: channels {self.channels} exceeds this model's head_dim "
                                        f"{config.head_dim}")
 
@@ -138,17 +148,18 @@ class DoubleSparsityAttention(SparseAttention):
             raise InvalidArgumentError("double_sparsity: this model is not calibrated yet; call prepare(engine) "
                                        "first (the engine does) or use_calibration(model, importance)")
         super().attach(model, cache)
-        cache.sparse.channel_index = top_channels(importance, self.channels).to(cache.k.device)
+        cache.sparse.channel_index = top_channels(importance, self.channels_for(model.config)).to(cache.k.device)
 
     # -- the C decoder's label cache -------------------------------------------------------------------------
     def c_fields(self, state: SparseState, cache) -> dict:
         layers, batch, heads, _ = cache.shape
+        channels = state.channel_index.shape[-1]
         blocks = -(-cache.capacity // LABEL_BLOCK)
         if state.labels is None or state.labels.shape[3] < blocks:   # new slots: every label is recomputed
-            state.labels = torch.empty(layers, batch, heads, blocks, label_stride(self.channels), dtype=torch.uint8)
+            state.labels = torch.empty(layers, batch, heads, blocks, label_stride(channels), dtype=torch.uint8)
             state.bounded.zero_()
         return {"labels": state.labels.data_ptr(), "max_pages": state.labels.shape[3] * LABEL_BLOCK,
-                "channels": self.channels, "channel_index": state.channel_index.data_ptr()}
+                "channels": channels, "channel_index": state.channel_index.data_ptr()}
 
     # -- the PyTorch implementation ------------------------------------------------------------------------------
     def choose(self, state, layer, q, k, visible, candidate, scale):
@@ -160,6 +171,6 @@ class DoubleSparsityAttention(SparseAttention):
         float32 scale per cached key and kv head (all of them once the context exceeds the budget)."""
         roles = zip(self.layer_roles(config), config.layer_types)
         sparse = sum(role != DENSE and kind == "full" for role, kind in roles)
-        per_key = label_stride(self.channels) // LABEL_BLOCK
+        per_key = label_stride(self.channels_for(config)) // LABEL_BLOCK
         labels = sparse * context * config.num_kv_heads * per_key if context > self.budget else 0
         return super().kv_bytes_per_token(config, context, dtype_bytes) + labels
