@@ -687,11 +687,25 @@ static uint32_t kth_key(const uint32_t *key, int64_t n, int64_t k, uint32_t *tmp
 }
 
 /* flags[i] = 1 for the k largest of score[0..n), ties to the lower index; tmp: 2n uint32 of scratch */
+#if DEC_AVX512
+/* which of 16 order keys are among the k largest: those above the k-th (thr), and the first *take equal to it */
+static inline __mmask16 top_lanes(__m512i u, uint32_t thr, int64_t *take) {
+    __m512i t = _mm512_set1_epi32((int)thr);
+    __mmask16 sel = _mm512_cmpgt_epu32_mask(u, t), eq = _mm512_cmpeq_epu32_mask(u, t);
+    for (; eq && *take > 0; (*take)--, eq &= eq - 1) sel |= eq & -eq;
+    return sel;
+}
+#endif
+
 static void mark_top(const float *score, int64_t n, int64_t k, uint32_t *tmp, uint8_t *flags) {
     for (int64_t i = 0; i < n; i++) tmp[i] = order_key(score[i]);
-    int64_t take;
+    int64_t take, i = 0;
     uint32_t thr = kth_key(tmp, n, k, tmp + n, &take);
-    for (int64_t i = 0; i < n; i++) flags[i] = tmp[i] > thr || (tmp[i] == thr && take-- > 0);
+#if DEC_AVX512
+    for (; i + 16 <= n; i += 16)
+        _mm_storeu_si128((__m128i *)(flags + i), _mm_maskz_set1_epi8(top_lanes(_mm512_loadu_si512(tmp + i), thr, &take), 1));
+#endif
+    for (; i < n; i++) flags[i] = tmp[i] > thr || (tmp[i] == thr && take-- > 0);
 }
 
 /* mark_top for tests: flags of the k largest of score[0..n), ties to the lower index */
@@ -798,9 +812,7 @@ static int64_t label_top(const float *qs, int64_t C, const uint8_t *labels, int6
 #if DEC_AVX512   /* 16 slots at a time: those above the k-th, and the first `take` equal to it (the stores write
                     whole vectors; what lies past `kept` is overwritten or past the list) */
     for (; i + 16 <= n; i += 16) {
-        __m512i u = _mm512_loadu_si512(rank + i), t = _mm512_set1_epi32((int)thr);
-        __mmask16 sel = _mm512_cmpgt_epu32_mask(u, t), eq = _mm512_cmpeq_epu32_mask(u, t);
-        for (; eq && take > 0; take--, eq &= eq - 1) sel |= eq & -eq;
+        __mmask16 sel = top_lanes(_mm512_loadu_si512(rank + i), thr, &take);
         __m512i slot = _mm512_add_epi64(_mm512_set1_epi64(first + i), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
         _mm512_storeu_si512(chosen + kept, _mm512_maskz_compress_epi64((__mmask8)sel, slot));
         kept += __builtin_popcount(sel & 0xFF);
