@@ -554,13 +554,33 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
     for (int p = 0; p < 16; p++) order[p] = lane_of(p);   /* the network's lanes back to pair order */
     for (int p = 0; p < P; p++) q[p] = f->qkv + (t0 + p / G) * f->qkv_n + (g * G + p % G) * D;
     __m512i to_pairs = _mm512_loadu_si512(order);
-    __m512 mxv = S == 4 ? qk_scores(4, P, C, q, keys, n, K0, D, scale, to_pairs, sc)
-               : S == 8 ? qk_scores(8, P, C, q, keys, n, K0, D, scale, to_pairs, sc)
-               : qk_scores(16, P, C, q, keys, n, K0, D, scale, to_pairs, sc);
+    /* a sliding window: token t0 + i no longer sees the first drop[p] keys of the list (pair p = its heads),
+       whose scores are left out of its max and whose numerators are 0 (adding +0 changes no sum's bits) */
+    int64_t drop[16] = {0}, lead = 0, window = f->layer->window;
+    for (int p = 0; p < P && window > 0; p++) {
+        int64_t first = b->positions[t0] - window + 1, now = first + p / G;
+        drop[p] = (now > 0 ? now : 0) - (first > 0 ? first : 0);
+        if (drop[p] > lead) lead = drop[p];
+    }
+    float lead_mx[16];
+    if (lead) {
+        (void)(S == 4 ? qk_scores(4, P, C, q, keys, lead, K0, D, scale, to_pairs, sc)
+               : S == 8 ? qk_scores(8, P, C, q, keys, lead, K0, D, scale, to_pairs, sc)
+               : qk_scores(16, P, C, q, keys, lead, K0, D, scale, to_pairs, sc));
+        for (int p = 0; p < 16; p++) {
+            lead_mx[p] = -INFINITY;
+            for (int64_t k = p < P ? drop[p] : lead; k < lead; k++)
+                if (sc[k * S + p] > lead_mx[p]) lead_mx[p] = sc[k * S + p];
+        }
+    }
+    __m512 mxv = S == 4 ? qk_scores(4, P, C, q, keys + lead, n - lead, K0, D, scale, to_pairs, sc + lead * S)
+               : S == 8 ? qk_scores(8, P, C, q, keys + lead, n - lead, K0, D, scale, to_pairs, sc + lead * S)
+               : qk_scores(16, P, C, q, keys + lead, n - lead, K0, D, scale, to_pairs, sc + lead * S);
     /* each later token's own new keys (at most nt - 1), scored one by one as the per-head loop does */
     float mx[16], tail[16][16], sum[16];
     _mm512_storeu_ps(mx, mxv);
     for (int p = 0; p < 16; p++) {
+        if (lead && lead_mx[p] > mx[p]) mx[p] = lead_mx[p];
         float best = p < P && n ? mx[p] : p < P ? -INFINITY : 0.0f;
         for (int64_t j = 1; p < P && j <= p / G; j++) {
             float v = dot_f32_bf16(q[p], K0 + b->slots[t0 + j] * D, D) * scale;
@@ -580,6 +600,8 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
         __mmask16 rest = (__mmask16)((1u << (total - i)) - 1);
         _mm512_mask_storeu_ps(sc + i, rest, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(rest, sc + i), mp)));
     }
+    for (int p = 0; p < P; p++)
+        for (int64_t k = 0; k < drop[p]; k++) sc[k * S + p] = 0.0f;
     key_order_sums(S, sc, n, sum);
     for (int p = 0; p < P; p++) {
         int64_t extra = p / G;
@@ -1146,8 +1168,11 @@ static int64_t shared_run(const fwd *f, int64_t t, int64_t g, int64_t te) {
     const tq_batch *b = f->b;
     const tq_sparse *sp = f->sparse;
     int64_t window = f->layer->window, nt = 1;
+    /* under a sliding window, each next token drops the list's leading keys as its window moves on: positions
+       must be the slots (an uncompressed cache) and run on by one, so the drop is the window's move */
     while (t + nt < te && b->rows[t + nt] == b->rows[t] && b->prefix[t + nt] == b->prefix[t] &&
-           !(window > 0 && b->positions[t + nt] - window + 1 > 0))
+           !(window > 0 && (nt >= window || b->positions[t + nt] != b->slots[t + nt] ||
+                            b->positions[t + nt] != b->positions[t] + nt)))
         nt++;
     if (!sp || nt == 1) return nt;
     if (sp->record || sp->method != SPARSE_MINFERENCE) return 1;
@@ -1224,7 +1249,7 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
             for (int64_t k = 0; k < n; k++) rec[keys[k]] = 1;
         }
 #if DEC_AVX512
-        int64_t nt = B > 1 && lo == 0 ? shared_run(f, t, g, te) : 1;
+        int64_t nt = B > 1 && (lo == 0 || b->positions[t] == b->slots[t]) ? shared_run(f, t, g, te) : 1;
         if (f->grouped && (nt > 1 || n == seen || G > 8)) {   /* it and the next tokens sharing its keys */
             grouped_tokens(f, t, nt, g, G, keys, n, K0, V0, pair_score);
             t += nt - 1;
