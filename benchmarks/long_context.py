@@ -33,7 +33,7 @@ import torch
 import tachy
 from tachy import GenerationConfig
 from tachy.eval.sweep import read_text
-from tachy.sparse import make_attention
+from tachy.sparse import kv_read_per_token
 
 QUESTION = "\n\nWho speaks first in the text above, and what do they say? Answer in two sentences."
 
@@ -112,16 +112,6 @@ class SharedPrefill:
         return logits.clone()
 
 
-def kv_read(engine, attention: str, context: int) -> int:
-    method = make_attention(attention)
-    cfg = engine.config
-    if method is None:   # dense: every layer reads every key (sliding layers their window)
-        keys = sum(min(context, cfg.sliding_window or context) if t == "sliding" else context
-                   for t in cfg.layer_types)
-        return keys * cfg.num_kv_heads * 2 * cfg.head_dim * 2
-    return method.kv_bytes_per_token(cfg, context)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -181,7 +171,7 @@ def main() -> None:
             "tokens_per_forward": statistics.median(x["tokens_per_forward"] for x in runs[s]),
             "decode_vs_base_per_round": [x["decode_tokens_per_s"] / b["decode_tokens_per_s"]
                                          for x, b in zip(runs[s], runs[settings[0]])],
-            "kv_bytes_read_per_token": kv_read(engine, attention, context),
+            "kv_bytes_read_per_token": kv_read_per_token(engine.config, attention, context),
             "same_tokens_as": [o for o in settings if o != s and outputs[o] == outputs[s]],
             "runs": runs[s]}
     out = Path(args.out)

@@ -136,7 +136,8 @@ def test_settings_key_runs_by_press_ratio_and_attention():
         settings("snapkv", "0.5", "dense,nope")
 
 
-EVERY_RUN = {"press", "ratio", "attention", "context", "accuracy", "kv_bytes", "prefill_s", "decode_tokens_per_s"}
+EVERY_RUN = {"press", "ratio", "attention", "context", "accuracy", "kv_bytes", "kv_read_per_token", "prefill_s",
+             "decode_tokens_per_s"}
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -159,6 +160,7 @@ def test_ruler_and_needle_cli_write_the_result_fields(tiny_engine, text, tmp_pat
     for run in r["runs"]:
         assert EVERY_RUN <= set(run) and set(run["tasks"]) == set(TASKS) and run["prefill_s"] > 0
         assert 0 <= run["accuracy"] <= 1 and run["kv_bytes"] < base["kv_bytes"]
+        assert run["kv_read_per_token"] < base["kv_read_per_token"]                       # a press reads less
     assert len(r["answers"]) == 2 * 2 * len(TASKS)
     assert (out / "ruler.png").stat().st_size > 0
     md = (out / "results.md").read_text()

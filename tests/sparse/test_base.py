@@ -6,7 +6,7 @@ import pytest
 from tachy import GenerationConfig
 from tachy.cli import main
 from tachy.errors import InvalidArgumentError, UnknownNameError
-from tachy.sparse import QuestAttention, TidalDecodeAttention, available_attentions, make_attention
+from tachy.sparse import QuestAttention, TidalDecodeAttention, available_attentions, kv_read_per_token, make_attention
 from tests.conftest import tiny_config
 
 
@@ -55,6 +55,18 @@ def test_tidal_selection_layers_must_be_full_attention_layers():
     llama = tiny_config("llama", num_layers=32)
     assert make_attention("tidal").selection_layers(llama) == [2, 13]
     assert make_attention("tidal").layer_roles(llama)[:4] == [0, 0, 2, 1]
+
+
+def test_kv_read_per_token_counts_the_keys_each_layer_reads():
+    gemma = tiny_config("gemma3")        # layers 0-4 sliding (window 8), 5 full; 1 kv head of 16 channels
+    row = gemma.num_kv_heads * 2 * gemma.head_dim * 2                       # a key and its value, bf16
+    assert gemma.sliding_window == 8
+    assert kv_read_per_token(gemma, "dense", 100) == (5 * 8 + 100) * row     # sliding layers read their window
+    assert kv_read_per_token(gemma, None, 4) == 6 * 4 * row
+    assert kv_read_per_token(gemma, "dense", 100, kept=0.25) == (5 * 8 + 100) * row // 4   # a press's share
+    quest = "quest:budget=48,sinks=0,window=16,page_size=16"                   # 48 keys and its page bounds
+    assert kv_read_per_token(gemma, quest, 100) == make_attention(quest).kv_bytes_per_token(gemma, 100)
+    assert kv_read_per_token(gemma, quest, 1000) < kv_read_per_token(gemma, "dense", 1000)
 
 
 def test_cli_rejects_bad_attention_before_loading(capsys):

@@ -56,14 +56,15 @@ def markdown(results: dict, command: str) -> str:
 
 def _ppl_table(results: dict) -> str:
     rows, contexts = _rows(results), results["contexts"]
-    lines = ["| press | ratio | attention | " + " | ".join(f"ppl @{c} | KV MiB @{c}" for c in contexts) + " |",
-             "|---|---|---|" + "---|---|" * len(contexts)]
+    lines = ["| press | ratio | attention | " + " | ".join(f"ppl @{c} | KV MiB @{c} | read MB/token @{c}"
+                                                         for c in contexts) + " |",
+             "|---|---|---|" + "---|---|---|" * len(contexts)]
     for row in rows:
         cells = []
         for c in contexts:
             r, base = row.runs[c], rows[0].runs[c]
             cells.append(f"{r['ppl']:.3f} ({100 * (r['ppl'] / base['ppl'] - 1):+.1f}%) | "
-                         f"{_mib(r, base)}")
+                         f"{_mib(r, base)} | {_read(r)}")
         lines.append(f"| {row.press} | {row.ratio:g} | {row.attention} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -74,15 +75,19 @@ def _accuracy_table(results: dict) -> str:
     names = list(rows[0].runs[results["contexts"][0]][groups])
     titles = [f"{100 * float(g):.0f}%" for g in names] if groups == "depths" else names
     lines = ["| press | ratio | attention | context | accuracy | " + " | ".join(titles)
-             + " | KV MiB | prefill s | decode tokens/s |", "|---" * (8 + len(names)) + "|"]
+             + " | KV MiB | K/V MB read per token | prefill s | decode tokens/s |", "|---" * (9 + len(names)) + "|"]
     for row in rows:
         for c in results["contexts"]:
             r = row.runs[c]
             tps = "-" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}"
             lines.append(f"| {row.press} | {row.ratio:g} | {row.attention} | {c} | {100 * r['accuracy']:.0f}% | "
                          + " | ".join(f"{100 * r[groups][g]:.0f}%" for g in names)
-                         + f" | {_mib(r, rows[0].runs[c])} | {r['prefill_s']:.2f} | {tps} |")
+                         + f" | {_mib(r, rows[0].runs[c])} | {_read(r)} | {r['prefill_s']:.2f} | {tps} |")
     return "\n".join(lines) + "\n"
+
+
+def _read(run: dict) -> str:
+    return f"{run['kv_read_per_token'] / 1e6:.1f}" if run.get("kv_read_per_token") is not None else "-"
 
 
 def _mib(run: dict, base: dict) -> str:

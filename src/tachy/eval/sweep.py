@@ -25,7 +25,7 @@ from ..engine import Engine
 from ..errors import InvalidArgumentError, TachyError
 from ..generation import GenerationStats
 from ..presses import Press, available_presses, make_press
-from ..sparse import make_attention
+from ..sparse import kv_read_per_token, make_attention
 from ..spec import split_specs
 
 DEFAULT_HAYSTACK = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -112,6 +112,7 @@ class Answer:
     tokens: list[int]
     kv_bytes: int
     stats: GenerationStats
+    kv_read: int = 0   # bytes of K/V one decoded token reads at the prompt's length (sparse.kv_read_per_token)
 
 
 def answer(engine: Engine, ids: list[int], setting: Setting, max_new_tokens: int) -> Answer:
@@ -124,7 +125,8 @@ def answer(engine: Engine, ids: list[int], setting: Setting, max_new_tokens: int
             tokens += step.tokens[: ended[0]] if ended else step.tokens
             if ended:
                 break
-    return Answer(tokens, kv_bytes, stats)
+    kept = kv_bytes / stats.kv_full_bytes if stats.kv_full_bytes else 1.0
+    return Answer(tokens, kv_bytes, stats, kv_read_per_token(engine.config, setting.attention, len(ids), kept))
 
 
 def answer_settings(engine: Engine, ids: list[int], settings_: list[Setting], max_new_tokens: int) -> list[Answer]:
@@ -162,20 +164,24 @@ class Tally:
 
     groups: dict[str, list[float]] = field(default_factory=dict)
     kv_bytes: list[int] = field(default_factory=list)
+    kv_read: list[int] = field(default_factory=list)
     prefill_s: list[float] = field(default_factory=list)
     decode_tps: list[float] = field(default_factory=list)
 
     def add(self, group: str, value: float, a: Answer) -> None:
         self.groups.setdefault(group, []).append(value)
         self.kv_bytes.append(a.kv_bytes)
+        self.kv_read.append(a.kv_read)
         self.prefill_s.append(a.stats.prefill_s)
         if a.stats.decode_s > 0:   # an answer of one token has no decode step to time
             self.decode_tps.append(a.stats.tokens_per_s)
 
     def summary(self, group_name: str) -> dict:
-        """Accuracy (mean over samples), mean KV bytes, median prefill seconds and decode tokens/s."""
+        """Accuracy (mean over samples), mean KV bytes held and read per decoded token, median prefill seconds
+        and decode tokens/s."""
         scores = [v for vs in self.groups.values() for v in vs]
         return {"accuracy": sum(scores) / len(scores), "kv_bytes": round(statistics.mean(self.kv_bytes)),
+                "kv_read_per_token": round(statistics.mean(self.kv_read)),
                 "prefill_s": round(statistics.median(self.prefill_s), 4),
                 "decode_tokens_per_s": round(statistics.median(self.decode_tps), 2) if self.decode_tps else None,
                 group_name: {g: sum(vs) / len(vs) for g, vs in self.groups.items()}}
@@ -191,8 +197,8 @@ def summarize(settings_: list[Setting], contexts: list[int], tally: dict[tuple[S
     context and, at its top level, the mean over contexts of each number (as its accuracy always was)."""
     base = [{"context": c, **tally[(settings_[0], c)].summary(group_name)} for c in contexts]
     top = {k: statistics.mean(b[k] for b in base) if all(b[k] is not None for b in base) else None
-           for k in ("accuracy", "kv_bytes", "prefill_s", "decode_tokens_per_s")}
-    top["kv_bytes"] = round(top["kv_bytes"])
+           for k in ("accuracy", "kv_bytes", "kv_read_per_token", "prefill_s", "decode_tokens_per_s")}
+    top["kv_bytes"], top["kv_read_per_token"] = round(top["kv_bytes"]), round(top["kv_read_per_token"])
     baseline = {"press": "full", "ratio": 0.0, "attention": DENSE, **top, "per_context": base}
     runs = [{"press": s.press, "ratio": s.ratio, "attention": s.attention, "context": c,
              **tally[(s, c)].summary(group_name)} for s in settings_[1:] for c in contexts]

@@ -160,11 +160,30 @@ class SparseAttention:
     def kv_bytes_per_token(self, config: ModelConfig, context: int, dtype_bytes: int = 2) -> int:
         """Bytes of K/V one decoded token reads over all layers at ``context`` cached tokens (the benchmark's
         "K/V bytes read"; sliding-window layers read their window)."""
-        total = 0.0
-        for role, kind in zip(self.layer_roles(config), config.layer_types):
-            keys = min(context, config.sliding_window or context) if kind == "sliding" else context
-            total += self.keys_read(role, keys)
+        total = sum(self.keys_read(role, keys) for role, keys in zip(self.layer_roles(config),
+                                                                       layer_keys(config, context)))
         return round(total * config.num_kv_heads * 2 * config.head_dim * dtype_bytes)
+
+
+def layer_keys(config: ModelConfig, context: int) -> list[int]:
+    """The keys a decoded token's query sees in each layer at ``context`` cached tokens (a sliding layer: its
+    window)."""
+    return [min(context, config.sliding_window or context) if kind == "sliding" else context
+            for kind in config.layer_types]
+
+
+def kv_read_per_token(config: ModelConfig, attention: str | None, context: int, kept: float = 1.0,
+                      dtype_bytes: int = 2) -> int:
+    """Bytes of K/V one decoded token reads at ``context`` cached tokens under ``attention`` (a spec; None or
+    "dense": dense attention): a sparse method's own count; dense attention reads every key it sees (a sliding
+    layer its window). ``kept``: the share of the uncompressed cache's bytes a press left (its bytes over
+    ``KVCache.uncompressed_nbytes``), applied to dense attention's count: an estimate where a press keeps
+    layers unevenly or a window holds fewer slots than it kept."""
+    method = make_attention(attention) if attention else None
+    if method is not None:
+        return method.kv_bytes_per_token(config, context, dtype_bytes)
+    dense = sum(layer_keys(config, context)) * config.num_kv_heads * 2 * config.head_dim * dtype_bytes
+    return round(dense * kept)
 
 
 class SparseState:
