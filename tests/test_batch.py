@@ -137,7 +137,7 @@ def repetitive_prompt(rng: random.Random, vocab: int) -> list[int]:
     return (motif * 12)[:rng.randint(10, 90)]
 
 
-def run_packed(engine, requests, max_batch: int, prefill_share: float = 0.75):
+def run_packed(engine, requests, max_batch: int, prefill_share: float = 0.5):
     """Like ``batched``; also returns each request's last stats and how many steps each prompt's prefill
     took (steps from its join to its first token)."""
     decoder = BatchDecoder(engine, max_batch, prefill_share=prefill_share)

@@ -118,7 +118,7 @@ class BatchDecoder:
     packed: False runs plain rows even where the C forward could pack drafts (for comparison).
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 8, prefill_share: float = 0.75, packed: bool = True):
+    def __init__(self, engine: Engine, max_batch: int = 8, prefill_share: float = 0.5, packed: bool = True):
         if max_batch < 1:
             raise InvalidArgumentError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_share <= 0:
