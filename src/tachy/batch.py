@@ -338,6 +338,8 @@ class BatchDecoder:
         token, then the marginal cost of each drafted token. Each row's drafter weighs its draft against these
         (OPT-Tree, ``DraftTree.best_for_cost``), so in a big batch, where a row's share of the weight reads is
         small, only drafts likely to be accepted are sent."""
+        if rows == 1:   # a row alone drafts as the lone path does, against the measured costs themselves
+            return self.engine.step_costs()
         if rows not in self._costs_by_rows:
             share, marginal = self._decode_cost(rows) / rows, self._marginal_cost()
             self._costs_by_rows[rows] = [0.0] + [share + k * marginal
