@@ -27,7 +27,7 @@ def run_ppl(engine: Engine, text: str, contexts: list[int], settings: list[Setti
     bos = [engine.tokenizer.bos_token_id] if engine.tokenizer.bos_token_id is not None else []
     nll = {(s.label, c): [] for s in settings for c in contexts}
     kv_bytes = {(s.label, c): [] for s in settings for c in contexts}
-    kv_read = {(s.label, c): 0 for s in settings for c in contexts}
+    kv_read = {(s.label, c): [] for s in settings for c in contexts}
     bar = tqdm(total=len(contexts) * windows * len(settings), disable=not progress, desc="ppl")
     for context in contexts:
         for start in starts:
@@ -37,8 +37,8 @@ def run_ppl(engine: Engine, text: str, contexts: list[int], settings: list[Setti
             for s in settings:
                 cache = pre.compressed(s)
                 kv_bytes[(s.label, context)].append(cache.nbytes)
-                kv_read[(s.label, context)] = kv_read_per_token(engine.config, s.attention, context,
-                                                                cache.nbytes / cache.uncompressed_nbytes)
+                kv_read[(s.label, context)].append(kv_read_per_token(engine.config, s.attention, context,
+                                                                     cache.nbytes / cache.uncompressed_nbytes))
                 x = torch.tensor([target], device=engine.device)
                 logits = score(engine, x, cache, one_by_one=s.attention != DENSE)
                 nll[(s.label, context)].append(float(F.cross_entropy(logits, x[0, 1:], reduction="sum")))
@@ -48,8 +48,8 @@ def run_ppl(engine: Engine, text: str, contexts: list[int], settings: list[Setti
     def ppl(label: str, context: int) -> float:
         return math.exp(sum(nll[(label, context)]) / (windows * (tokens - 1)))
 
-    def mean_bytes(label: str, context: int) -> int:
-        return round(sum(kv_bytes[(label, context)]) / windows)
+    def mean_bytes(label: str, context: int, of: dict = kv_bytes) -> int:
+        return round(sum(of[(label, context)]) / windows)
 
     full = settings[0].label
     return {
@@ -58,9 +58,9 @@ def run_ppl(engine: Engine, text: str, contexts: list[int], settings: list[Setti
                                      / (len(contexts) * windows * (tokens - 1))),
                      "kv_bytes": round(sum(mean_bytes(full, c) for c in contexts) / len(contexts)),
                      "per_context": [{"context": c, "ppl": ppl(full, c), "kv_bytes": mean_bytes(full, c),
-                                      "kv_read_per_token": kv_read[(full, c)]} for c in contexts]},
+                                      "kv_read_per_token": mean_bytes(full, c, kv_read)} for c in contexts]},
         "runs": [{"press": s.press, "ratio": s.ratio, "attention": s.attention, "context": c, "ppl": ppl(s.label, c),
-                  "kv_bytes": mean_bytes(s.label, c), "kv_read_per_token": kv_read[(s.label, c)]}
+                  "kv_bytes": mean_bytes(s.label, c), "kv_read_per_token": mean_bytes(s.label, c, kv_read)}
                  for s in settings[1:] for c in contexts],
     }
 

@@ -519,6 +519,14 @@ static inline __attribute__((always_inline)) __m512 qk_scores(int S, int P, int6
     return mxv;
 }
 
+/* qk_scores with S as a constant (4, 8 or 16) */
+static __m512 qk_scores_s(int S, int P, int64_t C, const float *const *q, const int64_t *keys, int64_t n,
+                          const uint16_t *K0, int64_t D, float scale, __m512i to_pairs, float *sc) {
+    return S == 4 ? qk_scores(4, P, C, q, keys, n, K0, D, scale, to_pairs, sc)
+         : S == 8 ? qk_scores(8, P, C, q, keys, n, K0, D, scale, to_pairs, sc)
+         : qk_scores(16, P, C, q, keys, n, K0, D, scale, to_pairs, sc);
+}
+
 /* sum[p] = e[0][p] + e[1][p] + ... in key order, for the S pairs of rows of S floats */
 static void key_order_sums(int64_t S, const float *e, int64_t n, float *sum) {
     if (S == 4) {
@@ -564,18 +572,14 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
     }
     float lead_mx[16];
     if (lead) {
-        (void)(S == 4 ? qk_scores(4, P, C, q, keys, lead, K0, D, scale, to_pairs, sc)
-               : S == 8 ? qk_scores(8, P, C, q, keys, lead, K0, D, scale, to_pairs, sc)
-               : qk_scores(16, P, C, q, keys, lead, K0, D, scale, to_pairs, sc));
+        qk_scores_s((int)S, P, C, q, keys, lead, K0, D, scale, to_pairs, sc);
         for (int p = 0; p < 16; p++) {
             lead_mx[p] = -INFINITY;
             for (int64_t k = p < P ? drop[p] : lead; k < lead; k++)
                 if (sc[k * S + p] > lead_mx[p]) lead_mx[p] = sc[k * S + p];
         }
     }
-    __m512 mxv = S == 4 ? qk_scores(4, P, C, q, keys + lead, n - lead, K0, D, scale, to_pairs, sc + lead * S)
-               : S == 8 ? qk_scores(8, P, C, q, keys + lead, n - lead, K0, D, scale, to_pairs, sc + lead * S)
-               : qk_scores(16, P, C, q, keys + lead, n - lead, K0, D, scale, to_pairs, sc + lead * S);
+    __m512 mxv = qk_scores_s((int)S, P, C, q, keys + lead, n - lead, K0, D, scale, to_pairs, sc + lead * S);
     /* each later token's own new keys (at most nt - 1), scored one by one as the per-head loop does */
     float mx[16], tail[16][16], sum[16];
     _mm512_storeu_ps(mx, mxv);
@@ -696,7 +700,8 @@ static uint32_t kth_key(const uint32_t *key, int64_t n, int64_t k, uint32_t *tmp
             __m512i u = _mm512_loadu_si512(src + i);
             __mmask16 in = _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32((int)high)),
                                                    _mm512_set1_epi32((int)prefix));
-            _mm512_storeu_si512(tmp + kept, _mm512_maskz_compress_epi32(in, u));   /* (a compressing store is slow on AMD) */
+            /* compress into a register, then store: a compressing store is slow on AMD */
+            _mm512_storeu_si512(tmp + kept, _mm512_maskz_compress_epi32(in, u));
             kept += __builtin_popcount(in);
         }
 #endif
@@ -708,7 +713,6 @@ static uint32_t kth_key(const uint32_t *key, int64_t n, int64_t k, uint32_t *tmp
     return prefix;
 }
 
-/* flags[i] = 1 for the k largest of score[0..n), ties to the lower index; tmp: 2n uint32 of scratch */
 #if DEC_AVX512
 /* which of 16 order keys are among the k largest: those above the k-th (thr), and the first *take equal to it */
 static inline __mmask16 top_lanes(__m512i u, uint32_t thr, int64_t *take) {
@@ -719,13 +723,16 @@ static inline __mmask16 top_lanes(__m512i u, uint32_t thr, int64_t *take) {
 }
 #endif
 
+/* flags[i] = 1 for the k largest of score[0..n), ties to the lower index; tmp: 2n uint32 of scratch */
 static void mark_top(const float *score, int64_t n, int64_t k, uint32_t *tmp, uint8_t *flags) {
     for (int64_t i = 0; i < n; i++) tmp[i] = order_key(score[i]);
     int64_t take, i = 0;
     uint32_t thr = kth_key(tmp, n, k, tmp + n, &take);
 #if DEC_AVX512
-    for (; i + 16 <= n; i += 16)
-        _mm_storeu_si128((__m128i *)(flags + i), _mm_maskz_set1_epi8(top_lanes(_mm512_loadu_si512(tmp + i), thr, &take), 1));
+    for (; i + 16 <= n; i += 16) {
+        __mmask16 sel = top_lanes(_mm512_loadu_si512(tmp + i), thr, &take);
+        _mm_storeu_si128((__m128i *)(flags + i), _mm_maskz_set1_epi8(sel, 1));
+    }
 #endif
     for (; i < n; i++) flags[i] = tmp[i] > thr || (tmp[i] == thr && take-- > 0);
 }
@@ -760,7 +767,8 @@ static void write_label(const float *x, int64_t C, uint8_t *blk, int64_t i) {
 
 /* labels of n keys (keys [n, C] floats) into blocks (for tests) */
 void tq_write_labels(const float *keys, int64_t n, int64_t C, uint8_t *labels) {
-    for (int64_t s = 0; s < n; s++) write_label(keys + s * C, C, labels + s / LABEL_BLOCK * LABEL_STRIDE(C), s % LABEL_BLOCK);
+    for (int64_t s = 0; s < n; s++)
+        write_label(keys + s * C, C, labels + s / LABEL_BLOCK * LABEL_STRIDE(C), s % LABEL_BLOCK);
 }
 
 /* A query's side of the label score: its int8 channels packed 4 to a word, and 128 times their sum (the
@@ -783,13 +791,15 @@ static inline void label_block(const label_query *lq, const uint8_t *blk, float 
 #if DEC_AVX512 && defined(__AVX512VNNI__)
     __m512i acc = _mm512_set1_epi32(-lq->offset);
     for (int64_t j = 0; j < lq->groups; j++)
-        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(blk + j * 4 * LABEL_BLOCK), _mm512_set1_epi32((int)lq->packed[j]));
+        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(blk + j * 4 * LABEL_BLOCK),
+                                  _mm512_set1_epi32((int)lq->packed[j]));
     _mm512_storeu_ps(lane, _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(scale)));
 #else
     const int8_t *q = (const int8_t *)lq->packed;
     for (int64_t i = 0; i < LABEL_BLOCK; i++) {
         int32_t acc = -lq->offset;
-        for (int64_t c = 0; c < lq->groups * 4; c++) acc += q[c] * (int32_t)blk[(c / 4) * 4 * LABEL_BLOCK + i * 4 + c % 4];
+        for (int64_t c = 0; c < lq->groups * 4; c++)
+            acc += q[c] * (int32_t)blk[(c / 4) * 4 * LABEL_BLOCK + i * 4 + c % 4];
         lane[i] = (float)acc * scale[i];
     }
 #endif
@@ -867,6 +877,13 @@ void tq_label_scores(const float *qs, const uint8_t *labels, int64_t n, int64_t 
     }
 }
 
+/* the label blocks of layer l, cache row `row`, kv head g */
+static uint8_t *label_blocks(const fwd *f, int64_t l, int64_t row, int64_t g) {
+    const tq_sparse *sp = f->sparse;
+    int64_t blocks = sp->max_pages / LABEL_BLOCK;
+    return sp->labels + ((l * f->c->batch + row) * f->m->kv_heads + g) * blocks * LABEL_STRIDE(sp->channels);
+}
+
 /* Quest: a page's key min/max (Double Sparsity: a key's label), per layer, cache row and kv head, for the pages
    (slots) a row has newly committed */
 typedef struct { fwd *f; int64_t n_jobs; const int64_t *job; } bounds_args;   /* job: (row, first page, end) */
@@ -885,7 +902,7 @@ static void bounds_task(void *p, int64_t i0, int64_t i1) {
         if (sp->method == SPARSE_DOUBLE) {   /* labels: the key's chosen channels, block-wise channel-major */
             int64_t C = sp->channels;
             const int64_t *ch = sp->channel_index + (l * Hkv + g) * C;
-            uint8_t *lab = sp->labels + ((l * f->c->batch + row) * Hkv + g) * (sp->max_pages / LABEL_BLOCK) * LABEL_STRIDE(C);
+            uint8_t *lab = label_blocks(f, l, row, g);
             for (int64_t s = a->job[3 * j + 1]; s < a->job[3 * j + 2]; s++) {
                 float x[512];
                 for (int64_t c = 0; c < C; c++) x[c] = bf2f(K0[s * D + ch[c]]);
@@ -1131,7 +1148,7 @@ static int64_t sparse_keys(fwd *f, int64_t t, int64_t g, int64_t *keys, int64_t 
             for (int64_t h = g * G; h < (g + 1) * G; h++) s += f->qkv[t * f->qkv_n + h * D + ch[c]];
             qs[c] = s;
         }
-        const uint8_t *labels = sp->labels + ((l * f->c->batch + f->b->rows[t]) * Hkv + g) * (sp->max_pages / LABEL_BLOCK) * LABEL_STRIDE(C);
+        const uint8_t *labels = label_blocks(f, l, f->b->rows[t], g);
         int64_t kept = first + label_top(qs, C, labels, first, end, sp->select, rank, keys + first);
         for (int64_t i = end; i < n; i++) keys[kept++] = keys[i];
         return kept;

@@ -63,7 +63,7 @@ def quantize_labels(x: Tensor) -> tuple[Tensor, Tensor]:
     ok = (mx > 0) & mx.isfinite()
     full = torch.full_like(mx, 127.0)
     inv = torch.where(ok, full / mx, torch.zeros_like(mx))                 # one IEEE division each, as in C
-    values = torch.where(ok, (torch.where(ok, x, torch.zeros_like(x)) * inv).round(), torch.zeros_like(x))
+    values = (torch.where(ok, x, torch.zeros_like(x)) * inv).round()        # inv 0 where not ok: zeros
     return values, torch.where(ok, mx / full, torch.zeros_like(mx))
 
 
