@@ -45,7 +45,9 @@ SCHEDULERS = {"one at a time": ["--max-batch", "1"],
 
 
 def start_server(model: str, port: int, threads: int, flags: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
+    # this checkout's package first (the caller's PYTHONPATH after it)
+    paths = [str(ROOT / "src")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(paths)}
     return subprocess.Popen([sys.executable, "-m", "tachy.cli", "serve", "--model", model, "--port", str(port),
                              "--max-queue", "256", "--log-level", "warning", *flags], env=env)
 

@@ -165,9 +165,6 @@ static inline uint16_t f2bf(float f) {   /* round to nearest even, as torch's ca
 }
 
 #if DEC_AVX512
-static inline __m512 load_bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
 
 /* exp for x <= ~88: 2^n * p(r), n = round(x / ln 2), r = x - n ln 2, degree-6 polynomial (Cephes). */
 static inline __m512 exp16(__m512 x) {
@@ -283,7 +280,7 @@ static void linear(const tq_linear *l, const uint16_t *x, int64_t T, float *y) {
         if (w->packed) {
             if (!xq) {
                 xq = malloc((size_t)tq_q8_block_bytes() * (size_t)(T * (w->K / 32)));
-                tq_quantize_q8(x, T, w->K, w->K, xq);
+                tq_quantize_q8(x, T, w->K, w->K, xq, 0);
             }
             tq_matmul_packed((int)w->fmt, w->packed, w->N, w->K, xq, T, y + col, l->N, 0, 0);
         } else {
@@ -1441,7 +1438,7 @@ int tq_forward_sparse(const tq_model *m, tq_cache *c, const tq_batch *b, const t
         PHASE(P_ROPE);
         if (f.mi && sparse->layers[l] != LAYER_DENSE && L->window == 0)
             tq_parallel_for(mi_estimate, &f, m->kv_heads, 1);   /* counted as attention */
-        tq_parallel_for(attention_task, &f, (T + f.block - 1) / f.block * m->kv_heads, 1);
+        tq_parallel_for_dynamic(attention_task, &f, (T + f.block - 1) / f.block * m->kv_heads, 1);
         PHASE(P_ATTENTION);
         linear(&L->o, f.attn, T, f.tmp);
         ra = (residual_args){&f, L->post_attn_norm, L->mlp_norm};

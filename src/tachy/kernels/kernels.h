@@ -17,6 +17,7 @@ typedef void (*task_fn)(void *args, int64_t begin, int64_t end);
 
 /* Run fn(args, begin, end) over [0, n) split in chunks of ``grain`` among the pool's threads. */
 void tq_parallel_for(task_fn fn, void *args, int64_t n, int64_t grain);
+void tq_parallel_for_dynamic(task_fn fn, void *args, int64_t n, int64_t grain);
 int tq_get_threads(void);
 
 /* y[t * ldy + n] = x[t] . W[n] for bf16 x [T, K] (row stride ldx); y float32 or bf16 (y_bf16). */
@@ -27,7 +28,7 @@ int tq_packable(int fmt, int64_t N, int64_t K);
 int64_t tq_packed_bytes(int fmt, int64_t N, int64_t K);
 int tq_pack(int fmt, const uint8_t *w, int64_t row_bytes, int64_t N, int64_t K, uint8_t *out);
 int tq_q8_block_bytes(void);
-int tq_quantize_q8(const uint16_t *x, int64_t T, int64_t K, int64_t ldx, void *out);
+int tq_quantize_q8(const uint16_t *x, int64_t T, int64_t K, int64_t ldx, void *out, int portable);
 int tq_matmul_packed(int fmt, const uint8_t *packed, int64_t N, int64_t K, const void *xq, int64_t T, void *y,
                      int64_t ldy, int y_bf16, int portable);
 int tq_matmul_packed_bf16(int fmt, const uint8_t *packed, int64_t N, int64_t K, const uint16_t *x, int64_t T,
@@ -38,6 +39,10 @@ int tq_dequantize(int fmt, const uint8_t *w, int64_t row_bytes, int64_t N, int64
 
 #if TQ_AVX512
 static inline float hf16(uint16_t h) { return _cvtsh_ss(h); }   /* F16C: exact, like numpy's cast */
+/* 16 bf16 values as float32 (exact: bf16 is float32's top half) */
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
 #endif
 
 /* ggml type ids (gguf.GGMLQuantizationType) */

@@ -17,6 +17,8 @@ static struct {
     task_fn fn;
     void *args;
     int64_t n, grain;
+    int dynamic;                 /* chunks handed out one at a time (tq_parallel_for_dynamic) */
+    atomic_long next;            /* the next chunk to hand out */
     atomic_long generation;      /* bumped to start a job */
     atomic_int pending;          /* workers still running the current job */
     pthread_mutex_t lock;
@@ -27,6 +29,11 @@ static int requested_threads = 1;
 
 static void run_share(int index, int parts) {
     int64_t chunks = (pool.n + pool.grain - 1) / pool.grain;
+    if (pool.dynamic) {
+        for (int64_t c; (c = atomic_fetch_add_explicit(&pool.next, 1, memory_order_relaxed)) < chunks;)
+            pool.fn(pool.args, c * pool.grain, (c + 1) * pool.grain < pool.n ? (c + 1) * pool.grain : pool.n);
+        return;
+    }
     int64_t c0 = chunks * index / parts, c1 = chunks * (index + 1) / parts;
     int64_t begin = c0 * pool.grain, end = c1 * pool.grain < pool.n ? c1 * pool.grain : pool.n;
     if (begin < end) pool.fn(pool.args, begin, end);
@@ -72,20 +79,30 @@ static void forget_workers(void) {       /* a forked child has none of its paren
     pthread_mutex_init(&job_lock, NULL);
 }
 
-static void parallel_for_locked(task_fn fn, void *args, int64_t n, int64_t grain);
+static void parallel_for_locked(task_fn fn, void *args, int64_t n, int64_t grain, int dynamic);
 
-void tq_parallel_for(task_fn fn, void *args, int64_t n, int64_t grain) {
+static void parallel_for(task_fn fn, void *args, int64_t n, int64_t grain, int dynamic) {
     static int atfork_set = 0;
     pthread_mutex_lock(&job_lock);
     if (!atfork_set) {
         pthread_atfork(NULL, NULL, forget_workers);
         atfork_set = 1;
     }
-    parallel_for_locked(fn, args, n, grain);
+    parallel_for_locked(fn, args, n, grain, dynamic);
     pthread_mutex_unlock(&job_lock);
 }
 
-static void parallel_for_locked(task_fn fn, void *args, int64_t n, int64_t grain) {
+/* Equal shares of [0, n): for work of even cost per item (matrix rows, tokens). */
+void tq_parallel_for(task_fn fn, void *args, int64_t n, int64_t grain) { parallel_for(fn, args, n, grain, 0); }
+
+/* Chunks handed out in order to whichever thread is free: for items of uneven cost (a causal prompt's later
+   tokens see more keys), where equal shares leave one thread waiting for the other. Each chunk's results must
+   not depend on the thread that runs it. */
+void tq_parallel_for_dynamic(task_fn fn, void *args, int64_t n, int64_t grain) {
+    parallel_for(fn, args, n, grain, 1);
+}
+
+static void parallel_for_locked(task_fn fn, void *args, int64_t n, int64_t grain, int dynamic) {
     int parts = requested_threads;
     int64_t chunks = (n + grain - 1) / grain;
     if (parts > chunks) parts = (int)chunks;
@@ -104,6 +121,8 @@ static void parallel_for_locked(task_fn fn, void *args, int64_t n, int64_t grain
     pool.args = args;
     pool.n = n;
     pool.grain = grain;
+    pool.dynamic = dynamic;
+    atomic_store(&pool.next, 0);
     pool.active = parts;
     atomic_store(&pool.pending, pool.workers);
     pthread_mutex_lock(&pool.lock);

@@ -72,7 +72,32 @@ int64_t tq_packed_bytes(int fmt, int64_t N, int64_t K) {
 }
 
 /* ---- activations ------------------------------------------------------------------------------------------ */
-static void quantize_row(const uint16_t *x, int64_t K, q8block *out) {
+/* Each 32-block of a bf16 row as int8 with its scale, rounded to nearest even (lrintf in the default mode). The
+   AVX-512 path does the same operations 16 lanes at a time (the max is exact in any order, products and
+   rounding are lane-wise, the sums are of integers), so both give the same bits. */
+static void quantize_row(const uint16_t *x, int64_t K, q8block *out, int portable) {
+#if TQ_AVX512
+    if (!portable) {
+        const __m512 sign = _mm512_set1_ps(-0.0f);
+        for (int64_t b = 0; b < K / 32; b++) {
+            q8block *o = &out[b];
+            __m512 lo = load_bf16x16(x + 32 * b), hi = load_bf16x16(x + 32 * b + 16);
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, lo), _mm512_andnot_ps(sign, hi)));
+            float dx = amax / 127.0f, id = dx != 0.0f ? 1.0f / dx : 0.0f;
+            __m512 idv = _mm512_set1_ps(id);
+            __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, idv));
+            __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, idv));
+            _mm_storeu_si128((__m128i *)o->q, _mm512_cvtepi32_epi8(qlo));
+            _mm_storeu_si128((__m128i *)(o->q + 16), _mm512_cvtepi32_epi8(qhi));
+            o->dx = dx;
+            o->sxlo = _mm512_reduce_add_epi32(qlo);
+            o->sx = o->sxlo + _mm512_reduce_add_epi32(qhi);
+            o->sxf = (float)o->sx * dx;
+        }
+        return;
+    }
+#endif
+    (void)portable;
     for (int64_t b = 0; b < K / 32; b++) {
         q8block *o = &out[b];
         float v[32], amax = 0;
@@ -99,17 +124,18 @@ typedef struct {
     const uint16_t *x;
     int64_t K, ldx;
     q8block *out;
+    int portable;
 } quantize_args;
 
 static void quantize_task(void *p, int64_t t0, int64_t t1) {
     quantize_args *a = p;
-    for (int64_t t = t0; t < t1; t++) quantize_row(a->x + t * a->ldx, a->K, a->out + t * (a->K / 32));
+    for (int64_t t = t0; t < t1; t++) quantize_row(a->x + t * a->ldx, a->K, a->out + t * (a->K / 32), a->portable);
 }
 
 /* bf16 x [T, K] (row stride ldx) -> T rows of K/32 q8blocks */
-int tq_quantize_q8(const uint16_t *x, int64_t T, int64_t K, int64_t ldx, void *out) {
+int tq_quantize_q8(const uint16_t *x, int64_t T, int64_t K, int64_t ldx, void *out, int portable) {
     if (K % 32) return -1;
-    quantize_args a = {x, K, ldx, out};
+    quantize_args a = {x, K, ldx, out, portable};
     tq_parallel_for(quantize_task, &a, T, T >= 32 ? 8 : T);
     return 0;
 }
@@ -579,7 +605,7 @@ int tq_matmul_packed_bf16(int fmt, const uint8_t *packed, int64_t N, int64_t K, 
     if (!tq_packable(fmt, N, K)) return -1;
     void *xq = aligned_alloc(64, sizeof(q8block) * (size_t)(T * (K / 32)));
     if (!xq) return -3;
-    tq_quantize_q8(x, T, K, ldx, xq);
+    tq_quantize_q8(x, T, K, ldx, xq, portable);
     int rc = tq_matmul_packed(fmt, packed, N, K, xq, T, y, ldy, y_bf16, portable);
     free(xq);
     return rc;
