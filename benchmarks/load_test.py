@@ -68,19 +68,23 @@ async def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) ->
     raise RuntimeError("the server did not come up")
 
 
-def prompts(long_every: int, n: int) -> list[str]:
-    """Request i's prompt: a vicuna question, or every ``long_every``-th a 1-2k-token passage to summarize."""
+def prompts(long_every: int, n: int, first: int = 0) -> list[str]:
+    """Requests first .. first+n-1: a numbered vicuna question, or every ``long_every``-th a 1-2k-token passage
+    to summarize. Each concurrency level gets its own requests (``first``): the server's prefix cache would
+    otherwise serve a level's prompts from the level before, which plain batching, reading every prompt whole,
+    does not use; numbering the questions keeps repeats of one question from hitting it too (all that is
+    shared is the chat template's system prompt, as in real traffic)."""
     short = [json.loads(line)["turns"][0] for line in (DATA / "vicuna_bench.jsonl").read_text().splitlines()
              if line.strip()]
     book = (DATA / "monte_cristo_pg1184.txt").read_text()
     out = []
-    for i in range(n):
+    for i in range(first, first + n):
         if long_every and i % long_every == long_every // 2:
             size = 6000 + (i * 997) % 3000           # ~1.3k-2k tokens
             start = 50_000 + (i * 7919) % 500_000
             out.append(book[start:start + size] + "\n\nSummarize the passage above in one sentence.")
         else:
-            out.append(short[i % len(short)])
+            out.append(f"Question {i}: {short[i % len(short)]}")
     return out
 
 
@@ -261,8 +265,7 @@ def main() -> None:
     args = ap.parse_args()
     from tachy.server.background import free_port
 
-    texts = prompts(args.long_every, args.requests)
-    long_prompt = prompts(2, 2)[1][:9000]
+    long_prompt = prompts(2, 2)[1][:9000]   # request 1 of the long-every-2 set: no level's prompt
     results = {"model": args.model, "threads": args.threads, "max_tokens": args.max_tokens,
                "requests": args.requests, "long_every": args.long_every,
                "command": "python benchmarks/load_test.py " + " ".join(sys.argv[1:]), "load": {}, "join": {}}
@@ -273,7 +276,8 @@ def main() -> None:
         try:
             model = asyncio.run(wait_ready(base, proc))
             runs = []
-            for c in args.concurrency:
+            for level, c in enumerate(args.concurrency):
+                texts = prompts(args.long_every, args.requests, first=level * args.requests)
                 r = asyncio.run(run_load(base, model, texts, c, args.max_tokens))
                 print(f"{name}, concurrency {c}: {r}", file=sys.stderr, flush=True)
                 runs.append(r)

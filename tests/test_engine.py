@@ -570,3 +570,20 @@ def test_step_costs_are_measured_once_and_do_not_decrease():
     assert len(costs) == 7 and costs[0] == 0.0 and costs[1] > 0
     assert all(a <= b for a, b in zip(costs[1:], costs[2:]))
     assert engine.step_costs(4) is costs                        # cached: a shorter table is a prefix
+
+
+def test_saved_step_costs_are_reused_unless_a_busy_machine_measured_them(tmp_path):
+    engine = Engine(tiny_gguf_model("llama"), tokenizer=None, name="tiny", cache_dir=tmp_path)
+    saved = engine._saved_costs_path()
+    if saved is None:
+        pytest.skip("costs are kept for the C forward only")
+    # a file written while something else had the CPU: every step 100 s
+    saved.write_text(json.dumps({"costs": [0.0] + [100.0] * 17, "key_cost": 1.0}))
+    costs = engine.step_costs()
+    assert costs[1] < 1.0 and engine.key_cost() < 1.0          # measured again
+    assert json.loads(saved.read_text())["costs"] == costs      # and the file replaced
+    # a file no slower than this machine is now is kept as it is (a cold start measures one width only)
+    fast = [0.0] + [c / 2 for c in costs[1:]]
+    saved.write_text(json.dumps({"costs": fast, "key_cost": 0.5e-9}))
+    again = Engine(tiny_gguf_model("llama"), tokenizer=None, name="tiny", cache_dir=tmp_path)
+    assert again.step_costs() == fast and again.key_cost() == 0.5e-9

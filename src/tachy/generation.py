@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 PREFILL_CHUNK = 1024   # prompt tokens per prefill forward (bounds the attention scores' memory)
 COST_CONTEXT = 128     # cached tokens Engine.step_costs measures its forwards after
+COST_ROUNDS = 3        # rounds over every width; each cost is its fastest
+SAVED_COSTS_SLACK = 1.5   # saved costs whose one-token step is this much slower than now are measured again
 
 
 @dataclass

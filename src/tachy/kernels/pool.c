@@ -4,6 +4,7 @@ Workers spin briefly between jobs (a decode step runs hundreds of short jobs bac
 job runs at a time; callers from several threads take turns. A forked child starts without workers.
 */
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -130,10 +131,16 @@ static void parallel_for_locked(task_fn fn, void *args, int64_t n, int64_t grain
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.lock);
     run_share(0, parts);
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) {
+    /* wait for the workers: spin briefly, then give the core away between checks (a worker that the OS
+       descheduled for another thread, a server's event loop or a client on the same cores, needs it back) */
+    for (int spins = 0; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0;) {
+        if (++spins < 2000) {
 #if defined(__x86_64__)
-        __builtin_ia32_pause();
+            __builtin_ia32_pause();
 #endif
+        } else {
+            sched_yield();
+        }
     }
 }
 
