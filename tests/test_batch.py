@@ -190,6 +190,23 @@ def test_packed_rows_draft_and_equal_alone(arch, monkeypatch):
     assert max(prefill_steps.values()) > 1      # some prompt was read in several chunks beside running rows
 
 
+def test_packed_rows_draft_with_what_the_engines_drafter_learned():
+    """Greedy rows draft with forks of the engine's drafter (what the lone path learned, they use, and the
+    reverse); a seeded sampling row with a fresh one."""
+    engine = packed_engine("llama", seed=3)
+    prompt = repetitive_prompt(random.Random(7), engine.config.vocab_size)
+    list(engine.stream(prompt, GenerationConfig(max_new_tokens=12, ignore_eos=True, drafter="recycling")))
+    shared = engine.shared_drafter("recycling")
+    assert shared.adjacency is not None
+    decoder = BatchDecoder(engine, 4)
+    decoder.add(prompt, GenerationConfig(max_new_tokens=12, drafter="recycling"), "greedy")
+    decoder.add(prompt, GenerationConfig(max_new_tokens=12, drafter="recycling", temperature=0.7, seed=1), "seeded")
+    greedy, seeded = decoder.rows
+    assert greedy.drafter is not shared and greedy.drafter.adjacency is shared.adjacency
+    assert greedy.drafter.acceptance is shared.acceptance
+    assert seeded.drafter.adjacency is None
+
+
 def test_packed_seeded_sampling_reproduces_the_lone_speculative_run():
     """A sampled row drafts as it would alone (its own fresh drafter): same seed, same tokens."""
     engine = packed_engine("llama", seed=2)

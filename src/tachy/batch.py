@@ -309,15 +309,21 @@ class BatchDecoder:
 
     # -- packed mode ------------------------------------------------------------------------------------------
     def _row_drafter(self, config: GenerationConfig) -> Drafter | None:
-        """This row's own drafter: a new instance of the config's (model-free where it would run a model),
-        wrapped by the prediction's drafter when the request has one."""
-        engine, drafter = self.engine, config.drafter
+        """This row's own drafter: a fork of the engine's drafter of that name (model-free where it would run a
+        model), which shares what the engine's drafter learned (``Drafter.fork``: the lone path keeps one
+        drafter per name, and fresh ones drafted ~10% fewer tokens per forward at concurrency 1); a new one
+        for a seeded sampling row, whose drafts, hence draws, may depend on its own text only. Wrapped by
+        the prediction's drafter when the request has one."""
+        engine, drafter, sampling = self.engine, config.drafter, config.sampling
+        seeded = not sampling.greedy and sampling.seed is not None
         if drafter == "none":
             drafter = None
         elif isinstance(drafter, str):
-            drafter = engine.new_drafter(drafter, config.sampling)
+            drafter = engine.new_drafter(drafter, sampling) if seeded else engine.shared_drafter(drafter)
         if drafter is not None and drafts_with_a_model(drafter):
-            drafter = engine.new_drafter("model-free", config.sampling)
+            drafter = engine.new_drafter("model-free", sampling) if seeded else engine.shared_drafter("model-free")
+        if drafter is not None and not seeded:
+            drafter = drafter.fork()
         drafter = engine.with_prediction(drafter, config)
         return drafter if config.max_draft_tokens else None
 

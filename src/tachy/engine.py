@@ -375,18 +375,22 @@ class Engine:
         a server calls this at start-up rather than in its first request."""
         return self._drafter(name, SamplingConfig())
 
+    def shared_drafter(self, name: str) -> Drafter:
+        """The engine's one drafter ``name``: its learned state (Token Recycling's table, acceptance counts)
+        carries across calls; batch rows draft with forks of it (``Drafter.fork``)."""
+        cache = self.__dict__.setdefault("_drafters", {})
+        if name not in cache:
+            cache[name] = make_drafter(name)
+            _check_target(cache[name], self)
+        return cache[name]
+
     def _drafter(self, drafter: str | Drafter | None, sampling: SamplingConfig) -> Drafter | None:
         if drafter is None or drafter == "none":
             return None
         if isinstance(drafter, str) and not sampling.greedy and sampling.seed is not None:
             return self.new_drafter(drafter, sampling)
         if isinstance(drafter, str):
-            # one instance per name and engine: learned state (Token Recycling's table) carries across calls
-            cache = self.__dict__.setdefault("_drafters", {})
-            if drafter not in cache:
-                cache[drafter] = make_drafter(drafter)
-                _check_target(cache[drafter], self)
-            return cache[drafter]
+            return self.shared_drafter(drafter)
         _check_target(drafter, self)
         return drafter
 

@@ -134,3 +134,14 @@ def test_wrappers_in_engine_loop():
                     AdaptiveLength(make_drafter("sam"))):
         stats = run_engine(drafter, stream, 200, 40, 12, 40)
         assert stats.accepted > 0
+
+
+def test_a_fork_of_a_composite_forks_its_inner_drafters():
+    d = FallbackDrafter([SuffixAutomatonDrafter(), AdaptiveLength(PromptLookupDrafter())])
+    twin = d.fork()
+    assert twin.drafters[0] is not d.drafters[0] and twin.drafters[1].inner is not d.drafters[1].inner
+    d.reset([1, 2, 3, 1, 2])
+    twin.reset([9, 9])
+    assert d.drafters[0].history == [1, 2, 3, 1, 2] and twin.drafters[0].history == [9, 9]   # a sequence each
+    assert d.drafters[1].inner.history == [1, 2, 3, 1, 2] and twin.drafters[1].inner.history == [9, 9]
+    assert d.propose([1, 2, 3, 1, 2], 4).tokens == [3, 1, 2, 3] and twin.propose([9, 9], 4).tokens == [9] * 4

@@ -83,3 +83,17 @@ def test_vocab_grows_and_edge_cases():
     assert d.adjacency.shape == (7, 8)
     assert d.adjacency[2, :2].tolist() == [2, 3] and sorted(d.adjacency[2].tolist()) == [-1, -1, 0, 1, 2, 3, 4, 5]
     assert d.adjacency.dtype == np.int32
+
+
+def test_a_fork_shares_the_table_and_acceptance_but_not_the_sequence():
+    d = TokenRecyclingDrafter(k=2, num_nodes=4, rank_probs=(0.6, 0.3))
+    twin = d.fork()                                      # before anything is learned: the table is made later
+    d.reset([1, 5])
+    twin.reset([3, 8, 8])
+    twin.update([3, 8, 8, 5], 0, ranked_logits([[7, 2]], 12), [5])   # the twin learns: after 5, 7 then 2
+    assert d.adjacency is twin.adjacency and d.adjacency[5].tolist() == [7, 2]
+    assert d.propose([1, 5], 4).tokens[:2] == [7, 2]    # the origin drafts from what its twin learned
+    assert d.history == [1, 5] and twin.history == [3, 8, 8, 5]
+    assert d.acceptance is twin.acceptance
+    d.update([1, 5, 7, 9], 1, ranked_logits([[7, 2], [9, 3], [4, 6]], 12), [5, 7, 2])   # 7 accepted
+    assert twin.acceptance.counts == d.acceptance.counts and d.acceptance.counts

@@ -25,6 +25,8 @@ Wrappers that delegate to other drafters (fallback, adaptive length) override ``
 """
 from __future__ import annotations
 
+import copy
+
 from typing import ClassVar, Sequence
 
 from torch import Tensor
@@ -172,6 +174,21 @@ class Drafter:
             self.acceptance.record(self.last_tree, self.last_keys, path)
         self.sync(ids)
         self._learn(accepted, logits, tokens)
+
+    def fork(self) -> Drafter:
+        """A drafter for another sequence decoded beside this one (a row of a batch): the same options, its own
+        per-sequence state (which ``reset`` makes anew), and this one's learned state shared by reference
+        (Token Recycling's table, the acceptance counts), so that rows learn from earlier requests and from
+        each other as the lone path's one drafter per engine does. The rows of a batch use their drafters on
+        one thread, one at a time. Wrappers keep their inner drafters in ``inner`` or ``drafters``: those
+        are forked too."""
+        self.__dict__.setdefault("acceptance", Acceptance())   # made lazily: make it shared before copying
+        twin = copy.copy(self)
+        if isinstance(getattr(self, "inner", None), Drafter):
+            twin.inner = self.inner.fork()
+        if isinstance(getattr(self, "drafters", None), list):
+            twin.drafters = [d.fork() for d in self.drafters]
+        return twin
 
     def check_target(self, target) -> None:
         """Called once by the engine that adopts this drafter (a draft model loads beside the target). The base

@@ -128,9 +128,18 @@ class TokenRecyclingDrafter(Drafter):
             depth[i] = 1 if p < 0 else depth[p] + 1
         self._depth = depth
         self._levels: dict[int, list[np.ndarray]] = {}
-        self.adjacency: np.ndarray | None = None
+        self._table: list[np.ndarray | None] = [None]   # the adjacency matrix, in a box its forks share
         if self.vocab_size is not None:
             self._allocate(self.vocab_size)
+
+    @property
+    def adjacency(self) -> np.ndarray | None:
+        """[vocab + 1, k] int32: each token's top-k successors from the last verify logits that had it."""
+        return self._table[0]
+
+    @adjacency.setter
+    def adjacency(self, table: np.ndarray | None) -> None:
+        self._table[0] = table
 
     def clear(self) -> None:
         """Forget everything learned (the adjacency matrix)."""
