@@ -1,6 +1,7 @@
 """Bounded load test of `tachy serve` on loopback: three schedulers, four concurrencies, then stop.
 
-For each scheduler (a fresh `tachy serve` subprocess on a free loopback port each):
+For each scheduler (a `tachy serve` subprocess on a free loopback port each, all started at once, idle while
+another is measured; each concurrency level runs the three in turn, who goes first rotating by level):
 
 * ``one at a time`` (``--max-batch 1``): every request alone on the engine's speculative path;
 * ``plain batching`` (``--max-batch 8 --batching plain``): overlapping requests share a forward, one token per
@@ -269,25 +270,32 @@ def main() -> None:
     results = {"model": args.model, "threads": args.threads, "max_tokens": args.max_tokens,
                "requests": args.requests, "long_every": args.long_every,
                "command": "python benchmarks/load_test.py " + " ".join(sys.argv[1:]), "load": {}, "join": {}}
-    for name in args.schedulers:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = start_server(args.model, port, args.threads, SCHEDULERS[name])
-        try:
-            model = asyncio.run(wait_ready(base, proc))
-            runs = []
-            for level, c in enumerate(args.concurrency):
-                texts = prompts(args.long_every, args.requests, first=level * args.requests)
+    servers = {}   # every scheduler's server up at once, so that each level runs them side by side
+    try:
+        for name in args.schedulers:
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            servers[name] = (base, start_server(args.model, port, args.threads, SCHEDULERS[name]), None)
+            servers[name] = (base, servers[name][1], asyncio.run(wait_ready(base, servers[name][1])))
+        results["load"] = {name: [] for name in args.schedulers}
+        for level, c in enumerate(args.concurrency):
+            texts = prompts(args.long_every, args.requests, first=level * args.requests)
+            shift = level % len(args.schedulers)   # who goes first rotates: drift of the machine spreads evenly
+            for name in args.schedulers[shift:] + args.schedulers[:shift]:
+                base, _, model = servers[name]
                 r = asyncio.run(run_load(base, model, texts, c, args.max_tokens))
                 print(f"{name}, concurrency {c}: {r}", file=sys.stderr, flush=True)
-                runs.append(r)
-            results["load"][name] = runs
+                results["load"][name].append(r)
+        for name in args.schedulers:
             if name != "one at a time":
+                base, _, model = servers[name]
                 results["join"][name] = {"without": asyncio.run(join_test(base, model, long_prompt, False)),
                                          "with": asyncio.run(join_test(base, model, long_prompt, True))}
                 print(f"{name}, join: {results['join'][name]}", file=sys.stderr, flush=True)
-        finally:
+    finally:
+        for _, proc, _ in servers.values():
             proc.terminate()
+        for _, proc, _ in servers.values():
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
