@@ -201,7 +201,8 @@ def report(results: dict) -> str:
     lines = [f"Load test of `tachy serve` ({results['model']}, {results['threads']} threads), loopback, greedy, "
              f"{results['max_tokens']} new tokens max, {results['requests']} requests per run, chat/completion x "
              f"stream/non-stream evenly mixed, every {results['long_every']}th prompt a 1.3-2k-token passage; "
-             "a fresh server per scheduler.", "", f"Command: `{results['command']}`", "",
+             "each level its own prompts; one server per scheduler, all up at once, the three run in turn at each "
+             "level (who goes first rotating).", "", f"Command: `{results['command']}`", "",
              "| scheduler | concurrency | failed | aggregate tokens/s | p50 / p99 latency s | p50 / p99 time to "
              "first token s | p50 / p99 inter-token ms |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, runs in results["load"].items():
