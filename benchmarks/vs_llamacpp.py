@@ -112,6 +112,7 @@ def main() -> None:
     if args.extra:
         sets["mt-bench-style"] = load_prompts(args.extra)
     gguf = tachy.load(args.model, dtype="gguf", progress=False)
+    gguf.set_prefix_cache(None)   # tachy plain and default read the same prompts: each must prefill its own
     tok = gguf.tokenizer
     prompts = {name: [(q, gguf.chat_prompt([{"role": "user", "content": q.turns[0]}]) if tok.has_chat_template
                        else tok.encode(q.turns[0])) for q in qs] for name, qs in sets.items()}
@@ -122,7 +123,9 @@ def main() -> None:
     engines["tachy plain"] = Tachy(gguf, None)
     engines["tachy default"] = Tachy(gguf, "default")
     if not args.no_bf16:
-        engines["tachy bf16 plain"] = Tachy(tachy.load(args.model, dtype="bf16", progress=False), None)
+        bf16 = tachy.load(args.model, dtype="bf16", progress=False)
+        bf16.set_prefix_cache(None)
+        engines["tachy bf16 plain"] = Tachy(bf16, None)
     bandwidth = memory_bandwidth(args.threads)
     weight_bytes = {"gguf": path.stat().st_size,
                     "bf16": 2 * sum(math.prod(shape) for shape in expected_shapes(gguf.config).values())}

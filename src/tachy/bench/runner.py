@@ -74,7 +74,10 @@ def run_prompt(engine: Engine, prompt: Prompt, config: GenerationConfig) -> Run:
 
 def method_config(method: str, max_new_tokens: int, max_draft_tokens: int) -> GenerationConfig:
     drafter = None if method == "vanilla" else method
-    return GenerationConfig(max_new_tokens=max_new_tokens, drafter=drafter, max_draft_tokens=max_draft_tokens)
+    # every method reads its prompt: one run after another on the same prompt would find its K/V in the
+    # engine's prefix cache, and the prefill the bench times would be free for all but the first
+    return GenerationConfig(max_new_tokens=max_new_tokens, drafter=drafter, max_draft_tokens=max_draft_tokens,
+                            prefix_cache=False)
 
 
 def run_bench(engine: Engine, prompts: list[Prompt], methods: list[str], max_new_tokens: int = 128,
