@@ -276,8 +276,9 @@ def main() -> None:
         for name in args.schedulers:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
-            servers[name] = (base, start_server(args.model, port, args.threads, SCHEDULERS[name]), None)
-            servers[name] = (base, servers[name][1], asyncio.run(wait_ready(base, servers[name][1])))
+            proc = start_server(args.model, port, args.threads, SCHEDULERS[name])
+            servers[name] = (base, proc, None)   # terminated in finally even if it never comes up
+            servers[name] = (base, proc, asyncio.run(wait_ready(base, proc)))
         results["load"] = {name: [] for name in args.schedulers}
         for level, c in enumerate(args.concurrency):
             texts = prompts(args.long_every, args.requests, first=level * args.requests)

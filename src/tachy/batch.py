@@ -58,6 +58,7 @@ from .generation import PREFILL_CHUNK, GenerationResponse, GenerationStats, Step
 from .errors import InvalidArgumentError
 from .prefix_cache import BLOCK_TOKENS, PrefixCache
 from .speculative.drafters import Drafter
+from .speculative.drafters.base import inner_drafters
 from .speculative.tree import DraftTree
 from .sampling import token_logprobs
 from .speculative.verify import verify_greedy, verify_sampling
@@ -75,8 +76,7 @@ def batchable(config: GenerationConfig, packed: bool = False) -> bool:
 
 def drafts_with_a_model(drafter: Drafter) -> bool:
     """Whether ``drafter`` (or one inside it) runs a draft model, which reads one sequence's own cache."""
-    inner = list(getattr(drafter, "drafters", ())) + [getattr(drafter, "inner", None)]
-    return drafter.needs_target or any(d is not None and drafts_with_a_model(d) for d in inner)
+    return drafter.needs_target or any(drafts_with_a_model(d) for d in inner_drafters(drafter))
 
 
 @dataclass
@@ -315,14 +315,11 @@ class BatchDecoder:
         for a seeded sampling row, whose drafts, hence draws, may depend on its own text only. Wrapped by
         the prediction's drafter when the request has one."""
         engine, drafter, sampling = self.engine, config.drafter, config.sampling
-        seeded = not sampling.greedy and sampling.seed is not None
-        if drafter == "none":
-            drafter = None
-        elif isinstance(drafter, str):
-            drafter = engine.new_drafter(drafter, sampling) if seeded else engine.shared_drafter(drafter)
+        if isinstance(drafter, str):   # the lone path's instance: shared, or new for a seeded row
+            drafter = engine._drafter(drafter, sampling)
         if drafter is not None and drafts_with_a_model(drafter):
-            drafter = engine.new_drafter("model-free", sampling) if seeded else engine.shared_drafter("model-free")
-        if drafter is not None and not seeded:
+            drafter = engine._drafter("model-free", sampling)
+        if drafter is not None and not sampling.seeded:
             drafter = drafter.fork()
         drafter = engine.with_prediction(drafter, config)
         return drafter if config.max_draft_tokens else None
@@ -497,9 +494,8 @@ class BatchDecoder:
 def _use_costs(drafter: Drafter, costs: list[float]) -> None:
     """Give a drafter and the drafters inside it the forward costs to weigh drafts against."""
     drafter.costs = costs
-    for inner in list(getattr(drafter, "drafters", ())) + [getattr(drafter, "inner", None)]:
-        if inner is not None:
-            _use_costs(inner, costs)
+    for inner in inner_drafters(drafter):
+        _use_costs(inner, costs)
 
 
 def _logprobs(row: Row, logits: torch.Tensor, tokens: list[int]):

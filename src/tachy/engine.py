@@ -128,7 +128,7 @@ class Engine:
             self.model(torch.ones(1, context, dtype=torch.long, device=self.device),
                        torch.arange(context, device=self.device), cache, last_only=True)
             if found is not None:
-                now = self._fastest_forwards(cache, context, [1], rounds=3)[1]
+                now = self._fastest_forwards(cache, context, [1], rounds=COST_ROUNDS)[1]
                 if found["costs"][1] <= SAVED_COSTS_SLACK * now:
                     self._costs = [float(c) for c in found["costs"]]
                     self._key_cost = float(found.get("key_cost", 0.0))
@@ -387,7 +387,7 @@ class Engine:
     def _drafter(self, drafter: str | Drafter | None, sampling: SamplingConfig) -> Drafter | None:
         if drafter is None or drafter == "none":
             return None
-        if isinstance(drafter, str) and not sampling.greedy and sampling.seed is not None:
+        if isinstance(drafter, str) and sampling.seeded:
             return self.new_drafter(drafter, sampling)
         if isinstance(drafter, str):
             return self.shared_drafter(drafter)
@@ -398,8 +398,7 @@ class Engine:
         """A fresh drafter ``name`` for one generation, checked against this target (no state learned in
         earlier calls). A seed must reproduce the output, so a seeded sampling generation's drafts may depend on
         nothing but the text: no timing gate (the ungated "model-free" stands in for "gated")."""
-        seeded = not sampling.greedy and sampling.seed is not None
-        return _check_target(make_drafter("model-free" if seeded and name == "gated" else name), self)
+        return _check_target(make_drafter("model-free" if sampling.seeded and name == "gated" else name), self)
 
     def with_prediction(self, drafter: Drafter | None, config: GenerationConfig) -> Drafter | None:
         """The drafter of a request with a prediction (Predicted Outputs): a fresh one that copies from the

@@ -71,6 +71,11 @@ class SamplingConfig:
         return self.temperature == 0.0
 
     @property
+    def seeded(self) -> bool:
+        """Seeded sampling: the output must reproduce, so its drafts (hence draws) depend on its text only."""
+        return not self.greedy and self.seed is not None
+
+    @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 

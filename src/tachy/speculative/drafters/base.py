@@ -113,6 +113,13 @@ class Acceptance:
                 counts[0] += i in accepted_nodes
 
 
+def inner_drafters(drafter: "Drafter") -> list["Drafter"]:
+    """The drafters a wrapper drafts with: its ``inner`` one or its list of ``drafters`` (the convention every
+    wrapper follows)."""
+    inner = getattr(drafter, "inner", None)
+    return list(getattr(drafter, "drafters", ())) + ([inner] if isinstance(inner, Drafter) else [])
+
+
 class Drafter:
     """Base class of all drafters (subclasses are usually dataclasses: fields = constructor options).
 
