@@ -5,7 +5,6 @@ import dataclasses
 import random
 
 import pytest
-import torch
 
 from tachy.batch import BatchDecoder, batchable
 from tachy import GenerationConfig

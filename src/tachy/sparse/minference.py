@@ -231,7 +231,7 @@ class MInferenceAttention(SparseAttention):
     # -- the PyTorch implementation (other devices; the tests' oracle) -------------------------------------------
     def mask(self, state: "PrefillState", layer: int, q: Tensor, k: Tensor, mask: Tensor, scale: float) -> Tensor:
         """Plain chunk rows: row t sees keys 0 .. start + t. q [1, H, T, D], k [1, Hkv, S, D], mask [T, S]."""
-        Hkv, S, (_, H, T, D) = k.shape[1], k.shape[2], q.shape
+        Hkv, (_, H, T, D) = k.shape[1], q.shape
         visible = (mask if mask.dim() == 3 else mask.expand(Hkv, -1, -1)).clone()
         if state.roles[layer] == DENSE:
             return visible

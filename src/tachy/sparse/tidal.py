@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from ..config import ModelConfig
 from ..errors import InvalidArgumentError

@@ -3,7 +3,6 @@ dwarfing them on a small shared CPU."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)

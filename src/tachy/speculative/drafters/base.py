@@ -284,3 +284,40 @@ class Drafter:
         fields = getattr(self, "__dataclass_fields__", {})
         opts = ", ".join(f"{k}={getattr(self, k)!r}" for k, f in fields.items() if f.init and f.repr)
         return f"{type(self).__name__}({opts})"
+
+
+class Wrapper(Drafter):
+    """A drafter that drafts through another one, ``inner`` (set by the subclass): it decides how much is
+    drafted or by which drafter, and hands the rest of the engine's calls on to ``inner`` (what the engine
+    learns about the target, the cache a self-draft reads, its draft-model time). Subclasses override only
+    what they change; ``Drafter.fork`` forks ``inner`` with them."""
+
+    inner: Drafter
+
+    @property
+    def needs_logits(self) -> bool:   # type: ignore[override]
+        return self.inner.needs_logits
+
+    def reset(self, prompt_ids: Sequence[int]) -> None:
+        self.inner.reset(prompt_ids)
+
+    def check_target(self, target) -> None:
+        self.inner.check_target(target)
+
+    def attach_cache(self, cache) -> None:
+        self.inner.attach_cache(cache)
+
+    @property
+    def model_s(self) -> float:
+        return self.inner.model_s
+
+    def propose(self, ids: Sequence[int], max_tokens: int) -> DraftTree:
+        self.last_tree = self.inner.propose(ids, max_tokens)
+        return self.last_tree
+
+    def update(self, ids: Sequence[int], accepted: int, logits: Tensor | None = None,
+               tokens: Sequence[int] | None = None) -> None:
+        self.inner.update(ids, accepted, logits, tokens)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"

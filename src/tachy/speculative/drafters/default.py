@@ -15,13 +15,11 @@ against the measured forward costs, see speculative/drafters/base.py).
 """
 from __future__ import annotations
 
-from typing import Sequence
 
-from torch import Tensor
 
 from ...models.quant import is_float_linear
 from ..tree import DraftTree
-from .base import Drafter
+from .base import Drafter, Wrapper
 from .draft_model import QuantizedSelfDrafter
 from .fallback import ModelFreeDrafter
 
@@ -36,7 +34,7 @@ def self_draft_pays(target) -> bool:
             and model.cpu_forward is None)
 
 
-class DefaultDrafter(Drafter):
+class DefaultDrafter(Wrapper):
     """quantized-self (the target's own int4 copy) on a CPU float target, else model-free.
 
     ``model-free`` until the engine shows it the target (``check_target``); see the module docstring."""
@@ -50,32 +48,7 @@ class DefaultDrafter(Drafter):
         self.inner: Drafter = ModelFreeDrafter(**self.options)
         self.last_tree = DraftTree.empty()
 
-    @property
-    def needs_logits(self) -> bool:   # type: ignore[override]
-        return self.inner.needs_logits
-
     def check_target(self, target) -> None:
         if self_draft_pays(target) and not isinstance(self.inner, QuantizedSelfDrafter):
             self.inner = QuantizedSelfDrafter(**self.options)
         self.inner.check_target(target)
-
-    def attach_cache(self, cache) -> None:
-        self.inner.attach_cache(cache)
-
-    @property
-    def model_s(self) -> float:
-        return self.inner.model_s
-
-    def reset(self, prompt_ids: Sequence[int]) -> None:
-        self.inner.reset(prompt_ids)
-
-    def propose(self, ids: Sequence[int], max_tokens: int) -> DraftTree:
-        self.last_tree = self.inner.propose(ids, max_tokens)
-        return self.last_tree
-
-    def update(self, ids: Sequence[int], accepted: int, logits: Tensor | None = None,
-               tokens: Sequence[int] | None = None) -> None:
-        self.inner.update(ids, accepted, logits, tokens)
-
-    def __repr__(self) -> str:
-        return f"DefaultDrafter({self.inner!r})"

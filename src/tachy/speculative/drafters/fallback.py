@@ -22,7 +22,7 @@ from typing import Sequence
 from torch import Tensor
 
 from ..tree import DraftTree
-from .base import Drafter
+from .base import Drafter, Wrapper
 from .suffix_automaton import SuffixAutomatonDrafter
 from .token_recycling import TokenRecyclingDrafter
 
@@ -135,7 +135,7 @@ class CombinedDrafter(_Composite):
         return self.last_tree
 
 
-class AdaptiveLength(Drafter):
+class AdaptiveLength(Wrapper):
     """Wrap ``inner`` so that its node budget follows acceptance.
 
     The budget starts at ``initial`` (capped by each step's ``max_tokens``); after a verify of this drafter's
@@ -148,7 +148,6 @@ class AdaptiveLength(Drafter):
             raise ValueError("need 1 <= min_tokens <= initial")
         self.inner = inner
         self.name = f"adaptive-{inner.name}"  # type: ignore[misc]
-        self.needs_logits = inner.needs_logits  # type: ignore[misc]
         self.initial, self.min_tokens, self.grow, self.shrink = initial, min_tokens, grow, shrink
         self.length = initial
         self._cap = initial
@@ -158,16 +157,6 @@ class AdaptiveLength(Drafter):
         self.length = self.initial
         self.last_tree = DraftTree.empty()
         self.inner.reset(prompt_ids)
-
-    def check_target(self, target) -> None:
-        self.inner.check_target(target)
-
-    def attach_cache(self, cache) -> None:
-        self.inner.attach_cache(cache)
-
-    @property
-    def model_s(self) -> float:
-        return self.inner.model_s
 
     def propose(self, ids: Sequence[int], max_tokens: int) -> DraftTree:
         self._cap = max(max_tokens, self.min_tokens)

@@ -19,11 +19,11 @@ from typing import Sequence
 from torch import Tensor
 
 from ..tree import DraftTree
-from .base import Drafter
+from .base import Drafter, Wrapper
 from .fallback import ModelFreeDrafter
 
 
-class SpeedGate(Drafter):
+class SpeedGate(Wrapper):
     """Wrap ``inner``; choose per step a draft budget among ``budgets`` by measured seconds per token.
 
     inner: the drafter to gate. budgets (default (0, 4, 8, 16)): candidate node budgets, 0 = plain decoding.
@@ -38,7 +38,6 @@ class SpeedGate(Drafter):
         if 0 not in budgets:
             raise ValueError("SpeedGate needs budget 0 (plain decoding) among its arms")
         self.inner = inner
-        self.needs_logits = inner.needs_logits  # type: ignore[misc]
         self.budgets = sorted(set(budgets))
         self.explore, self.decay = explore, decay
         self.rng = random.Random(seed)
@@ -53,16 +52,6 @@ class SpeedGate(Drafter):
         on each request cost more than it saved on short answers)."""
         self.inner.reset(prompt_ids)
         self.steps = 0
-
-    def check_target(self, target) -> None:
-        self.inner.check_target(target)
-
-    def attach_cache(self, cache) -> None:
-        self.inner.attach_cache(cache)
-
-    @property
-    def model_s(self) -> float:
-        return self.inner.model_s
 
     def choose(self) -> int:
         untried = [b for b in reversed(self.budgets) if b not in self.cost]
