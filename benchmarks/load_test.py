@@ -13,14 +13,14 @@ it sends ``--requests`` requests at each concurrency in ``--concurrency``: chat 
 not (evenly mixed), greedy, ``--max-tokens`` new tokens, prompts from vicuna_bench.jsonl with every
 ``--long-every``-th one a 1-2k-token passage of monte_cristo_pg1184.txt to summarize. A request fails unless
 it returns 200 with a complete body (streams: usage and ``[DONE]``). Reported: aggregate completion tokens/s,
-p50/p99 latency, p50/p99 time to first token (streams: the first chunk with text; others: the whole answer)
-and p99 inter-token latency (the gaps between a stream's chunks of text after its first).
+p50/p99 latency, p50/p99 time to first token (of the streams: their first chunk with text; a non-streamed
+answer's first token is not seen, its latency is the whole answer) and p99 inter-token latency (the gaps between a stream's chunks of text after its first).
 
 Then the join test, per batching scheduler: 4 streams of up to 600 tokens run; 1.5 s in, a 2k-token prompt joins
 (or, in the control run, nothing does); the running streams' p99 chunk gap while the joining prompt is read
 (from its request to its first token) against the same window of the control run.
 
-    python benchmarks/load_test.py [--requests 200] [--concurrency 1 4 8 16] [--max-tokens 64]
+    python benchmarks/load_test.py [--requests 200] [--concurrency 1 4 8 16] [--max-tokens 64] [--rounds 1]
 
 writes docs/results/server_load/results.json, results.md and load.png.
 """
@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -111,7 +112,6 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, i: int, 
                 usage = r.json()["usage"]
                 out["tokens"], out["prompt_tokens"] = usage["completion_tokens"], usage["prompt_tokens"]
                 out["ok"] = True
-            out["ttft_s"] = time.perf_counter() - start
         else:
             async with client.stream("POST", url, json=body) as r:
                 out["status"] = r.status_code
@@ -139,7 +139,8 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, i: int, 
     return out
 
 
-async def run_load(base: str, model: str, texts: list[str], concurrency: int, max_tokens: int) -> dict:
+async def send_all(base: str, model: str, texts: list[str], concurrency: int, max_tokens: int) -> tuple[list, float]:
+    """Every request of ``texts``, ``concurrency`` at a time: their results and the wall time."""
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
@@ -149,13 +150,24 @@ async def run_load(base: str, model: str, texts: list[str], concurrency: int, ma
 
         start = time.perf_counter()
         results = await asyncio.gather(*(task(i) for i in range(len(texts))))
-        wall = time.perf_counter() - start
+        return results, time.perf_counter() - start
+
+
+async def run_load(base: str, model: str, texts: list[str], concurrency: int, max_tokens: int) -> dict:
+    """Every request of ``texts``, ``concurrency`` at a time, summarized."""
+    results, wall = await send_all(base, model, texts, concurrency, max_tokens)
+    return summarize(results, wall, concurrency, [])
+
+
+def summarize(results: list[dict], wall: float, concurrency: int, rounds: list[float]) -> dict:
+    """One scheduler's numbers at one level (``rounds``: each round's tokens/s, where the level ran in rounds)."""
     lat = sorted(r["latency_s"] for r in results)
     ttft = sorted(r["ttft_s"] for r in results if r["ttft_s"] is not None)
     gaps = sorted(b - a for r in results for a, b in zip(r["chunks"], r["chunks"][1:]))
     tokens = sum(r["tokens"] for r in results if r["ok"])
-    return {"requests": len(texts), "concurrency": concurrency, "failed": sum(not r["ok"] for r in results),
+    return {"requests": len(results), "concurrency": concurrency, "failed": sum(not r["ok"] for r in results),
             "wall_s": round(wall, 2), "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+            "rounds_tokens_per_s": [round(t, 2) for t in rounds],
             "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in results if r["ok"]),
             "latency_p50_s": round(pct(lat, 50), 3), "latency_p99_s": round(pct(lat, 99), 3),
             "ttft_p50_s": round(pct(ttft, 50), 3), "ttft_p99_s": round(pct(ttft, 99), 3),
@@ -189,6 +201,23 @@ async def join_test(base: str, model: str, long_prompt: str, join: bool) -> dict
             "failed": sum(not r["ok"] for r in results) + (0 if joiner is None or joiner["ok"] else 1)}
 
 
+def stop_servers(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every server, then wait for each (killed after 60 s)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def write_results(out: Path, results: dict, text: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(text)
+
+
 def pct(sorted_values: list[float], p: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -204,7 +233,7 @@ def report(results: dict) -> str:
              "each level its own prompts; one server per scheduler, all up at once, the three run in turn at each "
              "level (who goes first rotating).", "", f"Command: `{results['command']}`", "",
              "| scheduler | concurrency | failed | aggregate tokens/s | p50 / p99 latency s | p50 / p99 time to "
-             "first token s | p50 / p99 inter-token ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "first token s (streams) | p50 / p99 inter-token ms |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, runs in results["load"].items():
         for r in runs:
             lines.append(f"| {name} | {r['concurrency']} | {r['failed']} | {r['tokens_per_s']} | "
@@ -219,6 +248,16 @@ def report(results: dict) -> str:
     if lone and spec:
         lines += ["Speculative batching / one at a time (the lone speculative path): " + ", ".join(
             f"concurrency {c}: {spec[c] / lone[c]:.2f}x" for c in spec if c in lone) + "."]
+    if results.get("rounds", 1) > 1:
+        lines += ["", f"Per round ({results['rounds']} rounds a level, the schedulers in turn in each), the ratio of "
+                  "tokens/s to one at a time's in the same round, median [min - max]:"]
+        for name, runs in results["load"].items():
+            if name != "one at a time" and "one at a time" in results["load"]:
+                lines.append(f"- {name}: " + ", ".join(
+                    f"concurrency {r['concurrency']}: " + round_ratios(r, l)
+                    for r, l in zip(runs, results["load"]["one at a time"])) + ".")
+    if not results["join"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "Join test: 4 running streams (up to 600 tokens each); a 2k-token prompt joins 1.5 s in. The "
               "streams' chunk gaps while it is read, against the same window without it:", "",
               "| scheduler | p99 gap without, ms | p99 gap while the prompt joins, ms | ratio | joiner's time to "
@@ -231,6 +270,11 @@ def report(results: dict) -> str:
         lines.append(f"| {name} | {without} | {with_} | {ratio} | "
                      f"{j['with']['joiner_ttft_s']} | {j['with']['failed'] + j['without']['failed']} |")
     return "\n".join(lines) + "\n"
+
+
+def round_ratios(run: dict, base: dict) -> str:
+    ratios = sorted(a / b for a, b in zip(run["rounds_tokens_per_s"], base["rounds_tokens_per_s"]))
+    return f"{statistics.median(ratios):.2f}x [{ratios[0]:.2f} - {ratios[-1]:.2f}]"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -263,13 +307,17 @@ def main() -> None:
     ap.add_argument("--long-every", type=int, default=10, help="every Nth prompt is 1.3-2k tokens (0: none)")
     ap.add_argument("--threads", type=int, default=2, help="threads of the server")
     ap.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=list(SCHEDULERS))
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="split each level's requests into this many rounds, the schedulers taking turns in each "
+                         "(finer interleaving: the ratios per round show the spread of the machine)")
+    ap.add_argument("--join", action=argparse.BooleanOptionalAction, default=True, help="run the join test")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     from tachy.server.background import free_port
 
     long_prompt = prompts(2, 2)[1][:9000]   # request 1 of the long-every-2 set: no level's prompt
     results = {"model": args.model, "threads": args.threads, "max_tokens": args.max_tokens,
-               "requests": args.requests, "long_every": args.long_every,
+               "requests": args.requests, "long_every": args.long_every, "rounds": args.rounds,
                "command": "python benchmarks/load_test.py " + " ".join(sys.argv[1:]), "load": {}, "join": {}}
     servers = {}   # every scheduler's server up at once, so that each level runs them side by side
     try:
@@ -282,29 +330,29 @@ def main() -> None:
         results["load"] = {name: [] for name in args.schedulers}
         for level, c in enumerate(args.concurrency):
             texts = prompts(args.long_every, args.requests, first=level * args.requests)
-            shift = level % len(args.schedulers)   # who goes first rotates: drift of the machine spreads evenly
-            for name in args.schedulers[shift:] + args.schedulers[:shift]:
-                base, _, model = servers[name]
-                r = asyncio.run(run_load(base, model, texts, c, args.max_tokens))
+            size = -(-len(texts) // args.rounds)
+            sent = {name: [] for name in args.schedulers}    # every request's result
+            walls = {name: [] for name in args.schedulers}   # each round's (wall s, completion tokens)
+            for k, start in enumerate(range(0, len(texts), size)):
+                shift = (level + k) % len(args.schedulers)   # who goes first rotates: machine drift spreads evenly
+                for name in args.schedulers[shift:] + args.schedulers[:shift]:
+                    base, _, model = servers[name]
+                    res, wall = asyncio.run(send_all(base, model, texts[start:start + size], c, args.max_tokens))
+                    sent[name] += res
+                    walls[name].append((wall, sum(r["tokens"] for r in res if r["ok"])))
+            for name in args.schedulers:
+                r = summarize(sent[name], sum(w for w, _ in walls[name]), c, [t / w for w, t in walls[name]])
                 print(f"{name}, concurrency {c}: {r}", file=sys.stderr, flush=True)
                 results["load"][name].append(r)
-        for name in args.schedulers:
+        for name in args.schedulers if args.join else []:
             if name != "one at a time":
                 base, _, model = servers[name]
                 results["join"][name] = {"without": asyncio.run(join_test(base, model, long_prompt, False)),
                                          "with": asyncio.run(join_test(base, model, long_prompt, True))}
                 print(f"{name}, join: {results['join'][name]}", file=sys.stderr, flush=True)
     finally:
-        for _, proc, _ in servers.values():
-            proc.terminate()
-        for _, proc, _ in servers.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "results.md").write_text(report(results))
+        stop_servers([proc for _, proc, _ in servers.values()])
+    write_results(args.out, results, report(results))
     plot(results, args.out / "load.png")
     print(report(results))
     if any(r["failed"] for runs in results["load"].values() for r in runs):

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from load_test import ROOT, one_request, pct, prompts, run_load, start_server, wait_ready   # benchmarks/ on path
+from load_test import (ROOT, one_request, pct, prompts, run_load, start_server, stop_servers, wait_ready,
+                       write_results)   # benchmarks/ on path
 
 OUT = ROOT / "docs" / "results" / "ray_load"
 
@@ -143,15 +142,8 @@ def main() -> None:
             serve.shutdown()
             ray.shutdown()
     finally:
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "results.md").write_text(report(results))
+        stop_servers(procs)
+    write_results(args.out, results, report(results))
     print(report(results))
     if any(r["failed"] for r in results["load"].values()):
         sys.exit(1)
