@@ -323,3 +323,55 @@ def test_park_refuses_a_row_still_reading_its_prompt():
         decoder.park(decoder.rows[0])
     with pytest.raises(InvalidArgumentError, match="nothing to resume"):
         decoder.resume()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_row_whose_own_work_fails_leaves_alone(packed):
+    """A row's logits processor (or, packed, its drafter) raising ends that row only: its error is in
+    ``failed``, its cache row is free, and the other rows still give their lone output."""
+    engine = packed_engine("llama", seed=1) if packed else tiny_engine(seed=1, eos=(3,))[0]
+    decoder = BatchDecoder(engine, max_batch=3)
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True, drafter="sam" if packed else None)
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11], [12, 13, 14, 12, 13, 14]]
+    out = {i: [] for i in range(3)}
+
+    def take(events):
+        for row, piece in events:
+            out[row.tag] += piece.token_ids
+
+    for i, prompt in enumerate(prompts):
+        take(decoder.add(prompt, config, tag=i))
+
+    def broken(*args):
+        raise RuntimeError("row 1 broke")
+
+    failing = decoder.rows[1]
+    if packed:
+        take(decoder.step())   # the prompts are read and every row has its first token
+        failing.drafter.propose = broken
+    else:
+        failing.processor = broken
+    while decoder.rows:
+        take(decoder.step())
+    assert [(r.tag, str(e)) for r, e in decoder.failed] == [(1, "row 1 broke")]
+    assert failing.done and failing.slot == -1 and failing not in decoder.rows
+    for i in (0, 2):
+        assert out[i] == alone(engine, prompts[i], config)[0]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_logit_bias_rows_equal_their_lone_plain_output(packed):
+    """OpenAI's logit_bias is a logits processor like the penalties: it changes the greedy tokens, and a
+    batch row (packed: drafting) or a lone speculative run gives the plain lone output under it."""
+    engine = packed_engine("llama", seed=4) if packed else tiny_engine(seed=4, eos=(3,))[0]
+    prompt = repetitive_prompt(random.Random(2), engine.config.vocab_size)
+    free = alone(engine, prompt, GenerationConfig(max_new_tokens=12, ignore_eos=True))[0]
+    other = 5 if free[0] != 5 else 6
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True, logit_bias={free[0]: -100.0, other: 0.5},
+                              drafter="sam" if packed else None)
+    lone = alone(engine, prompt, config)
+    assert lone[0][0] != free[0]
+    got, _ = batched(engine, [(prompt, config, 0), (prompt[:7], config, 1)], max_batch=2)
+    assert got == [lone, alone(engine, prompt[:7], config)]
+    speculative = list(engine.stream(prompt, dataclasses.replace(config, drafter="sam")))
+    assert [t for p in speculative for t in p.token_ids] == lone[0]

@@ -25,7 +25,8 @@ def probs_of(values: list[float], **cfg) -> list[float]:
     dict(top_k=-1), dict(top_k=2.5), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=-0.1), dict(min_p=1.0),
     dict(typical_p=0.0), dict(typical_p=1.2), dict(repetition_penalty=0.0), dict(repetition_penalty=-1.0),
     dict(presence_penalty=float("inf")), dict(frequency_penalty=float("nan")), dict(temperature="hot"),
-    dict(seed=1.5),
+    dict(seed=1.5), dict(logit_bias={3: 100.5}), dict(logit_bias={3: float("nan")}), dict(logit_bias={-1: 1.0}),
+    dict(logit_bias={"3": 1.0}), dict(logit_bias={True: 1.0}), dict(logit_bias=[(3, 1.0)]),
 ])
 def test_invalid_config_raises(kwargs):
     with pytest.raises(InvalidArgumentError) as err:
@@ -44,6 +45,17 @@ def test_config_defaults_and_greedy():
 
 def test_no_penalties_means_no_processor():
     assert make_logits_processor(SamplingConfig(temperature=0.8, top_k=5)) is None
+
+
+def test_logit_bias_moves_the_listed_tokens_after_the_penalties():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    process = make_logits_processor(SamplingConfig(logit_bias={0: 100, 3: -100, 1: 0.5}))
+    out = process(logits, [[], []])
+    assert out.tolist() == [[101.0, 2.5, 3.0, -96.0], [100.0, 0.5, 0.0, -100.0]] and logits[0, 0] == 1.0
+    both = make_logits_processor(SamplingConfig(repetition_penalty=2.0, logit_bias={2: 1.0}))
+    assert both(logits[:1], [2]).tolist() == [[1.0, 2.0, 2.5, 4.0]]   # 3 / 2 (penalty), then + 1 (bias)
+    with pytest.raises(InvalidArgumentError, match="vocabulary"):
+        make_logits_processor(SamplingConfig(logit_bias={4: 1.0}))(logits, [[], []])
 
 
 def test_repetition_penalty_hf_semantics():
@@ -122,6 +134,8 @@ def test_top_p():
     assert probs_of(p, top_p=0.7) == pytest.approx([0, 0.625, 0, 0.375])  # 0.5 < 0.7 <= 0.8
     assert probs_of(p, top_p=0.9) == pytest.approx([0.15 / 0.95, 0.5 / 0.95, 0, 0.3 / 0.95])
     assert probs_of(p, top_p=0.01) == pytest.approx([0, 1, 0, 0])  # always keeps the top token
+    assert probs_of(p, top_p=1e-300) == pytest.approx([0, 1, 0, 0])  # 0 in float32: still the top token
+    assert probs_of([0.001] * 300 + [0.7], top_p=1e-300)[-1] == pytest.approx(1.0)   # the 256-candidate path
     # top-p acts on the top-k renormalized distribution: [.5 .3 .15] / .95, mass before .15 is .842
     assert probs_of(p, top_k=3, top_p=0.8) == pytest.approx([0, 0.625, 0, 0.375])
     assert probs_of(p, top_k=3, top_p=0.85) == pytest.approx([0.15 / 0.95, 0.5 / 0.95, 0, 0.3 / 0.95])

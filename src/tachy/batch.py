@@ -11,7 +11,9 @@ scheduler uses this when requests overlap, server/scheduler.py).
   and then picks every row's next token with its own config: logits processor (penalties, strategy
   processors, structured output, watermark), greedy or sampled with its own generator; its own text stream
   (EOS, token budget, stop strings; ``engine.TextStream``).
-* A row **leaves** when it finishes or is removed (a cancelled request): its cache row is free at once.
+* A row **leaves** when it finishes or is removed (a cancelled request): its cache row is free at once. A row
+  whose own work raises (its logits processor, drafter or text stream) leaves alone, its error kept in
+  ``BatchDecoder.failed`` for the caller; the other rows go on (a failed forward fails them all).
 * A row may be **parked** (preempted) between steps to free its cache row for a waiting request: its K/V is
   copied out and everything else (drafter, text stream, sampler, structured-output state) stays with it;
   **resumed**, it gets a cache row again with those K/V copied back, so its tokens are those it would have
@@ -130,6 +132,7 @@ class BatchDecoder:
         self.packed = packed and engine.model.cpu_forward is not None   # packed=False: plain rows anyway
         self._costs_by_rows: dict[int, list[float]] = {}   # _row_costs, by number of running rows
         self._prompt_token_s: float | None = None           # a prompt token's cost in mixed forwards
+        self.failed: list[tuple[Row, Exception]] = []        # rows that left on their own error (``_fail``)
 
     @property
     def free(self) -> int:
@@ -237,7 +240,8 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """One forward over every active row; returns the pieces it made sendable (finished rows leave)."""
+        """One forward over every active row; returns the pieces it made sendable (finished rows leave). A row
+        whose own work raised leaves too, into ``failed`` (row, error), which the caller empties."""
         if not self.rows:
             return []
         if self.packed:
@@ -253,22 +257,29 @@ class BatchDecoder:
         elapsed = time.perf_counter() - start
         events: list[Event] = []
         for b, row in enumerate(rows):
-            t = time.perf_counter()
-            row_logits = logits[b]
-            if row.processor is not None:  # the same calls as the engine's loop with an empty draft
-                row_logits = row.processor(row_logits, empty.row_contexts(torch.tensor(row.ids, device=engine.device)))
-            if row.probs_fn is None:
-                _, token = verify_greedy(empty, row_logits)
-            else:
-                _, token = verify_sampling(empty, row.probs_fn(row_logits), row.generator)
-            row.root = token
-            row.ids.append(token)
-            row.stats.forwards += 1
-            row.stats.generated_tokens += 1
-            row.stats.decode_s += elapsed + time.perf_counter() - t
-            events += self._emit(row, Step([token], 0, 0, _logprobs(row, row_logits, [token])))
-            if not row.done and not self._budget_left(row, cache.lengths[row.slot]):
-                events += self._finish(row)
+            try:
+                events += self._decoded(row, logits[b], empty, elapsed)
+            except Exception as e:  # noqa: BLE001 - its own processor or text stream failed: its request's alone
+                self._fail(row, e)
+        return events
+
+    def _decoded(self, row: Row, row_logits: torch.Tensor, empty: DraftTree, elapsed: float) -> list[Event]:
+        """Plain mode: choose one row's next token from its logits (the engine's loop with an empty draft)."""
+        t = time.perf_counter()
+        if row.processor is not None:
+            row_logits = row.processor(row_logits, empty.row_contexts(torch.tensor(row.ids, device=self.engine.device)))
+        if row.probs_fn is None:
+            _, token = verify_greedy(empty, row_logits)
+        else:
+            _, token = verify_sampling(empty, row.probs_fn(row_logits), row.generator)
+        row.root = token
+        row.ids.append(token)
+        row.stats.forwards += 1
+        row.stats.generated_tokens += 1
+        row.stats.decode_s += elapsed + time.perf_counter() - t
+        events = self._emit(row, Step([token], 0, 0, _logprobs(row, row_logits, [token])))
+        if not row.done and not self._budget_left(row, self.cache.lengths[row.slot]):
+            events += self._finish(row)
         return events
 
     # -- internals --------------------------------------------------------------------------------------------
@@ -288,6 +299,15 @@ class BatchDecoder:
         """The steps ran out (context window full) before the text stream finished."""
         self.remove(row)
         return [(row, row.text.end())]
+
+    def _fail(self, row: Row, error: Exception) -> None:
+        """A row whose own work raised (its logits processor, drafter or text stream: code that runs per
+        request) leaves the batch and its error waits in ``failed`` for the caller; the other rows go on. Its
+        K/V does not go to the prefix cache: its state may be half updated."""
+        if row in self.rows:
+            self.rows.remove(row)
+        row.slot, row.done = -1, True
+        self.failed.append((row, error))
 
     def _place(self, row: Row, single) -> None:
         """Copy a prefilled sequence into a free cache row (growing the cache to the row's whole need)."""
@@ -373,21 +393,14 @@ class BatchDecoder:
         plan: list[tuple[Row, list[int], DraftTree | None]] = []   # (row, tokens, tree; None: a prompt chunk)
         decode_tokens = 0
         costs = self._row_costs(sum(not r.pending for r in self.rows) or 1)
-        for row in self.rows:
+        for row in list(self.rows):
             if row.pending:
                 continue
-            if row.drafter is not None and (row.probs_fn is None or row.config.seed is None):
-                # a seeded sampling row keeps the lone costs: its drafts, hence its draws, are its lone run's
-                _use_costs(row.drafter, costs)
-            length = cache.lengths[row.slot]
-            room = min(engine.max_context - length - 2, row.config.max_new_tokens - row.stats.generated_tokens - 1)
-            tree = DraftTree.empty()
-            if row.drafter is not None and room > 0:
-                t = time.perf_counter()
-                tree = row.drafter.propose(row.ids, min(row.config.max_draft_tokens, room))
-                if len(tree) > room:
-                    tree = tree.truncate(room)
-                row.stats.draft_s += time.perf_counter() - t
+            try:
+                tree = self._draft(row, costs)
+            except Exception as e:  # noqa: BLE001 - its drafter failed: its request's failure alone
+                self._fail(row, e)
+                continue
             plan.append((row, [row.root] + tree.tokens, tree))
             decode_tokens += 1 + len(tree)
         budget = self._chunk_budget(decode_tokens)
@@ -431,14 +444,32 @@ class BatchDecoder:
         events: list[Event] = []
         at = 0
         for row, toks, tree in plan:
-            if tree is None:
-                last = len(toks) == len(row.pending)
-                events += self._prefilled(row, toks, logits[at:at + 1] if last else None)
-                at += last
-            else:
-                events += self._verified(row, toks, tree, logits[at:at + len(toks)], elapsed)
-                at += len(toks)
+            n = len(toks) if tree is not None else int(len(toks) == len(row.pending))   # its rows of logits
+            try:
+                if tree is None:
+                    events += self._prefilled(row, toks, logits[at:at + 1] if n else None)
+                else:
+                    events += self._verified(row, toks, tree, logits[at:at + n], elapsed)
+            except Exception as e:  # noqa: BLE001 - its processor, drafter or text stream: its request's alone
+                self._fail(row, e)
+            at += n
         return events
+
+    def _draft(self, row: Row, costs: list[float]) -> DraftTree:
+        """A running row's draft for this step (empty without a drafter or room for more tokens)."""
+        if row.drafter is not None and (row.probs_fn is None or row.config.seed is None):
+            # a seeded sampling row keeps the lone costs: its drafts, hence its draws, are its lone run's
+            _use_costs(row.drafter, costs)
+        length = self.cache.lengths[row.slot]
+        room = min(self.engine.max_context - length - 2, row.config.max_new_tokens - row.stats.generated_tokens - 1)
+        if row.drafter is None or room <= 0:
+            return DraftTree.empty()
+        t = time.perf_counter()
+        tree = row.drafter.propose(row.ids, min(row.config.max_draft_tokens, room))
+        if len(tree) > room:
+            tree = tree.truncate(room)
+        row.stats.draft_s += time.perf_counter() - t
+        return tree
 
     def _prefilled(self, row: Row, chunk: list[int], logits: torch.Tensor | None) -> list[Event]:
         """A prompt chunk is in the cache; after the last one, choose the first token (as Engine._prefill)."""

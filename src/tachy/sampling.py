@@ -4,8 +4,9 @@ Two stages, in this order, on float32 logits ``[N, V]`` (N = 1 for plain decodin
 tree when verifying):
 
 1. ``make_logits_processor(cfg)``: penalties that depend on the text so far (repetition, presence,
-   frequency). Each row can have its own context, which is how a draft-tree node is penalized for the draft
-   tokens on its own path (see ``DraftTree.row_contexts``). ``None`` when no penalty is active.
+   frequency), then OpenAI's ``logit_bias`` (a fixed amount per listed token). Each row can have its own
+   context, which is how a draft-tree node is penalized for the draft tokens on its own path (see
+   ``DraftTree.row_contexts``). ``None`` when neither is active.
 2. ``make_probs_fn(cfg)``: temperature, then top-k, top-p, min-p, typical-p (Hugging Face's warper order).
    It returns the exact distribution tokens are drawn from, which is also what lossless speculative
    verification needs. For a greedy config it returns the one-hot argmax distribution.
@@ -27,6 +28,7 @@ from tachy.errors import InvalidArgumentError
 from tachy.generation import TokenLogprob
 
 Context = Union[Tensor, Sequence[int]]
+MAX_LOGIT_BIAS = 100.0   # OpenAI's bound: -100 in effect bans a token, +100 makes it the only choice
 # logits [N, V], context: one id sequence shared by all rows, or a list of N (one per row) -> new logits [N, V]
 LogitsProcessor = Callable[[Tensor, Union[Context, Sequence[Context]]], Tensor]
 ProbsFn = Callable[[Tensor], Tensor]
@@ -45,6 +47,7 @@ class SamplingConfig:
     presence_penalty: float = 0.0  # 0 = off (OpenAI semantics)
     frequency_penalty: float = 0.0  # 0 = off (OpenAI semantics)
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None   # token id -> added to its logit (OpenAI semantics)
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty",
@@ -65,6 +68,16 @@ class SamplingConfig:
         _check(0 <= self.min_p < 1, "min_p", self.min_p, "in [0, 1) (0 = off)")
         _check(0 < self.typical_p <= 1, "typical_p", self.typical_p, "in (0, 1] (1 = off)")
         _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0 (1 = off)")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise InvalidArgumentError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+            for token, bias in self.logit_bias.items():
+                if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+                    raise InvalidArgumentError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+                if (isinstance(bias, bool) or not isinstance(bias, numbers.Real) or not math.isfinite(bias)
+                        or abs(bias) > MAX_LOGIT_BIAS):
+                    raise InvalidArgumentError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, "
+                                               f"{MAX_LOGIT_BIAS:g}], got {bias!r} for token {token}")
 
     @property
     def greedy(self) -> bool:
@@ -148,12 +161,30 @@ def make_logits_processor(cfg: SamplingConfig) -> LogitsProcessor | None:
     greedy.
     """
     if not cfg.has_penalties:
-        return None
+        return make_bias_processor(cfg.logit_bias)
     rep, pres, freq = cfg.repetition_penalty, cfg.presence_penalty, cfg.frequency_penalty
 
     def process(logits: Tensor, context: Context | Sequence[Context]) -> Tensor:
         counts = token_counts(context, logits.shape[0], logits.shape[-1], logits.device)
         return apply_penalties(logits, counts, rep, pres, freq)
+
+    return chain(process, make_bias_processor(cfg.logit_bias))
+
+
+def make_bias_processor(logit_bias: dict[int, float] | None) -> LogitsProcessor | None:
+    """OpenAI's ``logit_bias``: each listed token's logit moves by its bias, the same on every row."""
+    if not logit_bias:
+        return None
+    ids = torch.tensor(list(logit_bias), dtype=torch.long)
+    bias = torch.tensor([float(b) for b in logit_bias.values()])
+
+    def process(logits: Tensor, context) -> Tensor:
+        if int(ids.max()) >= logits.shape[-1]:
+            raise InvalidArgumentError(f"logit_bias names token {int(ids.max())}; the vocabulary has "
+                                       f"{logits.shape[-1]} tokens")
+        out = logits.clone()
+        out[..., ids.to(out.device)] += bias.to(out.device, out.dtype)
+        return out
 
     return process
 
@@ -177,7 +208,9 @@ def _nucleus_drop(values: Tensor, log_total: Tensor, top_p: float) -> Tensor:
     (never the first). ``log_total`` = logsumexp over the whole distribution the values belong to."""
     probs = torch.exp(values - log_total)
     mass_before = torch.cumsum(probs, dim=-1) - probs
-    return mass_before >= top_p
+    drop = mass_before >= top_p
+    drop[..., 0] = False   # a top_p below float32's smallest value compares as 0: the first token must stay
+    return drop
 
 
 def _top_k_top_p(logits: Tensor, top_k: int, top_p: float) -> Tensor:

@@ -66,3 +66,14 @@ def test_bad_watermark_options():
         GenerationConfig(watermark={"strength": 2})
     with pytest.raises(InvalidArgumentError, match="two tokens"):
         detect([1], 101)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"key": "abc"}, "key must be an integer"), ({"key": 1.5}, "key must be an integer"),
+    ({"delta": 1e308}, "delta must be in"), ({"delta": float("nan")}, "finite"), ({"gamma": "x"}, "finite"),
+    ({"gamma": float("inf")}, "finite"), ({"delta": True}, "finite"),
+])
+def test_watermark_options_from_json_are_checked(options, match):
+    """Request JSON reaches these options: each used to fail (or give NaN logits) at the first token."""
+    with pytest.raises(InvalidArgumentError, match=match):
+        GenerationConfig(watermark=options)

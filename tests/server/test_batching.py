@@ -132,6 +132,39 @@ def test_a_failed_batch_forward_fails_its_jobs_and_the_worker_lives_on(monkeypat
     assert ok[-1][2].finish_reason == "length"
 
 
+def test_a_row_that_fails_ends_its_job_alone(monkeypatch):
+    """A failure in one request's own per-row work (its processor, drafter, text stream) fails that request
+    only: the others in the batch finish with their lone output."""
+    from tachy.batch import BatchDecoder
+
+    engine, _ = tiny_engine(seed=1, eos=(3,))
+    decoded = BatchDecoder._decoded
+
+    def fragile(self, row, *args):
+        if row.ids[0] == 99 and row.stats.generated_tokens >= 3:
+            raise RuntimeError("this request's processor failed")
+        return decoded(self, row, *args)
+
+    monkeypatch.setattr(BatchDecoder, "_decoded", fragile)
+    config = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    prompts = [[5, 6, 7], [99, 6, 7], [8, 9, 10]]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine, max_batch=3)
+        jobs = [Job([(p, config)], loop) for p in prompts]
+        submit_together(sched, jobs)
+        results = [await drain(j) for j in jobs]
+        sched.close()
+        return results, sched.metrics
+
+    (first, broken, last), metrics = asyncio.run(main())
+    assert metrics.batch_steps > 0
+    assert broken[-1][0] == "error" and "processor failed" in str(broken[-1][2])
+    assert texts(first, 1) == [alone(engine, prompts[0], config)]
+    assert texts(last, 1) == [alone(engine, prompts[2], config)]
+
+
 def test_huge_max_tokens_cannot_starve_a_short_request():
     """Every row taken by long generations: with preemption a short request joins after a turn of
     ``preempt_after`` tokens and finishes while they still run; they resume and still give their lone text.

@@ -30,6 +30,9 @@ valid_common = {
     "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=3)),
     "seed": st.integers(-2**64, 2**64), "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "logit_bias": st.dictionaries(st.one_of(st.integers(-3, 60000).map(str), st.text(max_size=4)),
+                                  st.floats(-150, 150), max_size=4),
+    "top_k": st.integers(-3, 100), "min_p": st.floats(-0.5, 1.5), "repetition_penalty": st.floats(-1, 12),
     "prediction": st.fixed_dictionaries({"type": st.just("content"), "content": st.text(max_size=30)}),
     "tachy": st.fixed_dictionaries({}, optional={
         "drafter": st.sampled_from(["default", "none", "sam", "pld", "rest", "trigram", "gated", "x"]),
@@ -55,7 +58,7 @@ valid_completion = st.fixed_dictionaries(
     optional={**valid_common, "echo": st.booleans(), "logprobs": st.integers(0, 5), "suffix": st.none()})
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "echo",
           "tools", "tool_choice",
-          "suffix", "user", *valid_common]
+          "suffix", "user", "best_of", *valid_common]
 
 
 def mutated(valid):

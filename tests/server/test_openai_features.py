@@ -162,3 +162,25 @@ def test_logprob_values_are_finite(client):
     r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, temperature=0.8, seed=1,
                                        logprobs=True, top_logprobs=0)
     assert all(math.isfinite(c.logprob) and c.top_logprobs == [] for c in r.choices[0].logprobs.content)
+
+
+def test_logit_bias_and_the_extra_sampling_controls_are_honoured(client, smollm):
+    """logit_bias and vLLM's top_k / min_p / repetition_penalty reach the sampler: each answer is the engine's
+    own with those options (tests/test_sampling.py checks what they do to the logits)."""
+    from tachy import GenerationConfig
+
+    prompt = smollm.chat_prompt(ASK)
+    free = list(smollm.generate_tokens(prompt, GenerationConfig(max_new_tokens=1)))[0].tokens[0]
+    for extra in ({"logit_bias": {str(free): -100}}, {"logit_bias": {str(free): 100, "17": -5.5}},
+                  {"repetition_penalty": 1.8}, {"top_k": 1, "min_p": 0.2}, {"top_k": -1}):
+        sampled = "logit_bias" not in extra
+        r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, extra_body=extra,
+                                           temperature=0.9 if sampled else 0, seed=3)
+        options = {**extra, "logit_bias": {int(k): v for k, v in extra.get("logit_bias", {}).items()} or None,
+                   "top_k": max(extra.get("top_k", 0), 0)}
+        local = smollm.generate(prompt, GenerationConfig(max_new_tokens=12, temperature=0.9 if sampled else 0,
+                                                         seed=3, **options))
+        assert r.choices[0].message.content == local, extra
+    banned = smollm.generate(prompt, GenerationConfig(max_new_tokens=4, logit_bias={free: -100}))
+    forced = smollm.generate(prompt, GenerationConfig(max_new_tokens=4, logit_bias={free: 100}))
+    assert forced == smollm.tokenizer.decode([free] * 4) and not banned.startswith(smollm.tokenizer.decode([free]))

@@ -161,3 +161,75 @@ def test_sigterm_mid_stream_ends_the_stream_with_an_error_and_exits(tmp_path):
     assert errors and "shutting down" in errors[0]["error"]["message"]
     finishes = [c["finish_reason"] for e in events[:-1] for c in json.loads(e).get("choices", [])]
     assert "abort" in finishes
+
+
+def test_a_tiny_top_p_samples_the_top_token(server):
+    """top_p=1e-300 is 0 in float32: every token was dropped and sampling raised (a 500, and in a batch the
+    error of every row sharing the step)."""
+    url, _ = server
+    greedy = post(url, "/v1/chat/completions", CHAT)
+    r = post(url, "/v1/chat/completions", {**CHAT, "temperature": 1.0, "top_p": 1e-300, "seed": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("body, param", [
+    # a watermark option that failed at the first sampled token (a 500 for the whole batch)
+    ({**CHAT, "temperature": 1.0, "tachy": {"watermark": {"key": "abc"}}}, None),
+    ({**CHAT, "temperature": 1.0, "tachy": {"watermark": {"delta": 1e308}}}, None),
+    # search widths: terabytes asked (a 500), or a worker held for good (num_samples)
+    ({**CHAT, "tachy": {"strategy": "beam", "strategy_options": {"num_beams": 10**6}}}, "tachy.strategy_options"),
+    ({**CHAT, "tachy": {"strategy": "beam:num_beams=100000"}}, "tachy.strategy_options"),
+    ({**CHAT, "temperature": 1.0, "tachy": {"strategy": "mbr", "strategy_options": {"num_samples": 10**9}}},
+     "tachy.strategy_options"),
+    ({**CHAT, "tachy": {"strategy": "contrastive_search", "strategy_options": {"top_k": 10**9}}},
+     "tachy.strategy_options"),
+    # a list or dict as the named function: unhashable, a 500
+    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": ["f"]}}}, "tool_choice"),
+    # more work than one request may ask for
+    ({"model": MODEL, "prompt": ["a"] * 100, "n": 2, "max_tokens": 2}, "n"),
+    ({**CHAT, "stop": [f"s{i}" for i in range(100_000)]}, "stop"),
+    # logit_bias: a key that is no token id, a bias out of OpenAI's range, too many tokens
+    ({**CHAT, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({**CHAT, "logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({**CHAT, "logit_bias": {"\u0661": 1}}, "logit_bias"),   # a non-ASCII digit
+    ({**CHAT, "logit_bias": {"100": 101}}, "logit_bias"),
+    ({**CHAT, "logit_bias": {str(i): 1 for i in range(2000)}}, "logit_bias"),
+    ({**CHAT, "top_k": -2}, "top_k"),
+    ({**CHAT, "repetition_penalty": 0}, "repetition_penalty"),
+    # a parameter that changed nothing, silently
+    ({"model": MODEL, "prompt": "x", "max_tokens": 2, "best_of": 3}, "best_of"),
+])
+def test_what_the_server_cannot_honour_is_a_400(server, body, param):
+    url, _ = server
+    r = post(url, "/v1/completions" if "prompt" in body else "/v1/chat/completions", body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+
+
+def test_the_harmless_forms_still_work(server):
+    url, _ = server
+    for body in ({**CHAT, "logit_bias": {}}, {**CHAT, "stop": [f"s{i}" for i in range(64)]},
+                 {**CHAT, "tachy": {"strategy": "beam", "strategy_options": {"num_beams": 2}}}):
+        assert post(url, "/v1/chat/completions", body).status_code == 200
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "n": 2, "best_of": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
+
+
+def test_contrastive_decoding_does_not_crash_the_process(server):
+    """Its truncated amateur shared the model's C forward, which ran every layer on the amateur's smaller
+    cache: heap corruption, and the whole server aborted."""
+    url, _ = server
+    r = post(url, "/v1/chat/completions", {**CHAT, "tachy": {"strategy": "contrastive_decoding"}})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("options", [{"patience": "x"}, {"length_penalty": "x"}, {"patience": 1e308},
+                                     {"length_penalty": 1e308}])
+def test_strategy_options_of_the_wrong_type_are_a_400(server, options):
+    url, _ = server
+    r = post(url, "/v1/chat/completions", {**CHAT, "tachy": {"strategy": "beam", "strategy_options": options}})
+    assert r.status_code == 400, r.text

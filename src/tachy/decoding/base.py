@@ -102,7 +102,10 @@ def make_strategy(name: str, **options) -> Strategy:
     if unknown:
         raise InvalidArgumentError(f"strategy {name!r} has no option {', '.join(sorted(unknown))}; "
                                    f"its options: {', '.join(sorted(known)) or 'none'}")
-    return cls(**options)
+    try:
+        return cls(**options)
+    except TypeError as e:   # an option of the wrong type (from a request's JSON) failed a comparison
+        raise InvalidArgumentError(f"strategy {name!r}: invalid option value ({e})") from None
 
 
 def row_contexts(context, rows: int) -> list[list[int]]:

@@ -26,6 +26,7 @@ All beams share one batched KV cache (``KVCache.select`` reorders it after each 
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator
@@ -57,6 +58,9 @@ class _Group:
         return len(self.pool) >= self.pool_size
 
 
+MAX_LENGTH_PENALTY = 100.0   # HF's range of use is about -2..5; 100 already makes any longer beam win outright
+
+
 @register
 @dataclass
 class BeamSearch(Strategy):
@@ -75,12 +79,19 @@ class BeamSearch(Strategy):
     diversity_penalty: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("length_penalty", "patience", "diversity_penalty"):   # options may come from JSON
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidArgumentError(f"{name} must be a finite number, got {value!r}")
+        if abs(self.length_penalty) > MAX_LENGTH_PENALTY:   # length ** 1e308 overflows a float (OverflowError)
+            raise InvalidArgumentError(f"length_penalty must be within +-{MAX_LENGTH_PENALTY:g}, "
+                                       f"got {self.length_penalty}")
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
             raise InvalidArgumentError(f"num_beams must be a positive integer, got {self.num_beams!r}")
         if self.early_stopping not in (True, False, "never"):
             raise InvalidArgumentError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        if not self.patience > 0:
-            raise InvalidArgumentError(f"patience must be > 0, got {self.patience}")
+        if not (self.patience > 0 and math.isfinite(self.patience * self.num_beams)):   # made an int
+            raise InvalidArgumentError(f"patience must be a finite number > 0, got {self.patience}")
         if (not isinstance(self.num_beam_groups, int) or self.num_beam_groups < 1
                 or self.num_beams % self.num_beam_groups):
             raise InvalidArgumentError(f"num_beam_groups ({self.num_beam_groups}) must divide num_beams "

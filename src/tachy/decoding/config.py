@@ -37,6 +37,7 @@ class GenerationConfig:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None   # token id -> added to its logit before choosing (OpenAI's)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     drafter: str | Drafter | None = "default"   # None or "none": plain decoding
@@ -83,7 +84,8 @@ class GenerationConfig:
         self.sampling = SamplingConfig(
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
             typical_p=self.typical_p, repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed)
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
+            logit_bias=self.logit_bias)
         self.decoding = check_config(self)
         if self.passages is not None and (self.decoding.is_search or self.press is not None
                                           or self.prediction is not None):

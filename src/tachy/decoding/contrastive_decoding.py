@@ -40,7 +40,8 @@ def truncated_model(model, num_layers: int):
     view._modules = dict(model._modules)     # copy.copy shares the module dict: give the view its own
     view.layers = nn.ModuleList(list(model.layers)[:num_layers])
     view.config = replace(model.config, num_layers=num_layers, layer_types=model.config.layer_types[:num_layers])
-    return view
+    view.cpu_forward = None   # the C forward runs every layer of the original: on the view's smaller cache it
+    return view               # wrote past the end (heap corruption, the process aborted)
 
 
 @dataclass

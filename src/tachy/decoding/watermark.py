@@ -13,6 +13,7 @@ biased distribution).
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -25,6 +26,7 @@ from ..sampling import LogitsProcessor
 from .base import row_contexts
 
 DEFAULT_KEY = 15485863   # transformers' default hashing key
+MAX_DELTA = 1e4   # a green bias of a few units already decides every token; far more overflows float32 logits
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,18 @@ class WatermarkConfig:
     key: int = DEFAULT_KEY
 
     def __post_init__(self) -> None:
+        """Options may come from a request's JSON: a string key, a NaN or a delta that overflows float32 logits
+        would otherwise fail (or poison the distribution) at the first sampled token."""
+        for name in ("gamma", "delta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise InvalidArgumentError(f"watermark {name} must be a finite number, got {value!r}")
         if not 0.0 < self.gamma < 1.0:
             raise InvalidArgumentError(f"watermark gamma must be in (0, 1), got {self.gamma}")
-        if self.delta < 0:
-            raise InvalidArgumentError(f"watermark delta must be >= 0, got {self.delta}")
+        if not 0.0 <= self.delta <= MAX_DELTA:
+            raise InvalidArgumentError(f"watermark delta must be in [0, {MAX_DELTA:g}], got {self.delta}")
+        if isinstance(self.key, bool) or not isinstance(self.key, numbers.Integral):
+            raise InvalidArgumentError(f"watermark key must be an integer, got {self.key!r}")
 
 
 def watermark_config(value: bool | dict | WatermarkConfig | None) -> WatermarkConfig | None:

@@ -26,15 +26,19 @@ from ..decoding.structured import Constraint
 from ..engine import Engine
 from ..generation import GenerationResponse, GenerationStats
 from ..errors import ContextLengthError, InvalidArgumentError, TachyError
+from ..sampling import MAX_LOGIT_BIAS
 from ..speculative.drafters import DRAFTERS, make_drafter
 from .http_errors import ApiError, BodyGuard, ClientGone, install_error_handlers
 from .metrics import Metrics
-from .schemas import ChatCompletionRequest, CompletionRequest, _Sampling, error_body
+from .schemas import MAX_STOP, ChatCompletionRequest, CompletionRequest, _Sampling, error_body
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
 from .tools import ToolPlan
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20
+MAX_CHOICES = 128   # prompts x n of one request: each is a generation that the others would queue behind
+# a search strategy's width multiplies its memory and time, and a search cannot be stopped before it ends
+SEARCH_LIMITS = {"num_beams": 16, "num_samples": 16, "top_k": 64}
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, model_name: str | None = None,
@@ -143,6 +147,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         _check_common(body, model_name)
         if body.suffix:
             raise ApiError(400, "suffix (fill-in-the-middle) is not supported by tachy's server", param="suffix")
+        if body.best_of not in (None, body.n):
+            raise ApiError(400, "best_of (returning the best of several samples) is not supported; use n",
+                           param="best_of")
         if body.tachy.passages is not None:
             raise ApiError(400, "tachy.passages is for chat completions (the question is the last user message)",
                            param="tachy.passages")
@@ -177,6 +184,8 @@ def _check_common(body: _Sampling, model_name: str) -> None:
     if body.model != model_name:
         raise ApiError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                        param="model", code="model_not_found")
+    if len(body.stop_list()) > MAX_STOP:
+        raise ApiError(400, f"stop takes at most {MAX_STOP} strings, got {len(body.stop_list())}", param="stop")
     drafter = body.tachy.drafter
     if ":" in drafter:  # options could name server files (a datastore): only the server's operator sets them
         raise ApiError(400, "drafter options are not accepted in requests; pass a drafter name",
@@ -253,6 +262,10 @@ def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, eng
           extra: dict | None = None) -> list[tuple[list[int], GenerationConfig]]:
     """(prompt ids, config) per choice: each prompt ``n`` times, seeds ``seed, seed + 1, ...``; ``extra``:
     more GenerationConfig fields (APE's passages)."""
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise ApiError(400, f"{len(prompts)} prompts x n={body.n} make {len(prompts) * body.n} choices; at most "
+                            f"{MAX_CHOICES} per request", param="n")
+    bias = _logit_bias(body.logit_bias, engine)
     work = []
     for prompt_ids in prompts:
         if not prompt_ids:
@@ -268,6 +281,8 @@ def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, eng
                 temperature=_temperature(body.temperature),
                 top_p=1.0 if body.top_p is None else body.top_p,
                 presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
+                repetition_penalty=body.repetition_penalty or 1.0, logit_bias=bias,
                 seed=None if body.seed is None else (body.seed + i) % 2**63, stop=body.stop_list(),
                 drafter=body.tachy.drafter, max_draft_tokens=body.tachy.max_draft_tokens,
                 strategy=body.tachy.strategy, strategy_options=body.tachy.strategy_options,
@@ -276,7 +291,35 @@ def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, eng
                 attention=body.tachy.attention,
                 prediction=body.prediction.text if body.prediction is not None else None,
                 response_format=constraint, logprobs=logprobs, **(extra or {}))))
+    _check_search(work[0][1])
     return work
+
+
+def _logit_bias(bias: dict[str, float] | None, engine: Engine) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias`` (token ids as strings) as GenerationConfig takes it, every id in the vocabulary."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        token = int(key) if key.isascii() and key.isdigit() else -1
+        if not 0 <= token < engine.config.vocab_size:
+            raise ApiError(400, f"logit_bias keys must be token ids below {engine.config.vocab_size}, got "
+                                f"{key[:32]!r}", param="logit_bias")
+        if not abs(value) <= MAX_LOGIT_BIAS:   # NaN fails too
+            raise ApiError(400, f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got "
+                                f"{value} for token {token}", param="logit_bias")
+        out[token] = value
+    return out
+
+
+def _check_search(config: GenerationConfig) -> None:
+    """A 400 for a strategy wider than SEARCH_LIMITS (``num_beams: 10**6`` asks terabytes; ``num_samples: 10**9``
+    holds the worker thread forever, as a search yields nothing that lets a cancelled job stop)."""
+    for name, limit in SEARCH_LIMITS.items():
+        value = getattr(config.decoding, name, None)
+        if isinstance(value, int) and value > limit:
+            raise ApiError(400, f"strategy {config.decoding.name!r}: {name} must be at most {limit}, got {value}",
+                           param="tachy.strategy_options")
 
 
 def _temperature(value: float | None) -> float:

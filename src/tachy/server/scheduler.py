@@ -241,6 +241,9 @@ class Scheduler:
             try:
                 self.metrics.record_batch_step(len(decoder.rows))
                 state.dispatch(decoder.step())
+                while decoder.failed:   # a row's own failure (its processor, drafter): its request ends alone
+                    row, error = decoder.failed.pop(0)
+                    state.end(row.tag[0], error)
                 self._progress()
             except Exception as e:  # noqa: BLE001 - the forward failed: every row's request gets the error
                 for job, *_ in list(state.jobs.values()):

@@ -115,6 +115,9 @@ def _call_text(call: dict) -> str:
     return json.dumps({"name": function.get("name"), "arguments": arguments})
 
 
+MAX_STOP = 64   # OpenAI takes 4; every stop string is searched for at each step of the one worker thread
+
+
 class _Sampling(_Body):
     """Fields shared by both endpoints."""
 
@@ -127,7 +130,12 @@ class _Sampling(_Body):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Union[str, list[str], None] = Field(None)
+    stop: Union[str, list[str], None] = Field(None)   # at most MAX_STOP strings (checked by the app)
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)   # token id (a string) -> bias
+    # the sampling controls vLLM's and llama.cpp's servers take beside OpenAI's (SamplingConfig's meanings)
+    top_k: int | None = Field(None, ge=-1)              # -1 or 0: off
+    min_p: float | None = Field(None, ge=0.0, lt=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     seed: int | None = None
     prediction: Prediction | None = None
     response_format: ResponseFormat | None = None
@@ -151,6 +159,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None   # not supported beyond n: declared so that using it is a 400
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,

@@ -33,7 +33,7 @@ class ToolPlan:
             choice = "auto" if self.tools else "none"
         if isinstance(choice, NamedToolChoice):
             name = choice.function.get("name")
-            if name not in self.tools:
+            if not isinstance(name, str) or name not in self.tools:   # a list or dict name is unhashable
                 raise ApiError(400, f"tool_choice names function {str(name)[:64]!r}, which is not in tools",
                                param="tool_choice")
             self.callable, self.mode = [name], "required"
