@@ -14,7 +14,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -22,8 +22,8 @@ from . import kernels
 from .cache import key_bucket
 from .decoding import GenerationConfig, logits_processor
 from .errors import ContextLengthError, InvalidArgumentError
-from .generation import (COST_CONTEXT, COST_ROUNDS, PREFILL_CHUNK, SAVED_COSTS_SLACK, GenerationResponse,
-                         GenerationStats, Step)
+from .generation import (COST_CONTEXT, COST_ROUNDS, PREFILL_CHUNK, PROGRESS, SAVED_COSTS_SLACK,
+                         GenerationResponse, GenerationStats, Step)
 from .models.llama import Transformer
 from .context.ape import PassageStore, ape_steps
 from .prefix_cache import DEFAULT_MB, PrefixCache
@@ -197,12 +197,27 @@ class Engine:
         return self.config.max_seq_len
 
     # -- lowest layer: token ids in, steps out ----------------------------------------------------------
-    @torch.inference_mode()
     def generate_tokens(self, prompt_ids: Sequence[int], config: GenerationConfig,
-                        stats: GenerationStats | None = None) -> Iterator[Step]:
+                        stats: GenerationStats | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> Iterator[Step]:
         """Yield one Step per target forward until max_new_tokens are committed (the last step may overshoot
-        by nothing: drafts are capped to the budget) or the context is full. EOS is the caller's business."""
-        stats = stats if stats is not None else GenerationStats()
+        by nothing: drafts are capped to the budget) or the context is full. EOS is the caller's business.
+
+        ``should_stop`` is asked after every forward, also inside a search strategy that commits nothing
+        until it ends (beam, MBR): True ends the generation there (a server's cancelled request)."""
+        steps = self._steps(prompt_ids, config, stats if stats is not None else GenerationStats())
+        try:
+            for step in steps:
+                if should_stop is not None and should_stop():
+                    return
+                if step is not PROGRESS:
+                    yield step
+        finally:
+            steps.close()
+
+    @torch.inference_mode()
+    def _steps(self, prompt_ids: Sequence[int], config: GenerationConfig, stats: GenerationStats) -> Iterator[Step]:
+        """generate_tokens' steps, and a search strategy's PROGRESS steps between its forwards."""
         prompt_ids = self.check_prompt(prompt_ids)
         if config.decoding.is_search:   # beam search & co. drive the model themselves (tachy.decoding)
             yield from config.decoding.search(self, prompt_ids, config, stats)
@@ -410,14 +425,15 @@ class Engine:
         return prediction_drafter(pred_ids, drafter)
 
     # -- middle layer: text pieces ------------------------------------------------------------------------
-    def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None,
-               **kwargs) -> Iterator[GenerationResponse]:
-        """Stream text pieces for a raw prompt (a string is tokenized with the model's special tokens)."""
+    def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None, *,
+               should_stop: Callable[[], bool] | None = None, **kwargs) -> Iterator[GenerationResponse]:
+        """Stream text pieces for a raw prompt (a string is tokenized with the model's special tokens);
+        ``should_stop`` as for :meth:`generate_tokens`."""
         config = config or GenerationConfig(**kwargs)
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         stats = GenerationStats()
         text = TextStream(self.tokenizer, config, stats)
-        steps = self.generate_tokens(prompt_ids, config, stats)
+        steps = self.generate_tokens(prompt_ids, config, stats, should_stop)
         try:
             for step in steps:
                 piece = text.push(step)

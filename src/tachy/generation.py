@@ -35,6 +35,10 @@ class Step:
     logprobs: list[TokenLogprob] | None = None
 
 
+PROGRESS = Step([], 0, 0)   # yielded by a search strategy after each forward that commits nothing yet: the
+                            # engine checks its caller's should_stop there (a cancelled request stops mid-search)
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0

@@ -41,6 +41,23 @@ def test_search_strategies_stream_and_respect_budget(strategy, options):
     assert sum(len(p.token_ids) for p in pieces) <= 7
 
 
+@pytest.mark.parametrize("strategy, options, temperature", [("beam", {"num_beams": 3}, 0.0),
+                                                             ("mbr", {"num_samples": 4}, 1.0)])
+def test_should_stop_ends_a_search_between_its_forwards(strategy, options, temperature):
+    """A search commits nothing until it ends; the engine still asks ``should_stop`` after each of its forwards
+    (a server's cancelled request stops there), and without it the search runs to its end as before."""
+    from tachy.generation import GenerationStats
+
+    engine, _ = tiny_engine(seed=1)
+    cfg = GenerationConfig(max_new_tokens=30, ignore_eos=True, strategy=strategy, strategy_options=options,
+                           temperature=temperature, seed=0)
+    asked, stats = [], GenerationStats()
+    steps = list(engine.generate_tokens([5, 6, 7], cfg, stats, should_stop=lambda: asked.append(1) or len(asked) > 3))
+    assert steps == [] and len(asked) == 4
+    whole = list(engine.generate_tokens([5, 6, 7], cfg))
+    assert len(whole) == 1 and len(whole[0].tokens) > 3 and all(s.tokens for s in whole)
+
+
 def test_cli_flags_and_errors(capsys):
     from tachy.cli import main
 

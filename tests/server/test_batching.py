@@ -165,6 +165,42 @@ def test_a_row_that_fails_ends_its_job_alone(monkeypatch):
     assert texts(last, 1) == [alone(engine, prompts[2], config)]
 
 
+def test_a_cancelled_search_stops_between_its_forwards(monkeypatch):
+    """A beam search commits nothing until it ends; cancelled (a client gone, SIGTERM) it stops at its next
+    forward, not after the whole search, and the worker takes the next request."""
+    import time
+
+    engine, _ = tiny_engine(seed=1, eos=(3,))
+    forward = type(engine.model).forward
+
+    def slow(self, *args, **kwargs):   # 100 beam steps: about 2 s
+        time.sleep(0.02)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(engine.model), "forward", slow)
+    search = GenerationConfig(max_new_tokens=100, ignore_eos=True, strategy="beam", strategy_options={"num_beams": 2})
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine, max_batch=4)
+        job = Job([([5, 6, 7], search)], loop)
+        sched.submit(job)
+        await asyncio.sleep(0.3)
+        job.cancelled.set()
+        start = time.perf_counter()
+        items = await drain(job)
+        stopped_after = time.perf_counter() - start
+        after = Job([([5, 6], GenerationConfig(max_new_tokens=3, ignore_eos=True))], loop)
+        sched.submit(after)
+        ok = await drain(after)
+        sched.close()
+        return items, stopped_after, ok
+
+    items, stopped_after, ok = asyncio.run(main())
+    assert stopped_after < 0.5 and not any(kind == "piece" and piece.token_ids for kind, _, piece in items)
+    assert ok[-1][2].finish_reason == "length"
+
+
 def test_huge_max_tokens_cannot_starve_a_short_request():
     """Every row taken by long generations: with preemption a short request joins after a turn of
     ``preempt_after`` tokens and finishes while they still run; they resume and still give their lone text.

@@ -190,6 +190,9 @@ def test_a_tiny_top_p_samples_the_top_token(server):
     # more work than one request may ask for
     ({"model": MODEL, "prompt": ["a"] * 100, "n": 2, "max_tokens": 2}, "n"),
     ({**CHAT, "stop": [f"s{i}" for i in range(100_000)]}, "stop"),
+    ({**CHAT, "stop": "x" * 5000}, "stop"),   # held back all streamed text until the generation ended
+    ({**CHAT, "functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
+    ({**CHAT, "function_call": "auto"}, "function_call"),
     # logit_bias: a key that is no token id, a bias out of OpenAI's range, too many tokens
     ({**CHAT, "logit_bias": {"abc": 1}}, "logit_bias"),
     ({**CHAT, "logit_bias": {"99999999": 1}}, "logit_bias"),

@@ -18,12 +18,14 @@ class FakeEngine:
         self.delay, self.ran, self.gate = delay, [], threading.Event()
         self.gate.set()
 
-    def stream(self, prompt_ids, config):
+    def stream(self, prompt_ids, config, should_stop=None):
         self.ran.append(prompt_ids[0])
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         for i in range(config.max_new_tokens):
             self.gate.wait()
             time.sleep(self.delay)
+            if should_stop is not None and should_stop():   # the engine's check after each forward
+                return
             stats.generated_tokens = i + 1
             last = i + 1 == config.max_new_tokens
             yield GenerationResponse("x", [7], [False], stats, "length" if last else None)

@@ -6,7 +6,8 @@ Two kinds of strategy, told apart by the methods they fill in:
   callable ``(logits [rows, V], contexts) -> logits`` that the engine's ordinary loop applies, in plain and in
   speculative decoding alike (each verify row is processed with its own context, so drafts stay lossless);
 * **search strategies** (beam, contrastive search, contrastive decoding, MBR) drive the model themselves:
-  ``search()`` yields engine ``Step``s (a beam search yields one step, at the end).
+  ``search()`` yields engine ``Step``s (a beam search commits one step, at the end) and, between forwards that
+  commit nothing yet, ``generation.PROGRESS``, where the engine may stop a cancelled generation.
 
 Structured output and the watermark are processors too, but they combine with any strategy, so they are
 ``GenerationConfig`` fields (``response_format``, ``watermark``) rather than strategies; ``logits_processor``

@@ -34,7 +34,7 @@ from typing import ClassVar, Iterator
 import torch
 
 from ..errors import InvalidArgumentError
-from ..generation import Step
+from ..generation import PROGRESS, Step
 from .base import Strategy, eos_ids, prefill, register
 from .config import logits_processor
 
@@ -185,6 +185,7 @@ class BeamSearch(Strategy):
             pos = torch.tensor([len(prompt_ids) + step], device=device)
             logits = model(torch.tensor(tokens, device=device)[:, None], pos, cache)[:, -1]
             stats.forwards += 1
+            yield PROGRESS   # nothing committed yet; the engine may stop here (a cancelled request)
 
         stats.decode_s = time.perf_counter() - step_start
         hypotheses = [h for g in groups for h in g.pool]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator, Sequence
 
 from ..errors import InvalidArgumentError, UnknownNameError
-from ..generation import GenerationStats, Step
+from ..generation import PROGRESS, GenerationStats, Step
 from .base import Strategy, eos_ids, register
 
 Utility = Callable[[Sequence[int], Sequence[int]], float]
@@ -87,6 +87,7 @@ class MBR(Strategy):
             for piece in engine.stream(prompt_ids, sample_config):
                 tokens += piece.token_ids
                 sample_stats, finish = piece.stats, piece.finish_reason
+                yield PROGRESS   # nothing committed yet; the engine may stop here (a cancelled request)
             if finish == "stop" and eos:   # the stream drops the EOS; keep it so the answer ends the same way
                 tokens.append(eos[0])
             samples.append(tokens)

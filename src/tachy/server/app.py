@@ -30,7 +30,7 @@ from ..sampling import MAX_LOGIT_BIAS
 from ..speculative.drafters import DRAFTERS, make_drafter
 from .http_errors import ApiError, BodyGuard, ClientGone, install_error_handlers
 from .metrics import Metrics
-from .schemas import MAX_STOP, ChatCompletionRequest, CompletionRequest, _Sampling, error_body
+from .schemas import MAX_STOP, MAX_STOP_CHARS, ChatCompletionRequest, CompletionRequest, _Sampling, error_body
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
 from .tools import ToolPlan
 
@@ -121,6 +121,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         _check_common(body, model_name)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        for legacy in ("functions", "function_call"):
+            if getattr(body, legacy) is not None:   # ignoring it would answer in text where a call was asked
+                raise ApiError(400, f"{legacy} is OpenAI's deprecated form of function calling; use tools and "
+                                    "tool_choice", param=legacy)
         if not engine.tokenizer.has_chat_template:
             raise ApiError(400, f"model {model_name!r} has no chat template (a base model); "
                                 f"use /v1/completions", param="messages", code="no_chat_template")
@@ -186,6 +190,8 @@ def _check_common(body: _Sampling, model_name: str) -> None:
                        param="model", code="model_not_found")
     if len(body.stop_list()) > MAX_STOP:
         raise ApiError(400, f"stop takes at most {MAX_STOP} strings, got {len(body.stop_list())}", param="stop")
+    if any(len(stop) > MAX_STOP_CHARS for stop in body.stop_list()):
+        raise ApiError(400, f"stop strings are at most {MAX_STOP_CHARS} characters", param="stop")
     drafter = body.tachy.drafter
     if ":" in drafter:  # options could name server files (a datastore): only the server's operator sets them
         raise ApiError(400, "drafter options are not accepted in requests; pass a drafter name",

@@ -264,12 +264,20 @@ class Scheduler:
             decoder.park(row)
             self.metrics.preemptions += 1
 
+    def _stop_check(self, job: Job):
+        """The engine asks this after every forward: a search (beam, MBR) commits nothing until it ends, so
+        its forwards are the worker's progress, and a cancelled request stops there, not at the search's end."""
+        def should_stop() -> bool:
+            self._progress()
+            return job.cancelled.is_set()
+        return should_stop
+
     def _execute(self, job: Job) -> None:
         start = time.perf_counter()
         try:
             for index, (prompt_ids, config) in enumerate(job.work):
                 last: GenerationResponse | None = None
-                for piece in self.engine.stream(prompt_ids, config):
+                for piece in self.engine.stream(prompt_ids, config, should_stop=self._stop_check(job)):
                     # stats are updated in place by the engine: send a snapshot
                     last = dataclasses.replace(piece, stats=dataclasses.replace(piece.stats))
                     job.send("piece", index, last)

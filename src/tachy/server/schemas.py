@@ -116,6 +116,7 @@ def _call_text(call: dict) -> str:
 
 
 MAX_STOP = 64   # OpenAI takes 4; every stop string is searched for at each step of the one worker thread
+MAX_STOP_CHARS = 1000   # a stop string holds back that much streamed text (it could still be completing)
 
 
 class _Sampling(_Body):
@@ -152,6 +153,8 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = None
+    functions: list | None = None           # OpenAI's deprecated form of tools: a 400 that says so
+    function_call: Union[str, dict, None] = None
 
 
 class CompletionRequest(_Sampling):
