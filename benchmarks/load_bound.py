@@ -1,0 +1,59 @@
+"""How long a load-test level's prompts take to read with nothing else running: a floor under that level's
+wall time for any scheduler (every prompt must be prefilled), hence a ceiling on its aggregate tokens/s.
+
+In process, no HTTP, prefix cache off, the level's very prompts (benchmarks/load_test.py: chat requests with
+the chat template, completions raw): each prefilled alone (``Engine._prefill``), then all of them through a
+``BatchDecoder`` of ``--rows`` rows with one new token each (prompt chunks packed into shared forwards).
+
+    python benchmarks/load_bound.py --level 4        # the concurrency-16 level of `--concurrency 1 2 4 8 16`
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_test import prompts  # noqa: E402
+
+import tachy  # noqa: E402
+from tachy import GenerationConfig  # noqa: E402
+from tachy.batch import BatchDecoder  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--level", type=int, default=4, help="the level's index in the load test's --concurrency list")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--long-every", type=int, default=10)
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    engine = tachy.load(args.model, progress=False)
+    engine.set_prefix_cache(None)
+    ids = []
+    for i, text in enumerate(prompts(args.long_every, args.requests, first=args.level * args.requests)):
+        chat = i % 4 < 2   # as load_test.one_request
+        ids.append(engine.chat_prompt([{"role": "user", "content": text}]) if chat else engine.tokenizer.encode(text))
+    start = time.perf_counter()
+    for x in ids:
+        engine._prefill(x, engine.model.new_cache(capacity=engine.cache_capacity(len(x), 1), fixed=True))
+    alone = time.perf_counter() - start
+    decoder, queue, one = BatchDecoder(engine, max_batch=args.rows), list(ids), GenerationConfig(max_new_tokens=1)
+    start = time.perf_counter()
+    while queue or decoder.rows:
+        while queue and decoder.free:
+            decoder.add(queue.pop(0), one)
+        decoder.step()
+    packed = time.perf_counter() - start
+    print(f"{len(ids)} prompts, {sum(map(len, ids))} tokens: prefilled one by one {alone:.1f} s, "
+          f"packed in {args.rows} rows {packed:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
