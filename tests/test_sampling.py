@@ -24,6 +24,7 @@ def probs_of(values: list[float], **cfg) -> list[float]:
     dict(temperature=-0.1), dict(temperature=float("inf")), dict(temperature=float("nan")),
     dict(top_k=-1), dict(top_k=2.5), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=-0.1), dict(min_p=1.0),
     dict(typical_p=0.0), dict(typical_p=1.2), dict(repetition_penalty=0.0), dict(repetition_penalty=-1.0),
+    dict(repetition_penalty=4.75e-221), dict(repetition_penalty=1e5),
     dict(presence_penalty=float("inf")), dict(frequency_penalty=float("nan")), dict(temperature="hot"),
     dict(seed=1.5), dict(logit_bias={3: 100.5}), dict(logit_bias={3: float("nan")}), dict(logit_bias={-1: 1.0}),
     dict(logit_bias={"3": 1.0}), dict(logit_bias={True: 1.0}), dict(logit_bias=[(3, 1.0)]),

@@ -67,7 +67,9 @@ class SamplingConfig:
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1] (1 = off)")
         _check(0 <= self.min_p < 1, "min_p", self.min_p, "in [0, 1) (0 = off)")
         _check(0 < self.typical_p <= 1, "typical_p", self.typical_p, "in (0, 1] (1 = off)")
-        _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0 (1 = off)")
+        # a logit divided by 1e-221 is inf (NaN probabilities): HF's range of use is about 1-2
+        _check(0.01 <= self.repetition_penalty <= 100, "repetition_penalty", self.repetition_penalty,
+               "in [0.01, 100] (1 = off)")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise InvalidArgumentError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")

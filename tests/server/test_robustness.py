@@ -201,6 +201,7 @@ def test_a_tiny_top_p_samples_the_top_token(server):
     ({**CHAT, "logit_bias": {str(i): 1 for i in range(2000)}}, "logit_bias"),
     ({**CHAT, "top_k": -2}, "top_k"),
     ({**CHAT, "repetition_penalty": 0}, "repetition_penalty"),
+    ({**CHAT, "temperature": 1, "repetition_penalty": 4.75e-221}, "repetition_penalty"),   # logits / it: inf
     # a parameter that changed nothing, silently
     ({"model": MODEL, "prompt": "x", "max_tokens": 2, "best_of": 3}, "best_of"),
 ])

@@ -136,7 +136,7 @@ class _Sampling(_Body):
     # the sampling controls vLLM's and llama.cpp's servers take beside OpenAI's (SamplingConfig's meanings)
     top_k: int | None = Field(None, ge=-1)              # -1 or 0: off
     min_p: float | None = Field(None, ge=0.0, lt=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
     seed: int | None = None
     prediction: Prediction | None = None
     response_format: ResponseFormat | None = None
