@@ -457,7 +457,7 @@ class BatchDecoder:
 
     def _draft(self, row: Row, costs: list[float]) -> DraftTree:
         """A running row's draft for this step (empty without a drafter or room for more tokens)."""
-        if row.drafter is not None and (row.probs_fn is None or row.config.seed is None):
+        if row.drafter is not None and not row.config.sampling.seeded:
             # a seeded sampling row keeps the lone costs: its drafts, hence its draws, are its lone run's
             _use_costs(row.drafter, costs)
         length = self.cache.lengths[row.slot]

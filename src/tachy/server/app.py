@@ -37,7 +37,7 @@ from .tools import ToolPlan
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20
 MAX_CHOICES = 128   # prompts x n of one request: each is a generation that the others would queue behind
-# a search strategy's width multiplies its memory and time, and a search cannot be stopped before it ends
+# a search strategy's width multiplies its memory and time, and a search holds the worker until it ends
 SEARCH_LIMITS = {"num_beams": 16, "num_samples": 16, "top_k": 64}
 
 
@@ -320,7 +320,7 @@ def _logit_bias(bias: dict[str, float] | None, engine: Engine) -> dict[int, floa
 
 def _check_search(config: GenerationConfig) -> None:
     """A 400 for a strategy wider than SEARCH_LIMITS (``num_beams: 10**6`` asks terabytes; ``num_samples: 10**9``
-    holds the worker thread forever, as a search yields nothing that lets a cancelled job stop)."""
+    holds the worker thread, and every request queued behind it, for good unless its client cancels)."""
     for name, limit in SEARCH_LIMITS.items():
         value = getattr(config.decoding, name, None)
         if isinstance(value, int) and value > limit:

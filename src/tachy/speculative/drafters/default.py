@@ -15,8 +15,6 @@ against the measured forward costs, see speculative/drafters/base.py).
 """
 from __future__ import annotations
 
-
-
 from ...models.quant import is_float_linear
 from ..tree import DraftTree
 from .base import Drafter, Wrapper
