@@ -43,7 +43,9 @@ DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "docs" / "results" / "server_load"
 SCHEDULERS = {"one at a time": ["--max-batch", "1"],
               "plain batching": ["--max-batch", "8", "--batching", "plain"],
-              "speculative batching": ["--max-batch", "8"]}
+              "speculative batching": ["--max-batch", "8"],
+              # a second server running one at a time's code: the spread between two servers of the same code
+              "one at a time, second server": ["--max-batch", "1"]}
 
 
 def start_server(model: str, port: int, threads: int, flags: list[str]) -> subprocess.Popen:
@@ -139,14 +141,16 @@ async def one_request(client: httpx.AsyncClient, base: str, model: str, i: int, 
     return out
 
 
-async def send_all(base: str, model: str, texts: list[str], concurrency: int, max_tokens: int) -> tuple[list, float]:
-    """Every request of ``texts``, ``concurrency`` at a time: their results and the wall time."""
+async def send_all(base: str, model: str, texts: list[str], concurrency: int, max_tokens: int,
+                   first: int = 0) -> tuple[list, float]:
+    """Every request of ``texts``, ``concurrency`` at a time: their results and the wall time. ``first``: the
+    index of ``texts[0]`` in its level (a request's index picks chat or completion, streamed or not)."""
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
         async def task(i: int) -> dict:
             async with sem:
-                return await one_request(client, base, model, i, texts[i], max_tokens)
+                return await one_request(client, base, model, first + i, texts[i], max_tokens)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(task(i) for i in range(len(texts))))
@@ -159,15 +163,17 @@ async def run_load(base: str, model: str, texts: list[str], concurrency: int, ma
     return summarize(results, wall, concurrency, [])
 
 
-def summarize(results: list[dict], wall: float, concurrency: int, rounds: list[float]) -> dict:
-    """One scheduler's numbers at one level (``rounds``: each round's tokens/s, where the level ran in rounds)."""
+def summarize(results: list[dict], wall: float, concurrency: int, rounds: list[tuple[float, int]]) -> dict:
+    """One scheduler's numbers at one level (``rounds``: each round's wall seconds and completion tokens, where
+    the level ran in rounds)."""
     lat = sorted(r["latency_s"] for r in results)
     ttft = sorted(r["ttft_s"] for r in results if r["ttft_s"] is not None)
     gaps = sorted(b - a for r in results for a, b in zip(r["chunks"], r["chunks"][1:]))
     tokens = sum(r["tokens"] for r in results if r["ok"])
     return {"requests": len(results), "concurrency": concurrency, "failed": sum(not r["ok"] for r in results),
             "wall_s": round(wall, 2), "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
-            "rounds_tokens_per_s": [round(t, 2) for t in rounds],
+            "rounds_tokens_per_s": [round(t / w, 2) for w, t in rounds],
+            "rounds_wall_s": [round(w, 4) for w, _ in rounds], "rounds_tokens": [t for _, t in rounds],
             "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in results if r["ok"]),
             "latency_p50_s": round(pct(lat, 50), 3), "latency_p99_s": round(pct(lat, 99), 3),
             "ttft_p50_s": round(pct(ttft, 50), 3), "ttft_p99_s": round(pct(ttft, 99), 3),
@@ -230,7 +236,7 @@ def report(results: dict) -> str:
     lines = [f"Load test of `tachy serve` ({results['model']}, {results['threads']} threads), loopback, greedy, "
              f"{results['max_tokens']} new tokens max, {results['requests']} requests per run, chat/completion x "
              f"stream/non-stream evenly mixed, every {results['long_every']}th prompt a 1.3-2k-token passage; "
-             "each level its own prompts; one server per scheduler, all up at once, the three run in turn at each "
+             "each level its own prompts; one server per scheduler, all up at once, running in turn at each "
              "level (who goes first rotating).", "", f"Command: `{results['command']}`", "",
              "| scheduler | concurrency | failed | aggregate tokens/s | p50 / p99 latency s | p50 / p99 time to "
              "first token s (streams) | p50 / p99 inter-token ms |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -273,8 +279,30 @@ def report(results: dict) -> str:
 
 
 def round_ratios(run: dict, base: dict) -> str:
-    ratios = sorted(a / b for a, b in zip(run["rounds_tokens_per_s"], base["rounds_tokens_per_s"]))
-    return f"{statistics.median(ratios):.2f}x [{ratios[0]:.2f} - {ratios[-1]:.2f}]"
+    ratios = sorted(a / b for a, b in zip(run["rounds_tokens_per_s"], base["rounds_tokens_per_s"]) if b)
+    text = f"{statistics.median(ratios):.2f}x [{ratios[0]:.2f} - {ratios[-1]:.2f}]"
+    if "rounds_wall_s" in run and len(ratios) >= 20:
+        ratio, low, high = paired_ratio(run, base)
+        text += f", all rounds {ratio:.3f}x (95% bootstrap interval {low:.3f} - {high:.3f})"
+    return text
+
+
+def paired_ratio(run: dict, base: dict, samples: int = 2000) -> tuple[float, float, float]:
+    """Aggregate tokens/s of ``run`` over ``base``'s in the same rounds, and a 95% interval from resampling the
+    rounds (each round ran both back to back, so a round is one paired observation: many short rounds make a
+    tight interval where the machine drifts over minutes)."""
+    import random
+
+    n = len(run["rounds_wall_s"])
+
+    def ratio(rounds) -> float:
+        mine = sum(run["rounds_tokens"][i] for i in rounds) / sum(run["rounds_wall_s"][i] for i in rounds)
+        theirs = sum(base["rounds_tokens"][i] for i in rounds) / sum(base["rounds_wall_s"][i] for i in rounds)
+        return mine / theirs
+
+    rng = random.Random(0)
+    boot = sorted(ratio([rng.randrange(n) for _ in range(n)]) for _ in range(samples))
+    return ratio(range(n)), boot[int(0.025 * samples)], boot[int(0.975 * samples) - 1]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -306,7 +334,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--long-every", type=int, default=10, help="every Nth prompt is 1.3-2k tokens (0: none)")
     ap.add_argument("--threads", type=int, default=2, help="threads of the server")
-    ap.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=list(SCHEDULERS))
+    ap.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS)[:3], choices=list(SCHEDULERS))
     ap.add_argument("--rounds", type=int, default=1,
                     help="split each level's requests into this many rounds, the schedulers taking turns in each "
                          "(finer interleaving: the ratios per round show the spread of the machine)")
@@ -337,15 +365,16 @@ def main() -> None:
                 shift = (level + k) % len(args.schedulers)   # who goes first rotates: machine drift spreads evenly
                 for name in args.schedulers[shift:] + args.schedulers[:shift]:
                     base, _, model = servers[name]
-                    res, wall = asyncio.run(send_all(base, model, texts[start:start + size], c, args.max_tokens))
+                    res, wall = asyncio.run(send_all(base, model, texts[start:start + size], c, args.max_tokens,
+                                                    first=start))
                     sent[name] += res
                     walls[name].append((wall, sum(r["tokens"] for r in res if r["ok"])))
             for name in args.schedulers:
-                r = summarize(sent[name], sum(w for w, _ in walls[name]), c, [t / w for w, t in walls[name]])
+                r = summarize(sent[name], sum(w for w, _ in walls[name]), c, walls[name])
                 print(f"{name}, concurrency {c}: {r}", file=sys.stderr, flush=True)
                 results["load"][name].append(r)
         for name in args.schedulers if args.join else []:
-            if name != "one at a time":
+            if "batching" in name:   # the join test is about batches
                 base, _, model = servers[name]
                 results["join"][name] = {"without": asyncio.run(join_test(base, model, long_prompt, False)),
                                          "with": asyncio.run(join_test(base, model, long_prompt, True))}

@@ -6,6 +6,7 @@ the tokenizer from the file's metadata (once; load.py caches the result as ordin
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from datetime import datetime
@@ -135,7 +136,7 @@ class Tokenizer:
         import jinja2
         special = {k: _token_str(self.config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         try:
-            template = _jinja_env().from_string(self.chat_template)
+            template = _compiled_template(self.chat_template)
             variables = {**{k: v for k, v in special.items() if v is not None}, **kwargs}
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:
@@ -165,6 +166,12 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 _ENV = None
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_template(source: str):  # type: ignore[no-untyped-def]
+    """A chat template compiled once: compiling costs ~2 ms, a chat request's whole time to first token is tens."""
+    return _jinja_env().from_string(source)
 
 
 def _jinja_env():  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ def test_attend_is_the_three_group_formula():
     """Each group's softmax output, weighted by exp(lse_prefix), S * exp(T * lse_passages(s / T)) and (from the
     tail, merged by the model) exp(lse_tail): checked against the groups' weights written out."""
     torch.manual_seed(0)
-    L, H, D, P, N, M = 1, 2, 8, 5, 12, 3
+    L, H, D, P, M = 1, 2, 8, 5, 3
     prefix = (torch.randn(L, H, P, D), torch.randn(L, H, P, D))
     passages = [(torch.randn(L, H, 7, D), torch.randn(L, H, 7, D)), (torch.randn(L, H, 5, D), torch.randn(L, H, 5, D))]
     t, s, scale = 0.7, 0.8, 1 / math.sqrt(D)

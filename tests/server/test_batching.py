@@ -251,3 +251,44 @@ def test_more_long_requests_than_rows_take_turns():
     for i, items in enumerate(results):
         assert texts(items, 1) == [alone(engine, [5 + i, 6], config)]
     assert preemptions >= 6   # about one turn of 10 tokens in every 20 of each, not one park then a long wait
+
+
+def test_the_batch_decoder_is_kept_between_batches(monkeypatch):
+    """Packed batches (the C forward): one decoder serves batch after batch (its cache's pages stay mapped), and
+    each request still gets its lone output; after a failed forward the next batch starts on a new one."""
+    from tachy.batch import BatchDecoder
+    from tests.test_batch import packed_engine
+
+    engine = packed_engine("llama", seed=3)
+    config = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    prompts = [[5 + i, 9, 11, 5 + i, 9, 11] for i in range(4)]
+
+    async def one(sched, prompt):
+        job = Job([(prompt, config)], asyncio.get_running_loop())
+        sched.submit(job)
+        return await drain(job)
+
+    async def main():
+        sched = Scheduler(engine, max_batch=4)
+        assert sched.packed
+        kept, results = [], []
+        for prompt in prompts:   # one at a time: each request its own batch
+            results.append(await one(sched, prompt))
+            kept.append(sched._batch_decoder)
+        step = BatchDecoder.step
+        monkeypatch.setattr(BatchDecoder, "step", lambda self: (_ for _ in ()).throw(RuntimeError("forward failed")))
+        failed = await one(sched, prompts[0])
+        dropped = sched._batch_decoder
+        monkeypatch.setattr(BatchDecoder, "step", step)
+        again = await one(sched, prompts[1])
+        sched.close()
+        return kept, results, failed, dropped, again, sched._batch_decoder
+
+    kept, results, failed, dropped, again, last = asyncio.run(main())
+    assert kept[0] is not None and all(d is kept[0] for d in kept)
+    for prompt, items in zip(prompts, results):
+        tokens = [t for _, _, p in items for t in p.token_ids]
+        assert tokens == [t for p in engine.stream(prompt, config) for t in p.token_ids]
+    assert failed[-1][0] == "error" and "forward failed" in str(failed[-1][2])
+    assert dropped is None and last is not None and last is not kept[0]
+    assert [t for _, _, p in again for t in p.token_ids] == [t for _, _, p in results[1] for t in p.token_ids]

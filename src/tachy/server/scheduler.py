@@ -8,13 +8,14 @@ through ``loop.call_soon_threadsafe``) that the async endpoint reads piece by pi
 * Batching policy (``max_batch`` > 1), with the C forward (tachy.batch's packed mode): every request is a
   batch row, alone or not. Each row drafts with its own drafter and one forward verifies every row's draft
   packed together, joining prompts prefilled in chunks inside the same forwards; waiting jobs join at each
-  step while rows are free, in FIFO order, so nobody waits for another's whole generation. Without the C
-  forward (the PyTorch engine, CUDA): a lone job runs on the engine's own speculative path; if others wait,
-  a batch starts whose rows decode plainly (one token per step) and joiners are prefilled whole. Either way
-  a job whose options need the single path (a search strategy, a press, sparse attention; a prediction without the C forward:
-  ``batch.batchable``) runs alone and stops admission until the batch drains. Greedy output is the request's
-  lone output in every mode; sampled rows are exact samples (a seeded request reproduces its lone output
-  where its drafts are the same: packed rows, or plain rows against ``drafter="none"``).
+  step while rows are free, in FIFO order, so nobody waits for another's whole generation; one decoder (and
+  its cache) serves every batch. Without the C forward (the PyTorch engine, CUDA): a lone job runs on the
+  engine's own speculative path; if others wait, a batch starts whose rows decode plainly (one token per
+  step) and joiners are prefilled whole. Either way a job whose options need the single path (a search
+  strategy, a press, sparse attention; a prediction without the C forward: ``batch.batchable``) runs alone
+  and stops admission until the batch drains. Greedy output is the request's lone output in every mode;
+  sampled rows are exact samples (a seeded request reproduces its lone output where its drafts are the same:
+  packed rows, or plain rows against ``drafter="none"``).
 * Fairness (``preempt_after`` tokens, batches only): FIFO admission; when every row is taken and a job waits,
   the row that has made the most tokens in its turn (at least ``preempt_after``) is parked (its K/V copied
   out, ``BatchDecoder.park``) and the job takes its cache row; parked rows resume, bit for bit, in order of
@@ -99,6 +100,7 @@ class Scheduler:
         self._closed = False
         self._aborted = False
         self._progress_at = time.monotonic()
+        self._batch_decoder: BatchDecoder | None = None   # kept between batches (_decoder)
         self._thread = threading.Thread(target=self._run, name="tachy-worker", daemon=True)
         self._thread.start()
 
@@ -210,7 +212,7 @@ class Scheduler:
     def _run_batch(self, first: Job) -> None:
         """Run ``first`` and every batchable job that arrives meanwhile as rows of one BatchDecoder, until
         none is left (see the module docstring)."""
-        decoder = BatchDecoder(self.engine, self.max_batch, packed=self.packed)
+        decoder = self._decoder(rebuild=False)
         state = _BatchState(self, decoder)
         state.admit(first)
         while True:
@@ -246,9 +248,19 @@ class Scheduler:
                     state.end(row.tag[0], error)
                 self._progress()
             except Exception as e:  # noqa: BLE001 - the forward failed: every row's request gets the error
+                self._decoder(rebuild=True)   # nothing of a failed batch carries over
                 for job, *_ in list(state.jobs.values()):
                     state.end(job, e)
                 return
+
+    def _decoder(self, rebuild: bool) -> BatchDecoder:
+        """The batch decoder, kept from one batch to the next: its cache's pages stay mapped and its measured
+        prompt-token cost stays learned. A new whole-window cache per batch (per request at concurrency 1) took
+        850-1,600 fresh page faults per short request inside its forwards, against ~0 kept (docs/server.md).
+        ``rebuild``: drop it (after a failed forward); the next batch makes a new one."""
+        if rebuild or self._batch_decoder is None:
+            self._batch_decoder = None if rebuild else BatchDecoder(self.engine, self.max_batch, packed=self.packed)
+        return self._batch_decoder
 
     def _preempt(self, decoder: BatchDecoder, state: "_BatchState") -> None:
         """Fairness: when every row is taken and a batchable job or a parked row waits, park the row that made
