@@ -237,3 +237,33 @@ def test_strategy_options_of_the_wrong_type_are_a_400(server, options):
     url, _ = server
     r = post(url, "/v1/chat/completions", {**CHAT, "tachy": {"strategy": "beam", "strategy_options": options}})
     assert r.status_code == 400, r.text
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": MODEL, "prompt": [True, False], "max_tokens": 2}, "prompt"),   # was read as token ids [1, 0]
+    ({"model": MODEL, "prompt": [1.5, 2], "max_tokens": 2}, "prompt"),
+    ({"model": MODEL, "prompt": [[1, 2], ["a"]], "max_tokens": 2}, "prompt"),
+    ({**CHAT, "seed": "1"}, "seed"),            # was read as the seed 1
+    ({**CHAT, "n": "2"}, "n"),
+    ({**CHAT, "stream": "true"}, "stream"),
+    ({**CHAT, "max_tokens": 4.0}, "max_tokens"),
+])
+def test_a_value_of_the_wrong_json_type_is_a_400(server, body, param):
+    url, _ = server
+    r = post(url, "/v1/completions" if "prompt" in body else "/v1/chat/completions", body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].split(".")[0] == param
+
+
+def test_a_list_of_token_id_lists_is_one_prompt_each(server):
+    """OpenAI's fourth prompt form: each list of token ids is a prompt, answered in its own choice."""
+    url, app = server
+    tokenizer = app.state.engine.tokenizer
+    ids = [tokenizer.encode("The capital of France"), tokenizer.encode("Once upon a time")]
+    body = {"model": MODEL, "max_tokens": 6, "temperature": 0}
+    both = post(url, "/v1/completions", {**body, "prompt": ids})
+    assert both.status_code == 200, both.text
+    alone = [post(url, "/v1/completions", {**body, "prompt": p}).json()["choices"][0]["text"] for p in ids]
+    assert [c["text"] for c in sorted(both.json()["choices"], key=lambda c: c["index"])] == alone
+    assert post(url, "/v1/completions", {**body, "prompt": [ids[0], [10**9]]}).status_code == 400
+    assert post(url, "/v1/completions", {**body, "prompt": [ids[0], []]}).status_code == 400

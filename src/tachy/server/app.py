@@ -163,11 +163,11 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         prompt = body.prompt
         if not prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        if all(isinstance(p, int) for p in prompt):
+        if not isinstance(prompt, str) and not isinstance(prompt[0], str):   # token ids, one list or several
+            prompts = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]
             vocab = engine.config.vocab_size
-            if not all(0 <= t < vocab for t in prompt):
+            if not all(0 <= t < vocab for p in prompts for t in p):
                 raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-            prompts = [list(prompt)]
         else:
             texts = [prompt] if isinstance(prompt, str) else prompt
             prompts = await asyncio.to_thread(lambda: [engine.tokenizer.encode(t) for t in texts])

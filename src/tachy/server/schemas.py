@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a value of the wrong JSON type is a 400, as in OpenAI's API, not converted ("1" read as the
+    # seed 1, ``[true, false]`` as the token ids [1, 0]); integers still fill float fields
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TachyOptions(_Body):
@@ -158,7 +160,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]   # text(s), token ids, lists of token ids
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
