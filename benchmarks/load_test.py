@@ -20,6 +20,12 @@ Then the join test, per batching scheduler: 4 streams of up to 600 tokens run; 1
 (or, in the control run, nothing does); the running streams' p99 chunk gap while the joining prompt is read
 (from its request to its first token) against the same window of the control run.
 
+With ``--rounds N`` each level runs in N rounds, the schedulers taking turns in each; with 20 rounds or more
+the report adds each scheduler's tokens/s over one at a time's on all rounds with a 95% bootstrap interval
+(rounds resampled: each round is one paired observation, so many short rounds, e.g. ``--rounds 200`` at
+concurrency 1, cancel the machine's drift). ``--schedulers ... "one at a time, second server"`` adds a second
+server running one at a time's code: the spread between two servers of the same code in the same run.
+
     python benchmarks/load_test.py [--requests 200] [--concurrency 1 4 8 16] [--max-tokens 64] [--rounds 1]
 
 writes docs/results/server_load/results.json, results.md and load.png.
