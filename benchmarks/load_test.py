@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -287,7 +288,7 @@ def report(results: dict) -> str:
 def round_ratios(run: dict, base: dict) -> str:
     ratios = sorted(a / b for a, b in zip(run["rounds_tokens_per_s"], base["rounds_tokens_per_s"]) if b)
     text = f"{statistics.median(ratios):.2f}x [{ratios[0]:.2f} - {ratios[-1]:.2f}]"
-    if "rounds_wall_s" in run and len(ratios) >= 20:
+    if len(ratios) >= 20:
         ratio, low, high = paired_ratio(run, base)
         text += f", all rounds {ratio:.3f}x (95% bootstrap interval {low:.3f} - {high:.3f})"
     return text
@@ -297,8 +298,6 @@ def paired_ratio(run: dict, base: dict, samples: int = 2000) -> tuple[float, flo
     """Aggregate tokens/s of ``run`` over ``base``'s in the same rounds, and a 95% interval from resampling the
     rounds (each round ran both back to back, so a round is one paired observation: many short rounds make a
     tight interval where the machine drifts over minutes)."""
-    import random
-
     n = len(run["rounds_wall_s"])
 
     def ratio(rounds) -> float:

@@ -212,7 +212,7 @@ class Scheduler:
     def _run_batch(self, first: Job) -> None:
         """Run ``first`` and every batchable job that arrives meanwhile as rows of one BatchDecoder, until
         none is left (see the module docstring)."""
-        decoder = self._decoder(rebuild=False)
+        decoder = self._decoder()
         state = _BatchState(self, decoder)
         state.admit(first)
         while True:
@@ -248,18 +248,18 @@ class Scheduler:
                     state.end(row.tag[0], error)
                 self._progress()
             except Exception as e:  # noqa: BLE001 - the forward failed: every row's request gets the error
-                self._decoder(rebuild=True)   # nothing of a failed batch carries over
+                self._batch_decoder = None   # nothing of a failed batch carries over: the next one is new
                 for job, *_ in list(state.jobs.values()):
                     state.end(job, e)
                 return
 
-    def _decoder(self, rebuild: bool) -> BatchDecoder:
-        """The batch decoder, kept from one batch to the next: its cache's pages stay mapped and its measured
-        prompt-token cost stays learned. A new whole-window cache per batch (per request at concurrency 1) took
-        850-1,600 fresh page faults per short request inside its forwards, against ~0 kept (docs/server.md).
-        ``rebuild``: drop it (after a failed forward); the next batch makes a new one."""
-        if rebuild or self._batch_decoder is None:
-            self._batch_decoder = None if rebuild else BatchDecoder(self.engine, self.max_batch, packed=self.packed)
+    def _decoder(self) -> BatchDecoder:
+        """The batch decoder, kept from one batch to the next (dropped after a failed forward): its cache's pages
+        stay mapped and its measured prompt-token cost stays learned. A new whole-window cache per batch (per
+        request at concurrency 1) took 850-1,600 fresh page faults per short request inside its forwards,
+        against ~0 kept (docs/server.md)."""
+        if self._batch_decoder is None:
+            self._batch_decoder = BatchDecoder(self.engine, self.max_batch, packed=self.packed)
         return self._batch_decoder
 
     def _preempt(self, decoder: BatchDecoder, state: "_BatchState") -> None:
