@@ -24,7 +24,8 @@ With ``--rounds N`` each level runs in N rounds, the schedulers taking turns in 
 the report adds each scheduler's tokens/s over one at a time's on all rounds with a 95% bootstrap interval
 (rounds resampled: each round is one paired observation, so many short rounds, e.g. ``--rounds 200`` at
 concurrency 1, cancel the machine's drift). ``--schedulers ... "one at a time, second server"`` adds a second
-server running one at a time's code: the spread between two servers of the same code in the same run.
+server running one at a time's code: the spread between two servers of the same code in the same run;
+``"speculative batching, no prefix cache"`` the default scheduler with ``--no-prefix-cache``.
 
     python benchmarks/load_test.py [--requests 200] [--concurrency 1 4 8 16] [--max-tokens 64] [--rounds 1]
 
@@ -52,7 +53,8 @@ SCHEDULERS = {"one at a time": ["--max-batch", "1"],
               "plain batching": ["--max-batch", "8", "--batching", "plain"],
               "speculative batching": ["--max-batch", "8"],
               # a second server running one at a time's code: the spread between two servers of the same code
-              "one at a time, second server": ["--max-batch", "1"]}
+              "one at a time, second server": ["--max-batch", "1"],
+              "speculative batching, no prefix cache": ["--max-batch", "8", "--no-prefix-cache"]}
 
 
 def start_server(model: str, port: int, threads: int, flags: list[str]) -> subprocess.Popen:

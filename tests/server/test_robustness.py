@@ -202,6 +202,8 @@ def test_a_tiny_top_p_samples_the_top_token(server):
     ({**CHAT, "top_k": -2}, "top_k"),
     ({**CHAT, "repetition_penalty": 0}, "repetition_penalty"),
     ({**CHAT, "temperature": 1, "repetition_penalty": 4.75e-221}, "repetition_penalty"),   # logits / it: inf
+    # a role OpenAI does not have (a typo): was rendered into the prompt as it came
+    ({**CHAT, "messages": [{"role": "usr", "content": "hi"}]}, "messages.0.role"),
     # a parameter that changed nothing, silently
     ({"model": MODEL, "prompt": "x", "max_tokens": 2, "best_of": 3}, "best_of"),
 ])
@@ -220,6 +222,18 @@ def test_the_harmless_forms_still_work(server):
         assert post(url, "/v1/chat/completions", body).status_code == 200
     r = post(url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "n": 2, "best_of": 2})
     assert r.status_code == 200 and len(r.json()["choices"]) == 2
+
+
+def test_a_developer_message_is_the_system_turn(server):
+    """OpenAI's newer name for the system message: the same prompt, hence the same greedy answer."""
+    url, _ = server
+    answers = []
+    for role in ("system", "developer"):
+        body = {**CHAT, "max_tokens": 8, "messages": [{"role": role, "content": "Answer in French."}, *CHAT["messages"]]}
+        r = post(url, "/v1/chat/completions", body)
+        assert r.status_code == 200, r.text
+        answers.append((r.json()["usage"]["prompt_tokens"], r.json()["choices"][0]["message"]["content"]))
+    assert answers[0] == answers[1]
 
 
 def test_contrastive_decoding_does_not_crash_the_process(server):
@@ -252,7 +266,7 @@ def test_a_value_of_the_wrong_json_type_is_a_400(server, body, param):
     url, _ = server
     r = post(url, "/v1/completions" if "prompt" in body else "/v1/chat/completions", body)
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"].split(".")[0] == param
+    assert r.json()["error"]["param"] == param   # no union-member tags ("prompt.list[int].0")
 
 
 def test_a_list_of_token_id_lists_is_one_prompt_each(server):
@@ -267,3 +281,14 @@ def test_a_list_of_token_id_lists_is_one_prompt_each(server):
     assert [c["text"] for c in sorted(both.json()["choices"], key=lambda c: c["index"])] == alone
     assert post(url, "/v1/completions", {**body, "prompt": [ids[0], [10**9]]}).status_code == 400
     assert post(url, "/v1/completions", {**body, "prompt": [ids[0], []]}).status_code == 400
+
+
+def test_an_error_param_names_fields_not_union_members():
+    from tachy.server.http_errors import field_path
+
+    assert field_path(("body", "prompt", "list[int]", 0)) == "prompt.0"
+    assert field_path(("body", "messages", 0, "content", "list[TextPart]", 0, "text")) == "messages.0.content.0.text"
+    assert field_path(("body", "tool_choice", "literal['none','auto','required']")) == "tool_choice"
+    assert field_path(("body", "tool_choice", "NamedToolChoice", "type")) == "tool_choice.type"
+    assert field_path(("body", "prompt", "str")) == "prompt"
+    assert field_path(("body",)) is None

@@ -7,6 +7,7 @@ problems and tachy's typed errors (TachyError) as 400, ContextLengthError with O
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +38,17 @@ class ClientGone(Exception):
     """The client closed the connection while its request waited or ran."""
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def field_path(loc: tuple) -> str | None:
+    """An error location as OpenAI's ``param``: the body's field names and list indices, without the
+    union-member tags pydantic puts between them (``prompt.list[int].0`` is ``prompt.0``)."""
+    names = [str(x) for x in loc if isinstance(x, int)
+             or (x != "body" and re.fullmatch(r"[a-z_][a-z0-9_]*", x) and x not in _TYPE_TAGS)]
+    return ".".join(names) or None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -46,11 +58,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         if first.get("type") == "json_invalid":
             return ApiError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', '')}".rstrip(": "),
                             code="invalid_json").response()
-        param = ".".join(loc) or None
+        param = field_path(first.get("loc", ()))
         message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid body")
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problems)"

@@ -94,7 +94,8 @@ ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
 
 
 class ChatMessage(_Body):
-    role: str
+    # OpenAI's roles; another one (a typo) was rendered into the prompt as it came, silently
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[str, list[TextPart], None] = None
     tool_calls: list[dict] | None = None     # an assistant turn that called tools (server/tools.py)
     tool_call_id: str | None = None          # a tool's answer
@@ -104,7 +105,8 @@ class ChatMessage(_Body):
             "".join(p.text for p in self.content)
         if not text and self.tool_calls:   # shown to the model as the calls it wrote
             text = "\n".join(_call_text(c) for c in self.tool_calls)
-        return {"role": self.role, "content": text or ""}
+        # "developer" is OpenAI's newer name for the system turn, which chat templates know as "system"
+        return {"role": "system" if self.role == "developer" else self.role, "content": text or ""}
 
 
 def _call_text(call: dict) -> str:
