@@ -25,7 +25,8 @@ the report adds each scheduler's tokens/s over one at a time's on all rounds wit
 (rounds resampled: each round is one paired observation, so many short rounds, e.g. ``--rounds 200`` at
 concurrency 1, cancel the machine's drift). ``--schedulers ... "one at a time, second server"`` adds a second
 server running one at a time's code: the spread between two servers of the same code in the same run;
-``"speculative batching, no prefix cache"`` the default scheduler with ``--no-prefix-cache``.
+``"speculative batching, no prefix cache"`` the default scheduler with ``--no-prefix-cache``, and
+``"speculative batching, quick first tokens"`` with ``--whole-prompt-tokens 128 --min-prompt-chunk 32``.
 
     python benchmarks/load_test.py [--requests 200] [--concurrency 1 4 8 16] [--max-tokens 64] [--rounds 1]
 
@@ -54,7 +55,10 @@ SCHEDULERS = {"one at a time": ["--max-batch", "1"],
               "speculative batching": ["--max-batch", "8"],
               # a second server running one at a time's code: the spread between two servers of the same code
               "one at a time, second server": ["--max-batch", "1"],
-              "speculative batching, no prefix cache": ["--max-batch", "8", "--no-prefix-cache"]}
+              "speculative batching, no prefix cache": ["--max-batch", "8", "--no-prefix-cache"],
+              # short prompts read whole, a floor under the chunks: quicker first tokens, slower streams
+              "speculative batching, quick first tokens": ["--max-batch", "8", "--whole-prompt-tokens", "128",
+                                                           "--min-prompt-chunk", "32"]}
 
 
 def start_server(model: str, port: int, threads: int, flags: list[str]) -> subprocess.Popen:

@@ -136,10 +136,10 @@ def repetitive_prompt(rng: random.Random, vocab: int) -> list[int]:
     return (motif * 12)[:rng.randint(10, 90)]
 
 
-def run_packed(engine, requests, max_batch: int, prefill_share: float = 0.5):
+def run_packed(engine, requests, max_batch: int, prefill_share: float = 0.5, **options):
     """Like ``batched``; also returns each request's last stats and how many steps each prompt's prefill
-    took (steps from its join to its first token)."""
-    decoder = BatchDecoder(engine, max_batch, prefill_share=prefill_share)
+    took (steps from its join to its first token). ``options``: more BatchDecoder arguments."""
+    decoder = BatchDecoder(engine, max_batch, prefill_share=prefill_share, **options)
     assert decoder.packed
     out = {i: ([], [], None, None) for i in range(len(requests))}
     joined, first = {}, {}
@@ -187,6 +187,31 @@ def test_packed_rows_draft_and_equal_alone(arch, monkeypatch):
         assert result == alone(engine, prompt, config), f"{arch}: {config.drafter} on {prompt}"
     assert sum(s.accepted for s in stats) > 0
     assert max(prefill_steps.values()) > 1      # some prompt was read in several chunks beside running rows
+
+
+def test_short_prompts_read_whole_and_a_chunk_floor_keep_each_rows_lone_tokens(monkeypatch):
+    """whole_prompt_tokens and min_chunk change only how many prompt tokens a forward carries: every row's
+    greedy tokens stay its lone tokens, and short prompts joining beside running rows get their first token
+    in the step they join instead of after several chunks."""
+    engine = packed_engine("llama", seed=4)
+    engine._costs, engine._key_cost = [0.0] + [0.004 + 0.0005 * t for t in range(1, 65)], 0.0
+    monkeypatch.setattr(BatchDecoder, "_observe_chunk", lambda *args: None)
+    rng = random.Random(9)
+    requests = []
+    for i in range(10):
+        prompt = repetitive_prompt(rng, engine.config.vocab_size)
+        prompt = prompt * 3 if i % 3 == 0 else prompt[:30]     # long prompts (read in chunks) and short ones
+        config = GenerationConfig(max_new_tokens=rng.randint(5, 30), ignore_eos=True, drafter="default")
+        requests.append((prompt, config, 2 * i))
+    short = [i for i, (prompt, _, _) in enumerate(requests) if len(prompt) <= 30]
+    chunked = run_packed(engine, requests, max_batch=4, prefill_share=0.05)
+    whole = run_packed(engine, requests, max_batch=4, prefill_share=0.05, whole_prompt_tokens=32, min_chunk=24)
+    for (prompt, config, _), a, b in zip(requests, chunked[0], whole[0]):
+        assert a == b == alone(engine, prompt, config)
+    assert max(chunked[2][i] for i in short) > 0         # chunked: some short prompt took several steps
+    assert all(whole[2][i] == 0 for i in short)          # whole: each its first token in its first step
+    with pytest.raises(InvalidArgumentError):
+        BatchDecoder(engine, 4, min_chunk=0)
 
 
 def test_packed_rows_draft_with_what_the_engines_drafter_learned():

@@ -117,15 +117,26 @@ class BatchDecoder:
 
     prefill_share: packed mode, how much a joining prompt's chunk may cost relative to the running rows'
     tokens in the same forward (their inter-token latency grows by about this fraction while a prompt joins).
+    whole_prompt_tokens: packed mode, a joining prompt of at most this many tokens (after the prefix cache) is
+    read whole in its first forward beside running rows, at most this many such tokens per forward: a short
+    question's first token need not wait behind a long prompt read a chunk per forward (0: every prompt in
+    chunks). min_chunk: the fewest prompt tokens a forward beside running rows carries (a floor under the
+    ``prefill_share`` budget). Both trade the running streams' inter-token latency for the joiners' time to
+    first token (docs/server.md has measurements).
     packed: False runs plain rows even where the C forward could pack drafts (for comparison).
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 8, prefill_share: float = 0.5, packed: bool = True):
+    def __init__(self, engine: Engine, max_batch: int = 8, prefill_share: float = 0.5, packed: bool = True,
+                 whole_prompt_tokens: int = 0, min_chunk: int = 4):
         if max_batch < 1:
             raise InvalidArgumentError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_share <= 0:
             raise InvalidArgumentError(f"prefill_share must be > 0, got {prefill_share}")
         self.engine, self.max_batch, self.prefill_share = engine, max_batch, prefill_share
+        if whole_prompt_tokens < 0 or min_chunk < 1:
+            raise InvalidArgumentError(f"whole_prompt_tokens must be >= 0 and min_chunk >= 1, got "
+                                       f"{whole_prompt_tokens} and {min_chunk}")
+        self.whole_prompt_tokens, self.min_chunk = whole_prompt_tokens, min_chunk
         self.rows: list[Row] = []           # active rows, in join order
         self.parked: list[Row] = []         # preempted rows waiting for a cache row, oldest first
         self.cache: BatchKVCache | None = None
@@ -377,7 +388,7 @@ class BatchDecoder:
         if not decode_tokens:
             return PREFILL_CHUNK
         per_token = self._prompt_token_s or self._marginal_cost()
-        return max(4, int(self.prefill_share * self._decode_cost(decode_tokens) / per_token))
+        return max(self.min_chunk, int(self.prefill_share * self._decode_cost(decode_tokens) / per_token))
 
     def _observe_chunk(self, decode_tokens: int, chunk_tokens: int, elapsed: float) -> None:
         """Learn a prompt token's cost in a mixed forward from its time beyond the running rows' expected."""
@@ -404,16 +415,25 @@ class BatchDecoder:
             plan.append((row, [row.root] + tree.tokens, tree))
             decode_tokens += 1 + len(tree)
         budget = self._chunk_budget(decode_tokens)
+        whole = self.whole_prompt_tokens if decode_tokens else 0
         reading: set[tuple[int, ...]] = set()   # first blocks of the prompts being read in this forward
         for row in self.rows:   # joining prompts, first come first served
-            if row.pending and budget > 0:
-                if row.prefix is not None and not row.looked_up and tuple(row.pending[:BLOCK_TOKENS]) in reading:
-                    continue   # same start as a prompt being read: wait for its blocks in the prefix cache
+            if not row.pending:
+                continue
+            if row.prefix is not None and not row.looked_up and tuple(row.pending[:BLOCK_TOKENS]) in reading:
+                continue   # same start as a prompt being read: wait for its blocks in the prefix cache
+            if len(row.pending) <= whole:   # a short prompt goes whole, beside the budget (whole_prompt_tokens)
+                self._reuse_prefix(row)
+                chunk = row.pending
+                whole -= len(chunk)
+            elif budget > 0:
                 self._reuse_prefix(row)
                 chunk = row.pending[:min(budget, PREFILL_CHUNK)]
-                plan.append((row, chunk, None))
                 budget -= len(chunk)
-                reading.add(tuple((row.ids[:BLOCK_TOKENS] + row.pending[:BLOCK_TOKENS])[:BLOCK_TOKENS]))
+            else:
+                continue
+            plan.append((row, chunk, None))
+            reading.add(tuple((row.ids[:BLOCK_TOKENS] + row.pending[:BLOCK_TOKENS])[:BLOCK_TOKENS]))
         # chains and prompt chunks see the earlier new tokens of their own row: the forward's default (no mask)
         causal = all(tree is None or tree.is_chain for _, _, tree in plan)
         tokens, positions, rows, slots, prefix, blocks, logit_rows = [], [], [], [], [], [], []

@@ -292,3 +292,27 @@ def test_the_batch_decoder_is_kept_between_batches(monkeypatch):
     assert failed[-1][0] == "error" and "forward failed" in str(failed[-1][2])
     assert dropped is None and last is not None and last is not kept[0]
     assert [t for _, _, p in again for t in p.token_ids] == [t for _, _, p in results[1] for t in p.token_ids]
+
+
+def test_the_prompt_reading_options_reach_the_batch_decoder():
+    """`tachy serve --whole-prompt-tokens N --min-prompt-chunk M` -> create_app -> Scheduler -> BatchDecoder;
+    bad values are refused before the server starts."""
+    import pytest
+
+    from tachy.cli import build_parser
+    from tachy.errors import TachyError
+    from tachy.server.cli import app_options
+    from tests.test_batch import packed_engine
+
+    parse = lambda *flags: app_options(build_parser().parse_args(["serve", *flags]))   # noqa: E731
+    options = parse("--whole-prompt-tokens", "96", "--min-prompt-chunk", "16")
+    assert (options["whole_prompt_tokens"], options["min_prompt_chunk"]) == (96, 16)
+    assert (parse()["whole_prompt_tokens"], parse()["min_prompt_chunk"]) == (0, 4)   # defaults: chunks only
+    for flags in (["--whole-prompt-tokens", "-1"], ["--min-prompt-chunk", "0"]):
+        with pytest.raises(TachyError):
+            parse(*flags)
+    sched = Scheduler(packed_engine("llama", seed=3), max_batch=2,
+                      batch_options={"whole_prompt_tokens": 96, "min_chunk": 16})
+    decoder = sched._decoder()
+    sched.close()
+    assert (decoder.whole_prompt_tokens, decoder.min_chunk) == (96, 16)

@@ -44,7 +44,8 @@ SEARCH_LIMITS = {"num_beams": 16, "num_samples": 16, "top_k": 64}
 def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, model_name: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, grace_s: float = 30.0, warmup: bool = True,
                max_batch: int = 8, compile_timeout_s: float = 10.0, stall_s: float = 60.0,
-               speculative_batching: bool = True, preempt_after: int = 256) -> FastAPI:
+               speculative_batching: bool = True, preempt_after: int = 256, whole_prompt_tokens: int = 0,
+               min_prompt_chunk: int = 4) -> FastAPI:
     """The app serving ``engine`` under ``model_name`` (default: the engine's name).
 
     max_queue: requests that may wait while one runs; more get 429. grace_s: how long shutdown lets the
@@ -55,6 +56,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
     stall_s: /health answers 503 "stalled" when the worker has made no progress for this long while busy.
     preempt_after: in a full batch with requests waiting, a row is parked after this many tokens of its turn
     so that they get its cache row (fairness; 0: never, a row keeps its cache row until it finishes).
+    whole_prompt_tokens, min_prompt_chunk: speculative batching's prompt reading beside running rows
+    (``BatchDecoder``'s whole_prompt_tokens and min_chunk): quicker first tokens, slower running streams.
     """
     model_name = model_name or engine.name
     metrics = Metrics()
@@ -63,7 +66,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         engine.warmup()  # kernels' one-time setup now, not in the first user's latency
         engine.load_drafter("default")
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics, grace_s=grace_s, max_batch=max_batch,
-                          speculative_batching=speculative_batching, preempt_after=preempt_after)
+                          speculative_batching=speculative_batching, preempt_after=preempt_after,
+                          batch_options=dict(whole_prompt_tokens=whole_prompt_tokens, min_chunk=min_prompt_chunk))
     compiler = ConstraintCompiler(engine.tokenizer, engine.config.vocab_size, timeout_s=compile_timeout_s)
 
     @asynccontextmanager

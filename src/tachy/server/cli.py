@@ -18,11 +18,14 @@ def app_options(args: argparse.Namespace) -> dict:
         raise TachyError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.preempt_after < 0:
         raise TachyError(f"--preempt-after must be >= 0 tokens, got {args.preempt_after}")
+    if args.whole_prompt_tokens < 0 or args.min_prompt_chunk < 1:
+        raise TachyError("--whole-prompt-tokens must be >= 0 and --min-prompt-chunk >= 1")
     if args.compile_timeout <= 0 or args.stall_timeout <= 0:
         raise TachyError("--compile-timeout and --stall-timeout must be > 0 seconds")
     return dict(api_key=args.api_key, max_queue=args.max_queue, model_name=args.served_model_name,
                 max_batch=args.max_batch, compile_timeout_s=args.compile_timeout, stall_s=args.stall_timeout,
-                speculative_batching=args.batching == "speculative", preempt_after=args.preempt_after)
+                speculative_batching=args.batching == "speculative", preempt_after=args.preempt_after,
+                whole_prompt_tokens=args.whole_prompt_tokens, min_prompt_chunk=args.min_prompt_chunk)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -97,6 +100,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batching", default="speculative", choices=["speculative", "plain"],
                    help="speculative: every row drafts and joining prompts are prefilled in chunks beside the "
                         "running rows (with the C forward); plain: rows decode one token per step (as before)")
+    p.add_argument("--whole-prompt-tokens", type=int, default=0,
+                   help="speculative batching: a joining prompt of at most this many tokens is read whole in one "
+                        "forward beside the running rows (its first token at once; their step that much longer); "
+                        "0: every prompt in chunks")
+    p.add_argument("--min-prompt-chunk", type=int, default=4,
+                   help="speculative batching: the fewest prompt tokens a forward beside running rows carries "
+                        "(long prompts read faster, running streams slower)")
     p.add_argument("--preempt-after", type=int, default=256,
                    help="with every batch row taken and requests waiting, park a row after this many tokens of "
                         "its turn so they can join (it resumes where it was; 0: never)")

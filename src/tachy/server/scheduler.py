@@ -89,10 +89,12 @@ class Scheduler:
     """A FIFO of jobs and the worker thread that runs them on ``engine``."""
 
     def __init__(self, engine: Engine, max_queue: int = 64, metrics: Metrics | None = None, grace_s: float = 30.0,
-                 max_batch: int = 1, speculative_batching: bool = True, preempt_after: int = 256):
+                 max_batch: int = 1, speculative_batching: bool = True, preempt_after: int = 256,
+                 batch_options: dict | None = None):
         self.engine, self.max_queue, self.grace_s, self.max_batch = engine, max_queue, grace_s, max_batch
         self.preempt_after = preempt_after
         self.speculative_batching = speculative_batching
+        self.batch_options = batch_options or {}   # more BatchDecoder arguments (whole_prompt_tokens, min_chunk)
         self.metrics = metrics or Metrics()
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -259,7 +261,7 @@ class Scheduler:
         request at concurrency 1) took 850-1,600 fresh page faults per short request inside its forwards,
         against ~0 kept (docs/server.md)."""
         if self._batch_decoder is None:
-            self._batch_decoder = BatchDecoder(self.engine, self.max_batch, packed=self.packed)
+            self._batch_decoder = BatchDecoder(self.engine, self.max_batch, packed=self.packed, **self.batch_options)
         return self._batch_decoder
 
     def _preempt(self, decoder: BatchDecoder, state: "_BatchState") -> None:
