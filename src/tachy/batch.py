@@ -117,8 +117,8 @@ class BatchDecoder:
 
     prefill_share: packed mode, how much a joining prompt's chunk may cost relative to the running rows'
     tokens in the same forward (their inter-token latency grows by about this fraction while a prompt joins).
-    whole_prompt_tokens: packed mode, a joining prompt of at most this many tokens (after the prefix cache) is
-    read whole in its first forward beside running rows, at most this many such tokens per forward: a short
+    whole_prompt_tokens: packed mode, a joining prompt with at most this many tokens still to read is read
+    whole in the next forward beside running rows, at most this many such tokens per forward: a short
     question's first token need not wait behind a long prompt read a chunk per forward (0: every prompt in
     chunks). min_chunk: the fewest prompt tokens a forward beside running rows carries (a floor under the
     ``prefill_share`` budget). Both trade the running streams' inter-token latency for the joiners' time to
