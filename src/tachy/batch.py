@@ -422,16 +422,16 @@ class BatchDecoder:
                 continue
             if row.prefix is not None and not row.looked_up and tuple(row.pending[:BLOCK_TOKENS]) in reading:
                 continue   # same start as a prompt being read: wait for its blocks in the prefix cache
-            if len(row.pending) <= whole:   # a short prompt goes whole, beside the budget (whole_prompt_tokens)
-                self._reuse_prefix(row)
+            short = len(row.pending) <= whole   # a short prompt goes whole, beside the budget (whole_prompt_tokens)
+            if not short and budget <= 0:
+                continue
+            self._reuse_prefix(row)
+            if short:
                 chunk = row.pending
                 whole -= len(chunk)
-            elif budget > 0:
-                self._reuse_prefix(row)
+            else:
                 chunk = row.pending[:min(budget, PREFILL_CHUNK)]
                 budget -= len(chunk)
-            else:
-                continue
             plan.append((row, chunk, None))
             reading.add(tuple((row.ids[:BLOCK_TOKENS] + row.pending[:BLOCK_TOKENS])[:BLOCK_TOKENS]))
         # chains and prompt chunks see the earlier new tokens of their own row: the forward's default (no mask)
