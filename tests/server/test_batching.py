@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import pytest
+
 from tachy import GenerationConfig
 from tachy.server.scheduler import Job, Scheduler, ShuttingDown
 from tests.decoding.helpers import tiny_engine
@@ -296,11 +298,10 @@ def test_the_batch_decoder_is_kept_between_batches(monkeypatch):
 
 def test_the_prompt_reading_options_reach_the_batch_decoder():
     """`tachy serve --whole-prompt-tokens N --min-prompt-chunk M` -> create_app -> Scheduler -> BatchDecoder;
-    bad values are refused before the server starts."""
-    import pytest
-
+    bad values are refused before the server starts, from the command line and from Python (a BatchDecoder
+    built at the first request had raised inside the worker thread, which died: every request hung)."""
     from tachy.cli import build_parser
-    from tachy.errors import TachyError
+    from tachy.errors import InvalidArgumentError, TachyError
     from tachy.server.cli import app_options
     from tests.test_batch import packed_engine
 
@@ -311,8 +312,11 @@ def test_the_prompt_reading_options_reach_the_batch_decoder():
     for flags in (["--whole-prompt-tokens", "-1"], ["--min-prompt-chunk", "0"]):
         with pytest.raises(TachyError):
             parse(*flags)
-    sched = Scheduler(packed_engine("llama", seed=3), max_batch=2,
-                      batch_options={"whole_prompt_tokens": 96, "min_chunk": 16})
+    engine = packed_engine("llama", seed=3)
+    sched = Scheduler(engine, max_batch=2, batch_options={"whole_prompt_tokens": 96, "min_chunk": 16})
     decoder = sched._decoder()
     sched.close()
     assert (decoder.whole_prompt_tokens, decoder.min_chunk) == (96, 16)
+    for options in ({"min_chunk": 0}, {"whole_prompt_tokens": -1}):
+        with pytest.raises(InvalidArgumentError):
+            Scheduler(engine, max_batch=2, batch_options=options)

@@ -103,6 +103,8 @@ class Scheduler:
         self._aborted = False
         self._progress_at = time.monotonic()
         self._batch_decoder: BatchDecoder | None = None   # kept between batches (_decoder)
+        if max_batch > 1:   # built now, so that bad batch options fail here, not in the worker thread (it died)
+            self._decoder()
         self._thread = threading.Thread(target=self._run, name="tachy-worker", daemon=True)
         self._thread.start()
 
