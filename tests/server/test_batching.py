@@ -134,6 +134,42 @@ def test_a_failed_batch_forward_fails_its_jobs_and_the_worker_lives_on(monkeypat
     assert ok[-1][2].finish_reason == "length"
 
 
+def test_a_failure_between_steps_fails_the_batch_and_the_worker_lives_on(monkeypatch):
+    """An exception outside the forward (here the fairness check at a step boundary, as a bug in parking or
+    resuming would raise) ends the batch's jobs with the error; the worker thread goes on serving (before, it
+    died and every later request hung)."""
+    engine, _ = tiny_engine(seed=1, eos=(3,))
+    preempt, calls = Scheduler._preempt, []
+
+    def fails_once(self, decoder, state):
+        calls.append(len(decoder.rows))
+        if len(calls) == 3:
+            raise RuntimeError("parking failed")
+        return preempt(self, decoder, state)
+
+    monkeypatch.setattr(Scheduler, "_preempt", fails_once)
+    config = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine, max_batch=4)
+        jobs = [Job([([5 + i, 6], config)], loop) for i in range(3)]
+        submit_together(sched, jobs)
+        failed = [await asyncio.wait_for(drain(j), 60) for j in jobs]
+        after = [Job([([7 + i, 8], config)], loop) for i in range(2)]
+        submit_together(sched, after)
+        ok = [await asyncio.wait_for(drain(j), 60) for j in after]
+        alive = sched._thread.is_alive()
+        sched.close()
+        return failed, ok, alive
+
+    failed, ok, alive = asyncio.run(main())
+    for items in failed:
+        assert items[-1][0] == "error" and "parking failed" in str(items[-1][2])
+    assert alive
+    assert [texts(items, 1) for items in ok] == [[alone(engine, [7 + i, 8], config)] for i in range(2)]
+
+
 def test_a_row_that_fails_ends_its_job_alone(monkeypatch):
     """A failure in one request's own per-row work (its processor, drafter, text stream) fails that request
     only: the others in the batch finish with their lone output."""

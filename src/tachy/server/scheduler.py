@@ -219,6 +219,14 @@ class Scheduler:
         decoder = self._decoder()
         state = _BatchState(self, decoder)
         state.admit(first)
+        try:
+            self._batch_steps(decoder, state)
+        except Exception as e:  # noqa: BLE001 - a forward, join or park failed: the batch's jobs get the error
+            self._batch_decoder = None   # nothing of a failed batch carries over: the next one is new
+            state.fail_all(e)            # and the worker lives on for the next request
+
+    def _batch_steps(self, decoder: BatchDecoder, state: "_BatchState") -> None:
+        """Join waiting jobs at each step boundary and step the batch until no row or job is left."""
         while True:
             with self._cond:  # join at a step boundary while rows are free, in order of arrival
                 self._preempt(decoder, state)
@@ -244,18 +252,12 @@ class Scheduler:
                 if not state.pending and not decoder.parked:
                     return
                 continue
-            try:
-                self.metrics.record_batch_step(len(decoder.rows))
-                state.dispatch(decoder.step())
-                while decoder.failed:   # a row's own failure (its processor, drafter): its request ends alone
-                    row, error = decoder.failed.pop(0)
-                    state.end(row.tag[0], error)
-                self._progress()
-            except Exception as e:  # noqa: BLE001 - the forward failed: every row's request gets the error
-                self._batch_decoder = None   # nothing of a failed batch carries over: the next one is new
-                for job, *_ in list(state.jobs.values()):
-                    state.end(job, e)
-                return
+            self.metrics.record_batch_step(len(decoder.rows))
+            state.dispatch(decoder.step())
+            while decoder.failed:   # a row's own failure (its processor, drafter): its request ends alone
+                row, error = decoder.failed.pop(0)
+                state.end(row.tag[0], error)
+            self._progress()
 
     def _decoder(self) -> BatchDecoder:
         """The batch decoder, kept from one batch to the next (dropped after a failed forward): its cache's pages
@@ -326,6 +328,7 @@ class _BatchState:
         self.scheduler, self.decoder = scheduler, decoder
         self.pending: collections.deque[tuple[Job, int]] = collections.deque()
         self.jobs: dict[int, tuple[Job, int, float, dict]] = {}   # id(job) -> (job, choices left, start, last)
+        self.broken = False   # the decoder failed: it is dropped, its rows are not touched again
 
     def admit(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -350,6 +353,13 @@ class _BatchState:
                 if left == 1:
                     self.end(job)
 
+    def fail_all(self, error: Exception) -> None:
+        """End every job of a batch whose decoder failed with ``error`` (its state may be inconsistent, so
+        nothing more is asked of it)."""
+        self.broken = True
+        for job, *_ in list(self.jobs.values()):
+            self.end(job, error)
+
     def drop_cancelled(self) -> None:
         for job, *_ in list(self.jobs.values()):
             if job.cancelled.is_set():
@@ -361,7 +371,8 @@ class _BatchState:
             return
         _, _, start, lasts = self.jobs.pop(id(job))
         self.pending = collections.deque(p for p in self.pending if p[0] is not job)
-        for row in [r for r in self.decoder.rows + self.decoder.parked if r.tag[0] is job]:
+        rows = [] if self.broken else [r for r in self.decoder.rows + self.decoder.parked if r.tag[0] is job]
+        for row in rows:
             self.decoder.remove(row)
             if cancelled:
                 index = row.tag[1]
