@@ -185,3 +185,34 @@ def test_the_attention_sum_network_gives_each_rows_own_horizontal_sum_bits():
                                        ctypes.c_void_p(alone.data_ptr()))
         assert torch.equal(network.view(torch.int32), alone.view(torch.int32)), n
         assert torch.allclose(alone.double(), rows.double().sum(1), rtol=1e-5, atol=1e-3 * rows.abs().max().item())
+
+
+@pytest.mark.skipif(not K.available() or not hasattr(K.library(), "tq_attention_scores"),
+                    reason="an AVX-512 build of the kernels")
+@pytest.mark.parametrize("amx", [False, True], ids=["fma", "amx"])
+def test_attention_scores_are_the_dot_products(amx):
+    """decoder.c's attention scores (AMX tiles where the CPU has them: amx_scores) are the scaled dot products
+    of float32 queries with bf16 keys, for 1-16 queries, in-place and gathered key lists, partial blocks of 16
+    keys and head dims 32-256, to float32's accuracy (the query goes in as two bf16 parts: ~16 bits)."""
+    import ctypes
+
+    if amx and not K.use_amx(True):
+        pytest.skip("no AMX on this CPU")
+    before = K.amx_used()
+    gen = torch.Generator().manual_seed(1)
+    try:
+        for D, P, n, gathered in [(64, 3, 37, False), (64, 16, 64, True), (32, 4, 5, False), (128, 8, 300, True),
+                                  (256, 4, 19, True), (64, 1, 16, False), (64, 12, 1, True)]:
+            q = torch.randn(P, D, generator=gen) * 3
+            keys_all = torch.randn(400, D, generator=gen).to(torch.bfloat16)
+            keys = (torch.randperm(400, generator=gen)[:n] if gathered else torch.arange(7, 7 + n)).long()
+            out = torch.empty(n, P)
+            used = K.library().tq_attention_scores(
+                ctypes.c_void_p(q.data_ptr()), P, ctypes.c_void_p(keys_all.data_ptr()),
+                ctypes.c_void_p(keys.data_ptr()), n, D, 0.125, ctypes.c_void_p(out.data_ptr()), int(amx))
+            assert used == int(amx)
+            exact = (keys_all[keys].double() @ q.double().T) * 0.125
+            bound = (keys_all[keys].double().abs() @ q.double().abs().T) * 0.125
+            assert ((out.double() - exact).abs() <= 2e-5 * bound + 1e-30).all(), (D, P, n, gathered)
+    finally:
+        K.use_amx(before)

@@ -29,6 +29,41 @@ def forward(model, tokens: list[int], cache, positions=None, mask=None) -> torch
         return model(torch.tensor([tokens]), positions, cache, mask)[0]
 
 
+@pytest.fixture(params=["fma", "amx"], autouse=True)
+def attention_scores(request):
+    """Every test here runs with attention scores from fused multiply-adds and, where the CPU has AMX, from its
+    tiles (decoder.c's amx_scores: head dims that are multiples of 32, here gemma3's and the 64-wide shape)."""
+    before = kernels.amx_used()
+    if request.param == "amx" and not kernels.use_amx(True):
+        pytest.skip("no AMX on this CPU")
+    kernels.use_amx(request.param == "amx")
+    yield request.param
+    kernels.use_amx(before)
+
+
+def test_amx_scores_keep_the_model_as_close_to_the_pytorch_forward(attention_scores, smollm):
+    """On the embedded model the AMX path is taken (its bits differ from the fused multiply-adds': another
+    summation order) and stays as close to the PyTorch forward over the same blocks. (The kernel's own
+    accuracy: tests/kernels/test_kernels.py; tiny random models attend almost uniformly and barely show it.)"""
+    if attention_scores != "amx":
+        pytest.skip("compares AMX with the fused multiply-adds")
+    model = smollm.model
+    if model.cpu_forward is None or model.config.head_dim % 32:
+        pytest.skip("the embedded model runs the C forward with a head dim AMX takes")
+    ids = smollm.tokenizer.encode("The history of the Roman empire is long and complicated. It began when")
+    amx = forward(model, ids, model.new_cache(128))
+    kernels.use_amx(False)
+    fma = forward(model, ids, model.new_cache(128))
+    saved, model.cpu_forward = model.cpu_forward, None
+    try:
+        reference = forward(model, ids, model.new_cache(128)).float()
+    finally:
+        model.cpu_forward = saved
+    assert not torch.equal(amx, fma)
+    assert (amx.float() - reference).abs().mean() <= 1.25 * (fma.float() - reference).abs().mean()
+    assert torch.equal(amx.argmax(-1), fma.argmax(-1))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_it_computes_the_model(arch):
     model = tiny_gguf_model(arch, seed=3)

@@ -168,13 +168,33 @@ def _load() -> ctypes.CDLL | None:
     lib.tq_profile.argtypes = [ptr, i32]
     if hasattr(lib, "tq_horizontal_sums"):   # AVX-512 builds only
         lib.tq_horizontal_sums.argtypes = [ptr, i64, ptr, ptr]
+        lib.tq_attention_scores.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ptr, i32]
     lib.key = path.parent.name   # the machine key
     lib.tq_skip_gguf_strings.argtypes = [ptr, i64, i64, i64]
     lib.tq_skip_gguf_strings.restype = i64
     lib.tq_argmax_rows.argtypes = [ptr, i64, i64, i64, ptr]
     lib.tq_topk_rows.argtypes = [ptr, i64, i64, i64, i64, ptr]
+    lib.tq_set_amx.argtypes = [i32]
+    lib.amx = bool(lib.tq_set_amx(int(os.environ.get("TACHY_AMX", "1") != "0")))
     _lib = lib
     return lib
+
+
+def amx_used() -> bool:
+    """Whether the C forward scores attention on AMX tiles now (see use_amx)."""
+    lib = _load()
+    return lib is not None and lib.amx
+
+
+def use_amx(on: bool) -> bool:
+    """Score attention on AMX tiles where the CPU has them (the default; ``TACHY_AMX=0`` turns it off); returns
+    whether they are used. Scores differ in their last bits between the two, so switch only between whole
+    generations (tests compare both)."""
+    lib = _load()
+    if lib is None:
+        return False
+    lib.amx = bool(lib.tq_set_amx(int(on)))
+    return lib.amx
 
 
 def available() -> bool:

@@ -45,6 +45,35 @@ void tq_profile(double *out, int reset) {
 
 #define DEC_AVX512 TQ_AVX512
 
+/* Intel's AMX tile units compute attention scores where the CPU has them (Sapphire Rapids and later) and the
+   kernel lets the process use them: 16 keys by up to 16 (token, head) pairs per few instructions instead of a
+   fused multiply-add chain and a horizontal sum per pair and key. Each score is the dot product of the query
+   (as two bf16 parts, ~16 bits) with the bf16 key, accumulated by TDPBF16PS over the channels in a fixed
+   order, so a score has the same bits whatever the other pairs and keys of the call: every attention call of a forward uses it
+   (amx_on is set once per process, tq_set_amx), and decoding, verification and batches stay row-invariant. The
+   softmax and the value sums are the AVX-512 path's. */
+#if DEC_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define DEC_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define DEC_AMX 0
+#endif
+static int amx_on;
+
+/* use AMX for attention scores (on: 1) where it exists; returns whether it is used. Linux hands a process the
+   tile registers' state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), once. */
+int tq_set_amx(int on) {
+#if DEC_AMX
+    static int permitted = -1;
+    if (on && permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    amx_on = on && permitted > 0;
+#else
+    (void)on;
+#endif
+    return amx_on;
+}
+
 /* Every field is 8 bytes wide, so the Python side (ctypes) lays the structs out the same way. */
 typedef struct {
     int64_t fmt;
@@ -269,6 +298,7 @@ typedef struct {
     int64_t mi_start, mi_qb0, mi_kb; /* the chunk's first slot, its first query block, key blocks */
     int64_t grouped;              /* grouped_tokens serves this model's heads */
     int64_t block;                /* tokens per attention item: 16 / G for plain causal chunks, else 1 */
+    int64_t amx;                  /* grouped_tokens scores keys with AMX (amx_scores) */
 } fwd;
 
 /* y [T, N] = x [T, K] times the layer's parts; packed parts share one int8 quantization of x */
@@ -516,9 +546,120 @@ static inline __attribute__((always_inline)) __m512 qk_scores(int S, int P, int6
     return mxv;
 }
 
-/* qk_scores with S as a constant (4, 8 or 16) */
+#if DEC_AMX
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* qk_scores on AMX: S scores per key into sc (pairs from P on are 0), their max per pair in lanes 0..S-1. Keys
+   16 at a time are tile A (rows read in place where the list runs on by one, else gathered), the queries as
+   bf16 channel pairs tile B, the scores tile C (16 keys x S), for D / 32 channel blocks in order. */
+static __m512 amx_scores(int S, int P, int64_t D, const float *const *q, const int64_t *keys, int64_t n,
+                         const uint16_t *K0, float scale, float *sc) {
+    tile_config cfg = {.palette = 1};
+    cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = cfg.rows[3] = 16;
+    cfg.colsb[0] = cfg.colsb[2] = cfg.colsb[3] = (uint16_t)(4 * S);
+    cfg.colsb[1] = 64;
+    _tile_loadconfig(&cfg);
+    int64_t CB = D / 32;
+    /* [channel block][high, low][channel pair][pair][2]: each query channel as the sum of two bf16 values (its
+       rounding and the rounding of the rest), so the scores keep ~16 of float32's 24 bits of the query */
+    uint16_t qt[8 * 2 * 16 * 32] __attribute__((aligned(64)));
+    for (int64_t cb = 0; cb < CB; cb++)
+        for (int r = 0; r < 16; r++)
+            for (int p = 0; p < S; p++)
+                for (int k = 0; k < 2; k++) {
+                    float x = p < P ? q[p][32 * cb + 2 * r + k] : 0.0f;
+                    uint16_t hi = f2bf(x);
+                    qt[((cb * 2 + 0) * 16 + r) * 2 * S + 2 * p + k] = hi;
+                    qt[((cb * 2 + 1) * 16 + r) * 2 * S + 2 * p + k] = f2bf(x - bf2f(hi));
+                }
+    uint16_t gathered[16 * 256] __attribute__((aligned(64)));
+    float part[16 * 16] __attribute__((aligned(64)));
+    __m512 mxv = _mm512_set1_ps(-INFINITY), scv = _mm512_set1_ps(scale);
+    for (int64_t k0 = 0; k0 < n; k0 += 16) {
+        int64_t rows = n - k0 < 16 ? n - k0 : 16;
+        const uint16_t *A = gathered;
+        if (rows == 16 && keys[k0 + 15] - keys[k0] == 15) {
+            A = K0 + keys[k0] * D;
+        } else {
+            for (int64_t i = 0; i < 16; i++) {
+                if (i < rows) memcpy(gathered + i * D, K0 + keys[k0 + i] * D, sizeof(uint16_t) * (size_t)D);
+                else memset(gathered + i * D, 0, sizeof(uint16_t) * (size_t)D);
+            }
+        }
+        _tile_zero(0);
+        for (int64_t cb = 0; cb < CB; cb++) {
+            _tile_loadd(1, A + 32 * cb, 2 * D);
+            _tile_loadd(2, qt + (cb * 2 + 0) * 32 * S, 4 * S);
+            _tile_loadd(3, qt + (cb * 2 + 1) * 32 * S, 4 * S);
+            _tile_dpbf16ps(0, 1, 2);
+            _tile_dpbf16ps(0, 1, 3);
+        }
+        float *s = sc + k0 * S;
+        if (rows == 16) {
+            _tile_stored(0, s, 4 * S);
+        } else {
+            _tile_stored(0, part, 4 * S);
+            memcpy(s, part, sizeof(float) * (size_t)(rows * S));
+        }
+        int64_t m = rows * S, i = 0;     /* lane j of each 16 holds pair j % S */
+        for (; i + 16 <= m; i += 16) {
+            __m512 v = _mm512_mul_ps(_mm512_loadu_ps(s + i), scv);
+            _mm512_storeu_ps(s + i, v);
+            mxv = _mm512_max_ps(mxv, v);
+        }
+        if (i < m) {
+            __mmask16 rest = (__mmask16)((1u << (m - i)) - 1);
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(rest, s + i), scv);
+            _mm512_mask_storeu_ps(s + i, rest, v);
+            mxv = _mm512_mask_max_ps(mxv, rest, mxv, v);
+        }
+    }
+    float lanes[16];
+    _mm512_storeu_ps(lanes, mxv);
+    for (int j = S; j < 16; j++)
+        if (lanes[j] > lanes[j % S]) lanes[j % S] = lanes[j];
+    return _mm512_loadu_ps(lanes);
+}
+#endif
+
+/* tests: the scaled scores of P <= 16 queries (float32 [P, D]) on keys[0..n) of K (bf16 rows of D) into out
+   [n, P], from amx_scores where amx and AMX is on (returns 1), else dot products one by one (returns 0) */
+int tq_attention_scores(const float *q, int64_t P, const uint16_t *K, const int64_t *keys, int64_t n, int64_t D,
+                        float scale, float *out, int amx) {
+    const float *qp[16];
+    for (int64_t p = 0; p < P; p++) qp[p] = q + p * D;
+#if DEC_AMX
+    if (amx && amx_on && P <= 16 && D % 32 == 0 && D <= 256) {
+        int S = P <= 4 ? 4 : P <= 8 ? 8 : 16;
+        float *sc = malloc(sizeof(float) * (size_t)(S * (n + 16)));
+        if (!sc) return -3;
+        amx_scores(S, (int)P, D, qp, keys, n, K, scale, sc);
+        _tile_release();
+        for (int64_t k = 0; k < n; k++)
+            for (int64_t p = 0; p < P; p++) out[k * P + p] = sc[k * S + p];
+        free(sc);
+        return 1;
+    }
+#else
+    (void)amx;
+#endif
+    for (int64_t k = 0; k < n; k++)
+        for (int64_t p = 0; p < P; p++) out[k * P + p] = dot_f32_bf16(qp[p], K + keys[k] * D, D) * scale;
+    return 0;
+}
+
+/* qk_scores with S as a constant (4, 8 or 16); on AMX where the forward uses it */
 static __m512 qk_scores_s(int S, int P, int64_t C, const float *const *q, const int64_t *keys, int64_t n,
-                          const uint16_t *K0, int64_t D, float scale, __m512i to_pairs, float *sc) {
+                          const uint16_t *K0, int64_t D, float scale, __m512i to_pairs, float *sc, int amx) {
+#if DEC_AMX
+    if (amx) return amx_scores(S, P, D, q, keys, n, K0, scale, sc);
+#else
+    (void)amx;
+#endif
     return S == 4 ? qk_scores(4, P, C, q, keys, n, K0, D, scale, to_pairs, sc)
          : S == 8 ? qk_scores(8, P, C, q, keys, n, K0, D, scale, to_pairs, sc)
          : qk_scores(16, P, C, q, keys, n, K0, D, scale, to_pairs, sc);
@@ -569,22 +710,31 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
     }
     float lead_mx[16];
     if (lead) {
-        qk_scores_s((int)S, P, C, q, keys, lead, K0, D, scale, to_pairs, sc);
+        qk_scores_s((int)S, P, C, q, keys, lead, K0, D, scale, to_pairs, sc, (int)f->amx);
         for (int p = 0; p < 16; p++) {
             lead_mx[p] = -INFINITY;
             for (int64_t k = p < P ? drop[p] : lead; k < lead; k++)
                 if (sc[k * S + p] > lead_mx[p]) lead_mx[p] = sc[k * S + p];
         }
     }
-    __m512 mxv = qk_scores_s((int)S, P, C, q, keys + lead, n - lead, K0, D, scale, to_pairs, sc + lead * S);
-    /* each later token's own new keys (at most nt - 1), scored one by one as the per-head loop does */
-    float mx[16], tail[16][16], sum[16];
+    __m512 mxv = qk_scores_s((int)S, P, C, q, keys + lead, n - lead, K0, D, scale, to_pairs, sc + lead * S,
+                             (int)f->amx);
+    /* each later token's own new keys (at most nt - 1), scored one by one as the per-head loop does (on AMX:
+       all pairs on all of them at once, amx_scores' bits being the same for any set of pairs and keys) */
+    float mx[16], tail[16][16], sum[16], new_sc[16 * 16];
     _mm512_storeu_ps(mx, mxv);
+#if DEC_AMX
+    if (f->amx && nt > 1) {
+        int64_t new_keys[16];
+        for (int64_t j = 1; j < nt; j++) new_keys[j - 1] = b->slots[t0 + j];
+        amx_scores((int)S, P, D, q, new_keys, nt - 1, K0, scale, new_sc);
+    }
+#endif
     for (int p = 0; p < 16; p++) {
         if (lead && lead_mx[p] > mx[p]) mx[p] = lead_mx[p];
         float best = p < P && n ? mx[p] : p < P ? -INFINITY : 0.0f;
         for (int64_t j = 1; p < P && j <= p / G; j++) {
-            float v = dot_f32_bf16(q[p], K0 + b->slots[t0 + j] * D, D) * scale;
+            float v = f->amx ? new_sc[(j - 1) * S + p] : dot_f32_bf16(q[p], K0 + b->slots[t0 + j] * D, D) * scale;
             tail[p][j - 1] = v;
             if (v > best) best = v;
         }
@@ -1264,7 +1414,7 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
         }
 #if DEC_AVX512
         int64_t nt = B > 1 && (lo == 0 || b->positions[t] == b->slots[t]) ? shared_run(f, t, g, te) : 1;
-        if (f->grouped && (nt > 1 || n == seen || G > 8)) {   /* it and the next tokens sharing its keys */
+        if (f->grouped && (nt > 1 || n == seen || G > 8 || f->amx)) {   /* it and the next tokens sharing its keys */
             grouped_tokens(f, t, nt, g, G, keys, n, K0, V0, pair_score);
             t += nt - 1;
             continue;
@@ -1292,6 +1442,9 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
             for (int64_t d = 0; d < D; d++) dst[d] = f2bf(out[d] * inv);
         }
     }
+#if DEC_AMX
+    if (f->amx) _tile_release();   /* no tile state left for the OS to save at each switch */
+#endif
 }
 
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
@@ -1407,6 +1560,7 @@ int tq_forward_sparse(const tq_model *m, tq_cache *c, const tq_batch *b, const t
 #if DEC_AVX512
     f.grouped = D % 16 == 0 && D <= 256 && G <= 16;
     if (f.grouped && !b->mask && (!sparse || sparse->method == SPARSE_MINFERENCE)) f.block = 16 / G;
+    f.amx = amx_on && f.grouped && D % 32 == 0;
 #endif
     int64_t width = Hd > I ? Hd : I;
     f.x = malloc(sizeof(float) * T * Hd);
