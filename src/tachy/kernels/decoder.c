@@ -50,16 +50,14 @@ void tq_profile(double *out, int reset) {
    fused multiply-add chain and a horizontal sum per pair and key. Each score is the dot product of the query
    (as two bf16 parts, ~16 bits) with the bf16 key, accumulated by TDPBF16PS over the channels in a fixed
    order, so a score has the same bits whatever the other pairs and keys of the call: every attention call of a forward uses it
-   (amx_on is set once per process, tq_set_amx), and decoding, verification and batches stay row-invariant. The
+   (tq_amx_on is set once per process, tq_set_amx), and decoding, verification and batches stay row-invariant. The
    softmax and the value sums are the AVX-512 path's. */
-#if DEC_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define DEC_AMX 1
+#define DEC_AMX TQ_AMX
+#if DEC_AMX
 #include <sys/syscall.h>
 #include <unistd.h>
-#else
-#define DEC_AMX 0
 #endif
-static int amx_on;
+int tq_amx_on;   /* also q8_matmul.c's switch */
 
 /* use AMX for attention scores (on: 1) where it exists; returns whether it is used. Linux hands a process the
    tile registers' state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), once. */
@@ -67,11 +65,11 @@ int tq_set_amx(int on) {
 #if DEC_AMX
     static int permitted = -1;
     if (on && permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-    amx_on = on && permitted > 0;
+    tq_amx_on = on && permitted > 0;
 #else
     (void)on;
 #endif
-    return amx_on;
+    return tq_amx_on;
 }
 
 /* Every field is 8 bytes wide, so the Python side (ctypes) lays the structs out the same way. */
@@ -633,7 +631,7 @@ int tq_attention_scores(const float *q, int64_t P, const uint16_t *K, const int6
     const float *qp[16];
     for (int64_t p = 0; p < P; p++) qp[p] = q + p * D;
 #if DEC_AMX
-    if (amx && amx_on && P <= 16 && D % 32 == 0 && D <= 256) {
+    if (amx && tq_amx_on && P <= 16 && D % 32 == 0 && D <= 256) {
         int S = P <= 4 ? 4 : P <= 8 ? 8 : 16;
         float *sc = malloc(sizeof(float) * (size_t)(S * (n + 16)));
         if (!sc) return -3;
@@ -1560,7 +1558,7 @@ int tq_forward_sparse(const tq_model *m, tq_cache *c, const tq_batch *b, const t
 #if DEC_AVX512
     f.grouped = D % 16 == 0 && D <= 256 && G <= 16;
     if (f.grouped && !b->mask && (!sparse || sparse->method == SPARSE_MINFERENCE)) f.block = 16 / G;
-    f.amx = amx_on && f.grouped && D % 32 == 0;
+    f.amx = tq_amx_on && f.grouped && D % 32 == 0;
 #endif
     int64_t width = Hd > I ? Hd : I;
     f.x = malloc(sizeof(float) * T * Hd);

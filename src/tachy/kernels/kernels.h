@@ -13,6 +13,15 @@
 #define TQ_AVX512 0
 #endif
 
+/* AMX tile units (Sapphire Rapids on), compiled where -march=native has them and used where tq_set_amx
+   switched them on (decoder.c: the kernel must grant the process their state first) */
+#if TQ_AVX512 && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+#define TQ_AMX 1
+#else
+#define TQ_AMX 0
+#endif
+extern int tq_amx_on;
+
 typedef void (*task_fn)(void *args, int64_t begin, int64_t end);
 
 /* Run fn(args, begin, end) over [0, n) split in chunks of ``grain`` among the pool's threads. */

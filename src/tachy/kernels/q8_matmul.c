@@ -15,6 +15,11 @@
  * operations, whatever the number of input rows or threads (threads split the groups of 16 rows). The
  * portable path does the same integer sums and float operations lane by lane, so both give the same bits.
  *
+ * AMX (Intel's tile units, Sapphire Rapids on): with 16 or more input rows, 16 of them at a time take a
+ * block's integer sums from one TDPBSUD (16 input rows x 16 weight rows x 32 codes: the activations as tile A,
+ * the 8 code vectors above as tile B, unchanged), then the same float operations as the VNNI path: the
+ * sums are exact integers either way, so the bits are the same and only the time changes.
+ *
  * Packed formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (blocks of 32), Q4_K, Q5_K, Q6_K (super-blocks of 256), for
  * N a multiple of 16. Per group of 16 rows and 32-block, in this order:
  *   codes   Q4/Q5/Q4_K/Q5_K: 4 x 64 bytes, chunk c = bytes 4c..4c+3 of each row's 16 nibble bytes (element e < 16
@@ -547,12 +552,182 @@ static inline __attribute__((always_inline)) void packed_tile(const packed_args 
     }
 }
 
+#if TQ_AMX
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* tiles: 0, 5 and 6, 7 sums (16 input rows x 16 int32, even and odd blocks); 1 activations (16 x 32 int8), 2
+   codes (8 x 64); Q6_K's halves: 3 activations (16 x 16), 4 codes (4 x 64) */
+static void amx_begin(void) {
+    tile_config c = {.palette = 1};
+    c.rows[0] = c.rows[1] = c.rows[3] = c.rows[5] = c.rows[6] = c.rows[7] = 16;
+    c.colsb[0] = c.colsb[5] = c.colsb[6] = c.colsb[7] = 64;
+    c.colsb[1] = 32;
+    c.colsb[3] = 16;
+    c.rows[2] = 8;
+    c.rows[4] = 4;
+    c.colsb[2] = c.colsb[4] = 64;
+    _tile_loadconfig(&c);
+}
+
+/* the code vectors of a group's blocks, 512 bytes each, as tile B rows (load_codes' order: codes 4r..4r+3 of
+   the 16 weight rows in row r) */
+static inline __attribute__((always_inline)) void amx_codes(const packed_args *a, const uint8_t *w, const int fmt,
+                                                            uint8_t *codes) {
+    int64_t blocks = a->K / 32;
+    int header = (int)super_header(fmt);
+    const uint8_t *p = w;
+    for (int64_t b = 0; b < blocks; b++) {
+        if (header && b % 8 == 0) p += header;
+        __m512i c[8];
+        load_codes(fmt, p, c);
+        for (int k = 0; k < 8; k++) _mm512_store_si512(codes + 512 * b + 64 * k, c[k]);
+        p += block_stride(fmt);
+    }
+}
+
+/* block b's integer sums of 16 input rows (x0: the first's q8block b) into sums[0] (Q6_K: halves in sums[0],
+   sums[1]), through tile pair (0, 5) or (6, 7) */
+static inline __attribute__((always_inline)) void amx_sums(const int fmt, const q8block *x0, int64_t stride,
+                                                           const uint8_t *cb, int32_t (*sums)[256], int odd) {
+    if (fmt == Q6_K) {
+        if (odd) {
+            _tile_zero(6);
+            _tile_zero(7);
+            _tile_loadd(3, x0->q, stride);
+            _tile_loadd(4, cb, 64);
+            _tile_dpbsud(6, 3, 4);
+            _tile_loadd(3, x0->q + 16, stride);
+            _tile_loadd(4, cb + 256, 64);
+            _tile_dpbsud(7, 3, 4);
+            _tile_stored(6, sums[0], 64);
+            _tile_stored(7, sums[1], 64);
+        } else {
+            _tile_zero(0);
+            _tile_zero(5);
+            _tile_loadd(3, x0->q, stride);
+            _tile_loadd(4, cb, 64);
+            _tile_dpbsud(0, 3, 4);
+            _tile_loadd(3, x0->q + 16, stride);
+            _tile_loadd(4, cb + 256, 64);
+            _tile_dpbsud(5, 3, 4);
+            _tile_stored(0, sums[0], 64);
+            _tile_stored(5, sums[1], 64);
+        }
+    } else if (odd) {
+        _tile_zero(6);
+        _tile_loadd(1, x0->q, stride);
+        _tile_loadd(2, cb, 64);
+        _tile_dpbsud(6, 1, 2);
+        _tile_stored(6, sums[0], 64);
+    } else {
+        _tile_zero(0);
+        _tile_loadd(1, x0->q, stride);
+        _tile_loadd(2, cb, 64);
+        _tile_dpbsud(0, 1, 2);
+        _tile_stored(0, sums[0], 64);
+    }
+}
+
+/* 16 input rows from t0 against one group of 16 weight rows: packed_tile's float operations on sums from AMX
+   (block b + 1's tile work is issued before block b's float work, so the two overlap) */
+static inline __attribute__((always_inline)) void amx_tile(const packed_args *a, const uint8_t *w, int64_t g,
+                                                           int64_t t0, const int fmt, const uint8_t *codes) {
+    int64_t blocks = a->K / 32, stride = blocks * (int64_t)sizeof(q8block);
+    int header = (int)super_header(fmt);
+    const int off_sh = fmt == Q4_0 ? 3 : fmt == Q5_0 ? 4 : fmt == Q6_K ? 5 : fmt == Q8_0 ? 7 : 0;
+    const int mins = fmt == Q4_1 || fmt == Q5_1 || fmt == Q4_K || fmt == Q5_K;
+    __m512 acc[16], sd = _mm512_setzero_ps(), sdmin = _mm512_setzero_ps();
+    int32_t sums[2][2][16 * 16] __attribute__((aligned(64)));   /* [block parity][Q6_K half] */
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    const uint8_t *p = w;
+    for (int64_t b = 0; b < blocks; b++) {
+        if (header && b % 8 == 0) {
+            sd = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+            if (fmt != Q6_K) sdmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+            p += header;
+        }
+        const q8block *x0 = a->x + t0 * blocks + b;
+        if (b == 0) amx_sums(fmt, x0, stride, codes, sums[0], 0);
+        if (b + 1 < blocks) amx_sums(fmt, x0 + 1, stride, codes + 512 * (b + 1), sums[(b + 1) & 1], (int)((b + 1) & 1));
+        int32_t (*sb)[256] = sums[b & 1];
+        const uint8_t *s = p + (fmt == Q8_0 ? 512 : 256) + (fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K ? 64 : 0) +
+                           (fmt == Q6_K ? 128 : 0);
+        __m512 d0, d1 = _mm512_setzero_ps(), m = _mm512_setzero_ps();
+        if (fmt == Q4_K || fmt == Q5_K) {
+            d0 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)s))));
+            m = _mm512_sub_ps(_mm512_setzero_ps(),
+                              _mm512_mul_ps(sdmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s + 16))))));
+        } else if (fmt == Q6_K) {
+            d0 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)s))));
+            d1 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(s + 16)))));
+        } else {
+            d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)s));
+            if (mins) m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + 32)));
+        }
+        for (int i = 0; i < 16; i++) {
+            const q8block *xb = x0 + i * blocks;
+            __m512 dx = _mm512_set1_ps(xb->dx);
+            __m512i s0 = _mm512_load_si512(sb[0] + 16 * i);
+            if (fmt == Q6_K) {
+                __m512i s1 = _mm512_load_si512(sb[1] + 16 * i);
+                s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(xb->sxlo << off_sh));
+                s1 = _mm512_sub_epi32(s1, _mm512_set1_epi32((xb->sx - xb->sxlo) << off_sh));
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, dx), acc[i]);
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d1, dx), acc[i]);
+            } else {
+                if (off_sh) s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(xb->sx << off_sh));
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, dx), acc[i]);
+                if (mins) acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xb->sxf), acc[i]);
+            }
+        }
+        p += block_stride(fmt);
+    }
+    for (int i = 0; i < 16; i++) {
+        if (a->y_bf16) {
+            _mm256_storeu_si256((__m256i *)((uint16_t *)a->y + (t0 + i) * a->ldy + 16 * g),
+                                (__m256i)_mm512_cvtneps_pbh(acc[i]));
+        } else {
+            _mm512_storeu_ps((float *)a->y + (t0 + i) * a->ldy + 16 * g, acc[i]);
+        }
+    }
+}
+
+/* the first T / 16 * 16 input rows on AMX (with a buffer of the group's codes); returns the rows done */
+#define AMX_ROWS(FMT)                                                                                          \
+    int64_t amx_done = 0;                                                                                    \
+    uint8_t *amx_buf = NULL;                                                                                 \
+    if (tq_amx_on && a->T >= 16 && (amx_buf = aligned_alloc(64, (size_t)(512 * (a->K / 32))))) {            \
+        amx_begin();                                                                                         \
+        amx_done = a->T / 16 * 16;                                                                           \
+    }
+#define AMX_GROUP(FMT)                                                                                         \
+    if (amx_done) {                                                                                          \
+        amx_codes(a, w, FMT, amx_buf);                                                                       \
+        for (int64_t t0 = 0; t0 < amx_done; t0 += 16) amx_tile(a, w, g, t0, FMT, amx_buf);                  \
+    }
+#define AMX_END()                                                                                              \
+    if (amx_buf) {                                                                                           \
+        _tile_release();                                                                                     \
+        free(amx_buf);                                                                                       \
+    }
+#else
+#define AMX_ROWS(FMT) const int64_t amx_done = 0;
+#define AMX_GROUP(FMT)
+#define AMX_END()
+#endif
+
 #define PACKED_KERNEL(FMT)                                                                                     \
     static void packed_##FMT(const packed_args *a, int64_t g0, int64_t g1) {                                 \
         int64_t group_bytes = tq_packed_bytes(FMT, 16, a->K);                                                \
+        AMX_ROWS(FMT)                                                                                        \
         for (int64_t g = g0; g < g1; g++) {                                                                  \
             const uint8_t *w = a->w + g * group_bytes;                                                       \
-            for (int64_t t0 = 0; t0 < a->T; t0 += TILE) {                                                   \
+            AMX_GROUP(FMT)                                                                                   \
+            for (int64_t t0 = amx_done; t0 < a->T; t0 += TILE) {                                            \
                 switch (a->T - t0 < TILE ? (int)(a->T - t0) : TILE) {                                        \
                 case 1: packed_tile(a, w, g, t0, 1, FMT); break;                                             \
                 case 2: packed_tile(a, w, g, t0, 2, FMT); break;                                             \
@@ -565,6 +740,7 @@ static inline __attribute__((always_inline)) void packed_tile(const packed_args 
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
+        AMX_END()                                                                                            \
     }
 
 PACKED_KERNEL(Q4_0) PACKED_KERNEL(Q4_1) PACKED_KERNEL(Q5_0) PACKED_KERNEL(Q5_1) PACKED_KERNEL(Q8_0)
