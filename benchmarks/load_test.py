@@ -26,7 +26,9 @@ the report adds each scheduler's tokens/s over one at a time's on all rounds wit
 concurrency 1, cancel the machine's drift). ``--schedulers ... "one at a time, second server"`` adds a second
 server running one at a time's code: the spread between two servers of the same code in the same run;
 ``"speculative batching, no prefix cache"`` the default scheduler with ``--no-prefix-cache``, and
-``"speculative batching, quick first tokens"`` with ``--whole-prompt-tokens 128 --min-prompt-chunk 32``.
+``"speculative batching, quick first tokens"`` with ``--whole-prompt-tokens 128 --min-prompt-chunk 32``;
+``"plain batching, no AMX"`` and ``"speculative batching, no AMX"`` those servers with ``TACHY_AMX=0`` (the
+kernels without Intel's AMX tiles, where the CPU has them).
 
     python benchmarks/load_test.py [--requests 200] [--concurrency 1 4 8 16] [--max-tokens 64] [--rounds 1]
 
@@ -58,13 +60,18 @@ SCHEDULERS = {"one at a time": ["--max-batch", "1"],
               "speculative batching, no prefix cache": ["--max-batch", "8", "--no-prefix-cache"],
               # short prompts read whole, a floor under the chunks: quicker first tokens, slower streams
               "speculative batching, quick first tokens": ["--max-batch", "8", "--whole-prompt-tokens", "128",
-                                                           "--min-prompt-chunk", "32"]}
+                                                           "--min-prompt-chunk", "32"],
+              # the kernels without Intel's AMX tiles (TACHY_AMX=0; the same where the CPU has none)
+              "plain batching, no AMX": ["--max-batch", "8", "--batching", "plain"],
+              "speculative batching, no AMX": ["--max-batch", "8"]}
+SCHEDULER_ENV = {"plain batching, no AMX": {"TACHY_AMX": "0"}, "speculative batching, no AMX": {"TACHY_AMX": "0"}}
 
 
-def start_server(model: str, port: int, threads: int, flags: list[str]) -> subprocess.Popen:
+def start_server(model: str, port: int, threads: int, flags: list[str],
+                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     # this checkout's package first (the caller's PYTHONPATH after it)
     paths = [str(ROOT / "src")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(paths)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(paths), **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-m", "tachy.cli", "serve", "--model", model, "--port", str(port),
                              "--max-queue", "256", "--log-level", "warning", *flags], env=env)
 
@@ -363,7 +370,7 @@ def main() -> None:
         for name in args.schedulers:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
-            proc = start_server(args.model, port, args.threads, SCHEDULERS[name])
+            proc = start_server(args.model, port, args.threads, SCHEDULERS[name], SCHEDULER_ENV.get(name))
             servers[name] = (base, proc, None)   # terminated in finally even if it never comes up
             servers[name] = (base, proc, asyncio.run(wait_ready(base, proc)))
         results["load"] = {name: [] for name in args.schedulers}

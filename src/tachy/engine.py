@@ -189,7 +189,8 @@ class Engine:
         PyTorch's own speed varies more with its version and settings)."""
         if self.cache_dir is None or self.model.cpu_forward is None or not kernels.available():
             return None
-        key = f"{self.weights}-{kernels.library().key}-{torch.get_num_threads()}t"
+        amx = "-amx" if kernels.amx_used() else ""   # AMX changes the costs (TACHY_AMX=0 turns it off)
+        key = f"{self.weights}-{kernels.library().key}{amx}-{torch.get_num_threads()}t"
         return Path(self.cache_dir) / f"step-costs-{key}.json"
 
     @property

@@ -41,27 +41,36 @@ def attention_scores(request):
     kernels.use_amx(before)
 
 
-def test_amx_scores_keep_the_model_as_close_to_the_pytorch_forward(attention_scores, smollm):
-    """On the embedded model the AMX path is taken (its bits differ from the fused multiply-adds': another
-    summation order) and stays as close to the PyTorch forward over the same blocks. (The kernel's own
-    accuracy: tests/kernels/test_kernels.py; tiny random models attend almost uniformly and barely show it.)"""
+PASSAGE = ("It was a bright cold day in April, and the harbour was full of ships that had come in on the morning "
+           "tide. The merchants stood on the quay and argued about the price of grain, while the sailors carried "
+           "barrels and crates down the gangways. A young man in a blue coat watched them from the steps of the "
+           "customs house. He had been at sea for three years, and he had not expected the town to look so small. "
+           "His father had written that the old house by the church was empty now, and that the garden had gone "
+           "wild. He thought of the letter as he walked up the hill, past the bakery and the school, and he "
+           "wondered whether anyone would still remember his name.")
+
+
+def test_amx_keeps_the_model_as_accurate(attention_scores, smollm):
+    """On the embedded model the AMX path is taken (its bits differ from the fused multiply-adds': other
+    summation orders) and predicts a passage as well: perplexity within 2.5% of the AVX-512 path's (1.2% on
+    these 144 tokens; 0.1-0.2% on 1024-token passages of a novel). The kernels' own accuracy:
+    tests/kernels/test_kernels.py; tiny random models attend almost uniformly and barely show it."""
     if attention_scores != "amx":
         pytest.skip("compares AMX with the fused multiply-adds")
     model = smollm.model
     if model.cpu_forward is None or model.config.head_dim % 32:
         pytest.skip("the embedded model runs the C forward with a head dim AMX takes")
-    ids = smollm.tokenizer.encode("The history of the Roman empire is long and complicated. It began when")
-    amx = forward(model, ids, model.new_cache(128))
+    ids = smollm.tokenizer.encode(PASSAGE)
+
+    def perplexity() -> tuple[torch.Tensor, float]:
+        logits = forward(model, ids, model.new_cache(256)).float()
+        return logits, torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).exp().item()
+
+    amx, amx_ppl = perplexity()
     kernels.use_amx(False)
-    fma = forward(model, ids, model.new_cache(128))
-    saved, model.cpu_forward = model.cpu_forward, None
-    try:
-        reference = forward(model, ids, model.new_cache(128)).float()
-    finally:
-        model.cpu_forward = saved
+    fma, fma_ppl = perplexity()
     assert not torch.equal(amx, fma)
-    assert (amx.float() - reference).abs().mean() <= 1.25 * (fma.float() - reference).abs().mean()
-    assert torch.equal(amx.argmax(-1), fma.argmax(-1))
+    assert abs(amx_ppl / fma_ppl - 1) < 0.025, (amx_ppl, fma_ppl)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

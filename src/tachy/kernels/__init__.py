@@ -169,6 +169,7 @@ def _load() -> ctypes.CDLL | None:
     if hasattr(lib, "tq_horizontal_sums"):   # AVX-512 builds only
         lib.tq_horizontal_sums.argtypes = [ptr, i64, ptr, ptr]
         lib.tq_attention_scores.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ptr, i32]
+        lib.tq_attention_values.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, i32]
     lib.key = path.parent.name   # the machine key
     lib.tq_skip_gguf_strings.argtypes = [ptr, i64, i64, i64]
     lib.tq_skip_gguf_strings.restype = i64

@@ -45,13 +45,15 @@ void tq_profile(double *out, int reset) {
 
 #define DEC_AVX512 TQ_AVX512
 
-/* Intel's AMX tile units compute attention scores where the CPU has them (Sapphire Rapids and later) and the
-   kernel lets the process use them: 16 keys by up to 16 (token, head) pairs per few instructions instead of a
-   fused multiply-add chain and a horizontal sum per pair and key. Each score is the dot product of the query
-   (as two bf16 parts, ~16 bits) with the bf16 key, accumulated by TDPBF16PS over the channels in a fixed
-   order, so a score has the same bits whatever the other pairs and keys of the call: every attention call of a forward uses it
-   (tq_amx_on is set once per process, tq_set_amx), and decoding, verification and batches stay row-invariant. The
-   softmax and the value sums are the AVX-512 path's. */
+/* Intel's AMX tile units (Sapphire Rapids on) compute attention where the CPU has them and the kernel lets the
+   process use them: scores for 16 keys by up to 16 (token, head) pairs per few TDPBF16PS instead of a fused
+   multiply-add chain and a horizontal sum per pair and key (amx_scores), and the value sums 32 keys at a time
+   (amx_values). A score is the dot product of the query (as two bf16 parts, ~16 bits) with the bf16 key over
+   the channels in a fixed order, so its bits do not depend on the call's other pairs and keys; a value sum's
+   depend on its pair's weights and the keys at each position of its list, which are the same for a token in
+   a chunk, a verify row or decoded alone (see amx_values; sliding-window layers keep pv_group). Every
+   attention call of a forward uses them (tq_amx_on is set once per process, tq_set_amx), so decoding,
+   verification and batches stay row-invariant. The softmax is the AVX-512 path's. */
 #define DEC_AMX TQ_AMX
 #if DEC_AMX
 #include <sys/syscall.h>
@@ -565,15 +567,19 @@ static __m512 amx_scores(int S, int P, int64_t D, const float *const *q, const i
     /* [channel block][high, low][channel pair][pair][2]: each query channel as the sum of two bf16 values (its
        rounding and the rounding of the rest), so the scores keep ~16 of float32's 24 bits of the query */
     uint16_t qt[8 * 2 * 16 * 32] __attribute__((aligned(64)));
+    memset(qt, 0, sizeof(uint16_t) * (size_t)(CB * 2 * 16 * 2 * S));
+    __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                      _mm512_set1_epi32(S));   /* a channel pair's dword in each B row */
     for (int64_t cb = 0; cb < CB; cb++)
-        for (int r = 0; r < 16; r++)
-            for (int p = 0; p < S; p++)
-                for (int k = 0; k < 2; k++) {
-                    float x = p < P ? q[p][32 * cb + 2 * r + k] : 0.0f;
-                    uint16_t hi = f2bf(x);
-                    qt[((cb * 2 + 0) * 16 + r) * 2 * S + 2 * p + k] = hi;
-                    qt[((cb * 2 + 1) * 16 + r) * 2 * S + 2 * p + k] = f2bf(x - bf2f(hi));
-                }
+        for (int p = 0; p < P; p++) {   /* 32 channels: 16 pairs, high and low parts, into column p */
+            __m512 x0 = _mm512_loadu_ps(q[p] + 32 * cb), x1 = _mm512_loadu_ps(q[p] + 32 * cb + 16);
+            __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
+            __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)), 16));
+            __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)), 16));
+            __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
+            _mm512_i32scatter_epi32(qt + (cb * 2 + 0) * 32 * S + 2 * p, rows, hi, 4);
+            _mm512_i32scatter_epi32(qt + (cb * 2 + 1) * 32 * S + 2 * p, rows, lo, 4);
+        }
     uint16_t gathered[16 * 256] __attribute__((aligned(64)));
     float part[16 * 16] __attribute__((aligned(64)));
     __m512 mxv = _mm512_set1_ps(-INFINITY), scv = _mm512_set1_ps(scale);
@@ -624,6 +630,99 @@ static __m512 amx_scores(int S, int P, int64_t D, const float *const *q, const i
 }
 #endif
 
+#if DEC_AMX
+/* out[p][c] (256 floats per pair) = sum over the L keys of e[k][p] * V row keys[k], for S pairs (e: S floats per
+   key, zero from L to the next multiple of 32), on AMX: the weights as two bf16 parts (tiles A: S pairs x 32
+   keys), V rows two by two interleaved (tiles B: 16 key pairs x 16 channels), four channel tiles C at a time,
+   32 keys per step in list order. An output's bits depend on its pair's weights and the keys at each list
+   position only, so a token gets the same sums from a chunk's shared list (its unseen keys weigh 0) as from
+   its own list; not past a sliding window, whose lists start at a moving position (those layers keep
+   pv_group). pbuf: (L / 32 + 1) * 2 * S * 32 bf16. */
+static void amx_values(int S, const float *e, const int64_t *keys, int64_t L, const uint16_t *V0, int64_t D,
+                       float *out, uint16_t *pbuf) {
+    int64_t nb = (L + 31) / 32;
+    __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(S));
+    for (int64_t b = 0; b < nb; b++)       /* [block][high, low][pair][32 keys] */
+        for (int p = 0; p < S; p++) {
+            const float *base = e + b * 32 * S + p;
+            __m512 x0 = _mm512_i32gather_ps(idx, base, 4), x1 = _mm512_i32gather_ps(idx, base + 16 * S, 4);
+            __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
+            __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)), 16));
+            __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)), 16));
+            __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
+            _mm512_store_si512(pbuf + ((b * 2 + 0) * S + p) * 32, hi);
+            _mm512_store_si512(pbuf + ((b * 2 + 1) * S + p) * 32, lo);
+        }
+    tile_config cfg = {.palette = 1};
+    for (int i = 0; i < 4; i++) {   /* 0-3: sums of 16 channels each; 4, 5: weights high, low; 6, 7: values */
+        cfg.rows[i] = (uint8_t)S;
+        cfg.colsb[i] = 64;
+    }
+    cfg.rows[4] = cfg.rows[5] = (uint8_t)S;
+    cfg.colsb[4] = cfg.colsb[5] = 64;
+    cfg.rows[6] = cfg.rows[7] = 16;
+    cfg.colsb[6] = cfg.colsb[7] = 64;
+    _tile_loadconfig(&cfg);
+    /* value rows two by two: lanes 2i, 2i + 1 of a B row are channel i of keys 2r, 2r + 1 */
+    __m512i even = _mm512_setr_epi32(0x200000, 0x210001, 0x220002, 0x230003, 0x240004, 0x250005, 0x260006,
+                                     0x270007, 0x280008, 0x290009, 0x2A000A, 0x2B000B, 0x2C000C, 0x2D000D,
+                                     0x2E000E, 0x2F000F);
+    __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(16));
+    /* the B tiles of block b are written while block b - 1's tile products run (tile loads of freshly stored
+       lines wait for the stores) */
+    uint16_t vb[2][4][16 * 32] __attribute__((aligned(64)));
+    for (int64_t c0 = 0; c0 < D; c0 += 64) {
+        int ncc = D - c0 >= 64 ? 4 : 2;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t b = 0; b <= nb; b++) {
+            if (b < nb) {
+                uint16_t (*w)[16 * 32] = vb[b & 1];
+                for (int r = 0; r < 16; r++) {
+                    int64_t k = 32 * b + 2 * r;
+                    for (int h = 0; h < ncc / 2; h++) {   /* 32 channels: two B rows */
+                        __m512i v0 = k < L ? _mm512_loadu_si512(V0 + keys[k] * D + c0 + 32 * h)
+                                           : _mm512_setzero_si512();
+                        __m512i v1 = k + 1 < L ? _mm512_loadu_si512(V0 + keys[k + 1] * D + c0 + 32 * h)
+                                               : _mm512_setzero_si512();
+                        _mm512_store_si512(w[2 * h] + 32 * r, _mm512_permutex2var_epi16(v0, even, v1));
+                        _mm512_store_si512(w[2 * h + 1] + 32 * r, _mm512_permutex2var_epi16(v0, odd, v1));
+                    }
+                }
+            }
+            if (b == 0) continue;
+            int64_t a = b - 1;
+            uint16_t (*w)[16 * 32] = vb[a & 1];
+            _tile_loadd(4, pbuf + (a * 2 + 0) * S * 32, 64);
+            _tile_loadd(5, pbuf + (a * 2 + 1) * S * 32, 64);
+            _tile_loadd(6, w[0], 64);
+            _tile_loadd(7, w[1], 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(0, 5, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(1, 5, 7);
+            if (ncc == 4) {
+                _tile_loadd(6, w[2], 64);
+                _tile_loadd(7, w[3], 64);
+                _tile_dpbf16ps(2, 4, 6);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 4, 7);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+        _tile_stored(0, out + c0, 256 * 4);
+        _tile_stored(1, out + c0 + 16, 256 * 4);
+        if (ncc == 4) {
+            _tile_stored(2, out + c0 + 32, 256 * 4);
+            _tile_stored(3, out + c0 + 48, 256 * 4);
+        }
+    }
+}
+#endif
+
 /* tests: the scaled scores of P <= 16 queries (float32 [P, D]) on keys[0..n) of K (bf16 rows of D) into out
    [n, P], from amx_scores where amx and AMX is on (returns 1), else dot products one by one (returns 0) */
 int tq_attention_scores(const float *q, int64_t P, const uint16_t *K, const int64_t *keys, int64_t n, int64_t D,
@@ -647,6 +746,36 @@ int tq_attention_scores(const float *q, int64_t P, const uint16_t *K, const int6
 #endif
     for (int64_t k = 0; k < n; k++)
         for (int64_t p = 0; p < P; p++) out[k * P + p] = dot_f32_bf16(qp[p], K + keys[k] * D, D) * scale;
+    return 0;
+}
+
+/* tests: out [P, D] = e [L, P] times the value rows keys[0..L) of V (bf16 rows of D), from amx_values where
+   amx and AMX is on (returns 1), else key by key (returns 0) */
+int tq_attention_values(const float *e, int64_t P, const uint16_t *V, const int64_t *keys, int64_t L, int64_t D,
+                        float *out, int amx) {
+#if DEC_AMX
+    if (amx && tq_amx_on && P <= 16 && D % 32 == 0 && D <= 256) {
+        int S = P <= 4 ? 4 : P <= 8 ? 8 : 16;
+        int64_t end = (L + 31) / 32 * 32;
+        float *sc = calloc((size_t)(S * end), sizeof(float)), *o = aligned_alloc(64, sizeof(float) * 16 * 256);
+        uint16_t *pbuf = aligned_alloc(64, sizeof(uint16_t) * (size_t)(2 * S * end));
+        if (!sc || !o || !pbuf) return -3;
+        for (int64_t k = 0; k < L; k++)
+            for (int64_t p = 0; p < P; p++) sc[k * S + p] = e[k * P + p];
+        amx_values(S, sc, keys, L, V, D, o, pbuf);
+        _tile_release();
+        for (int64_t p = 0; p < P; p++) memcpy(out + p * D, o + p * 256, sizeof(float) * (size_t)D);
+        free(sc);
+        free(o);
+        free(pbuf);
+        return 1;
+    }
+#else
+    (void)amx;
+#endif
+    memset(out, 0, sizeof(float) * (size_t)(P * D));
+    for (int64_t k = 0; k < L; k++)
+        for (int64_t p = 0; p < P; p++) axpy_bf16(out + p * D, e[k * P + p], V + keys[k] * D, D);
     return 0;
 }
 
@@ -685,8 +814,8 @@ static void key_order_sums(int64_t S, const float *e, int64_t n, float *sum) {
    chunk), so each pair reads its keys in the order attention_task lists them. sc: 16 * n floats. Needs
    D % 16 == 0, D <= 256. The scores are kept S = 4, 8 or 16 (>= P) per key, so one token's 3 or 4 heads
    (decoding) exponentiate 4 keys per vector, as the per-head loop does 16 keys of one head. */
-static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G, const int64_t *keys,
-                           int64_t n, const uint16_t *K0, const uint16_t *V0, float *sc) {
+static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G, int64_t *keys,
+                           int64_t n, const uint16_t *K0, const uint16_t *V0, float *sc, uint16_t *pbuf) {
     const tq_model *m = f->m;
     const tq_batch *b = f->b;
     int64_t D = m->head_dim, H = m->heads, C = D / 16;
@@ -759,7 +888,27 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
         for (int64_t j = 0; j < extra; j++) sum[p] += tail[p][j];
     }
     /* out = sum of e * V over the shared keys (pairs in groups of up to 6, 64 channels at a time), the tails */
-    float out[16 * 256];
+    float out[16 * 256] __attribute__((aligned(64)));
+#if DEC_AMX
+    if (f->amx && window == 0) {   /* on AMX: the tails appended to the list, weight 0 where a pair sees none */
+        int64_t L = n + nt - 1, end = (L + 31) / 32 * 32;
+        for (int64_t j = 1; j < nt; j++) {
+            keys[n + j - 1] = b->slots[t0 + j];
+            for (int p = 0; p < S; p++) sc[(n + j - 1) * S + p] = p < P && j <= p / G ? tail[p][j - 1] : 0.0f;
+        }
+        memset(sc + L * S, 0, sizeof(float) * (size_t)((end - L) * S));
+        amx_values((int)S, sc, keys, L, V0, D, out, pbuf);
+        for (int p = 0; p < P; p++) {
+            int64_t t = t0 + p / G;
+            float inv = 1.0f / sum[p], *o = out + p * 256;
+            uint16_t *dst = f->attn + t * H * D + (g * G + p % G) * D;
+            for (int64_t d = 0; d < D; d++) dst[d] = f2bf(o[d] * inv);
+        }
+        return;
+    }
+#else
+    (void)pbuf;
+#endif
     memset(out, 0, sizeof(float) * 256 * (size_t)P);
     for (int64_t d0 = 0; d0 < D;) {
         int nc = D - d0 >= 64 ? 4 : D - d0 >= 32 ? 2 : 1;
@@ -1378,15 +1527,16 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
     float out[512];
     /* scratch from the thread's arena: keys, scores (one row per head of the group; grouped_tokens: 16 per key),
        and the sparse selection's buffers */
-    size_t sizes[8] = {sizeof(int64_t) * cap, sizeof(float) * cap * (G > 8 ? 1 : G), sizeof(float) * 16 * cap};
+    size_t sizes[9] = {sizeof(int64_t) * cap, sizeof(float) * cap * (G > 8 ? 1 : G), sizeof(float) * 16 * (cap + 32)};
+    if (f->amx) sizes[8] = sizeof(uint16_t) * 2 * 16 * (cap + 64);   /* amx_values' weights */
     if (f->sparse) {
         sizes[3] = sizes[4] = sizeof(float) * cap;
         sizes[5] = sizeof(uint32_t) * 2 * cap;
         sizes[6] = cap;
         sizes[7] = f->mi ? sizeof(int64_t) * cap : 0;
     }
-    void *part[8];
-    thread_scratch(sizes, part, 8);
+    void *part[9];
+    thread_scratch(sizes, part, 9);
     int64_t *keys = part[0];
     float *score = part[1], *pair_score = part[2], *sel_score = part[3], *sel_tmp = part[4];
     uint32_t *rank = part[5];
@@ -1413,7 +1563,7 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
 #if DEC_AVX512
         int64_t nt = B > 1 && (lo == 0 || b->positions[t] == b->slots[t]) ? shared_run(f, t, g, te) : 1;
         if (f->grouped && (nt > 1 || n == seen || G > 8 || f->amx)) {   /* it and the next tokens sharing its keys */
-            grouped_tokens(f, t, nt, g, G, keys, n, K0, V0, pair_score);
+            grouped_tokens(f, t, nt, g, G, keys, n, K0, V0, pair_score, part[8]);
             t += nt - 1;
             continue;
         }
