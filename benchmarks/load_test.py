@@ -274,11 +274,17 @@ def report(results: dict) -> str:
     if lone and spec:
         lines += ["Speculative batching / one at a time (the lone speculative path): " + ", ".join(
             f"concurrency {c}: {spec[c] / lone[c]:.2f}x" for c in spec if c in lone) + "."]
-    if results.get("rounds", 1) > 1:
+    for name, runs in results["load"].items():   # a server beside its twin without AMX
+        twin = {r["concurrency"]: r["tokens_per_s"] for r in results["load"].get(f"{name}, no AMX", [])}
+        if twin:
+            lines += [f"{name.capitalize()} with AMX / without: " + ", ".join(
+                f"concurrency {r['concurrency']}: {r['tokens_per_s'] / twin[r['concurrency']]:.2f}x"
+                for r in runs if r["concurrency"] in twin) + "."]
+    if results.get("rounds", 1) > 1 and "one at a time" in results["load"]:
         lines += ["", f"Per round ({results['rounds']} rounds a level, the schedulers in turn in each), the ratio of "
                   "tokens/s to one at a time's in the same round, median [min - max]:"]
         for name, runs in results["load"].items():
-            if name != "one at a time" and "one at a time" in results["load"]:
+            if name != "one at a time":
                 lines.append(f"- {name}: " + ", ".join(
                     f"concurrency {r['concurrency']}: " + round_ratios(r, l)
                     for r, l in zip(runs, results["load"]["one at a time"])) + ".")
