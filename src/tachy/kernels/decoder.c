@@ -547,11 +547,14 @@ static inline __attribute__((always_inline)) __m512 qk_scores(int S, int P, int6
 }
 
 #if DEC_AMX
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
+/* 32 floats (x0: the first 16) as bf16 hi = their rounding and lo = the rounding of what is left, so that
+   hi + lo carries ~16 of their 24 bits into TDPBF16PS */
+static inline void split_bf16(__m512 x0, __m512 x1, __m512i *hi, __m512i *lo) {
+    *hi = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
+    __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(*hi)), 16));
+    __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(*hi, 1)), 16));
+    *lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
+}
 
 /* qk_scores on AMX: S scores per key into sc (pairs from P on are 0), their max per pair in lanes 0..S-1. Keys
    16 at a time are tile A (rows read in place where the list runs on by one, else gathered), the queries as
@@ -572,11 +575,8 @@ static __m512 amx_scores(int S, int P, int64_t D, const float *const *q, const i
                                       _mm512_set1_epi32(S));   /* a channel pair's dword in each B row */
     for (int64_t cb = 0; cb < CB; cb++)
         for (int p = 0; p < P; p++) {   /* 32 channels: 16 pairs, high and low parts, into column p */
-            __m512 x0 = _mm512_loadu_ps(q[p] + 32 * cb), x1 = _mm512_loadu_ps(q[p] + 32 * cb + 16);
-            __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
-            __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)), 16));
-            __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)), 16));
-            __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
+            __m512i hi, lo;
+            split_bf16(_mm512_loadu_ps(q[p] + 32 * cb), _mm512_loadu_ps(q[p] + 32 * cb + 16), &hi, &lo);
             _mm512_i32scatter_epi32(qt + (cb * 2 + 0) * 32 * S + 2 * p, rows, hi, 4);
             _mm512_i32scatter_epi32(qt + (cb * 2 + 1) * 32 * S + 2 * p, rows, lo, 4);
         }
@@ -646,11 +646,8 @@ static void amx_values(int S, const float *e, const int64_t *keys, int64_t L, co
     for (int64_t b = 0; b < nb; b++)       /* [block][high, low][pair][32 keys] */
         for (int p = 0; p < S; p++) {
             const float *base = e + b * 32 * S + p;
-            __m512 x0 = _mm512_i32gather_ps(idx, base, 4), x1 = _mm512_i32gather_ps(idx, base + 16 * S, 4);
-            __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
-            __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)), 16));
-            __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)), 16));
-            __m512i lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
+            __m512i hi, lo;
+            split_bf16(_mm512_i32gather_ps(idx, base, 4), _mm512_i32gather_ps(idx, base + 16 * S, 4), &hi, &lo);
             _mm512_store_si512(pbuf + ((b * 2 + 0) * S + p) * 32, hi);
             _mm512_store_si512(pbuf + ((b * 2 + 1) * S + p) * 32, lo);
         }

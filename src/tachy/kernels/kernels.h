@@ -21,6 +21,14 @@
 #define TQ_AMX 0
 #endif
 extern int tq_amx_on;
+#if TQ_AMX
+/* the tile configuration LDTILECFG reads (palette 1: rows and bytes per row of each of 8 tiles) */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+#endif
 
 typedef void (*task_fn)(void *args, int64_t begin, int64_t end);
 

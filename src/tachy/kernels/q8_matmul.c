@@ -488,13 +488,68 @@ static inline __attribute__((always_inline)) void load_codes(const int fmt, cons
     }
 }
 
+/* A group-block's scales for its 16 weight rows: d0 (Q6_K: d0, d1 for its halves) and the min m, from the
+   scales at s (after the codes) and the super-block's sd, sdmin (the K formats). Shared by the VNNI and AMX
+   paths, whose float operations must be the same for the same bits. */
+static inline __attribute__((always_inline)) void block_scales(const int fmt, const uint8_t *s, __m512 sd,
+                                                               __m512 sdmin, __m512 *d0, __m512 *d1, __m512 *m) {
+    *d1 = _mm512_setzero_ps();
+    *m = _mm512_setzero_ps();
+    if (fmt == Q4_K || fmt == Q5_K) {
+        *d0 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)s))));
+        *m = _mm512_sub_ps(_mm512_setzero_ps(),
+                           _mm512_mul_ps(sdmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s + 16))))));
+    } else if (fmt == Q6_K) {
+        *d0 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)s))));
+        *d1 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(s + 16)))));
+    } else {
+        *d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)s));
+        if (fmt == Q4_1 || fmt == Q5_1) *m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + 32)));
+    }
+}
+
+/* the scales of a group-block at p (past any super-block header): after its codes and fifth / high bits */
+static inline const uint8_t *scales_of(const int fmt, const uint8_t *p) {
+    return p + (fmt == Q8_0 ? 512 : 256) + (fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K ? 64 : 0) +
+           (fmt == Q6_K ? 128 : 0);
+}
+
+/* one input row's block: its exact integer sums s0 (Q6_K: s0, s1 for the halves) against the 16 weight rows,
+   less the codes' offset, scaled into acc */
+static inline __attribute__((always_inline)) __m512 scale_sums(const int fmt, const q8block *xb, __m512i s0,
+                                                               __m512i s1, __m512 d0, __m512 d1, __m512 m,
+                                                               __m512 acc) {
+    const int off_sh = fmt == Q4_0 ? 3 : fmt == Q5_0 ? 4 : fmt == Q6_K ? 5 : fmt == Q8_0 ? 7 : 0;
+    const int mins = fmt == Q4_1 || fmt == Q5_1 || fmt == Q4_K || fmt == Q5_K;
+    __m512 dx = _mm512_set1_ps(xb->dx);
+    if (fmt == Q6_K) {
+        s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(xb->sxlo << off_sh));
+        s1 = _mm512_sub_epi32(s1, _mm512_set1_epi32((xb->sx - xb->sxlo) << off_sh));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, dx), acc);
+        return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d1, dx), acc);
+    }
+    if (off_sh) s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(xb->sx << off_sh));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, dx), acc);
+    return mins ? _mm512_fmadd_ps(m, _mm512_set1_ps(xb->sxf), acc) : acc;
+}
+
+/* rows t0 .. t0 + n - 1 of y, columns 16g .. 16g + 15 */
+static inline void store_rows(const packed_args *a, int64_t t0, int n, int64_t g, const __m512 *acc) {
+    for (int i = 0; i < n; i++) {
+        if (a->y_bf16) {
+            _mm256_storeu_si256((__m256i *)((uint16_t *)a->y + (t0 + i) * a->ldy + 16 * g),
+                                (__m256i)_mm512_cvtneps_pbh(acc[i]));
+        } else {
+            _mm512_storeu_ps((float *)a->y + (t0 + i) * a->ldy + 16 * g, acc[i]);
+        }
+    }
+}
+
 /* T input rows (TB <= TILE, a constant at each call site) against one group of 16 weight rows */
 static inline __attribute__((always_inline)) void packed_tile(const packed_args *a, const uint8_t *w, int64_t g,
                                                               int64_t t0, const int TB, const int fmt) {
     int64_t blocks = a->K / 32;
     int header = (int)super_header(fmt);
-    const int off_sh = fmt == Q4_0 ? 3 : fmt == Q5_0 ? 4 : fmt == Q6_K ? 5 : fmt == Q8_0 ? 7 : 0;
-    const int mins = fmt == Q4_1 || fmt == Q5_1 || fmt == Q4_K || fmt == Q5_K;
     __m512 acc[TILE], sd = _mm512_setzero_ps(), sdmin = _mm512_setzero_ps();
     for (int i = 0; i < TB; i++) acc[i] = _mm512_setzero_ps();
     const uint8_t *p = w;
@@ -506,59 +561,26 @@ static inline __attribute__((always_inline)) void packed_tile(const packed_args 
         }
         __m512i c[8];
         load_codes(fmt, p, c);
-        const uint8_t *s = p + (fmt == Q8_0 ? 512 : 256) + (fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K ? 64 : 0) +
-                           (fmt == Q6_K ? 128 : 0);
-        __m512 d0, d1 = _mm512_setzero_ps(), m = _mm512_setzero_ps();
-        if (fmt == Q4_K || fmt == Q5_K) {
-            d0 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)s))));
-            m = _mm512_sub_ps(_mm512_setzero_ps(),
-                              _mm512_mul_ps(sdmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s + 16))))));
-        } else if (fmt == Q6_K) {
-            d0 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)s))));
-            d1 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(s + 16)))));
-        } else {
-            d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)s));
-            if (mins) m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + 32)));
-        }
+        __m512 d0, d1, m;
+        block_scales(fmt, scales_of(fmt, p), sd, sdmin, &d0, &d1, &m);
         for (int i = 0; i < TB; i++) {
             const q8block *xb = a->x + (t0 + i) * blocks + b;
             const int32_t *q4 = (const int32_t *)xb->q;
-            __m512 dx = _mm512_set1_ps(xb->dx);
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
             if (fmt == Q6_K) {
-                __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
                 for (int k = 0; k < 4; k++) s0 = _mm512_dpbusd_epi32(s0, c[k], _mm512_set1_epi32(q4[k]));
                 for (int k = 4; k < 8; k++) s1 = _mm512_dpbusd_epi32(s1, c[k], _mm512_set1_epi32(q4[k]));
-                s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(xb->sxlo << off_sh));
-                s1 = _mm512_sub_epi32(s1, _mm512_set1_epi32((xb->sx - xb->sxlo) << off_sh));
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, dx), acc[i]);
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d1, dx), acc[i]);
             } else {
-                __m512i s0 = _mm512_setzero_si512();
                 for (int k = 0; k < 8; k++) s0 = _mm512_dpbusd_epi32(s0, c[k], _mm512_set1_epi32(q4[k]));
-                if (off_sh) s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(xb->sx << off_sh));
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, dx), acc[i]);
-                if (mins) acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xb->sxf), acc[i]);
             }
+            acc[i] = scale_sums(fmt, xb, s0, s1, d0, d1, m, acc[i]);
         }
         p += block_stride(fmt);
     }
-    for (int i = 0; i < TB; i++) {
-        if (a->y_bf16) {
-            _mm256_storeu_si256((__m256i *)((uint16_t *)a->y + (t0 + i) * a->ldy + 16 * g),
-                                (__m256i)_mm512_cvtneps_pbh(acc[i]));
-        } else {
-            _mm512_storeu_ps((float *)a->y + (t0 + i) * a->ldy + 16 * g, acc[i]);
-        }
-    }
+    store_rows(a, t0, TB, g, acc);
 }
 
 #if TQ_AMX
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
 /* tiles: 0, 5 and 6, 7 sums (16 input rows x 16 int32, even and odd blocks); 1 activations (16 x 32 int8), 2
    codes (8 x 64); Q6_K's halves: 3 activations (16 x 16), 4 codes (4 x 64) */
 static void amx_begin(void) {
@@ -591,46 +613,42 @@ static inline __attribute__((always_inline)) void amx_codes(const packed_args *a
 
 /* block b's integer sums of 16 input rows (x0: the first's q8block b) into sums[0] (Q6_K: halves in sums[0],
    sums[1]), through tile pair (0, 5) or (6, 7) */
+/* one block's sums into tile C (Q6_K: its halves into tiles C, C2), stored to sums (tile numbers are
+   immediates, so each pair is spelled out) */
+#define AMX_SUMS(C)                                                                                            \
+    do {                                                                                                       \
+        _tile_zero(C);                                                                                         \
+        _tile_loadd(1, x0->q, stride);                                                                        \
+        _tile_loadd(2, cb, 64);                                                                                \
+        _tile_dpbsud(C, 1, 2);                                                                                 \
+        _tile_stored(C, sums[0], 64);                                                                          \
+    } while (0)
+#define AMX_SUMS_HALVES(C, C2)                                                                                 \
+    do {                                                                                                       \
+        _tile_zero(C);                                                                                         \
+        _tile_zero(C2);                                                                                        \
+        _tile_loadd(3, x0->q, stride);                                                                        \
+        _tile_loadd(4, cb, 64);                                                                                \
+        _tile_dpbsud(C, 3, 4);                                                                                 \
+        _tile_loadd(3, x0->q + 16, stride);                                                                   \
+        _tile_loadd(4, cb + 256, 64);                                                                          \
+        _tile_dpbsud(C2, 3, 4);                                                                                \
+        _tile_stored(C, sums[0], 64);                                                                          \
+        _tile_stored(C2, sums[1], 64);                                                                         \
+    } while (0)
 static inline __attribute__((always_inline)) void amx_sums(const int fmt, const q8block *x0, int64_t stride,
                                                            const uint8_t *cb, int32_t (*sums)[256], int odd) {
     if (fmt == Q6_K) {
-        if (odd) {
-            _tile_zero(6);
-            _tile_zero(7);
-            _tile_loadd(3, x0->q, stride);
-            _tile_loadd(4, cb, 64);
-            _tile_dpbsud(6, 3, 4);
-            _tile_loadd(3, x0->q + 16, stride);
-            _tile_loadd(4, cb + 256, 64);
-            _tile_dpbsud(7, 3, 4);
-            _tile_stored(6, sums[0], 64);
-            _tile_stored(7, sums[1], 64);
-        } else {
-            _tile_zero(0);
-            _tile_zero(5);
-            _tile_loadd(3, x0->q, stride);
-            _tile_loadd(4, cb, 64);
-            _tile_dpbsud(0, 3, 4);
-            _tile_loadd(3, x0->q + 16, stride);
-            _tile_loadd(4, cb + 256, 64);
-            _tile_dpbsud(5, 3, 4);
-            _tile_stored(0, sums[0], 64);
-            _tile_stored(5, sums[1], 64);
-        }
+        if (odd) AMX_SUMS_HALVES(6, 7);
+        else AMX_SUMS_HALVES(0, 5);
     } else if (odd) {
-        _tile_zero(6);
-        _tile_loadd(1, x0->q, stride);
-        _tile_loadd(2, cb, 64);
-        _tile_dpbsud(6, 1, 2);
-        _tile_stored(6, sums[0], 64);
+        AMX_SUMS(6);
     } else {
-        _tile_zero(0);
-        _tile_loadd(1, x0->q, stride);
-        _tile_loadd(2, cb, 64);
-        _tile_dpbsud(0, 1, 2);
-        _tile_stored(0, sums[0], 64);
+        AMX_SUMS(0);
     }
 }
+#undef AMX_SUMS
+#undef AMX_SUMS_HALVES
 
 /* 16 input rows from t0 against one group of 16 weight rows: packed_tile's float operations on sums from AMX
    (block b + 1's tile work is issued before block b's float work, so the two overlap) */
@@ -638,8 +656,6 @@ static inline __attribute__((always_inline)) void amx_tile(const packed_args *a,
                                                            int64_t t0, const int fmt, const uint8_t *codes) {
     int64_t blocks = a->K / 32, stride = blocks * (int64_t)sizeof(q8block);
     int header = (int)super_header(fmt);
-    const int off_sh = fmt == Q4_0 ? 3 : fmt == Q5_0 ? 4 : fmt == Q6_K ? 5 : fmt == Q8_0 ? 7 : 0;
-    const int mins = fmt == Q4_1 || fmt == Q5_1 || fmt == Q4_K || fmt == Q5_K;
     __m512 acc[16], sd = _mm512_setzero_ps(), sdmin = _mm512_setzero_ps();
     int32_t sums[2][2][16 * 16] __attribute__((aligned(64)));   /* [block parity][Q6_K half] */
     for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
@@ -654,46 +670,15 @@ static inline __attribute__((always_inline)) void amx_tile(const packed_args *a,
         if (b == 0) amx_sums(fmt, x0, stride, codes, sums[0], 0);
         if (b + 1 < blocks) amx_sums(fmt, x0 + 1, stride, codes + 512 * (b + 1), sums[(b + 1) & 1], (int)((b + 1) & 1));
         int32_t (*sb)[256] = sums[b & 1];
-        const uint8_t *s = p + (fmt == Q8_0 ? 512 : 256) + (fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K ? 64 : 0) +
-                           (fmt == Q6_K ? 128 : 0);
-        __m512 d0, d1 = _mm512_setzero_ps(), m = _mm512_setzero_ps();
-        if (fmt == Q4_K || fmt == Q5_K) {
-            d0 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)s))));
-            m = _mm512_sub_ps(_mm512_setzero_ps(),
-                              _mm512_mul_ps(sdmin, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s + 16))))));
-        } else if (fmt == Q6_K) {
-            d0 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)s))));
-            d1 = _mm512_mul_ps(sd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(s + 16)))));
-        } else {
-            d0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)s));
-            if (mins) m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + 32)));
-        }
-        for (int i = 0; i < 16; i++) {
-            const q8block *xb = x0 + i * blocks;
-            __m512 dx = _mm512_set1_ps(xb->dx);
-            __m512i s0 = _mm512_load_si512(sb[0] + 16 * i);
-            if (fmt == Q6_K) {
-                __m512i s1 = _mm512_load_si512(sb[1] + 16 * i);
-                s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(xb->sxlo << off_sh));
-                s1 = _mm512_sub_epi32(s1, _mm512_set1_epi32((xb->sx - xb->sxlo) << off_sh));
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, dx), acc[i]);
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(d1, dx), acc[i]);
-            } else {
-                if (off_sh) s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(xb->sx << off_sh));
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d0, dx), acc[i]);
-                if (mins) acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xb->sxf), acc[i]);
-            }
-        }
+        __m512 d0, d1, m;
+        block_scales(fmt, scales_of(fmt, p), sd, sdmin, &d0, &d1, &m);
+        for (int i = 0; i < 16; i++)
+            acc[i] = scale_sums(fmt, x0 + i * blocks, _mm512_load_si512(sb[0] + 16 * i),
+                                fmt == Q6_K ? _mm512_load_si512(sb[1] + 16 * i) : _mm512_setzero_si512(), d0, d1, m,
+                                acc[i]);
         p += block_stride(fmt);
     }
-    for (int i = 0; i < 16; i++) {
-        if (a->y_bf16) {
-            _mm256_storeu_si256((__m256i *)((uint16_t *)a->y + (t0 + i) * a->ldy + 16 * g),
-                                (__m256i)_mm512_cvtneps_pbh(acc[i]));
-        } else {
-            _mm512_storeu_ps((float *)a->y + (t0 + i) * a->ldy + 16 * g, acc[i]);
-        }
-    }
+    store_rows(a, t0, 16, g, acc);
 }
 
 /* the first T / 16 * 16 input rows on AMX (with a buffer of the group's codes); returns the rows done */
