@@ -14,6 +14,20 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"development data not available ({DATA})")
 
 
+@pytest.fixture(params=["fma", "amx"])
+def attention_path(request):
+    """A test runs once with the C kernels' AVX-512 path and once, where the CPU has it, with AMX
+    (kernels.use_amx; skipped without AMX); the setting before is restored after. Yields "fma" or "amx"."""
+    from tachy import kernels
+
+    before = kernels.amx_used()
+    if request.param == "amx" and not kernels.use_amx(True):
+        pytest.skip("no AMX on this CPU")
+    kernels.use_amx(request.param == "amx")
+    yield request.param
+    kernels.use_amx(before)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Real-model tests run on one thread: on a shared 2-core machine two threads spin against each other."""

@@ -190,61 +190,50 @@ def test_the_attention_sum_network_gives_each_rows_own_horizontal_sum_bits():
 
 @pytest.mark.skipif(not K.available() or not hasattr(K.library(), "tq_attention_scores"),
                     reason="an AVX-512 build of the kernels")
-@pytest.mark.parametrize("amx", [False, True], ids=["fma", "amx"])
-def test_attention_scores_are_the_dot_products(amx):
+def test_attention_scores_are_the_dot_products(attention_path):
     """decoder.c's attention scores (AMX tiles where the CPU has them: amx_scores) are the scaled dot products
     of float32 queries with bf16 keys, for 1-16 queries, in-place and gathered key lists, partial blocks of 16
     keys and head dims 32-256, to float32's accuracy (the query goes in as two bf16 parts: ~16 bits)."""
     import ctypes
 
-    if amx and not K.use_amx(True):
-        pytest.skip("no AMX on this CPU")
-    before = K.amx_used()
+    amx = attention_path == "amx"
     gen = torch.Generator().manual_seed(1)
-    try:
-        for D, P, n, gathered in [(64, 3, 37, False), (64, 16, 64, True), (32, 4, 5, False), (128, 8, 300, True),
-                                  (256, 4, 19, True), (64, 1, 16, False), (64, 12, 1, True)]:
-            q = torch.randn(P, D, generator=gen) * 3
-            keys_all = torch.randn(400, D, generator=gen).to(torch.bfloat16)
-            keys = (torch.randperm(400, generator=gen)[:n] if gathered else torch.arange(7, 7 + n)).long()
-            out = torch.empty(n, P)
-            used = K.library().tq_attention_scores(
-                ctypes.c_void_p(q.data_ptr()), P, ctypes.c_void_p(keys_all.data_ptr()),
-                ctypes.c_void_p(keys.data_ptr()), n, D, 0.125, ctypes.c_void_p(out.data_ptr()), int(amx))
-            assert used == int(amx)
-            exact = (keys_all[keys].double() @ q.double().T) * 0.125
-            bound = (keys_all[keys].double().abs() @ q.double().abs().T) * 0.125
-            assert ((out.double() - exact).abs() <= 2e-5 * bound + 1e-30).all(), (D, P, n, gathered)
-    finally:
-        K.use_amx(before)
+    for D, P, n, gathered in [(64, 3, 37, False), (64, 16, 64, True), (32, 4, 5, False), (128, 8, 300, True),
+                              (256, 4, 19, True), (64, 1, 16, False), (64, 12, 1, True)]:
+        q = torch.randn(P, D, generator=gen) * 3
+        keys_all = torch.randn(400, D, generator=gen).to(torch.bfloat16)
+        keys = (torch.randperm(400, generator=gen)[:n] if gathered else torch.arange(7, 7 + n)).long()
+        out = torch.empty(n, P)
+        used = K.library().tq_attention_scores(
+            ctypes.c_void_p(q.data_ptr()), P, ctypes.c_void_p(keys_all.data_ptr()),
+            ctypes.c_void_p(keys.data_ptr()), n, D, 0.125, ctypes.c_void_p(out.data_ptr()), int(amx))
+        assert used == int(amx)
+        exact = (keys_all[keys].double() @ q.double().T) * 0.125
+        bound = (keys_all[keys].double().abs() @ q.double().abs().T) * 0.125
+        assert ((out.double() - exact).abs() <= 2e-5 * bound + 1e-30).all(), (D, P, n, gathered)
 
 
 @pytest.mark.skipif(not K.available() or not hasattr(K.library(), "tq_attention_values"),
                     reason="an AVX-512 build of the kernels")
-@pytest.mark.parametrize("amx", [False, True], ids=["fma", "amx"])
-def test_attention_value_sums_are_the_weighted_sums(amx):
+def test_attention_value_sums_are_the_weighted_sums(attention_path):
     """decoder.c's value sums (AMX tiles where the CPU has them: amx_values, the weights as two bf16 parts) are
     the softmax weights times the bf16 value rows, for 1-16 pairs, in-place and gathered lists, lists that end
     inside a block of 32 keys, head dims 32-256, to float32's accuracy."""
     import ctypes
 
-    if amx and not K.use_amx(True):
-        pytest.skip("no AMX on this CPU")
-    before = K.amx_used()
+    amx = attention_path == "amx"
     gen = torch.Generator().manual_seed(2)
-    try:
-        for D, P, L, gathered in [(64, 3, 37, False), (64, 16, 64, True), (32, 4, 5, False), (128, 8, 300, True),
-                                  (256, 4, 19, True), (64, 1, 33, False), (64, 12, 1, True), (96, 5, 70, False)]:
-            e = torch.rand(L, P, generator=gen) * torch.exp2(torch.randint(-12, 1, (L, P), generator=gen)).float()
-            values = torch.randn(400, D, generator=gen).to(torch.bfloat16)
-            keys = (torch.randperm(400, generator=gen)[:L] if gathered else torch.arange(3, 3 + L)).long()
-            out = torch.empty(P, D)
-            used = K.library().tq_attention_values(
-                ctypes.c_void_p(e.data_ptr()), P, ctypes.c_void_p(values.data_ptr()), ctypes.c_void_p(keys.data_ptr()),
-                L, D, ctypes.c_void_p(out.data_ptr()), int(amx))
-            assert used == int(amx)
-            exact = e.double().T @ values[keys].double()
-            bound = e.double().T @ values[keys].double().abs()
-            assert ((out.double() - exact).abs() <= 2e-5 * bound + 1e-30).all(), (D, P, L, gathered)
-    finally:
-        K.use_amx(before)
+    for D, P, L, gathered in [(64, 3, 37, False), (64, 16, 64, True), (32, 4, 5, False), (128, 8, 300, True),
+                              (256, 4, 19, True), (64, 1, 33, False), (64, 12, 1, True), (96, 5, 70, False)]:
+        e = torch.rand(L, P, generator=gen) * torch.exp2(torch.randint(-12, 1, (L, P), generator=gen)).float()
+        values = torch.randn(400, D, generator=gen).to(torch.bfloat16)
+        keys = (torch.randperm(400, generator=gen)[:L] if gathered else torch.arange(3, 3 + L)).long()
+        out = torch.empty(P, D)
+        used = K.library().tq_attention_values(
+            ctypes.c_void_p(e.data_ptr()), P, ctypes.c_void_p(values.data_ptr()), ctypes.c_void_p(keys.data_ptr()),
+            L, D, ctypes.c_void_p(out.data_ptr()), int(amx))
+        assert used == int(amx)
+        exact = e.double().T @ values[keys].double()
+        bound = e.double().T @ values[keys].double().abs()
+        assert ((out.double() - exact).abs() <= 2e-5 * bound + 1e-30).all(), (D, P, L, gathered)
+

@@ -29,16 +29,11 @@ def forward(model, tokens: list[int], cache, positions=None, mask=None) -> torch
         return model(torch.tensor([tokens]), positions, cache, mask)[0]
 
 
-@pytest.fixture(params=["fma", "amx"], autouse=True)
-def attention_scores(request):
-    """Every test here runs with attention scores from fused multiply-adds and, where the CPU has AMX, from its
-    tiles (decoder.c's amx_scores: head dims that are multiples of 32, here gemma3's and the 64-wide shape)."""
-    before = kernels.amx_used()
-    if request.param == "amx" and not kernels.use_amx(True):
-        pytest.skip("no AMX on this CPU")
-    kernels.use_amx(request.param == "amx")
-    yield request.param
-    kernels.use_amx(before)
+@pytest.fixture(autouse=True)
+def attention_scores(attention_path):
+    """Every test here runs with the fused multiply-adds and, where the CPU has AMX, with its tiles (decoder.c's
+    amx_scores and amx_values: head dims that are multiples of 32, here gemma3's and the 64-wide shape)."""
+    return attention_path
 
 
 PASSAGE = ("It was a bright cold day in April, and the harbour was full of ships that had come in on the morning "

@@ -182,15 +182,15 @@ def _load() -> ctypes.CDLL | None:
 
 
 def amx_used() -> bool:
-    """Whether the C forward scores attention on AMX tiles now (see use_amx)."""
+    """Whether the kernels use AMX tiles now (see use_amx)."""
     lib = _load()
     return lib is not None and lib.amx
 
 
 def use_amx(on: bool) -> bool:
-    """Score attention on AMX tiles where the CPU has them (the default; ``TACHY_AMX=0`` turns it off); returns
-    whether they are used. Scores differ in their last bits between the two, so switch only between whole
-    generations (tests compare both)."""
+    """Use AMX tiles where the CPU has them (the default; ``TACHY_AMX=0`` turns it off): attention scores and
+    value sums, and the int8 products of 16 or more rows; returns whether they are used. Attention differs in
+    its last bits between the two, so switch only between whole generations (tests compare both)."""
     lib = _load()
     if lib is None:
         return False
