@@ -135,6 +135,51 @@ def test_a_prompt_chunk_gives_one_token_decodings_bits(arch, shape):
     assert torch.equal(torch.cat([first, rest]), alone)
 
 
+@pytest.mark.parametrize("arch,shape", CHUNK_SHAPES, ids=SHAPE_IDS)
+def test_a_chunk_after_a_long_prefix_gives_one_token_decodings_bits(arch, shape):
+    """Past 32 shared keys, a block of tokens' softmax goes straight into the value tiles (decoder.c's
+    softmax_weights16, on AMX with 16 query rows: the 64-wide shape), in whole blocks of 32 keys and then the
+    rest; every token keeps the bits it gets decoded alone."""
+    model = tiny_gguf_model(arch, seed=9, max_seq_len=256, **shape)
+    rng = random.Random(6)
+    tokens = [rng.randrange(model.config.vocab_size) for _ in range(150)]
+    cache = model.new_cache(160, fixed=True)
+    forward(model, tokens[:100], cache)
+    chunk = forward(model, tokens[100:], cache)   # 100-149 shared keys: 3-4 whole blocks, then a partial one
+    step = model.new_cache(160, fixed=True)
+    alone = torch.cat([forward(model, [t], step) for t in tokens])
+    assert torch.equal(chunk, alone[100:])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_causal_mask_runs_as_a_plain_chunk(arch, monkeypatch):
+    """A verify step's chain comes with a lower-triangular mask; the C forward drops it and takes its causal
+    path (a run of tokens reads the cached keys once), with the same bits. A tree's mask stays."""
+    from tachy.models.cpu_forward import CPUForward
+
+    model = tiny_gguf_model(arch, seed=3)
+    seen = []
+    run = CPUForward._run
+    monkeypatch.setattr(CPUForward, "_run", lambda self, cache, ids, pos, rows, slots, prefix, mask, *rest:
+                        seen.append(mask) or run(self, cache, ids, pos, rows, slots, prefix, mask, *rest))
+    rng = random.Random(3)
+    prompt = [rng.randrange(model.config.vocab_size) for _ in range(40)]
+    chain = [rng.randrange(model.config.vocab_size) for _ in range(9)]
+    cache = model.new_cache(96, fixed=True)
+    forward(model, prompt, cache)
+    causal = torch.cat([torch.ones(9, 40, dtype=torch.bool), torch.ones(9, 9, dtype=torch.bool).tril()], dim=1)
+    masked = forward(model, chain, cache, mask=causal)
+    cache.rollback(9)
+    plain = forward(model, chain, cache)
+    assert seen[-2] is None and seen[-1] is None
+    assert torch.equal(masked, plain)
+    cache.rollback(9)
+    tree = causal.clone()
+    tree[5, 44] = False   # node 5 does not see node 4: a second branch
+    forward(model, chain, cache, mask=tree)
+    assert seen[-1] is not None
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_tree_node_gives_one_token_decodings_bits(arch):
     """Not only the leading chain: a side node reads its ancestors at scattered slots, in path order."""

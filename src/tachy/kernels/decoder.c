@@ -561,12 +561,18 @@ static inline void split_bf16(__m512 x0, __m512 x1, __m512i *hi, __m512i *lo) {
    bf16 channel pairs tile B, the scores tile C (16 keys x S), for D / 32 channel blocks in order. */
 static __m512 amx_scores(int S, int P, int64_t D, const float *const *q, const int64_t *keys, int64_t n,
                          const uint16_t *K0, float scale, float *sc) {
-    tile_config cfg = {.palette = 1};
-    cfg.rows[0] = cfg.rows[1] = cfg.rows[2] = cfg.rows[3] = 16;
-    cfg.colsb[0] = cfg.colsb[2] = cfg.colsb[3] = (uint16_t)(4 * S);
-    cfg.colsb[1] = 64;
-    _tile_loadconfig(&cfg);
     int64_t CB = D / 32;
+    /* tiles: 0 scores (and 3, resident queries); 1 keys (and 2, resident queries); queries 2, 3 per channel
+       block, or resident 4-7 where head_dim <= 64 (their high and low parts of both channel blocks, loaded once:
+       reloading them for every 16 keys waited on the products still reading them) */
+    tile_config cfg = {.palette = 1};
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = (uint16_t)(4 * S);
+    }
+    cfg.colsb[1] = 64;
+    if (CB <= 2) cfg.colsb[2] = 64;
+    _tile_loadconfig(&cfg);
     /* [channel block][high, low][channel pair][pair][2]: each query channel as the sum of two bf16 values (its
        rounding and the rounding of the rest), so the scores keep ~16 of float32's 24 bits of the query */
     uint16_t qt[8 * 2 * 16 * 32] __attribute__((aligned(64)));
@@ -580,35 +586,65 @@ static __m512 amx_scores(int S, int P, int64_t D, const float *const *q, const i
             _mm512_i32scatter_epi32(qt + (cb * 2 + 0) * 32 * S + 2 * p, rows, hi, 4);
             _mm512_i32scatter_epi32(qt + (cb * 2 + 1) * 32 * S + 2 * p, rows, lo, 4);
         }
+    if (CB <= 2)
+        for (int64_t t = 0; t < 2 * CB; t++) {   /* tiles 4, 5 (and 6, 7): the queries' parts, in block order */
+            if (t == 0) _tile_loadd(4, qt, 4 * S);
+            if (t == 1) _tile_loadd(5, qt + 32 * S, 4 * S);
+            if (t == 2) _tile_loadd(6, qt + 2 * 32 * S, 4 * S);
+            if (t == 3) _tile_loadd(7, qt + 3 * 32 * S, 4 * S);
+        }
     uint16_t gathered[16 * 256] __attribute__((aligned(64)));
     float part[16 * 16] __attribute__((aligned(64)));
     __m512 mxv = _mm512_set1_ps(-INFINITY), scv = _mm512_set1_ps(scale);
-    for (int64_t k0 = 0; k0 < n; k0 += 16) {
-        int64_t rows = n - k0 < 16 ? n - k0 : 16;
-        const uint16_t *A = gathered;
-        if (rows == 16 && keys[k0 + 15] - keys[k0] == 15) {
-            A = K0 + keys[k0] * D;
-        } else {
-            for (int64_t i = 0; i < 16; i++) {
-                if (i < rows) memcpy(gathered + i * D, K0 + keys[k0 + i] * D, sizeof(uint16_t) * (size_t)D);
-                else memset(gathered + i * D, 0, sizeof(uint16_t) * (size_t)D);
+    /* one dependent chain of products per 16 keys: with resident queries, block j + 1's products (into the other
+       of tiles 0 and 3) are issued before block j's scores are stored and scaled, so the two overlap */
+    const int lag = CB <= 2;
+    int64_t blocks = (n + 15) / 16;
+#define AMX_QK(C)                                                                                              \
+    do {                                                                                                       \
+        _tile_zero(C);                                                                                         \
+        _tile_loadd(1, A, 2 * D);                                                                              \
+        _tile_dpbf16ps(C, 1, 4);                                                                               \
+        _tile_dpbf16ps(C, 1, 5);                                                                               \
+        if (CB == 2) {                                                                                         \
+            _tile_loadd(2, A + 32, 2 * D);                                                                     \
+            _tile_dpbf16ps(C, 2, 6);                                                                           \
+            _tile_dpbf16ps(C, 2, 7);                                                                           \
+        }                                                                                                      \
+    } while (0)
+    for (int64_t j = 0; j < blocks + lag; j++) {
+        if (j < blocks) {
+            int64_t k0 = 16 * j, rows = n - k0 < 16 ? n - k0 : 16;
+            const uint16_t *A = gathered;
+            if (rows == 16 && keys[k0 + 15] - keys[k0] == 15) {
+                A = K0 + keys[k0] * D;
+            } else {
+                for (int64_t i = 0; i < 16; i++) {
+                    if (i < rows) memcpy(gathered + i * D, K0 + keys[k0 + i] * D, sizeof(uint16_t) * (size_t)D);
+                    else memset(gathered + i * D, 0, sizeof(uint16_t) * (size_t)D);
+                }
+            }
+            if (lag) {   /* the same products in the same order, on the resident query tiles */
+                if (j & 1) AMX_QK(3);
+                else AMX_QK(0);
+            } else {
+                _tile_zero(0);
+                for (int64_t cb = 0; cb < CB; cb++) {
+                    _tile_loadd(1, A + 32 * cb, 2 * D);
+                    _tile_loadd(2, qt + (cb * 2 + 0) * 32 * S, 4 * S);
+                    _tile_loadd(3, qt + (cb * 2 + 1) * 32 * S, 4 * S);
+                    _tile_dpbf16ps(0, 1, 2);
+                    _tile_dpbf16ps(0, 1, 3);
+                }
             }
         }
-        _tile_zero(0);
-        for (int64_t cb = 0; cb < CB; cb++) {
-            _tile_loadd(1, A + 32 * cb, 2 * D);
-            _tile_loadd(2, qt + (cb * 2 + 0) * 32 * S, 4 * S);
-            _tile_loadd(3, qt + (cb * 2 + 1) * 32 * S, 4 * S);
-            _tile_dpbf16ps(0, 1, 2);
-            _tile_dpbf16ps(0, 1, 3);
-        }
-        float *s = sc + k0 * S;
-        if (rows == 16) {
-            _tile_stored(0, s, 4 * S);
-        } else {
-            _tile_stored(0, part, 4 * S);
-            memcpy(s, part, sizeof(float) * (size_t)(rows * S));
-        }
+        int64_t done = j - lag;   /* the block whose scores are stored now */
+        if (done < 0) continue;
+        int64_t k0 = 16 * done, rows = n - k0 < 16 ? n - k0 : 16;
+        float *s = sc + k0 * S, *dst = rows == 16 ? s : part;
+        if (lag && (done & 1)) _tile_stored(3, dst, 4 * S);
+        else _tile_stored(0, dst, 4 * S);
+        if (rows < 16) memcpy(s, part, sizeof(float) * (size_t)(rows * S));
         int64_t m = rows * S, i = 0;     /* lane j of each 16 holds pair j % S */
         for (; i + 16 <= m; i += 16) {
             __m512 v = _mm512_mul_ps(_mm512_loadu_ps(s + i), scv);
@@ -622,6 +658,7 @@ static __m512 amx_scores(int S, int P, int64_t D, const float *const *q, const i
             mxv = _mm512_mask_max_ps(mxv, rest, mxv, v);
         }
     }
+#undef AMX_QK
     float lanes[16];
     _mm512_storeu_ps(lanes, mxv);
     for (int j = S; j < 16; j++)
@@ -631,19 +668,69 @@ static __m512 amx_scores(int S, int P, int64_t D, const float *const *q, const i
 #endif
 
 #if DEC_AMX
+/* rows r[0..15] of a 16 x 16 float matrix -> its transpose, in place (4 butterfly rounds: round h swaps the
+   off-diagonal h x h blocks of each 2h x 2h block) */
+static inline void transpose16(__m512 *r) {
+    static const int32_t ix[4][16] = {
+        {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+        {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+        {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+        {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+    static const int32_t iy[4][16] = {
+        {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+        {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+        {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+        {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+    for (int round = 0, h = 8; h >= 1; round++, h /= 2) {
+        __m512i jx = _mm512_loadu_si512(ix[round]), jy = _mm512_loadu_si512(iy[round]);
+        for (int i = 0; i < 16; i++) {
+            if (i & h) continue;
+            __m512 x = r[i], y = r[i + h];
+            r[i] = _mm512_permutex2var_ps(x, jx, y);
+            r[i + h] = _mm512_permutex2var_ps(x, jy, y);
+        }
+    }
+}
+
+/* For 16 pairs (a prompt chunk's tokens): the softmax numerators of the first `blocks` blocks of 32 keys, from
+   the scores in sc (16 per key) and the maxima mp, straight into amx_values' weight tiles in pbuf (no gathers,
+   no second pass over the scores); returns their sums in key order, lane by lane. The same operations as the
+   unfused path (exp16 of score - max, sums key after key, split_bf16 of each pair's 32 weights), so the same
+   bits. */
+static __m512 softmax_weights16(const float *sc, int64_t blocks, __m512 mp, uint16_t *pbuf) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        __m512 r[32];
+        for (int k = 0; k < 32; k++) {
+            r[k] = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + (32 * b + k) * 16), mp));
+            acc = _mm512_add_ps(acc, r[k]);
+        }
+        transpose16(r);        /* r[p]: pair p's weights of keys 0..15 of the block */
+        transpose16(r + 16);   /* r[16 + p]: of keys 16..31 */
+        for (int p = 0; p < 16; p++) {
+            __m512i hi, lo;
+            split_bf16(r[p], r[16 + p], &hi, &lo);
+            _mm512_store_si512(pbuf + ((b * 2 + 0) * 16 + p) * 32, hi);
+            _mm512_store_si512(pbuf + ((b * 2 + 1) * 16 + p) * 32, lo);
+        }
+    }
+    return acc;
+}
+
 /* out[p][c] (256 floats per pair) = sum over the L keys of e[k][p] * V row keys[k], for S pairs (e: S floats per
    key, zero from L to the next multiple of 32), on AMX: the weights as two bf16 parts (tiles A: S pairs x 32
    keys), V rows two by two interleaved (tiles B: 16 key pairs x 16 channels), four channel tiles C at a time,
    32 keys per step in list order. An output's bits depend on its pair's weights and the keys at each list
    position only, so a token gets the same sums from a chunk's shared list (its unseen keys weigh 0) as from
    its own list; not past a sliding window, whose lists start at a moving position (those layers keep
-   pv_group). pbuf: (L / 32 + 1) * 2 * S * 32 bf16. */
+   pv_group). pbuf: (L / 32 + 1) * 2 * S * 32 bf16, whose first `ready` blocks the caller wrote already
+   (softmax_weights16). */
 static void amx_values(int S, const float *e, const int64_t *keys, int64_t L, const uint16_t *V0, int64_t D,
-                       float *out, uint16_t *pbuf) {
+                       float *out, uint16_t *pbuf, int64_t ready) {
     int64_t nb = (L + 31) / 32;
     __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512i idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(S));
-    for (int64_t b = 0; b < nb; b++)       /* [block][high, low][pair][32 keys] */
+    for (int64_t b = ready; b < nb; b++)   /* [block][high, low][pair][32 keys] (the first `ready` are there) */
         for (int p = 0; p < S; p++) {
             const float *base = e + b * 32 * S + p;
             __m512i hi, lo;
@@ -759,7 +846,7 @@ int tq_attention_values(const float *e, int64_t P, const uint16_t *V, const int6
         if (!sc || !o || !pbuf) return -3;
         for (int64_t k = 0; k < L; k++)
             for (int64_t p = 0; p < P; p++) sc[k * S + p] = e[k * P + p];
-        amx_values(S, sc, keys, L, V, D, o, pbuf);
+        amx_values(S, sc, keys, L, V, D, o, pbuf, 0);
         _tile_release();
         for (int64_t p = 0; p < P; p++) memcpy(out + p * D, o + p * 256, sizeof(float) * (size_t)D);
         free(sc);
@@ -868,7 +955,15 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
     float pattern[16];
     for (int j = 0; j < 16; j++) pattern[j] = mx[j % S];
     __m512 mp = _mm512_loadu_ps(pattern);
-    int64_t total = S * n, i = 0;
+    int64_t total = S * n, i = 0, ready = 0;   /* ready: blocks of 32 keys whose weights are in pbuf */
+    __m512 head_sums = _mm512_setzero_ps();
+#if DEC_AMX
+    if (f->amx && window == 0 && S == 16) {   /* a chunk's tokens: whole blocks fused into amx_values' tiles */
+        ready = n / 32;
+        head_sums = softmax_weights16(sc, ready, mp, pbuf);
+        i = 16 * 32 * ready;
+    }
+#endif
     for (; i + 16 <= total; i += 16)
         _mm512_storeu_ps(sc + i, exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + i), mp)));
     if (i < total) {
@@ -877,7 +972,12 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
     }
     for (int p = 0; p < P; p++)
         for (int64_t k = 0; k < drop[p]; k++) sc[k * S + p] = 0.0f;
-    key_order_sums(S, sc, n, sum);
+    if (ready) {   /* S = 16: the fused blocks' sums, then the rest of the keys in order */
+        for (int64_t k = 32 * ready; k < n; k++) head_sums = _mm512_add_ps(head_sums, _mm512_loadu_ps(sc + 16 * k));
+        _mm512_storeu_ps(sum, head_sums);
+    } else {
+        key_order_sums(S, sc, n, sum);
+    }
     for (int p = 0; p < P; p++) {
         int64_t extra = p / G;
         for (int64_t j = 0; j < extra; j++) tail[p][j] -= mx[p];
@@ -894,7 +994,7 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
             for (int p = 0; p < S; p++) sc[(n + j - 1) * S + p] = p < P && j <= p / G ? tail[p][j - 1] : 0.0f;
         }
         memset(sc + L * S, 0, sizeof(float) * (size_t)((end - L) * S));
-        amx_values((int)S, sc, keys, L, V0, D, out, pbuf);
+        amx_values((int)S, sc, keys, L, V0, D, out, pbuf, ready);
         for (int p = 0; p < P; p++) {
             int64_t t = t0 + p / G;
             float inv = 1.0f / sum[p], *o = out + p * 256;

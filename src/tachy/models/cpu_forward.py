@@ -96,6 +96,14 @@ def _quant_weights(module: nn.Module) -> list[QuantWeight] | None:
     return None
 
 
+def is_causal(mask: Tensor) -> bool:
+    """Whether a mask over T new tokens is the causal one (a chain: a verify step's usual draft). The forward
+    then runs without it: its causal path reads the cached keys once for a run of tokens (decoder.c's
+    grouped_tokens) instead of once per token, with the same bits (tests/models/test_cpu_forward.py)."""
+    T = mask.shape[0]
+    return torch.equal(mask, torch.ones(T, T, dtype=mask.dtype).tril_())
+
+
 class CPUForward:
     """``CPUForward.build(model)`` -> a CPUForward, or None when the model has layers the C decoder does not
     read (float32 or int8/int4 weights) or the kernels are unavailable. Reads GGUF blocks (``--dtype gguf``)
@@ -208,6 +216,8 @@ class CPUForward:
                 new_mask = mask[:, start:start + T].to(torch.uint8).contiguous()
                 if not bool(new_mask.diagonal().all()):
                     return None
+                if is_causal(new_mask):
+                    new_mask = None
             ids = tokens[0].to(torch.int64).contiguous()
             rows = torch.zeros(T, dtype=torch.int64)
             slots = torch.arange(start, start + T, dtype=torch.int64)
