@@ -84,6 +84,19 @@ def test_bos_handling(smol: Tokenizer, gemma: Tokenizer) -> None:
     assert smol.decode(smol.encode("Hello world")) == "Hello world"
 
 
+def test_long_texts_encode_to_the_same_ids(smol: Tokenizer, gemma: Tokenizer) -> None:
+    """Past LONG_TEXT characters encode takes the path that releases the GIL (encode_batch): the same ids."""
+    from tachy.tokenizer import LONG_TEXT
+
+    rng = random.Random(0)
+    words = ["river", " sea", "\n", " 42", " é", "🙂", "<|im_end|>", "  ", "Straße", "的"]
+    text = "".join(rng.choice(words) for _ in range(LONG_TEXT // 2))
+    assert len(text) > LONG_TEXT
+    for tok in (smol, gemma):
+        for special in (True, False):
+            assert tok.encode(text, special) == tok.backend.encode(text, add_special_tokens=special).ids
+
+
 def test_special_ids_and_sizes(smol: Tokenizer, gemma: Tokenizer) -> None:
     assert smol.vocab_size == 49152 and gemma.vocab_size == 262144
     assert smol.id_to_token(2) == "<|im_end|>" and 2 in smol.eos_token_ids

@@ -20,6 +20,7 @@ from .errors import InvalidArgumentError, ModelLoadError, TachyError
 
 # Tokens that end an assistant turn in common chat formats; a generation stops on them as on EOS.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")
+LONG_TEXT = 16_384   # characters: Tokenizer.encode tokenizes longer texts without holding the GIL
 
 
 def _token_str(value: Any) -> str | None:
@@ -119,7 +120,12 @@ class Tokenizer:
         return self._tok.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids; with add_special_tokens the model's BOS is prepended when it wants one (Gemma yes, SmolLM no)."""
+        """Token ids; with add_special_tokens the model's BOS is prepended when it wants one (Gemma yes, SmolLM no).
+        A long text goes through ``encode_batch`` (the same ids), which releases the GIL: ``encode`` holds it,
+        0.4 s per MB of text, so a server thread tokenizing a large request stopped the event loop and the
+        generating thread for as long."""
+        if len(text) > LONG_TEXT:
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:

@@ -115,3 +115,40 @@ def test_concurrent_callers_share_the_cache(compiler):
 def test_bad_budget_is_refused(tokenizer):
     with pytest.raises(InvalidArgumentError, match="compile budget"):
         ConstraintCompiler(tokenizer, 49152, timeout_s=0)
+
+
+def test_memory_held_by_constraints_is_bounded(tokenizer):
+    """A constraint holds ~110 bytes per token transition: 64 cached ones of 3M transitions (a schema of 60
+    string properties, a 2 KB request) held 22 GB. The cache keeps at most half of ``max_held_transitions``,
+    and while the constraints alive hold all of it a new compile is a 429 (CompilerBusy), until they go."""
+    import gc
+
+    schemas = [{"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {
+        f"{name}{i}": {"type": "string"} for i in range(3)}, "required": [f"{name}{i}" for i in range(3)]}}}
+        for name in "abcdefgh"]
+    c = ConstraintCompiler(tokenizer, 49152, timeout_s=60, max_held_transitions=1_000_000)
+    try:
+        kept = [c.constraint(schema) for schema in schemas[:7]]
+        size = {id(k): sum(len(edges) for edges in k.transitions.values()) for k in kept}
+        assert sum(size.values()) >= 1_000_000
+        assert sum(size[id(k)] for schema, k in zip(schemas, kept) if c.cached(schema)[0]) <= 500_000
+        with pytest.raises(CompilerBusy, match="token transitions"):
+            c.submit(schemas[7])
+        del kept
+        gc.collect()
+        assert c.constraint(schemas[7]) is not None
+    finally:
+        c.close()
+
+
+def test_a_constraint_keeps_a_bounded_number_of_masks(compiler):
+    """Each (state, budget) mask is 49 KB; a pattern that enters a new state at every token kept one per
+    generated token, as long as the (cached) constraint lived."""
+    from tachy.decoding.structured import MAX_MASKS
+
+    constraint = compiler.constraint({"type": "regex", "regex": "[0-9]{3000}"})
+    state = constraint.initial
+    for _ in range(MAX_MASKS + 200):
+        allowed = constraint.mask(state, 10_000)
+        state = constraint.next_state(state, int(allowed.nonzero()[0, 0]))
+    assert len(constraint._masks) <= MAX_MASKS

@@ -270,6 +270,77 @@ def test_huge_max_tokens_cannot_starve_a_short_request():
     assert still_running == 1 and preemptions == 0   # the shorter long job had to finish first
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_request_with_more_choices_than_rows_does_not_hold_back_later_ones(packed):
+    """Free rows go round the requests: a short request that arrives behind one with more choices than there
+    are rows takes the next free row, before that request's later choices (it waited until the last of them
+    had a row: 20 s behind 16 prompts of 1,500 tokens through the server). Each text is still its lone text."""
+    from tests.test_batch import packed_engine
+
+    engine = packed_engine("llama", seed=3) if packed else tiny_engine(seed=1, eos=(3,))[0]
+    many = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    short = GenerationConfig(max_new_tokens=2, ignore_eos=True)
+    order = []   # (job, kind, choice) in the order the worker sent them
+
+    def recorded(job: Job, name: str) -> Job:
+        send = job.send
+        job.send = lambda kind, index=None, payload=None: (order.append((name, kind, index)),
+                                                           send(kind, index, payload))
+        return job
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine, max_batch=2)
+        big = recorded(Job([([5 + i, 6], many) for i in range(6)], loop), "big")
+        quick = recorded(Job([([9, 9], short)], loop), "quick")
+        submit_together(sched, [big, quick])
+        results = [await drain(big), await drain(quick)]
+        sched.close()
+        return results
+
+    big_items, quick_items = asyncio.run(main())
+    later_choices = [i for i, (name, kind, index) in enumerate(order) if name == "big" and kind == "piece"
+                     and index >= 3]
+    assert order.index(("quick", "end", None)) < min(later_choices)
+    assert texts(quick_items, 1) == [alone(engine, [9, 9], short)]
+    assert texts(big_items, 6) == [alone(engine, [5 + i, 6], many) for i in range(6)]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_single_path_request_waits_a_turn_not_for_the_batch_to_end(packed):
+    """A request that needs the single path (a beam search) while long generations hold the rows: they are
+    parked after their turn, it runs, and they resume with their lone text. It waited for the batch to end,
+    and every request behind it too (a 4-token beam search held a short chat until a 700-token generation
+    ended)."""
+    from tests.test_batch import packed_engine
+
+    engine = packed_engine("llama", seed=3) if packed else tiny_engine(seed=1, eos=(3,), max_seq_len=1024)[0]
+    long_ = GenerationConfig(max_new_tokens=100 if packed else 300, ignore_eos=True)
+    beam = GenerationConfig(max_new_tokens=4, strategy="beam", strategy_options={"num_beams": 2})
+    short = GenerationConfig(max_new_tokens=3, ignore_eos=True)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine, max_batch=2, preempt_after=8)
+        longs = [Job([([5 + i, 6], long_)], loop) for i in range(2)]
+        submit_together(sched, longs)
+        first = await asyncio.wait_for(longs[0].channel.get(), 10)   # the long ones are running
+        search, quick = Job([([7, 7], beam)], loop), Job([([9, 9], short)], loop)
+        submit_together(sched, [search, quick])
+        done = [await drain(search), await drain(quick)]
+        still_running = sched.running
+        rest = [[first] + await drain(longs[0]), await drain(longs[1])]
+        sched.close()
+        return done, still_running, rest, sched.metrics.preemptions
+
+    (searched, quick), still_running, rest, preemptions = asyncio.run(main())
+    assert still_running == 2 and preemptions >= 2
+    assert texts(searched, 1) == [alone(engine, [7, 7], beam)]
+    assert texts(quick, 1) == [alone(engine, [9, 9], short)]
+    for i, items in enumerate(rest):
+        assert texts(items, 1) == [alone(engine, [5 + i, 6], long_)]
+
+
 def test_more_long_requests_than_rows_take_turns():
     """Three long generations on two rows: the parked one gets its turn back before the others finish (parked
     rows also claim a row after a turn), and each still gives its lone text."""

@@ -74,6 +74,6 @@ def test_bad_passages_are_400(client):
     with pytest.raises(openai.BadRequestError, match="chat completions"):
         client.completions.create(model=MODEL, prompt="Why?", max_tokens=2,
                                   extra_body={"tachy": {"passages": ["a"]}})
-    with pytest.raises(openai.BadRequestError, match="overflow"):
+    with pytest.raises(openai.BadRequestError, match="context window"):
         client.chat.completions.create(model=MODEL, messages=ask, max_tokens=2,
                                        extra_body={"tachy": {"passages": ["word " * 9000]}})

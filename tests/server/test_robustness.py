@@ -100,6 +100,24 @@ def test_a_surrogate_pair_is_fine(server):
     assert r.status_code == 200
 
 
+def test_tokenizing_large_requests_leaves_the_event_loop_free(server):
+    """Requests are tokenized on threads, but the tokenizer's ``encode`` held the GIL, 0.4 s per MB of text:
+    four 1 MB prompts (over the context window, so a 400 once tokenized) stopped every other request's HTTP
+    traffic, here /health, for over a second."""
+    url, _ = server
+    body = {"model": MODEL, "prompt": "word " * 200_000, "max_tokens": 1}
+    big = [threading.Thread(target=post, args=(url, "/v1/completions", body)) for _ in range(4)]
+    for thread in big:
+        thread.start()
+    waits = []
+    while any(thread.is_alive() for thread in big):
+        start = time.monotonic()
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+        waits.append(time.monotonic() - start)
+        time.sleep(0.01)
+    assert len(waits) > 3 and max(waits) < 0.3, waits
+
+
 def test_health_reports_a_stalled_worker(server, monkeypatch):
     url, app = server
     monkeypatch.setattr(app.state.scheduler, "stalled_for", lambda: 1e6)
@@ -199,6 +217,11 @@ def test_a_tiny_top_p_samples_the_top_token(server):
     ({**CHAT, "logit_bias": {"\u0661": 1}}, "logit_bias"),   # a non-ASCII digit
     ({**CHAT, "logit_bias": {"100": 101}}, "logit_bias"),
     ({**CHAT, "logit_bias": {str(i): 1 for i in range(2000)}}, "logit_bias"),
+    ({**CHAT, "logit_bias": {"9" * 5000: 1}}, "logit_bias"),   # int() refuses over 4300 digits: was a 500
+    # a prediction longer than any answer: each choice's row tokenized it and built its automaton on the worker
+    ({**CHAT, "prediction": {"type": "content", "content": "x " * 10_000}}, "prediction"),
+    # an empty regex: was read as no constraint, the answer free text
+    ({**CHAT, "response_format": {"type": "regex", "regex": ""}}, "response_format"),
     ({**CHAT, "top_k": -2}, "top_k"),
     ({**CHAT, "repetition_penalty": 0}, "repetition_penalty"),
     ({**CHAT, "temperature": 1, "repetition_penalty": 4.75e-221}, "repetition_penalty"),   # logits / it: inf
@@ -213,6 +236,51 @@ def test_what_the_server_cannot_honour_is_a_400(server, body, param):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+
+
+def test_passages_count_toward_the_context_window(server):
+    """APE holds every passage's K/V at once, each read on the worker: with the prompt they must fit the context
+    window (64 passages of 3,000 tokens were read one after another and held: 192k tokens' K/V, 31 s of the
+    worker). And the default max_tokens, the rest of the window, leaves room for them (without max_tokens a
+    request with passages was always a 400)."""
+    url, app = server
+    eos = app.state.engine.tokenizer.eos_token_ids[0]
+    body = {key: value for key, value in CHAT.items() if key != "max_tokens"}
+    r = post(url, "/v1/chat/completions", {**body, "logit_bias": {str(eos): 100},   # ends at its first token
+                                           "tachy": {"passages": ["Rivers flow to the sea."]}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
+    r = post(url, "/v1/chat/completions", {**CHAT, "tachy": {"passages": ["word " * 3000] * 3}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_tool_call_nested_too_deep_to_parse_is_sent_as_its_text(server):
+    """An assistant turn's tool-call arguments are parsed to show the model the call; nested past Python's
+    recursion limit they raised RecursionError (a 500)."""
+    url, _ = server
+    call = {"type": "function", "function": {"name": "f", "arguments": "[" * 2000 + "]" * 2000}}
+    r = post(url, "/v1/chat/completions", {**CHAT, "messages": [{"role": "assistant", "tool_calls": [call]},
+                                                                {"role": "user", "content": "Go on."}]})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("content_type, body, says", [
+    ("text/plain", json.dumps(CHAT).encode(), "Content-Type: application/json"),
+    ("application/x-www-form-urlencoded", json.dumps(CHAT).encode(), "Content-Type: application/json"),  # curl -d
+    ("application/json", b"[1, 2]", "got an array"),
+    ("application/json", b"null", "got null"),
+    ("application/json", b"", "got null or nothing"),
+    # json.loads raises RecursionError / ValueError here (FastAPI: "There was an error parsing the body")
+    ("application/json", b'{"model": "smollm2-135m", "user": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested"),
+    ("application/json", b'{"model": "smollm2-135m", "seed": 1' + b"0" * 5000 + b"}", "digits"),
+])
+def test_a_body_that_is_not_a_json_object_says_so(server, content_type, body, says):
+    """Was pydantic's "Input should be a valid dictionary or object to extract fields from", or FastAPI's
+    "There was an error parsing the body" with no code."""
+    url, _ = server
+    r = httpx.post(url + "/v1/chat/completions", content=body, headers={"content-type": content_type}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert says in r.json()["error"]["message"]
 
 
 def test_the_harmless_forms_still_work(server):

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,18 +86,25 @@ class ConstraintCompiler:
     timeout_s: wall time one compile may take; memory_mb: the child's address-space limit; max_transitions:
     the largest automaton accepted (``{"type": "json_object"}`` has ~0.8M on a 49k vocabulary); processes:
     compiles that run at once; max_waiting: compiles that may wait for a process (more: CompilerBusy).
+    max_held_transitions: the token transitions that the compiled constraints in memory, cached or in use by
+    requests, may hold together (about 110 bytes each in this process, as Python dicts: 16M is ~1.8 GB); the
+    cache keeps at most half of it, and while they hold it all a new compile is CompilerBusy. Without it, 64
+    cached constraints of 3M transitions each (a schema of 60 string properties: a 2 KB request) held 22 GB.
     Errors: InvalidArgumentError (invalid, unsupported or over budget: a 400).
     """
 
     def __init__(self, tokenizer: "Tokenizer", vocab_size: int, timeout_s: float = 10.0, memory_mb: int = 4096,
                  max_transitions: int = 4_000_000, processes: int = 2, max_waiting: int = 8,
-                 cache_size: int = 64):
-        if timeout_s <= 0 or memory_mb < 256 or max_transitions < 1 or processes < 1 or max_waiting < 0:
+                 cache_size: int = 64, max_held_transitions: int = 16_000_000):
+        if timeout_s <= 0 or memory_mb < 256 or max_transitions < 1 or processes < 1 or max_waiting < 0 \
+                or max_held_transitions < 1:
             raise InvalidArgumentError("compile budget: timeout_s > 0, memory_mb >= 256, max_transitions >= 1, "
-                                       "processes >= 1 and max_waiting >= 0")
+                                       "processes >= 1, max_waiting >= 0 and max_held_transitions >= 1")
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.timeout_s, self.memory_mb, self.max_transitions = timeout_s, memory_mb, max_transitions
         self.processes, self.max_waiting, self.cache_size = processes, max_waiting, cache_size
+        self.max_held_transitions = max_held_transitions
+        self._held: weakref.WeakSet[Constraint] = weakref.WeakSet()   # every compiled constraint still alive
         self._cache: collections.OrderedDict[tuple[str, str], Constraint | InvalidArgumentError] = \
             collections.OrderedDict()
         self._idle: list[_Child] = []
@@ -128,6 +136,10 @@ class ConstraintCompiler:
             if self._pending >= self.processes + self.max_waiting:
                 raise CompilerBusy(f"{self._pending} structured-output constraints are compiling or waiting; "
                                    f"retry later")
+            held = sum(c.size for c in self._held)
+            if held >= self.max_held_transitions:
+                raise CompilerBusy(f"the structured-output constraints in memory hold {held} token transitions, "
+                                   f"the limit is {self.max_held_transitions}; retry later")
             self._pending += 1
         future = self._pool.submit(self._compile, source)
         future.add_done_callback(self._done)
@@ -163,10 +175,15 @@ class ConstraintCompiler:
         except InvalidArgumentError as e:
             result = e
         with self._lock:
+            if isinstance(result, Constraint):
+                self._held.add(result)
             self._cache[source] = result
-            while len(self._cache) > self.cache_size:
+            while len(self._cache) > self.cache_size or self._cached_transitions() > self.max_held_transitions // 2:
                 self._cache.popitem(last=False)
         return _unwrap(result)
+
+    def _cached_transitions(self) -> int:
+        return sum(c.size for c in self._cache.values() if isinstance(c, Constraint))
 
     def _ask_child(self, source: tuple[str, str]) -> tuple:
         with self._lock:

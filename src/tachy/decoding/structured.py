@@ -50,6 +50,9 @@ WHITESPACE = r"[ ]?"   # between JSON tokens: at most one space (no runaway whit
 
 
 MAX_PATTERN_CHARS = 100_000   # a regex or schema text longer than this is refused before any compiling
+# masks a Constraint keeps (~50 MB at a 49k vocabulary): a pattern that enters a new state at every token kept a
+# 49 KB mask per generated token, for as long as the constraint lived (a server caches them)
+MAX_MASKS = 1024
 
 
 def response_format_source(response_format: dict | str) -> tuple[str, str] | None:
@@ -205,6 +208,7 @@ class Constraint:
                  vocab_size: int):
         self.eos, self.vocab_size = list(eos), vocab_size
         self.initial, self.transitions, self.finals = automaton
+        self.size = sum(len(edges) for edges in self.transitions.values())   # token transitions
         self.distance = self._distances()
         self._masks: dict[tuple[int, int], Tensor] = {}
 
@@ -252,6 +256,8 @@ class Constraint:
             worst = max((self.distance.get(s, far) for s in edges.values()), default=0)
             key = (state, min(budget, worst + 1))   # budgets above this all give the same mask
         if key not in self._masks:
+            if len(self._masks) >= MAX_MASKS:
+                del self._masks[next(iter(self._masks))]   # the oldest; a mask is rebuilt when needed again
             allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
             if state is None:
                 ids = list(self.eos)

@@ -145,8 +145,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
             prompt_ids = await asyncio.to_thread(engine.chat_prompt, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        prediction = await _prediction(body, engine)
         constraint = await _constraint(compiler, body, tools.response_format())
-        work = _work([prompt_ids], body, max_tokens, engine, constraint, logprobs, extra)
+        work = _work([prompt_ids], body, max_tokens, engine, constraint, logprobs, extra, prediction)
         return await _respond(request, scheduler, work, body, model_name, chat=True, tokenizer=engine.tokenizer,
                               tools=tools)
 
@@ -175,7 +176,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         else:
             texts = [prompt] if isinstance(prompt, str) else prompt
             prompts = await asyncio.to_thread(lambda: [engine.tokenizer.encode(t) for t in texts])
-        work = _work(prompts, body, body.max_tokens, engine, await _constraint(compiler, body), body.logprobs)
+        prediction = await _prediction(body, engine)
+        work = _work(prompts, body, body.max_tokens, engine, await _constraint(compiler, body), body.logprobs,
+                     prediction=prediction)
         echo = [engine.tokenizer.decode(p) for p, _ in work] if body.echo else None
         return await _respond(request, scheduler, work, body, model_name, chat=False, tokenizer=engine.tokenizer,
                               echo=echo)
@@ -223,6 +226,20 @@ def _invalid_unicode(value) -> str | None:
     return None
 
 
+async def _prediction(body: _Sampling, engine: Engine) -> list[int] | None:
+    """The prediction's token ids, tokenized once, off the worker and the event loop. Over the context window
+    it is a 400 (no answer repeats more of it): each choice's row used to tokenize it and build a suffix
+    automaton over it on the worker thread while the other rows waited (a 1 MB prediction: 0.85 s and 230 MB
+    per choice)."""
+    if body.prediction is None:
+        return None
+    ids = await asyncio.to_thread(engine.tokenizer.encode, body.prediction.text, add_special_tokens=False)
+    if len(ids) > engine.max_context:
+        raise ApiError(400, f"the prediction has {len(ids)} tokens, over the context window of "
+                            f"{engine.max_context}", param="prediction")
+    return ids
+
+
 async def _constraint(compiler: ConstraintCompiler, body: _Sampling,
                       response_format: dict | None = None) -> Constraint | None:
     """The request's structured-output constraint (its response_format, or the one given: tool calls),
@@ -231,6 +248,9 @@ async def _constraint(compiler: ConstraintCompiler, body: _Sampling,
         response_format = body.response_format.as_config()
     if response_format is None:
         return None
+    if response_format.get("regex") == "":   # the library reads "" as no constraint: free text, silently
+        raise ApiError(400, "response_format regex is empty; leave response_format out for free text",
+                       param="response_format", code="invalid_response_format")
     try:
         found, constraint = compiler.cached(response_format)
         if not found:
@@ -268,23 +288,27 @@ def _with_passages(engine: Engine, messages: list[dict], options) -> tuple[list[
 
 
 def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, engine: Engine,
-          constraint: Constraint | None, logprobs: int | None = None,
-          extra: dict | None = None) -> list[tuple[list[int], GenerationConfig]]:
+          constraint: Constraint | None, logprobs: int | None = None, extra: dict | None = None,
+          prediction: list[int] | None = None) -> list[tuple[list[int], GenerationConfig]]:
     """(prompt ids, config) per choice: each prompt ``n`` times, seeds ``seed, seed + 1, ...``; ``extra``:
-    more GenerationConfig fields (APE's passages)."""
+    more GenerationConfig fields (APE's passages). APE's passages count toward the context window with the
+    prompt: their K/V are all held at once, and each is read on the worker, so unbounded they let one request
+    hold gigabytes and the worker for minutes (64 passages of 3,000 tokens: 192k tokens' K/V)."""
     if len(prompts) * body.n > MAX_CHOICES:
         raise ApiError(400, f"{len(prompts)} prompts x n={body.n} make {len(prompts) * body.n} choices; at most "
                             f"{MAX_CHOICES} per request", param="n")
     bias = _logit_bias(body.logit_bias, engine)
+    passage_tokens = sum(len(p) for p in (extra or {}).get("passages") or [])
     work = []
     for prompt_ids in prompts:
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        room = engine.max_context - len(prompt_ids)
+        room = engine.max_context - len(prompt_ids) - passage_tokens
         if room < 1 or (max_tokens is not None and max_tokens > room):
             asked = f" plus {max_tokens} new tokens" if max_tokens is not None and room >= 1 else ""
+            passages = f" (its passages {passage_tokens})" if passage_tokens else ""
             raise ContextLengthError(f"this model's context window is {engine.max_context} tokens; the prompt "
-                                     f"has {len(prompt_ids)}{asked}")
+                                     f"has {len(prompt_ids) + passage_tokens}{passages}{asked}")
         for i in range(body.n):
             work.append((prompt_ids, GenerationConfig(
                 max_new_tokens=max_tokens or room,
@@ -299,7 +323,7 @@ def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, eng
                 watermark=body.tachy.watermark, press=body.tachy.press,
                 compression_ratio=body.tachy.compression_ratio, prefix_cache=body.tachy.prefix_cache,
                 attention=body.tachy.attention,
-                prediction=body.prediction.text if body.prediction is not None else None,
+                prediction=prediction,
                 response_format=constraint, logprobs=logprobs, **(extra or {}))))
     _check_search(work[0][1])
     return work
@@ -311,7 +335,8 @@ def _logit_bias(bias: dict[str, float] | None, engine: Engine) -> dict[int, floa
         return None
     out = {}
     for key, value in bias.items():
-        token = int(key) if key.isascii() and key.isdigit() else -1
+        # int() raises past 4,300 digits (a 500); no vocabulary has ids of more than 18
+        token = int(key) if key.isascii() and key.isdigit() and len(key) <= 18 else -1
         if not 0 <= token < engine.config.vocab_size:
             raise ApiError(400, f"logit_bias keys must be token ids below {engine.config.vocab_size}, got "
                                 f"{key[:32]!r}", param="logit_bias")

@@ -20,6 +20,7 @@ from .schemas import error_body
 
 log = logging.getLogger("tachy.server")
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
+FASTAPI_PARSE_ERROR = "There was an error parsing the body"   # FastAPI's detail when json.loads fails otherwise
 
 
 class ApiError(Exception):
@@ -61,6 +62,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return ApiError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', '')}".rstrip(": "),
                             code="invalid_json").response()
+        if first.get("loc") == ("body",) and not isinstance(exc.body, dict):   # pydantic: "a valid dictionary"
+            return ApiError(400, _not_an_object(exc.body), code="invalid_json").response()
         param = field_path(first.get("loc", ()))
         message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid body")
         if len(errors) > 1:
@@ -77,6 +80,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == FASTAPI_PARSE_ERROR:   # json.loads raised, not JSONDecodeError
+            return ApiError(400, "the JSON body could not be parsed: nested deeper than 1000 levels, or a number "
+                                 "of more than 4300 digits?", code="invalid_json").response()
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
@@ -88,6 +94,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return JSONResponse(error_body("internal error", "server_error"), status_code=500)
+
+
+def _not_an_object(body) -> str:
+    """Why a body that is not a JSON object was refused. Bytes: it was not parsed at all, because its
+    Content-Type is not JSON (``curl -d`` sends a form's, ``application/x-www-form-urlencoded``)."""
+    if isinstance(body, (bytes, bytearray)):
+        return "the body was not read as JSON: send it with Content-Type: application/json"
+    kinds = {type(None): "null or nothing", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number"}
+    return f"the body must be a JSON object of the request's fields, got {kinds.get(type(body), 'another value')}"
 
 
 class BodyGuard:

@@ -114,7 +114,7 @@ def _call_text(call: dict) -> str:
     arguments = function.get("arguments", "{}")
     try:
         arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-    except ValueError:
+    except (ValueError, RecursionError):   # not JSON, or nested too deep to parse: shown as the string it is
         pass
     return json.dumps({"name": function.get("name"), "arguments": arguments})
 
