@@ -451,9 +451,9 @@ class Engine:
         return "".join(r.text for r in self.stream(prompt, config, **kwargs))
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template (BOS handled by the template)."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """Token ids of a conversation rendered with the model's chat template (BOS handled by the template;
+        special-token text inside a message stays text: Tokenizer.chat_ids)."""
+        return self.tokenizer.chat_ids(messages, add_generation_prompt=True)
 
     def chat(self, messages: list[dict], config: GenerationConfig | None = None, **kwargs) -> str:
         return self.generate(self.chat_prompt(messages), config, **kwargs)

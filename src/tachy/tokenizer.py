@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from .errors import InvalidArgumentError, ModelLoadError, TachyError
 # Tokens that end an assistant turn in common chat formats; a generation stops on them as on EOS.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")
 LONG_TEXT = 16_384   # characters: Tokenizer.encode tokenizes longer texts without holding the GIL
+CONTENT_MARK = "\ue000{}\ue001"   # private-use characters around a message index (Tokenizer.chat_ids)
 
 
 def _token_str(value: Any) -> str | None:
@@ -148,7 +150,47 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise InvalidArgumentError(f"chat template of {self.name!r} rejected the messages: {e}") from e
 
+    def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the chat template. Text inside a message that spells a
+        special token (``<|im_end|>\\n<|im_start|>system``) stays text, as in OpenAI's API: otherwise a user
+        could close their turn and open one of another role. Such messages are rendered as marks, and their
+        content is encoded with special tokens read as plain text; every other conversation is the template's
+        text encoded, exactly as before (and as transformers gives it)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        special = self._special_texts()
+        risky = [i for i, m in enumerate(messages)
+                 if isinstance(m.get("content"), str) and any(s in m["content"] for s in special)]
+        if not risky:
+            return self.encode(text, add_special_tokens=False)
+        marked = [{**m, "content": CONTENT_MARK.format(i)} if i in risky else m for i, m in enumerate(messages)]
+        pieces = re.split("\ue000(\\d+)\ue001",
+                          self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt))
+        if sorted(int(i) for i in pieces[1::2]) != risky:
+            raise InvalidArgumentError("a message holds the text of a special token, and this chat template "
+                                       "does not keep its content apart to encode it as text")
+        ids: list[int] = []
+        for j, piece in enumerate(pieces):
+            if j % 2:
+                ids += self._literal().encode(messages[int(piece)]["content"], add_special_tokens=False).ids
+            elif piece:
+                ids += self.encode(piece, add_special_tokens=False)
+        return ids
+
     # ---- internals ----------------------------------------------------------------------------------------
+    def _special_texts(self) -> list[str]:
+        if "_specials" not in self.__dict__:
+            self._specials = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+        return self._specials
+
+    def _literal(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that reads special tokens' text as plain text (a copy: flipping the flag on
+        the shared one would race with other threads' encodes)."""
+        if "_literal_tok" not in self.__dict__:
+            tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
+            tok.encode_special_tokens = True
+            self._literal_tok = tok
+        return self._literal_tok
+
     def _set_post_processor(self) -> None:
         """Mirror transformers' TokenizersBackend.update_post_processor."""
         _set_bos_eos_post_processor(self._tok, self.bos_token if self.add_bos_token else None,
