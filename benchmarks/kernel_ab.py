@@ -37,7 +37,7 @@ BOOK = ROOT.parent / "shared" / "data" / "monte_cristo_pg1184.txt"
 
 
 def base_library(rev: str, folder: Path):
-    """The kernels of ``rev``, compiled like this checkout's and loaded with its argument types."""
+    """The kernels of ``rev``, compiled like this checkout's and opened with its argument types."""
     for src in [*kernels.SOURCES, kernels.HEADER]:
         rel = src.relative_to(ROOT)
         text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{rel}"], capture_output=True, text=True,
@@ -46,16 +46,11 @@ def base_library(rev: str, folder: Path):
     if (folder / kernels.HEADER.name).read_text() != kernels.HEADER.read_text():
         sys.exit(f"kernels.h differs at {rev}: its library cannot take this checkout's structs")
     lib = folder / "libbase.so"
-    done = subprocess.run([kernels._compiler(), *kernels.FLAGS, "-o", str(lib),
-                           *[str(folder / s.name) for s in kernels.SOURCES]], capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"compiling {rev}'s kernels failed:\n{done.stderr[-2000:]}")
-    current, build = kernels._lib_or_raise(), kernels.build
-    kernels._lib, kernels.build = None, lambda verbose=False: lib
     try:
-        return kernels._load()
-    finally:
-        kernels._lib, kernels.build = current, build
+        kernels.compile_library([folder / src.name for src in kernels.SOURCES], lib)
+    except RuntimeError as e:
+        sys.exit(f"{rev}'s kernels: {e}")
+    return kernels.open_library(lib)
 
 
 def case_runner(engine, ids: list[int], kind: str, spec: str):

@@ -126,9 +126,7 @@ class Tokenizer:
         A long text goes through ``encode_batch`` (the same ids), which releases the GIL: ``encode`` holds it,
         0.4 s per MB of text, so a server thread tokenizing a large request stopped the event loop and the
         generating thread for as long."""
-        if len(text) > LONG_TEXT:
-            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return _encode(self._tok, text, add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -156,12 +154,11 @@ class Tokenizer:
         could close their turn and open one of another role. Such messages are rendered as marks, and their
         content is encoded with special tokens read as plain text; every other conversation is the template's
         text encoded, exactly as before (and as transformers gives it)."""
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        special = self._special_texts()
         risky = [i for i, m in enumerate(messages)
-                 if isinstance(m.get("content"), str) and any(s in m["content"] for s in special)]
+                 if isinstance(m.get("content"), str) and any(s in m["content"] for s in self._special_texts)]
         if not risky:
-            return self.encode(text, add_special_tokens=False)
+            return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt),
+                               add_special_tokens=False)
         marked = [{**m, "content": CONTENT_MARK.format(i)} if i in risky else m for i, m in enumerate(messages)]
         pieces = re.split("\ue000(\\d+)\ue001",
                           self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt))
@@ -171,30 +168,35 @@ class Tokenizer:
         ids: list[int] = []
         for j, piece in enumerate(pieces):
             if j % 2:
-                ids += self._literal().encode(messages[int(piece)]["content"], add_special_tokens=False).ids
+                ids += _encode(self._literal, messages[int(piece)]["content"], False)
             elif piece:
                 ids += self.encode(piece, add_special_tokens=False)
         return ids
 
     # ---- internals ----------------------------------------------------------------------------------------
+    @functools.cached_property
     def _special_texts(self) -> list[str]:
-        if "_specials" not in self.__dict__:
-            self._specials = [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
-        return self._specials
+        return [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
 
+    @functools.cached_property
     def _literal(self) -> tokenizers.Tokenizer:
         """A copy of the backend that reads special tokens' text as plain text (a copy: flipping the flag on
         the shared one would race with other threads' encodes)."""
-        if "_literal_tok" not in self.__dict__:
-            tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
-            tok.encode_special_tokens = True
-            self._literal_tok = tok
-        return self._literal_tok
+        tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
+        tok.encode_special_tokens = True
+        return tok
 
     def _set_post_processor(self) -> None:
         """Mirror transformers' TokenizersBackend.update_post_processor."""
         _set_bos_eos_post_processor(self._tok, self.bos_token if self.add_bos_token else None,
                                     self.eos_token if self.add_eos_token else None)
+
+
+def _encode(backend: tokenizers.Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """Token ids of ``text``; a long text through ``encode_batch`` (the same ids), which releases the GIL."""
+    if len(text) > LONG_TEXT:
+        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+    return backend.encode(text, add_special_tokens=add_special_tokens).ids
 
 
 def _set_bos_eos_post_processor(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> None:

@@ -113,11 +113,18 @@ def machine_key() -> str:
     return hashlib.sha256("\0".join([*texts, " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()[:16]
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile the kernels for this machine (once; later calls find the cached library)."""
+def compile_library(sources: list[Path], out: Path) -> None:
+    """Compile kernel sources into the shared library ``out`` with this machine's flags (raises on failure)."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    done = subprocess.run([cc, *FLAGS, "-o", str(out), *map(str, sources)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"compiling tachy's kernels failed:\n{done.stderr[-2000:]}")
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the kernels for this machine (once; later calls find the cached library)."""
     folder = cache_root() / "kernels" / machine_key()
     lib = folder / "libtachy_kernels.so"
     if lib.is_file():
@@ -125,9 +132,7 @@ def build(verbose: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".build-{os.getpid()}-{uuid.uuid4().hex[:8]}.so"
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", str(tmp), *map(str, SOURCES)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"compiling tachy's kernels failed:\n{done.stderr[-2000:]}")
+        compile_library(SOURCES, tmp)
         os.replace(tmp, lib)   # atomic: concurrent builders (test workers) each install a whole library
     finally:
         tmp.unlink(missing_ok=True)
@@ -142,11 +147,18 @@ def _load() -> ctypes.CDLL | None:
         _failed = "disabled by TACHY_KERNELS=0"
         return None
     try:
-        path = build()
-        lib = ctypes.CDLL(str(path))
+        lib = open_library(build())
     except (OSError, RuntimeError) as e:
         _failed = str(e)
         return None
+    _lib = lib
+    return lib
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """A compiled kernel library with its functions' argument types declared and AMX switched as TACHY_AMX
+    says (the package's own library, or another build that benchmarks/kernel_ab.py compares)."""
+    lib = ctypes.CDLL(str(path))
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.tq_matmul.argtypes = [i32, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, i32]
     lib.tq_matmul_portable.argtypes = lib.tq_matmul.argtypes
@@ -177,7 +189,6 @@ def _load() -> ctypes.CDLL | None:
     lib.tq_topk_rows.argtypes = [ptr, i64, i64, i64, i64, ptr]
     lib.tq_set_amx.argtypes = [i32]
     lib.amx = bool(lib.tq_set_amx(int(os.environ.get("TACHY_AMX", "1") != "0")))
-    _lib = lib
     return lib
 
 

@@ -586,13 +586,14 @@ static __m512 amx_scores(int S, int P, int64_t D, const float *const *q, const i
             _mm512_i32scatter_epi32(qt + (cb * 2 + 0) * 32 * S + 2 * p, rows, hi, 4);
             _mm512_i32scatter_epi32(qt + (cb * 2 + 1) * 32 * S + 2 * p, rows, lo, 4);
         }
-    if (CB <= 2)
-        for (int64_t t = 0; t < 2 * CB; t++) {   /* tiles 4, 5 (and 6, 7): the queries' parts, in block order */
-            if (t == 0) _tile_loadd(4, qt, 4 * S);
-            if (t == 1) _tile_loadd(5, qt + 32 * S, 4 * S);
-            if (t == 2) _tile_loadd(6, qt + 2 * 32 * S, 4 * S);
-            if (t == 3) _tile_loadd(7, qt + 3 * 32 * S, 4 * S);
+    if (CB <= 2) {   /* tiles 4, 5 (and 6, 7): the queries' parts, in block order */
+        _tile_loadd(4, qt, 4 * S);
+        _tile_loadd(5, qt + 32 * S, 4 * S);
+        if (CB == 2) {
+            _tile_loadd(6, qt + 2 * 32 * S, 4 * S);
+            _tile_loadd(7, qt + 3 * 32 * S, 4 * S);
         }
+    }
     uint16_t gathered[16 * 256] __attribute__((aligned(64)));
     float part[16 * 16] __attribute__((aligned(64)));
     __m512 mxv = _mm512_set1_ps(-INFINITY), scv = _mm512_set1_ps(scale);
@@ -876,18 +877,19 @@ static __m512 qk_scores_s(int S, int P, int64_t C, const float *const *q, const 
          : qk_scores(16, P, C, q, keys, n, K0, D, scale, to_pairs, sc);
 }
 
-/* sum[p] = e[0][p] + e[1][p] + ... in key order, for the S pairs of rows of S floats */
+/* sum[p] += e[0][p] + e[1][p] + ... in key order, for the S pairs of rows of S floats (sum holds the sums of
+   the keys before e: zeros, or softmax_weights16's) */
 static void key_order_sums(int64_t S, const float *e, int64_t n, float *sum) {
     if (S == 4) {
-        __m128 a = _mm_setzero_ps();
+        __m128 a = _mm_loadu_ps(sum);
         for (int64_t k = 0; k < n; k++) a = _mm_add_ps(a, _mm_loadu_ps(e + 4 * k));
         _mm_storeu_ps(sum, a);
     } else if (S == 8) {
-        __m256 a = _mm256_setzero_ps();
+        __m256 a = _mm256_loadu_ps(sum);
         for (int64_t k = 0; k < n; k++) a = _mm256_add_ps(a, _mm256_loadu_ps(e + 8 * k));
         _mm256_storeu_ps(sum, a);
     } else {
-        __m512 a = _mm512_setzero_ps();
+        __m512 a = _mm512_loadu_ps(sum);
         for (int64_t k = 0; k < n; k++) a = _mm512_add_ps(a, _mm512_loadu_ps(e + 16 * k));
         _mm512_storeu_ps(sum, a);
     }
@@ -956,11 +958,11 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
     for (int j = 0; j < 16; j++) pattern[j] = mx[j % S];
     __m512 mp = _mm512_loadu_ps(pattern);
     int64_t total = S * n, i = 0, ready = 0;   /* ready: blocks of 32 keys whose weights are in pbuf */
-    __m512 head_sums = _mm512_setzero_ps();
+    memset(sum, 0, sizeof sum);
 #if DEC_AMX
     if (f->amx && window == 0 && S == 16) {   /* a chunk's tokens: whole blocks fused into amx_values' tiles */
         ready = n / 32;
-        head_sums = softmax_weights16(sc, ready, mp, pbuf);
+        _mm512_storeu_ps(sum, softmax_weights16(sc, ready, mp, pbuf));
         i = 16 * 32 * ready;
     }
 #endif
@@ -972,12 +974,7 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
     }
     for (int p = 0; p < P; p++)
         for (int64_t k = 0; k < drop[p]; k++) sc[k * S + p] = 0.0f;
-    if (ready) {   /* S = 16: the fused blocks' sums, then the rest of the keys in order */
-        for (int64_t k = 32 * ready; k < n; k++) head_sums = _mm512_add_ps(head_sums, _mm512_loadu_ps(sc + 16 * k));
-        _mm512_storeu_ps(sum, head_sums);
-    } else {
-        key_order_sums(S, sc, n, sum);
-    }
+    key_order_sums(S, sc + S * 32 * ready, n - 32 * ready, sum);   /* after the fused blocks' sums, in order */
     for (int p = 0; p < P; p++) {
         int64_t extra = p / G;
         for (int64_t j = 0; j < extra; j++) tail[p][j] -= mx[p];
