@@ -148,30 +148,47 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise InvalidArgumentError(f"chat template of {self.name!r} rejected the messages: {e}") from e
 
+    def encode_literal(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the text of special tokens read as plain text (user-supplied documents
+        and message contents: chat_ids), without BOS."""
+        return _encode(self._literal, text, False)
+
     def chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with the chat template. Text inside a message that spells a
         special token (``<|im_end|>\\n<|im_start|>system``) stays text, as in OpenAI's API: otherwise a user
         could close their turn and open one of another role. Such messages are rendered as marks, and their
         content is encoded with special tokens read as plain text; every other conversation is the template's
         text encoded, exactly as before (and as transformers gives it)."""
+        return self.chat_id_parts(messages, add_generation_prompt)[0]
+
+    def chat_id_parts(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                      split_at: str | None = None) -> list[list[int]]:
+        """chat_ids cut where the rendered conversation holds ``split_at`` (which is left out), each part
+        encoded on its own: where APE's passages go (the server's tachy.passages). One part without it."""
+        parts: list[list[int]] = [[]]
+        for text, literal in self._chat_pieces(messages, add_generation_prompt):
+            for k, piece in enumerate(text.split(split_at) if split_at else [text]):
+                if k:
+                    parts.append([])
+                if piece:
+                    parts[-1] += self.encode_literal(piece) if literal else self.encode(piece, add_special_tokens=False)
+        return parts
+
+    def _chat_pieces(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        """The rendered conversation as (text, literal) pieces: literal pieces are the contents of messages
+        that spell a special token, rendered as marks and put back here."""
         risky = [i for i, m in enumerate(messages)
                  if isinstance(m.get("content"), str) and any(s in m["content"] for s in self._special_texts)]
         if not risky:
-            return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt),
-                               add_special_tokens=False)
+            return [(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt), False)]
         marked = [{**m, "content": CONTENT_MARK.format(i)} if i in risky else m for i, m in enumerate(messages)]
         pieces = re.split("\ue000(\\d+)\ue001",
                           self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt))
         if sorted(int(i) for i in pieces[1::2]) != risky:
             raise InvalidArgumentError("a message holds the text of a special token, and this chat template "
                                        "does not keep its content apart to encode it as text")
-        ids: list[int] = []
-        for j, piece in enumerate(pieces):
-            if j % 2:
-                ids += _encode(self._literal, messages[int(piece)]["content"], False)
-            elif piece:
-                ids += self.encode(piece, add_special_tokens=False)
-        return ids
+        return [(messages[int(piece)]["content"], True) if j % 2 else (piece, False)
+                for j, piece in enumerate(pieces)]
 
     # ---- internals ----------------------------------------------------------------------------------------
     @functools.cached_property

@@ -182,6 +182,8 @@ def test_api_key(server):
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
     assert httpx.get(f"{server}/health").status_code == 200  # health and metrics stay open
+    for path in ("/openapi.json", "/docs", "/redoc"):   # the API's description is not served around the key
+        assert httpx.get(f"{server}{path}", headers=AUTH).status_code == 404
 
 
 def test_unknown_path_in_openai_format(server):

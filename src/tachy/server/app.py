@@ -76,7 +76,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         compiler.close()
         await asyncio.to_thread(scheduler.close)
 
-    app = FastAPI(title="tachy", version="0.1.0", lifespan=lifespan)
+    # with an API key the API's description is not served to anyone (/docs, /redoc, /openapi.json)
+    public = {} if api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="tachy", version="0.1.0", lifespan=lifespan, **public)
     app.state.engine, app.state.scheduler, app.state.metrics = engine, scheduler, metrics
     app.state.compiler = compiler
     app.add_middleware(BodyGuard, max_body_bytes=max_body_bytes, metrics=metrics)
@@ -197,6 +199,8 @@ def _check_common(body: _Sampling, model_name: str) -> None:
                        param="model", code="model_not_found")
     if len(body.stop_list()) > MAX_STOP:
         raise ApiError(400, f"stop takes at most {MAX_STOP} strings, got {len(body.stop_list())}", param="stop")
+    if any(not stop for stop in body.stop_list()):   # it would match at once, before any text: not a stop
+        raise ApiError(400, "stop strings must not be empty", param="stop")
     if any(len(stop) > MAX_STOP_CHARS for stop in body.stop_list()):
         raise ApiError(400, f"stop strings are at most {MAX_STOP_CHARS} characters", param="stop")
     drafter = body.tachy.drafter
@@ -268,19 +272,18 @@ PASSAGES_MARK = "\u27e6tachy passages\u27e7"   # where the passages go in the re
 def _with_passages(engine: Engine, messages: list[dict], options) -> tuple[list[int], dict]:
     """APE's parts of a chat request with passages: the conversation rendered with the passages where the
     last user message begins, split there into the shared prefix and the question; returns (prefix + question
-    ids, GenerationConfig fields)."""
+    ids, GenerationConfig fields). Special-token text in the messages and passages stays text, as in
+    chat_prompt (Tokenizer.chat_id_parts, encode_literal)."""
     if not messages or messages[-1].get("role") != "user" or not isinstance(messages[-1].get("content"), str):
         raise ApiError(400, "tachy.passages needs the last message to be the user's question (text)",
                        param="tachy.passages")
     marked = messages[:-1] + [{**messages[-1], "content": PASSAGES_MARK + messages[-1]["content"]}]
-    text = engine.tokenizer.apply_chat_template(marked, add_generation_prompt=True)
-    if text.count(PASSAGES_MARK) != 1:
+    parts = engine.tokenizer.chat_id_parts(marked, add_generation_prompt=True, split_at=PASSAGES_MARK)
+    if len(parts) != 2:
         raise ApiError(400, "this model's chat template does not keep the question intact; tachy.passages "
                             "cannot be placed", param="tachy.passages")
-    before, after = text.split(PASSAGES_MARK)
-    encode = lambda t: engine.tokenizer.encode(t, add_special_tokens=False)   # noqa: E731
-    prefix, question = encode(before), encode(after)
-    passages = [encode(p) for p in options.passages]
+    prefix, question = parts
+    passages = [engine.tokenizer.encode_literal(p) for p in options.passages]
     if not prefix or not all(passages):
         raise ApiError(400, "empty passage or prefix", param="tachy.passages")
     return prefix + question, {"passages": passages, "passages_at": len(prefix),

@@ -7,6 +7,8 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
+from .http_guard import ConnectionLimits, uvicorn_config
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -16,13 +18,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextmanager
 def serve_in_thread(app, host: str = "127.0.0.1", port: int | None = None,
-                    timeout_s: float = 60.0) -> Iterator[str]:
+                    timeout_s: float = 60.0, limits: ConnectionLimits = ConnectionLimits()) -> Iterator[str]:
     """Serve ``app`` with uvicorn until the block ends (then shut down gracefully); yields the base URL."""
     import uvicorn
 
     port = port or free_port(host)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=10))
+    server = uvicorn.Server(uvicorn_config(app, host, port, limits, log_level="warning", timeout_graceful_shutdown=10))
     thread = threading.Thread(target=server.run, name="tachy-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

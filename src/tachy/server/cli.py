@@ -4,10 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from ..cli import EXTRA_COMMANDS, add_model_args, load_engine
 from ..errors import TachyError
 from ..prefix_cache import DEFAULT_MB
+
+if TYPE_CHECKING:
+    from .http_guard import ConnectionLimits
 
 
 def app_options(args: argparse.Namespace) -> dict:
@@ -28,11 +32,23 @@ def app_options(args: argparse.Namespace) -> dict:
                 whole_prompt_tokens=args.whole_prompt_tokens, min_prompt_chunk=args.min_prompt_chunk)
 
 
+def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
+    """What one client may hold (http_guard.py) from the command line."""
+    from .http_guard import ConnectionLimits
+
+    try:
+        return ConnectionLimits(max_connections=args.max_connections, max_header_bytes=args.max_header_bytes,
+                                header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
+    except ValueError as e:
+        raise TachyError(str(e)) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
         from .app import create_app
+        from .http_guard import uvicorn_config
     except ModuleNotFoundError as e:
         raise TachyError(f"the server needs {e.name}: pip install 'tachy[server]'") from None
     options = app_options(args)
@@ -48,8 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     engine.set_prefix_cache(prefix_mb)
     app = create_app(engine, **options)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, connection_limits(args),
+                                           log_level=args.log_level, timeout_graceful_shutdown=5))
     stop_serving = server.handle_exit
 
     def handle_exit(sig, frame) -> None:
@@ -114,6 +130,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds one response_format (regex/schema) may take to compile; over it a 400")
     p.add_argument("--stall-timeout", type=float, default=60.0,
                    help="/health answers 503 when the worker has been busy this long without progress")
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="open connections at once; more are answered 503 (keep it under `ulimit -n`)")
+    p.add_argument("--max-header-bytes", type=int, default=64 * 1024, help="a request's line and headers; more: 400")
+    p.add_argument("--header-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's headers (slow clients are closed with 408)")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a client has to send a request's body")
     p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_MB,
                    help=f"memory for K/V of earlier requests' prefixes (default {DEFAULT_MB} MB)")
     p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt from scratch")
