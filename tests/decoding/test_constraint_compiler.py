@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from tachy import InvalidArgumentError
@@ -39,7 +40,9 @@ def strict(tokenizer):
 def test_child_compiles_what_the_process_compiles(compiler, tokenizer, response_format):
     child = compiler.constraint(response_format)
     local = Constraint.compile(response_format_source(response_format), tokenizer, 49152)
-    assert (child.initial, child.transitions, child.finals) == (local.initial, local.transitions, local.finals)
+    assert child.initial == local.initial and child.size == local.size > 0
+    for name in ("offsets", "tokens", "targets", "finals", "distance"):
+        assert np.array_equal(getattr(child, name), getattr(local, name)), name
     assert compiler.cached(response_format) == (True, child)
 
 
@@ -118,9 +121,10 @@ def test_bad_budget_is_refused(tokenizer):
 
 
 def test_memory_held_by_constraints_is_bounded(tokenizer):
-    """A constraint holds ~110 bytes per token transition: 64 cached ones of 3M transitions (a schema of 60
-    string properties, a 2 KB request) held 22 GB. The cache keeps at most half of ``max_held_transitions``,
-    and while the constraints alive hold all of it a new compile is a 429 (CompilerBusy), until they go."""
+    """64 cached constraints of 3M transitions (a schema of 60 string properties, a 2 KB request) held 22 GB
+    as dicts (1.5 GB as arrays, 8 bytes a transition). The cache keeps at most half of
+    ``max_held_transitions``, and while the constraints alive hold all of it a new compile is a 429
+    (CompilerBusy), until they go."""
     import gc
 
     schemas = [{"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {
@@ -129,7 +133,9 @@ def test_memory_held_by_constraints_is_bounded(tokenizer):
     c = ConstraintCompiler(tokenizer, 49152, timeout_s=60, max_held_transitions=1_000_000)
     try:
         kept = [c.constraint(schema) for schema in schemas[:7]]
-        size = {id(k): sum(len(edges) for edges in k.transitions.values()) for k in kept}
+        size = {id(k): k.size for k in kept}
+        assert all(k.size == len(k.tokens) == len(k.targets) == k.offsets[-1] for k in kept)
+        assert all(k.tokens.nbytes + k.targets.nbytes == 8 * k.size for k in kept)   # what the docstrings say
         assert sum(size.values()) >= 1_000_000
         assert sum(size[id(k)] for schema, k in zip(schemas, kept) if c.cached(schema)[0]) <= 500_000
         with pytest.raises(CompilerBusy, match="token transitions"):
@@ -139,6 +145,36 @@ def test_memory_held_by_constraints_is_bounded(tokenizer):
         assert c.constraint(schemas[7]) is not None
     finally:
         c.close()
+
+
+def test_a_large_automaton_reaches_the_server_as_a_few_bytes_objects(compiler, monkeypatch):
+    """3M transitions (a schema of 60 string properties) pickled as dicts took one 0.25-0.35 s pickle.loads,
+    holding the GIL: the event loop and the generating thread stalled. The answer is now a handful of flat
+    bytes objects (a few opcodes, 8 bytes a transition), which unpickle in milliseconds whatever the size."""
+    import pickle
+    import pickletools
+
+    from tachy.decoding import constraint_compiler
+
+    answers = []
+
+    class Recording:
+        @staticmethod
+        def loads(data: bytes):
+            answers.append(data)
+            return pickle.loads(data)
+
+    monkeypatch.setattr(constraint_compiler, "pickle", Recording)
+    constraint = compiler.constraint({"type": "json_schema", "json_schema": {"schema": {
+        "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(60)},
+        "required": [f"p{i}" for i in range(60)]}}})
+    assert constraint.size > 3_000_000 and len(answers) == 1
+    opcodes = list(pickletools.genops(answers[0]))
+    assert len(opcodes) < 40, [op.name for op, _, _ in opcodes]
+    status, automaton = pickle.loads(answers[0])
+    assert status == "ok" and len(automaton) == 6
+    assert all(isinstance(v, bytes) for k, v in automaton.items() if k != "initial")
+    assert len(answers[0]) < 8 * constraint.size + 64 * len(constraint.finals) + 1000
 
 
 def test_a_constraint_keeps_a_bounded_number_of_masks(compiler):

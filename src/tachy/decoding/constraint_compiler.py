@@ -54,7 +54,7 @@ class _Child:
         self._send(message)
         deadline = time.monotonic() + timeout_s
         (size,) = struct.unpack("<Q", self._read(8, deadline))
-        return pickle.loads(self._read(size, deadline))
+        return pickle.loads(self._read(size, deadline))   # a few bytes objects: milliseconds under the GIL
 
     def _send(self, obj: object) -> None:
         try:
@@ -87,10 +87,11 @@ class ConstraintCompiler:
     the largest automaton accepted (``{"type": "json_object"}`` has ~0.8M on a 49k vocabulary); processes:
     compiles that run at once; max_waiting: compiles that may wait for a process (more: CompilerBusy).
     max_held_transitions: the token transitions that the compiled constraints in memory, cached or in use by
-    requests, may hold together (about 110 bytes each in this process, as Python dicts: 16M is ~1.8 GB); the
-    cache keeps at most half of it, and while they hold it all a new compile is CompilerBusy. Without it, 64
-    cached constraints of 3M transitions each (a schema of 60 string properties: a 2 KB request) held 22 GB.
-    Errors: InvalidArgumentError (invalid, unsupported or over budget: a 400).
+    requests, may hold together (8 bytes each in this process, as flat arrays: 16M is ~130 MB, plus up to
+    MAX_MASKS token masks per constraint, ~50 MB at a 49k vocabulary); the cache keeps at most half of it, and
+    while they hold it all a new compile is CompilerBusy. Without it, 64 cached constraints of 3M transitions
+    each (a schema of 60 string properties: a 2 KB request) held 22 GB when a transition took ~116 bytes as
+    Python dicts (1.5 GB as arrays). Errors: InvalidArgumentError (invalid, unsupported or over budget: a 400).
     """
 
     def __init__(self, tokenizer: "Tokenizer", vocab_size: int, timeout_s: float = 10.0, memory_mb: int = 4096,

@@ -10,9 +10,9 @@ processor works unchanged in speculative verification: a draft token the constra
 constrained distribution. States are memoized per generated prefix, so a step costs one DFA transition.
 
 Termination within the token budget: every state knows the fewest tokens to an accepting state (a backwards
-breadth-first search over the Index); once the budget runs low only tokens that can still finish in time are
-allowed, so a constrained generation always closes its JSON before ``max_new_tokens`` (if the budget allows it
-at all).
+breadth-first search over the Index, run where it is compiled: regex_child.dense_automaton); once the budget
+runs low only tokens that can still finish in time are allowed, so a constrained generation always closes its
+JSON before ``max_new_tokens`` (if the budget allows it at all).
 
 ``response_format`` (OpenAI's shape): ``{"type": "json_object"}`` (any JSON object), ``{"type": "json_schema",
 "json_schema": {"schema": {...}}}`` (or the schema directly under ``"schema"``), or ``{"type": "regex",
@@ -21,10 +21,11 @@ at all).
 from __future__ import annotations
 
 import json
-from collections import deque
+from bisect import bisect_left
 from functools import lru_cache
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 from outlines_core.json_schema import build_regex_from_schema
 from torch import Tensor
@@ -32,7 +33,7 @@ from torch import Tensor
 from ..errors import InvalidArgumentError
 from ..sampling import LogitsProcessor
 from .base import row_contexts
-from .regex_child import compile_automaton, source_regex
+from .regex_child import ARRAYS, compile_automaton, source_regex
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -201,15 +202,23 @@ def vocabulary(tokenizer: "Tokenizer", vocab_size: int) -> dict[bytes, list[int]
 class Constraint:
     """A compiled regex over one tokenizer's vocabulary: states, allowed-token masks and distances to the end.
 
-    Shapes: ``mask(state)`` -> BoolTensor [V] (True = allowed), V = the model's vocabulary (logits width).
+    The automaton is held as regex_child.dense_automaton's flat arrays (states 0..S-1, ~8 bytes per token
+    transition, read without a copy), so that a server holds many and receives each from its compiler child
+    in milliseconds. Shapes: ``mask(state)`` -> BoolTensor [V] (True = allowed), V = the model's vocabulary
+    (logits width).
     """
 
-    def __init__(self, automaton: tuple[int, dict[int, dict[int, int]], set[int]], eos: Sequence[int],
-                 vocab_size: int):
+    def __init__(self, automaton: dict[str, int | bytes], eos: Sequence[int], vocab_size: int):
         self.eos, self.vocab_size = list(eos), vocab_size
-        self.initial, self.transitions, self.finals = automaton
-        self.size = sum(len(edges) for edges in self.transitions.values())   # token transitions
-        self.distance = self._distances()
+        self.initial: int = automaton["initial"]
+        arrays = {name: np.frombuffer(automaton[name], dtype=code) for name, code in ARRAYS.items()}
+        self.offsets, self.tokens, self.targets = arrays["offsets"], arrays["tokens"], arrays["targets"]
+        self.finals, self.distance = arrays["finals"].view(np.bool_), arrays["distance"]
+        # the same bytes as memoryviews: next_state's binary search (bisect) reads Python ints from them
+        self._offsets, self._tokens, self._targets = (memoryview(automaton[name]).cast(ARRAYS[name])
+                                                      for name in ("offsets", "tokens", "targets"))
+        self.size = len(self.tokens)   # token transitions
+        self._eos = np.array(self.eos, dtype=np.int64)
         self._masks: dict[tuple[int, int], Tensor] = {}
 
     @classmethod
@@ -222,55 +231,41 @@ class Constraint:
             raise compile_error(*source, str(e)) from None
         return cls(automaton, eos, vocab_size)
 
-    def _distances(self) -> dict[int, int]:
-        """Fewest tokens from each state to an accepting state (0 for accepting states)."""
-        back: dict[int, set[int]] = {}
-        for s, edges in self.transitions.items():
-            for t in edges.values():
-                back.setdefault(t, set()).add(s)
-        dist = {s: 0 for s in self.finals}
-        todo = deque(self.finals)
-        while todo:
-            s = todo.popleft()
-            for p in back.get(s, ()):
-                if p not in dist:
-                    dist[p] = dist[s] + 1
-                    todo.append(p)
-        return dist
-
     def next_state(self, state: int | None, token: int) -> int | None:
         """The state after ``token``; None once the text left the language (or after EOS)."""
-        if state is None:
+        if state is None or not 0 <= state < len(self.finals):
             return None
-        return self.transitions.get(state, {}).get(token)
+        lo, hi = self._offsets[state], self._offsets[state + 1]
+        i = bisect_left(self._tokens, token, lo, hi)
+        return self._targets[i] if i < hi and self._tokens[i] == token else None
 
     def mask(self, state: int | None, budget: int) -> Tensor:
         """Allowed next tokens in ``state`` when ``budget`` tokens remain, this one included: a token is allowed
         if its next state can still reach an accepting state within ``budget - 1`` tokens (EOS need not fit:
         an accepting state at the budget's end is a complete match)."""
-        far = 1 << 30
         if state is None:   # left the language (cannot happen through the mask): only EOS
             key = (-1, 0)
         else:
-            edges = self.transitions.get(state, {})
-            worst = max((self.distance.get(s, far) for s in edges.values()), default=0)
+            lo, hi = self._offsets[state], self._offsets[state + 1]
+            reach = self.distance[self.targets[lo:hi]]   # each edge's next state's distance to the end
+            worst = int(reach.max()) if hi > lo else 0
             key = (state, min(budget, worst + 1))   # budgets above this all give the same mask
         if key not in self._masks:
             if len(self._masks) >= MAX_MASKS:
                 del self._masks[next(iter(self._masks))]   # the oldest; a mask is rebuilt when needed again
-            allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
             if state is None:
-                ids = list(self.eos)
+                ids = self._eos
             else:
-                ids = [t for t, s in edges.items() if t not in self.eos and t < self.vocab_size
-                       and self.distance.get(s, far) <= budget - 1]
-                if state in self.finals:
-                    ids += self.eos
-                if not ids:   # cannot finish in time whatever we do: walk the shortest way towards the end
-                    best = min(self.distance.get(s, far) for s in edges.values())
-                    ids = [t for t, s in edges.items() if self.distance.get(s, far) == best and t < self.vocab_size]
-            allowed[torch.tensor(ids, dtype=torch.long)] = True
-            self._masks[key] = allowed
+                tokens = self.tokens[lo:hi]
+                inside = tokens < self.vocab_size
+                ids = tokens[inside & (reach <= max(key[1], 0) - 1) & ~np.isin(tokens, self._eos)]
+                if self.finals[state]:
+                    ids = np.concatenate([ids, self._eos])
+                if not len(ids):   # cannot finish in time whatever we do: walk the shortest way towards the end
+                    ids = tokens[(reach == reach.min()) & inside]
+            allowed = np.zeros(self.vocab_size, dtype=np.bool_)   # numpy: no intra-op threads to wake
+            allowed[ids] = True
+            self._masks[key] = torch.from_numpy(allowed)
         return self._masks[key]
 
 
