@@ -88,7 +88,7 @@ class ConstraintCompiler:
     compiles that run at once; max_waiting: compiles that may wait for a process (more: CompilerBusy).
     max_held_transitions: the token transitions that the compiled constraints in memory, cached or in use by
     requests, may hold together (8 bytes each in this process, as flat arrays: 16M is ~130 MB, plus up to
-    MAX_MASKS token masks per constraint, ~50 MB at a 49k vocabulary); the cache keeps at most half of it, and
+    MAX_MASKS token masks per constraint, ~3 MB at a 49k vocabulary); the cache keeps at most half of it, and
     while they hold it all a new compile is CompilerBusy. Without it, 64 cached constraints of 3M transitions
     each (a schema of 60 string properties: a 2 KB request) held 22 GB when a transition took ~116 bytes as
     Python dicts (1.5 GB as arrays). Errors: InvalidArgumentError (invalid, unsupported or over budget: a 400).
