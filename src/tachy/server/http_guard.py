@@ -47,6 +47,10 @@ class GuardedH11Protocol(H11Protocol):
     """H11Protocol with ``limits`` (set on a subclass by :func:`uvicorn_config`)."""
 
     limits = ConnectionLimits()
+    _begun = False                  # bytes of a request arrived since the connection opened or the last response
+    _head_bytes = 0                 # of the head being received, and its last 3 bytes (a terminator may straddle
+    _head_tail = b""                # two reads)
+    _waiting_for: str | None = None   # what the armed clock waits for: "head", "body" or nothing
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
@@ -73,10 +77,6 @@ class GuardedH11Protocol(H11Protocol):
         super().on_response_complete()
         self._follow()
 
-    _begun = False         # bytes of a request arrived since the connection opened or the last response
-    _head_bytes = 0        # of the head being received, and its last 3 bytes (a terminator may straddle reads)
-    _head_tail = b""
-
     def _head_over_limit(self, data: bytes) -> bool:
         """Whether the head being received is over max_header_bytes with ``data``. h11's own bound applies to a
         head still incomplete after a read only: a 64 KB head that arrives in one read passes it."""
@@ -101,8 +101,6 @@ class GuardedH11Protocol(H11Protocol):
                 self._expect(self.limits.body_timeout_s, "body")
         else:
             self._expect(None)
-
-    _waiting_for: str | None = None
 
     def _expect(self, seconds: float | None, what: str = "head") -> None:
         if self._deadline is not None:
