@@ -170,8 +170,16 @@ def test_a_stream_longer_than_the_timeouts_is_not_cut(address):
     assert data.count(b"chunk ") == 8
 
 
-def test_bad_limits_are_refused():
-    with pytest.raises(ValueError):
-        ConnectionLimits(max_connections=0)
-    with pytest.raises(ValueError):
-        ConnectionLimits(header_timeout_s=0)
+def test_the_command_line_sets_the_limits_and_refuses_bad_ones():
+    from tachy.cli import build_parser
+    from tachy.errors import TachyError
+    from tachy.server.cli import connection_limits
+
+    parse = lambda *flags: connection_limits(build_parser().parse_args(["serve", *flags]))   # noqa: E731
+    assert parse() == ConnectionLimits()
+    assert parse("--max-connections", "9", "--max-header-bytes", "4096", "--header-timeout", "2",
+                 "--body-timeout", "3") == ConnectionLimits(9, 4096, 2.0, 3.0)
+    for flags in (["--max-connections", "0"], ["--max-header-bytes", "10"], ["--header-timeout", "0"],
+                  ["--body-timeout", "-1"]):
+        with pytest.raises(TachyError, match="connection limits"):
+            parse(*flags)

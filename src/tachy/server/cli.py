@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .http_guard import uvicorn_config
     except ModuleNotFoundError as e:
         raise TachyError(f"the server needs {e.name}: pip install 'tachy[server]'") from None
-    options = app_options(args)
+    options, limits = app_options(args), connection_limits(args)   # bad flags fail before the model loads
     if args.prefix_cache_mb <= 0:
         raise TachyError(f"--prefix-cache-mb must be > 0, got {args.prefix_cache_mb} (--no-prefix-cache turns it off)")
     prefix_mb = None if args.no_prefix_cache else args.prefix_cache_mb
@@ -64,7 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     engine.set_prefix_cache(prefix_mb)
     app = create_app(engine, **options)
-    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, connection_limits(args),
+    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, limits,
                                            log_level=args.log_level, timeout_graceful_shutdown=5))
     stop_serving = server.handle_exit
 
