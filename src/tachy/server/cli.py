@@ -132,7 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="/health answers 503 when the worker has been busy this long without progress")
     p.add_argument("--max-connections", type=int, default=512,
                    help="open connections at once; more are answered 503 (keep it under `ulimit -n`)")
-    p.add_argument("--max-header-bytes", type=int, default=64 * 1024, help="a request's line and headers; more: 400")
+    p.add_argument("--max-header-bytes", type=int, default=64 * 1024, help="a request's line and headers; more: 431")
     p.add_argument("--header-timeout", type=float, default=30.0,
                    help="seconds a client has to send a request's headers (slow clients are closed with 408)")
     p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a client has to send a request's body")
