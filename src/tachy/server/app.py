@@ -197,11 +197,12 @@ def _check_common(body: _Sampling, model_name: str) -> None:
     if body.model != model_name:
         raise ApiError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                        param="model", code="model_not_found")
-    if len(body.stop_list()) > MAX_STOP:
-        raise ApiError(400, f"stop takes at most {MAX_STOP} strings, got {len(body.stop_list())}", param="stop")
-    if any(not stop for stop in body.stop_list()):   # it would match at once, before any text: not a stop
+    stops = body.stop_list()
+    if len(stops) > MAX_STOP:
+        raise ApiError(400, f"stop takes at most {MAX_STOP} strings, got {len(stops)}", param="stop")
+    if any(not stop for stop in stops):   # it would match at once, before any text: not a stop
         raise ApiError(400, "stop strings must not be empty", param="stop")
-    if any(len(stop) > MAX_STOP_CHARS for stop in body.stop_list()):
+    if any(len(stop) > MAX_STOP_CHARS for stop in stops):
         raise ApiError(400, f"stop strings are at most {MAX_STOP_CHARS} characters", param="stop")
     drafter = body.tachy.drafter
     if ":" in drafter:  # options could name server files (a datastore): only the server's operator sets them

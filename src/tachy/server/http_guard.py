@@ -47,13 +47,13 @@ class GuardedH11Protocol(H11Protocol):
     """H11Protocol with ``limits`` (set on a subclass by :func:`uvicorn_config`)."""
 
     limits = ConnectionLimits()
+    _deadline: asyncio.TimerHandle | None = None   # the armed clock (_expect)
     _begun = False                  # bytes of a request arrived since the connection opened or the last response
     _head_bytes = 0                 # of the head being received, and its last 3 bytes (a terminator may straddle
     _head_tail = b""                # two reads)
     _waiting_for: str | None = None   # what the armed clock waits for: "head", "body" or nothing
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._deadline: asyncio.TimerHandle | None = None
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:
             self._close_with(503, "Service Unavailable: too many connections")
