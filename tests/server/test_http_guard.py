@@ -1,5 +1,6 @@
 """The HTTP protocol's bounds (server/http_guard.py) on a small app over real sockets: header bytes, slow heads
-and bodies, connection count, and that ordinary keep-alive and long streams are untouched."""
+and bodies, connection counts (in all and per address), clients that stop reading, and that ordinary keep-alive,
+long streams and slow readers are untouched."""
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,10 @@ from fastapi.responses import StreamingResponse  # noqa: E402
 from tachy.server.background import serve_in_thread  # noqa: E402
 from tachy.server.http_guard import ConnectionLimits  # noqa: E402
 
-LIMITS = ConnectionLimits(max_connections=4, max_header_bytes=8 * 1024, header_timeout_s=1.0, body_timeout_s=1.0)
+LIMITS = ConnectionLimits(max_connections=6, max_connections_per_client=4, max_header_bytes=8 * 1024,
+                          header_timeout_s=1.0, body_timeout_s=1.0, write_timeout_s=1.0)
+BIG_CHUNKS = 512   # /big: 512 chunks of 64 KiB, 32 MiB, far more than the kernel's socket buffers hold
+big_streams: list[str] = []   # each /big response's generator, once ended: "sent all" or "stopped"
 
 
 def small_app() -> FastAPI:
@@ -35,6 +39,18 @@ def small_app() -> FastAPI:
                 await asyncio.sleep(0.2)
         return StreamingResponse(chunks(), media_type="text/plain")
 
+    @app.get("/big")
+    async def big() -> StreamingResponse:
+        async def chunks():
+            ended = "stopped"
+            try:
+                for _ in range(BIG_CHUNKS):
+                    yield b"x" * 65536
+                ended = "sent all"
+            finally:
+                big_streams.append(ended)
+        return StreamingResponse(chunks(), media_type="application/octet-stream")
+
     return app
 
 
@@ -45,9 +61,9 @@ def address():
         yield host, int(port)
 
 
-def connect(address) -> socket.socket:
-    s = socket.create_connection(address, timeout=5)
-    return s
+def connect(address, source: str | None = None) -> socket.socket:
+    """A connection to ``address``, from the loopback address ``source`` (127.x.y.z) if given."""
+    return socket.create_connection(address, timeout=5, source_address=(source, 0) if source else None)
 
 
 def read_all(s: socket.socket) -> bytes:
@@ -148,10 +164,10 @@ def test_a_slow_body_is_closed_with_408(address):
 
 
 def test_connections_beyond_the_limit_get_503_and_room_comes_back(address):
-    held = [connect(address) for _ in range(LIMITS.max_connections)]
+    held = [connect(address, f"127.0.0.{2 + i % 2}") for i in range(LIMITS.max_connections)]   # 3 per address
     try:
         time.sleep(0.1)
-        with connect(address) as extra:
+        with connect(address, "127.0.0.4") as extra:
             assert read_all(extra).startswith(b"HTTP/1.1 503")
     finally:
         for s in held:
@@ -160,6 +176,60 @@ def test_connections_beyond_the_limit_get_503_and_room_comes_back(address):
     with connect(address) as s:
         s.sendall(post())
         assert response_of(s).startswith(b"HTTP/1.1 200")
+
+
+def test_one_address_cannot_take_every_connection(address):
+    held = [connect(address, "127.0.0.5") for _ in range(LIMITS.max_connections_per_client)]
+    try:
+        time.sleep(0.1)
+        with connect(address, "127.0.0.5") as extra:
+            data = read_all(extra)
+            assert data.startswith(b"HTTP/1.1 503") and b"from this address" in data
+        with connect(address, "127.0.0.6") as other:   # another client still gets in
+            other.sendall(post())
+            assert response_of(other).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in held:
+            s.close()
+
+
+def big_request(address, source: str) -> socket.socket:
+    s = connect(address, source)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    s.sendall(b"GET /big HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    return s
+
+
+def wait_for_big_stream(count: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while len(big_streams) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_handler_ends(address):
+    big_streams.clear()
+    with big_request(address, "127.0.0.7") as s:
+        start = time.monotonic()
+        wait_for_big_stream(1, 10)   # uvicorn's send returns at once after a disconnect: the generator runs out
+        assert len(big_streams) == 1, "the response's handler should not wait on the unread connection forever"
+        assert time.monotonic() - start < 8
+        received = len(read_all(s))
+    assert received < BIG_CHUNKS * 65536 // 2, "the connection should have been dropped, not the response sent"
+
+
+def test_a_slow_but_steady_reader_gets_everything(address):
+    """Reading in pauses shorter than write_timeout_s: the clock restarts each time the buffer drains."""
+    big_streams.clear()
+    with big_request(address, "127.0.0.8") as s:
+        received = 0
+        start = time.monotonic()
+        while chunk := s.recv(1 << 20):
+            received += len(chunk)
+            if time.monotonic() - start < 2.5:   # 2.5 s of 0.4 s pauses (the timeout is 1 s), then at full speed
+                time.sleep(0.4)
+    wait_for_big_stream(1, 5)
+    assert big_streams == ["sent all"]
+    assert received > BIG_CHUNKS * 65536
 
 
 def test_a_stream_longer_than_the_timeouts_is_not_cut(address):
@@ -177,9 +247,11 @@ def test_the_command_line_sets_the_limits_and_refuses_bad_ones():
 
     parse = lambda *flags: connection_limits(build_parser().parse_args(["serve", *flags]))   # noqa: E731
     assert parse() == ConnectionLimits()
-    assert parse("--max-connections", "9", "--max-header-bytes", "4096", "--header-timeout", "2",
-                 "--body-timeout", "3") == ConnectionLimits(9, 4096, 2.0, 3.0)
-    for flags in (["--max-connections", "0"], ["--max-header-bytes", "10"], ["--header-timeout", "0"],
-                  ["--body-timeout", "-1"]):
+    assert parse("--max-connections", "9", "--max-connections-per-client", "5", "--max-header-bytes", "4096",
+                 "--header-timeout", "2", "--body-timeout", "3", "--write-timeout", "4") == ConnectionLimits(
+        max_connections=9, max_connections_per_client=5, max_header_bytes=4096, header_timeout_s=2.0,
+        body_timeout_s=3.0, write_timeout_s=4.0)
+    for flags in (["--max-connections", "0"], ["--max-connections-per-client", "0"], ["--max-header-bytes", "10"],
+                  ["--header-timeout", "0"], ["--body-timeout", "-1"], ["--write-timeout", "0"]):
         with pytest.raises(TachyError, match="connection limits"):
             parse(*flags)

@@ -33,12 +33,14 @@ def app_options(args: argparse.Namespace) -> dict:
 
 
 def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
-    """What one client may hold (http_guard.py) from the command line."""
+    """What clients may hold (http_guard.py) from the command line."""
     from .http_guard import ConnectionLimits
 
     try:
-        return ConnectionLimits(max_connections=args.max_connections, max_header_bytes=args.max_header_bytes,
-                                header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
+        return ConnectionLimits(max_connections=args.max_connections,
+                                max_connections_per_client=args.max_connections_per_client,
+                                max_header_bytes=args.max_header_bytes, header_timeout_s=args.header_timeout,
+                                body_timeout_s=args.body_timeout, write_timeout_s=args.write_timeout)
     except ValueError as e:
         raise TachyError(str(e)) from None
 
@@ -132,10 +134,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="/health answers 503 when the worker has been busy this long without progress")
     p.add_argument("--max-connections", type=int, default=512,
                    help="open connections at once; more are answered 503 (keep it under `ulimit -n`)")
+    p.add_argument("--max-connections-per-client", type=int, default=128,
+                   help="of them from one address; more are answered 503 (behind a proxy, raise it to "
+                        "--max-connections)")
     p.add_argument("--max-header-bytes", type=int, default=64 * 1024, help="a request's line and headers; more: 431")
     p.add_argument("--header-timeout", type=float, default=30.0,
                    help="seconds a client has to send a request's headers (slow clients are closed with 408)")
     p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a client has to send a request's body")
+    p.add_argument("--write-timeout", type=float, default=60.0,
+                   help="seconds a client may leave over 64 KiB of a response unread before it is dropped")
     p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_MB,
                    help=f"memory for K/V of earlier requests' prefixes (default {DEFAULT_MB} MB)")
     p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt from scratch")
