@@ -1,7 +1,8 @@
 """Cost of one target forward over T new tokens (a verify step) relative to a one-token decode step.
 
 This ratio decides what speculative decoding can gain: a step committing k tokens pays cost(T) / cost(1).
-Uses the engine's exact attention path (fixed-size cache), as generation does.
+Uses the engine's exact attention path (fixed-size cache) and, for the C forward, its thread split
+(``kernels.threads_to_kernels``), as generation does.
 
     python benchmarks/verify_cost.py [--model smollm2-135m] [--context 300] [--dtype int4] [--draft-step]
 
@@ -13,10 +14,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 
 import tachy
+from tachy import kernels
 from tachy.cache import key_bucket
 from tachy.models.draft_step import DraftStep
 
@@ -35,6 +38,7 @@ def main() -> None:
     widths = [1, 2, 4, 8, 12, 16]
     with torch.inference_mode():
         cache = model.new_cache(key_bucket(args.context + 128), fixed=True)
+        threads = kernels.threads_to_kernels if model.exact_trees(cache) else nullcontext   # as Engine's steps
         model(torch.randint(0, 1000, (1, args.context)), torch.arange(args.context), cache, last_only=True)
         times: dict[int, list[float]] = {T: [] for T in widths}
         lean = DraftStep(model) if args.draft_step else None
@@ -49,9 +53,11 @@ def main() -> None:
             for T in widths:
                 L = cache.length
                 mask = torch.ones(T, L + T, dtype=torch.bool).tril(L)
-                start = time.perf_counter()
-                model(torch.randint(0, 1000, (1, T)), torch.arange(L, L + T), cache, mask)
-                times[T].append(time.perf_counter() - start)
+                tokens = torch.randint(0, 1000, (1, T))
+                with threads():
+                    start = time.perf_counter()
+                    model(tokens, torch.arange(L, L + T), cache, mask)
+                    times[T].append(time.perf_counter() - start)
                 cache.rollback(T)
     base = statistics.median(times[1])
     print(f"{args.model}, context {args.context}, median of {args.repeats}")

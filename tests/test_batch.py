@@ -400,3 +400,50 @@ def test_logit_bias_rows_equal_their_lone_plain_output(packed):
     assert got == [lone, alone(engine, prompt[:7], config)]
     speculative = list(engine.stream(prompt, dataclasses.replace(config, drafter="sam")))
     assert [t for p in speculative for t in p.token_ids] == lone[0]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_pytorch_ops_between_c_forwards_run_on_one_thread(packed, monkeypatch):
+    """With the C forward, PyTorch runs on one thread through a whole join, step, park and resume, and through
+    the lone path's prefill and first choice, not only inside the forwards: an op on two threads there (an
+    argmax, a cache copy) leaves OpenMP's threads spinning into the next forward, which then runs up to twice
+    as slow on two cores (benchmarks.md section 7). Where PyTorch already runs on one thread this is moot, so
+    the test gives it two."""
+    import torch
+
+    import tachy.batch as batch_module
+    from tachy.engine import Engine
+
+    engine = packed_engine("llama", 0)
+    seen: list[tuple[str, int]] = []
+
+    def watching(name, fn):
+        def watched(*args, **kwargs):
+            seen.append((name, torch.get_num_threads()))
+            return fn(*args, **kwargs)
+        return watched
+
+    monkeypatch.setattr(batch_module, "verify_greedy", watching("verify", batch_module.verify_greedy))
+    monkeypatch.setattr(Engine, "_choose", staticmethod(watching("choose", Engine._choose)))
+    monkeypatch.setattr(batch_module.BatchKVCache, "row_kv", watching("park", batch_module.BatchKVCache.row_kv))
+    monkeypatch.setattr(batch_module.BatchKVCache, "load_kv", watching("resume", batch_module.BatchKVCache.load_kv))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = random.Random(5)
+        decoder = BatchDecoder(engine, max_batch=3, packed=packed)
+        for _ in range(2):
+            decoder.add(repetitive_prompt(rng, 100), GenerationConfig(max_new_tokens=12))
+        for _ in range(4):
+            decoder.step()
+        row = next(r for r in decoder.rows if not r.pending)
+        decoder.park(row)
+        decoder.resume()
+        while decoder.rows:
+            decoder.step()
+        engine.generate(repetitive_prompt(rng, 100), max_new_tokens=4)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert {name for name, _ in seen} == {"verify", "choose", "park", "resume"}
+    assert all(threads == 1 for _, threads in seen), seen

@@ -239,21 +239,23 @@ class Engine:
         if config.attention is not None:   # one-time work (a calibration), before the clock starts
             config.attention.prepare(self)
         start = time.perf_counter()
-        prefix = self.prefix_cache_for(config, cache)
-        if prefix is not None:
-            stats.cached_tokens = cache.length = cache.position = prefix.load(prompt_ids[:-1], cache.k[:, 0],
-                                                                              cache.v[:, 0])
-        attention = config.attention
-        if attention is not None and attention.sparse_prefill:   # the prompt itself read sparsely (MInference)
-            attention.attach_prefill(model, cache, len(prompt_ids))
+        # the cache copies and the first token's choice too: a PyTorch op on two threads leaves OpenMP's threads
+        # spinning into the next forward (kernels.threads_to_kernels)
         with kernels.threads_to_kernels() if model.exact_trees(cache) else nullcontext():
+            prefix = self.prefix_cache_for(config, cache)
+            if prefix is not None:
+                stats.cached_tokens = cache.length = cache.position = prefix.load(prompt_ids[:-1], cache.k[:, 0],
+                                                                                  cache.v[:, 0])
+            attention = config.attention
+            if attention is not None and attention.sparse_prefill:   # the prompt read sparsely (MInference)
+                attention.attach_prefill(model, cache, len(prompt_ids))
             logits = self._prefill(prompt_ids, cache, config.press)
-        if prefix is not None:
-            prefix.store(prompt_ids, cache.k[:, 0], cache.v[:, 0])   # a dense prefill, even under sparse attention
-        if attention is not None:   # decoding reads sparsely (or, after a sparse prefill, as the method says)
-            attention.attach(model, cache)
-        ids = list(prompt_ids)
-        root, logits = self._choose(logits, ids, processor, probs_fn, generator)
+            if prefix is not None:
+                prefix.store(prompt_ids, cache.k[:, 0], cache.v[:, 0])   # a dense prefill, even when sparse
+            if attention is not None:   # decoding reads sparsely (or, after a sparse prefill, as the method says)
+                attention.attach(model, cache)
+            ids = list(prompt_ids)
+            root, logits = self._choose(logits, ids, processor, probs_fn, generator)
         ids.append(root)
         stats.prefill_s = time.perf_counter() - start
         stats.generated_tokens = 1
@@ -332,7 +334,8 @@ class Engine:
         finally:   # the committed sequence's blocks, for the next turn (its last token is not in the cache yet);
             # not under sparse attention, whose generated tokens' K/V differ from a (dense) prefill's
             if prefix is not None and config.attention is None:
-                prefix.store(ids[:-1], cache.k[:, 0], cache.v[:, 0])
+                with threads():
+                    prefix.store(ids[:-1], cache.k[:, 0], cache.v[:, 0])
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
         prompt_ids = list(prompt_ids)
