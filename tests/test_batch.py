@@ -404,14 +404,15 @@ def test_logit_bias_rows_equal_their_lone_plain_output(packed):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_pytorch_ops_between_c_forwards_run_on_one_thread(packed, monkeypatch):
-    """With the C forward, PyTorch runs on one thread through a whole join, step, park and resume, and through
-    the lone path's prefill and first choice, not only inside the forwards: an op on two threads there (an
-    argmax, a cache copy) leaves OpenMP's threads spinning into the next forward, which then runs up to twice
-    as slow on two cores (benchmarks.md section 7). Where PyTorch already runs on one thread this is moot, so
-    the test gives it two."""
+    """With the C forward, PyTorch runs on one thread through a whole join, step, park and resume, through the
+    lone path's set-up, prefill and first choice, and through a search strategy's steps, not only inside the
+    forwards: an op on two threads there (an argmax, a cache's zero fill or copy) leaves OpenMP's threads
+    spinning into the next forward, which then runs up to twice as slow on two cores (benchmarks.md section
+    4). Where PyTorch already runs on one thread this is moot, so the test gives it two."""
     import torch
 
     import tachy.batch as batch_module
+    from tachy.cache import KVCache
     from tachy.engine import Engine
 
     engine = packed_engine("llama", 0)
@@ -427,6 +428,8 @@ def test_pytorch_ops_between_c_forwards_run_on_one_thread(packed, monkeypatch):
     monkeypatch.setattr(Engine, "_choose", staticmethod(watching("choose", Engine._choose)))
     monkeypatch.setattr(batch_module.BatchKVCache, "row_kv", watching("park", batch_module.BatchKVCache.row_kv))
     monkeypatch.setattr(batch_module.BatchKVCache, "load_kv", watching("resume", batch_module.BatchKVCache.load_kv))
+    monkeypatch.setattr(KVCache, "__init__", watching("new cache", KVCache.__init__))
+    monkeypatch.setattr(KVCache, "select", watching("beam reorder", KVCache.select))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -442,8 +445,10 @@ def test_pytorch_ops_between_c_forwards_run_on_one_thread(packed, monkeypatch):
         while decoder.rows:
             decoder.step()
         engine.generate(repetitive_prompt(rng, 100), max_new_tokens=4)
+        engine.generate(repetitive_prompt(rng, 100), max_new_tokens=6, strategy="beam",
+                        strategy_options={"num_beams": 3})
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    assert {name for name, _ in seen} == {"verify", "choose", "park", "resume"}
-    assert all(threads == 1 for _, threads in seen), seen
+    assert {name for name, _ in seen} == {"verify", "choose", "park", "resume", "new cache", "beam reorder"}
+    assert [(name, threads) for name, threads in seen if threads != 1] == []

@@ -119,7 +119,8 @@ class Engine:
         context = min(COST_CONTEXT, self.max_context - max_tokens - 1)
         # a stretch of (zero) keys past the context: what attending to more keys adds (key_cost)
         extra = min(2048, self.max_context - context - max_tokens - 1)
-        cache = self.model.new_cache(capacity=key_bucket(context + max(extra, 0) + max_tokens), fixed=True)
+        with kernels.threads_to_kernels() if self.model.cpu_forward is not None else nullcontext():   # see _steps
+            cache = self.model.new_cache(capacity=key_bucket(context + max(extra, 0) + max_tokens), fixed=True)
         native = self.model.exact_trees(cache)
         if not native:   # the PyTorch forward builds a kernel per shape on first use: not what a step costs
             self.warmup(max_tokens)
@@ -216,12 +217,31 @@ class Engine:
         finally:
             steps.close()
 
+    def _on_kernel_threads(self, steps: Iterator[Step]) -> Iterator[Step]:
+        """``steps`` with each one's work (its forward and the PyTorch ops around it) under
+        kernels.threads_to_kernels where the C forward runs: a search strategy's ops between forwards on two
+        threads left OpenMP spinning into the next forward (measured: beam search 3.7x, contrastive search 2.5x
+        slower than with PyTorch on one thread, the same outputs)."""
+        if self.model.cpu_forward is None:
+            yield from steps
+            return
+        try:
+            while True:
+                with kernels.threads_to_kernels():
+                    step = next(steps, None)
+                if step is None:
+                    return
+                yield step
+        finally:
+            with kernels.threads_to_kernels():
+                steps.close()
+
     @torch.inference_mode()
     def _steps(self, prompt_ids: Sequence[int], config: GenerationConfig, stats: GenerationStats) -> Iterator[Step]:
         """generate_tokens' steps, and a search strategy's PROGRESS steps between its forwards."""
         prompt_ids = self.check_prompt(prompt_ids)
         if config.decoding.is_search:   # beam search & co. drive the model themselves (tachy.decoding)
-            yield from config.decoding.search(self, prompt_ids, config, stats)
+            yield from self._on_kernel_threads(config.decoding.search(self, prompt_ids, config, stats))
             return
         if config.passages is not None:   # retrieved passages encoded apart (APE, tachy.context.ape)
             yield from ape_steps(self, prompt_ids, config, stats)
@@ -231,17 +251,21 @@ class Engine:
             self.warmup(config.max_draft_tokens + 1 if drafting else 1)
         sampling = config.sampling
         drafter = self.with_prediction(self._drafter(config.drafter, sampling), config)
-        processor, probs_fn, generator = self.token_choice(config, prompt_ids)
         model, device = self.model, self.device
-        cache = model.new_cache(capacity=self.cache_capacity(len(prompt_ids), config.max_new_tokens), fixed=True)
+        # Where the C forward runs, PyTorch's own ops around it (the cache's zero fill, cache copies, choosing a
+        # token, drafting) run on one thread: an op on two threads leaves OpenMP's threads spinning into the next
+        # forward, which then runs up to twice as slow on two cores (kernels.threads_to_kernels).
+        with kernels.threads_to_kernels() if model.cpu_forward is not None else nullcontext():
+            processor, probs_fn, generator = self.token_choice(config, prompt_ids)
+            cache = model.new_cache(capacity=self.cache_capacity(len(prompt_ids), config.max_new_tokens),
+                                    fixed=True)
+        threads = kernels.threads_to_kernels if model.exact_trees(cache) else nullcontext
         stats.prompt_tokens = len(prompt_ids)
 
         if config.attention is not None:   # one-time work (a calibration), before the clock starts
             config.attention.prepare(self)
         start = time.perf_counter()
-        # the cache copies and the first token's choice too: a PyTorch op on two threads leaves OpenMP's threads
-        # spinning into the next forward (kernels.threads_to_kernels)
-        with kernels.threads_to_kernels() if model.exact_trees(cache) else nullcontext():
+        with threads():
             prefix = self.prefix_cache_for(config, cache)
             if prefix is not None:
                 stats.cached_tokens = cache.length = cache.position = prefix.load(prompt_ids[:-1], cache.k[:, 0],
@@ -268,10 +292,11 @@ class Engine:
         eviction = press.start_decoding(cache) if press is not None and press.active else None
         if drafter is not None:   # after the first token: its time to first token is plain decoding's
             t = time.perf_counter()
-            drafter.reset(prompt_ids)
-            attach = getattr(drafter, "attach_cache", None)   # a self-draft reads the target's K/V
-            if attach is not None:
-                attach(cache)
+            with threads():
+                drafter.reset(prompt_ids)
+                attach = getattr(drafter, "attach_cache", None)   # a self-draft reads the target's K/V
+                if attach is not None:
+                    attach(cache)
             stats.draft_s += time.perf_counter() - t
         # Every tree node's row exact (the C forward), or only the leading chain's (speculative/verify.py)?
         exact_trees = model.exact_trees(cache)

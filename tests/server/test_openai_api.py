@@ -79,6 +79,21 @@ def test_stop_sequence(client):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_ignore_eos_goes_on_to_max_tokens(client):
+    """vLLM's ``ignore_eos`` (benchmarks keep streams running with it): the answer that ended on the
+    end-of-text token goes on, the same text first, until max_tokens."""
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=48, temperature=0)
+    short = client.chat.completions.create(**kw)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 48
+    long = client.chat.completions.create(**kw, extra_body={"ignore_eos": True})
+    assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 48
+    assert long.choices[0].message.content.startswith(short.choices[0].message.content)
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError, match="ignore_eos"):
+        client.chat.completions.create(**kw, response_format={"type": "json_object"},
+                                       extra_body={"ignore_eos": True})
+
+
 def test_n_choices_and_usage(client):
     r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=0, n=2)
     assert [c.index for c in r.choices] == [0, 1]

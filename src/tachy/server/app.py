@@ -204,6 +204,10 @@ def _check_common(body: _Sampling, model_name: str) -> None:
         raise ApiError(400, "stop strings must not be empty", param="stop")
     if any(len(stop) > MAX_STOP_CHARS for stop in stops):
         raise ApiError(400, f"stop strings are at most {MAX_STOP_CHARS} characters", param="stop")
+    structured = (body.response_format is not None and body.response_format.type != "text") or \
+        bool(getattr(body, "tools", None))
+    if body.ignore_eos and structured:   # a finished constraint allows only the end-of-text token
+        raise ApiError(400, "ignore_eos cannot be combined with response_format or tools", param="ignore_eos")
     drafter = body.tachy.drafter
     if ":" in drafter:  # options could name server files (a datastore): only the server's operator sets them
         raise ApiError(400, "drafter options are not accepted in requests; pass a drafter name",
@@ -320,7 +324,7 @@ def _work(prompts: list[list[int]], body: _Sampling, max_tokens: int | None, eng
                 top_p=1.0 if body.top_p is None else body.top_p,
                 presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
                 top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
-                repetition_penalty=body.repetition_penalty or 1.0, logit_bias=bias,
+                repetition_penalty=body.repetition_penalty or 1.0, logit_bias=bias, ignore_eos=body.ignore_eos,
                 seed=None if body.seed is None else (body.seed + i) % 2**63, stop=body.stop_list(),
                 drafter=body.tachy.drafter, max_draft_tokens=body.tachy.max_draft_tokens,
                 strategy=body.tachy.strategy, strategy_options=body.tachy.strategy_options,

@@ -141,6 +141,7 @@ class _Sampling(_Body):
     top_k: int | None = Field(None, ge=-1)              # -1 or 0: off
     min_p: float | None = Field(None, ge=0.0, lt=1.0)
     repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
+    ignore_eos: bool = False   # vLLM's: go on past the end-of-text token, up to max_tokens (benchmarks)
     seed: int | None = None
     prediction: Prediction | None = None
     response_format: ResponseFormat | None = None
