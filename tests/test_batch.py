@@ -452,3 +452,53 @@ def test_pytorch_ops_between_c_forwards_run_on_one_thread(packed, monkeypatch):
         torch.set_num_threads(before)
     assert {name for name, _ in seen} == {"verify", "choose", "park", "resume", "new cache", "beam reorder"}
     assert [(name, threads) for name, threads in seen if threads != 1] == []
+
+
+@pytest.mark.slow
+def test_no_large_pytorch_op_on_two_threads_around_c_forwards(smollm):
+    """The general form of the test above, on the embedded model: no PyTorch function touching a tensor of
+    32k elements or more (PyTorch's grain for splitting work over threads) runs with PyTorch on two threads
+    while the lone path, the batch decoder (both modes) or a search strategy generates: sampling, logprobs,
+    penalties and a response_format included."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    if smollm.model.cpu_forward is None:
+        pytest.skip("tachy's C kernels do not run on this machine")
+    big: list[str] = []
+
+    def large(value) -> bool:
+        if isinstance(value, torch.Tensor):
+            return value.numel() >= 32768
+        return isinstance(value, (list, tuple)) and any(large(v) for v in value)
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            # work makes a tensor (metadata such as element_size or shape does not)
+            if torch.get_num_threads() > 1 and isinstance(out, torch.Tensor) and \
+                    (large(args) or large(list((kwargs or {}).values())) or large(out)):
+                big.append(getattr(func, "__name__", str(func)))
+            return out
+
+    configs = [GenerationConfig(max_new_tokens=8), GenerationConfig(max_new_tokens=8, temperature=0.8, seed=1),
+               GenerationConfig(max_new_tokens=8, logprobs=3, presence_penalty=0.5),
+               GenerationConfig(max_new_tokens=8, response_format={"type": "json_object"})]
+    prompts = [smollm.chat_prompt([{"role": "user", "content": q}]) for q in ("Hi", "Cats?", "List 3 fruits")]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        smollm.generate(prompts[0], max_new_tokens=2)   # one-time set-up (step costs) outside the watch
+        with Watch():
+            for config in configs:
+                smollm.generate(prompts[0], config)
+            smollm.generate(prompts[1], max_new_tokens=6, strategy="beam", strategy_options={"num_beams": 2})
+            for packed in (True, False):
+                decoder = BatchDecoder(smollm, max_batch=4, packed=packed)
+                for prompt, config in zip(prompts + prompts[:1], configs):
+                    decoder.add(prompt, config)
+                while decoder.rows:
+                    decoder.step()
+    finally:
+        torch.set_num_threads(before)
+    assert big == []

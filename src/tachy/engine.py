@@ -280,12 +280,13 @@ class Engine:
                 attention.attach(model, cache)
             ids = list(prompt_ids)
             root, logits = self._choose(logits, ids, processor, probs_fn, generator)
+            top = config.logprobs
+            first = Step([root], 0, 0, None if top is None else token_logprobs(logits, [root], top))
         ids.append(root)
         stats.prefill_s = time.perf_counter() - start
         stats.generated_tokens = 1
         stats.kv_bytes, stats.kv_full_bytes = cache.nbytes, cache.uncompressed_nbytes
-        top = config.logprobs
-        yield Step([root], 0, 0, None if top is None else token_logprobs(logits, [root], top))
+        yield first
         # a press that also evicts while decoding (StreamingLLM's evict_every, SCOPE's decoding budget): it is
         # consulted before each forward (presses/base.py DecodingEviction), and may watch the decoding queries
         press = config.press
