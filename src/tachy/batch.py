@@ -117,8 +117,8 @@ class Row:
 def on_kernel_threads(method):
     """Run a BatchDecoder method with the C forward's kernels on PyTorch's threads (kernels.threads_to_kernels)
     as a whole, not only its forwards: a PyTorch op on two threads between forwards (an argmax, a cache copy)
-    leaves OpenMP's threads spinning into the next forward (measured: a 2-token forward 3.4 ms, 6.6 ms right
-    after a two-thread tril; plain batching gained 7-20% tokens/s in process)."""
+    leaves OpenMP's threads spinning into the next forward (benchmarks/thread_spin.py: a 2-token forward 6.1
+    ms, 10.1 ms right after such an op; plain batching's p99 step 16-17 -> 13-16 ms in process)."""
     @functools.wraps(method)
     def wrapped(self: "BatchDecoder", *args, **kwargs):
         native = self.engine.model.cpu_forward is not None
