@@ -33,7 +33,9 @@ valid_common = {
     "logit_bias": st.dictionaries(st.one_of(st.integers(-3, 60000).map(str), st.text(max_size=4)),
                                   st.floats(-150, 150), max_size=4),
     "top_k": st.integers(-3, 100), "min_p": st.floats(-0.5, 1.5), "repetition_penalty": st.floats(-1, 12),
+    "ignore_eos": st.booleans(),
     "prediction": st.fixed_dictionaries({"type": st.just("content"), "content": st.text(max_size=30)}),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
     "tachy": st.fixed_dictionaries({}, optional={
         "drafter": st.sampled_from(["default", "none", "sam", "pld", "rest", "trigram", "gated", "x"]),
         "max_draft_tokens": st.integers(0, 8), "prefix_cache": st.booleans(),
