@@ -502,3 +502,29 @@ def test_no_large_pytorch_op_on_two_threads_around_c_forwards(smollm):
     finally:
         torch.set_num_threads(before)
     assert big == []
+
+
+def test_a_press_decodes_with_the_kernels_on_pytorchs_threads(monkeypatch):
+    """A press's cache takes the PyTorch forward, whose linear layers are still the GGUF kernels: its decoding
+    steps run under kernels.threads_to_kernels too (bf16 weights, all PyTorch's, would not)."""
+    import torch
+
+    import tachy.engine as engine_module
+
+    engine = packed_engine("llama", 0)
+    seen: list[int] = []
+    real = engine_module.verify_greedy
+
+    def watched(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "verify_greedy", watched)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine.generate(repetitive_prompt(random.Random(2), 100), max_new_tokens=6, press="streaming_llm",
+                        compression_ratio=0.5)
+    finally:
+        torch.set_num_threads(before)
+    assert engine._gguf_linears and seen and set(seen) == {1}, seen
