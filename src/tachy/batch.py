@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import functools
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -121,8 +120,7 @@ def on_kernel_threads(method):
     ms, 10.1 ms right after such an op; plain batching's p99 step 16-17 -> 13-16 ms in process)."""
     @functools.wraps(method)
     def wrapped(self: "BatchDecoder", *args, **kwargs):
-        native = self.engine.model.cpu_forward is not None
-        with kernels.threads_to_kernels() if native else nullcontext():
+        with kernels.threads_to_kernels(self.engine.model.cpu_forward is not None):
             return method(self, *args, **kwargs)
     return wrapped
 

@@ -9,10 +9,10 @@ that decides which token comes next. Three layers, as in mlx-lm:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -120,13 +120,13 @@ class Engine:
         context = min(COST_CONTEXT, self.max_context - max_tokens - 1)
         # a stretch of (zero) keys past the context: what attending to more keys adds (key_cost)
         extra = min(2048, self.max_context - context - max_tokens - 1)
-        with kernels.threads_to_kernels() if self.model.cpu_forward is not None else nullcontext():   # see _steps
+        with kernels.threads_to_kernels(self.model.cpu_forward is not None):   # see _steps
             cache = self.model.new_cache(capacity=key_bucket(context + max(extra, 0) + max_tokens), fixed=True)
         native = self.model.exact_trees(cache)
         if not native:   # the PyTorch forward builds a kernel per shape on first use: not what a step costs
             self.warmup(max_tokens)
         widths = sorted({T for T in (1, 2, 3, 4, 6, 8, 12, 16, max_tokens) if T <= max_tokens})
-        with kernels.threads_to_kernels() if native else nullcontext():
+        with kernels.threads_to_kernels(native):
             self.model(torch.ones(1, context, dtype=torch.long, device=self.device),
                        torch.arange(context, device=self.device), cache, last_only=True)
             if found is not None:
@@ -218,31 +218,28 @@ class Engine:
         finally:
             steps.close()
 
-    @property
+    @functools.cached_property
     def _gguf_linears(self) -> bool:
-        """Whether the model's PyTorch forward runs its linear layers on tachy's GGUF kernels."""
-        found = self.__dict__.get("_has_gguf_linears")
-        if found is None:
-            found = self._has_gguf_linears = any(isinstance(m, GGUFLinear) for m in self.model.modules())
-        return found
+        """Whether the model's PyTorch forward runs its linear layers on tachy's GGUF kernels (elsewhere, on
+        another device or without the kernels, GGUFLinear is a plain bf16 linear)."""
+        return self.device.type == "cpu" and kernels.available() and \
+            any(isinstance(m, GGUFLinear) for m in self.model.modules())
 
     def _on_kernel_threads(self, steps: Iterator[Step]) -> Iterator[Step]:
         """``steps`` with each one's work (its forward and the PyTorch ops around it) under
         kernels.threads_to_kernels where the C forward runs: a search strategy's ops between forwards on two
         threads left OpenMP spinning into the next forward (measured: beam search 3.7x, contrastive search 2.5x
         slower than with PyTorch on one thread, the same outputs)."""
-        if self.model.cpu_forward is None:
-            yield from steps
-            return
+        native = self.model.cpu_forward is not None
         try:
             while True:
-                with kernels.threads_to_kernels():
+                with kernels.threads_to_kernels(native):
                     step = next(steps, None)
                 if step is None:
                     return
                 yield step
         finally:
-            with kernels.threads_to_kernels():
+            with kernels.threads_to_kernels(native):
                 steps.close()
 
     @torch.inference_mode()
@@ -264,17 +261,17 @@ class Engine:
         # Where the C forward runs, PyTorch's own ops around it (the cache's zero fill, cache copies, choosing a
         # token, drafting) run on one thread: an op on two threads leaves OpenMP's threads spinning into the next
         # forward, which then runs up to twice as slow on two cores (kernels.threads_to_kernels).
-        with kernels.threads_to_kernels() if model.cpu_forward is not None else nullcontext():
+        with kernels.threads_to_kernels(model.cpu_forward is not None):
             processor, probs_fn, generator = self.token_choice(config, prompt_ids)
             cache = model.new_cache(capacity=self.cache_capacity(len(prompt_ids), config.max_new_tokens),
                                     fixed=True)
-        threads = kernels.threads_to_kernels if model.exact_trees(cache) else nullcontext
+        native = model.exact_trees(cache)
         stats.prompt_tokens = len(prompt_ids)
 
         if config.attention is not None:   # one-time work (a calibration), before the clock starts
             config.attention.prepare(self)
         start = time.perf_counter()
-        with threads():
+        with kernels.threads_to_kernels(native):
             prefix = self.prefix_cache_for(config, cache)
             if prefix is not None:
                 stats.cached_tokens = cache.length = cache.position = prefix.load(prompt_ids[:-1], cache.k[:, 0],
@@ -302,7 +299,7 @@ class Engine:
         eviction = press.start_decoding(cache) if press is not None and press.active else None
         if drafter is not None:   # after the first token: its time to first token is plain decoding's
             t = time.perf_counter()
-            with threads():
+            with kernels.threads_to_kernels(native):
                 drafter.reset(prompt_ids)
                 attach = getattr(drafter, "attach_cache", None)   # a self-draft reads the target's K/V
                 if attach is not None:
@@ -313,11 +310,11 @@ class Engine:
         # the kernels on PyTorch's threads also where the PyTorch forward runs around GGUF blocks (a press's
         # cache): PyTorch's attention over a few thousand keys on one thread loses less than its spin costs the
         # kernels (snapkv, StreamingLLM at 4k tokens: decoding 10-13% faster); bf16 weights stay PyTorch's
-        threads = kernels.threads_to_kernels if exact_trees or self._gguf_linears else nullcontext
+        native = exact_trees or self._gguf_linears
 
         try:
             while cache.position + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:
-                with threads():   # the C forward's kernels and PyTorch's small ops take turns on the cores
+                with kernels.threads_to_kernels(native):   # the C forward's kernels and PyTorch's small ops take turns on the cores
                     step_start = time.perf_counter()
                     # no drafting past the context window or the token budget (the bonus token is always produced),
                     # nor past the next eviction (plain and speculative decoding then evict at the same cache sizes)
@@ -372,7 +369,7 @@ class Engine:
         finally:   # the committed sequence's blocks, for the next turn (its last token is not in the cache yet);
             # not under sparse attention, whose generated tokens' K/V differ from a (dense) prefill's
             if prefix is not None and config.attention is None:
-                with threads():
+                with kernels.threads_to_kernels(native):
                     prefix.store(ids[:-1], cache.k[:, 0], cache.v[:, 0])
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:

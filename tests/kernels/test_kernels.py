@@ -151,6 +151,25 @@ def test_threads_do_not_change_results():
         K.set_threads(None)
 
 
+def test_threads_to_kernels_leaves_pytorch_alone_where_the_kernels_take_no_part(monkeypatch):
+    """Inside, PyTorch runs on one thread only where the kernels run: not with ``on`` False, and not where
+    they are not loaded (GGUF layers then run as plain PyTorch linears, which need PyTorch's threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with K.threads_to_kernels(False):
+            assert torch.get_num_threads() == 2
+        if K.available():
+            with K.threads_to_kernels():
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 2
+        monkeypatch.setattr(K, "available", lambda: False)
+        with K.threads_to_kernels():
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("rows, vocab", [(1, 49152), (3, 1000), (17, 37), (2, 5)])
 def test_argmax_and_topk_rows_equal_pytorch(rows, vocab):
     x = torch.randn(rows, vocab)

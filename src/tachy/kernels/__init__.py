@@ -238,13 +238,15 @@ def set_threads(n: int | None) -> None:
 
 
 @contextmanager
-def threads_to_kernels() -> Iterator[None]:
+def threads_to_kernels(on: bool = True) -> Iterator[None]:
     """Inside: the kernels take PyTorch's threads and PyTorch runs on one thread. Both thread pools spin a
     while after each job; a decode step alternates kernels with small PyTorch ops (argmax, top-k over the
     vocabulary), and on a 2-core CPU each pool's spinning slowed the other (measured: speculative steps of
-    the C forward took twice as long). ``torch.set_num_threads`` costs about 0.1 us, so this wraps each step."""
+    the C forward took twice as long). ``torch.set_num_threads`` costs about 0.1 us, so this wraps each step.
+    With ``on`` False (work the kernels take no part in), or where the kernels are not loaded, nothing changes:
+    PyTorch keeps its threads."""
     n = torch.get_num_threads()
-    if n == 1 or _pinned_threads is not None:
+    if not on or n == 1 or _pinned_threads is not None or not available():
         yield
         return
     set_threads(n)
