@@ -50,7 +50,7 @@ def main() -> None:
                     with kernels.threads_to_kernels():   # and one forward wakes the kernels' threads again
                         model(torch.randint(0, 1000, (1, T)), torch.arange(300, 300 + T), cache)
                         cache.rollback(T)
-                    with kernels.threads_to_kernels() if where == "one" else torch.inference_mode():
+                    with kernels.threads_to_kernels(where == "one"):
                         op()
                     tokens, positions = torch.randint(0, 1000, (1, T)), torch.arange(300, 300 + T)
                     with kernels.threads_to_kernels():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -38,7 +37,7 @@ def main() -> None:
     widths = [1, 2, 4, 8, 12, 16]
     with torch.inference_mode():
         cache = model.new_cache(key_bucket(args.context + 128), fixed=True)
-        threads = kernels.threads_to_kernels if model.exact_trees(cache) else nullcontext   # as Engine's steps
+        native = model.exact_trees(cache)   # the kernels' thread split, as Engine's steps
         model(torch.randint(0, 1000, (1, args.context)), torch.arange(args.context), cache, last_only=True)
         times: dict[int, list[float]] = {T: [] for T in widths}
         lean = DraftStep(model) if args.draft_step else None
@@ -51,7 +50,8 @@ def main() -> None:
                     step_times[n].append(time.perf_counter() - start)
                 cache.rollback(n)
             for T in widths:
-                with threads():   # the mask too: a two-thread PyTorch op right before a forward slows it
+                # the mask too: a PyTorch op on two threads right before a forward slows it (thread_spin.py)
+                with kernels.threads_to_kernels(native):
                     L = cache.length
                     mask = torch.ones(T, L + T, dtype=torch.bool).tril(L)
                     tokens, positions = torch.randint(0, 1000, (1, T)), torch.arange(L, L + T)
