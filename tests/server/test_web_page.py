@@ -42,6 +42,10 @@ def test_page_streams_shaded_tokens_and_stats(browser, one_torch_thread, tmp_pat
     # its own engine: the default drafter learns from every generation, so the session's shared engine drafts
     # for this prompt according to whichever tests ran before in this process (seen once: no draft accepted)
     smollm = tachy.load("smollm2-135m", progress=False)
+    # fixed forward costs of this machine's shape (a T-token forward ~3x one token at T=16): the drafts kept
+    # then depend on the text only, not on costs measured while a busy host slowed the wider forwards (seen
+    # once in CI: every draft judged not to pay, so the page had nothing to shade)
+    smollm._costs, smollm._key_cost = [0.0] + [0.004 + 0.0005 * t for t in range(1, 65)], 0.0
 
     with serve_in_thread(create_app(smollm)) as url:
         page = browser.new_page(viewport={"width": 1100, "height": 720})
