@@ -33,7 +33,7 @@ def run(engine, ids: list[list[int]], rows: int, budget: str) -> tuple[float, in
     decoder = BatchDecoder(engine, max_batch=rows, packed=budget != "plain")
     if budget.startswith("fixed"):
         width = int(budget[len("fixed"):])
-        decoder._chunk_budget = lambda decode_tokens: max(width - decode_tokens, 4)
+        decoder._chunk_budget = lambda rows, drafted=0: max(width - rows - drafted, 4)
     queue, tokens, steps = list(ids), 0, []
     config = GenerationConfig(max_new_tokens=64)
     start = time.perf_counter()

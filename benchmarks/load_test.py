@@ -11,7 +11,8 @@ another is measured; each concurrency level runs the three in turn, who goes fir
 
 it sends ``--requests`` requests at each concurrency in ``--concurrency``: chat and completion, streamed or
 not (evenly mixed), greedy, ``--max-tokens`` new tokens, prompts from vicuna_bench.jsonl with every
-``--long-every``-th one a 1-2k-token passage of monte_cristo_pg1184.txt to summarize. A request fails unless
+``--long-every``-th one a 1-2k-token passage of monte_cristo_pg1184.txt to summarize (``--prompt-set
+code_edit``: grounded_dev.jsonl's code-editing requests instead of the questions). A request fails unless
 it returns 200 with a complete body (streams: usage and ``[DONE]``). Reported: aggregate completion tokens/s,
 p50/p99 latency, p50/p99 time to first token (of the streams: their first chunk with text; a non-streamed
 answer's first token is not seen, its latency is the whole answer) and p99 inter-token latency (the gaps between a stream's chunks of text after its first).
@@ -27,6 +28,9 @@ concurrency 1, cancel the machine's drift). ``--schedulers ... "one at a time, s
 server running one at a time's code: the spread between two servers of the same code in the same run;
 ``"speculative batching, no prefix cache"`` the default scheduler with ``--no-prefix-cache``, and
 ``"speculative batching, quick first tokens"`` with ``--whole-prompt-tokens 128 --min-prompt-chunk 32``;
+``"speculative batching, prefill share 2"`` with ``--prefill-share 2``; ``"speculative batching, base"`` the
+default scheduler on the code of ``--base-src`` (another checkout's src/, e.g. a git worktree of an older
+commit: a before/after A/B in one run);
 ``"plain batching, no AMX"`` and ``"speculative batching, no AMX"`` those servers with ``TACHY_AMX=0`` (the
 kernels without Intel's AMX tiles, where the CPU has them).
 
@@ -61,9 +65,13 @@ SCHEDULERS = {"one at a time": ["--max-batch", "1"],
               # short prompts read whole, a floor under the chunks: quicker first tokens, slower streams
               "speculative batching, quick first tokens": ["--max-batch", "8", "--whole-prompt-tokens", "128",
                                                            "--min-prompt-chunk", "32"],
+              # joining prompts read sooner beside the running rows (chunks up to 2x their forward), slower streams
+              "speculative batching, prefill share 2": ["--max-batch", "8", "--prefill-share", "2"],
               # the kernels without Intel's AMX tiles (TACHY_AMX=0; the same where the CPU has none)
               "plain batching, no AMX": ["--max-batch", "8", "--batching", "plain"],
-              "speculative batching, no AMX": ["--max-batch", "8"]}
+              "speculative batching, no AMX": ["--max-batch", "8"],
+              # the default scheduler on another checkout's code (--base-src): a before/after A/B in one run
+              "speculative batching, base": ["--max-batch", "8"]}
 SCHEDULER_ENV = {"plain batching, no AMX": {"TACHY_AMX": "0"}, "speculative batching, no AMX": {"TACHY_AMX": "0"}}
 
 
@@ -92,14 +100,25 @@ async def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) ->
     raise RuntimeError("the server did not come up")
 
 
-def prompts(long_every: int, n: int, first: int = 0) -> list[str]:
+PROMPT_SETS = {"chat": "vicuna questions", "code_edit": "code-editing requests (grounded_dev.jsonl)"}
+
+
+def prompts(long_every: int, n: int, first: int = 0, prompt_set: str = "chat") -> list[str]:
     """Requests first .. first+n-1: a numbered vicuna question, or every ``long_every``-th a 1-2k-token passage
     to summarize. Each concurrency level gets its own requests (``first``): the server's prefix cache would
     otherwise serve a level's prompts from the level before, which plain batching, reading every prompt whole,
     does not use; numbering the questions keeps repeats of one question from hitting it too (all that is
-    shared is the chat template's system prompt, as in real traffic)."""
-    short = [json.loads(line)["turns"][0] for line in (DATA / "vicuna_bench.jsonl").read_text().splitlines()
-             if line.strip()]
+    shared is the chat template's system prompt, as in real traffic).
+
+    ``prompt_set="code_edit"`` takes grounded_dev.jsonl's code-editing requests instead of vicuna's questions
+    (a function to return whole with type hints or a fix: the answer copies much of the prompt, the case where
+    drafts from the context are accepted most)."""
+    if prompt_set == "code_edit":
+        short = [row["turns"][0] for row in map(json.loads, (DATA / "grounded_dev.jsonl").read_text().splitlines())
+                 if row.get("category") == "code_edit"]
+    else:
+        short = [json.loads(line)["turns"][0] for line in (DATA / "vicuna_bench.jsonl").read_text().splitlines()
+                 if line.strip()]
     book = (DATA / "monte_cristo_pg1184.txt").read_text()
     out = []
     for i in range(first, first + n):
@@ -108,7 +127,7 @@ def prompts(long_every: int, n: int, first: int = 0) -> list[str]:
             start = 50_000 + (i * 7919) % 500_000
             out.append(book[start:start + size] + "\n\nSummarize the passage above in one sentence.")
         else:
-            out.append(f"Question {i}: {short[i % len(short)]}")
+            out.append(f"{'Question' if prompt_set == 'chat' else 'Request'} {i}: {short[i % len(short)]}")
     return out
 
 
@@ -260,7 +279,9 @@ def pct(sorted_values: list[float], p: float) -> float:
 def report(results: dict) -> str:
     lines = [f"Load test of `tachy serve` ({results['model']}, {results['threads']} threads), loopback, greedy, "
              f"{results['max_tokens']} new tokens max, {results['requests']} requests per run, chat/completion x "
-             f"stream/non-stream evenly mixed, every {results['long_every']}th prompt a 1.3-2k-token passage; "
+             f"stream/non-stream evenly mixed, {PROMPT_SETS[results.get('prompt_set', 'chat')]}, "
+             + (f"every {results['long_every']}th prompt a 1.3-2k-token passage; " if results['long_every']
+                else "no long passages; ") +
              "each level its own prompts; one server per scheduler, all up at once, running in turn at each "
              "level (who goes first rotating).", "", f"Command: `{results['command']}`", "",
              "| scheduler | concurrency | failed | aggregate tokens/s | p50 / p99 latency s | p50 / p99 time to "
@@ -362,19 +383,29 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--long-every", type=int, default=10, help="every Nth prompt is 1.3-2k tokens (0: none)")
+    ap.add_argument("--prompt-set", choices=list(PROMPT_SETS), default="chat",
+                    help="the short prompts: vicuna questions (chat) or code-editing requests (code_edit)")
     ap.add_argument("--threads", type=int, default=2, help="threads of the server")
     ap.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS)[:3], choices=list(SCHEDULERS))
     ap.add_argument("--rounds", type=int, default=1,
                     help="split each level's requests into this many rounds, the schedulers taking turns in each "
                          "(finer interleaving: the ratios per round show the spread of the machine)")
     ap.add_argument("--join", action=argparse.BooleanOptionalAction, default=True, help="run the join test")
+    ap.add_argument("--base-src", type=Path, default=None,
+                    help='the src/ folder of another checkout (e.g. a git worktree of an older commit) that the '
+                         '"speculative batching, base" server runs')
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    if ("speculative batching, base" in args.schedulers) != (args.base_src is not None):
+        ap.error('--base-src and the "speculative batching, base" scheduler go together')
+    if args.base_src is not None:
+        SCHEDULER_ENV["speculative batching, base"] = {"PYTHONPATH": str(args.base_src.resolve())}
     from tachy.server.background import free_port
 
     long_prompt = prompts(2, 2)[1][:9000]   # request 1 of the long-every-2 set: no level's prompt
     results = {"model": args.model, "threads": args.threads, "max_tokens": args.max_tokens,
                "requests": args.requests, "long_every": args.long_every, "rounds": args.rounds,
+               "prompt_set": args.prompt_set,
                "command": "python benchmarks/load_test.py " + " ".join(sys.argv[1:]), "load": {}, "join": {}}
     servers = {}   # every scheduler's server up at once, so that each level runs them side by side
     try:
@@ -386,7 +417,7 @@ def main() -> None:
             servers[name] = (base, proc, asyncio.run(wait_ready(base, proc)))
         results["load"] = {name: [] for name in args.schedulers}
         for level, c in enumerate(args.concurrency):
-            texts = prompts(args.long_every, args.requests, first=level * args.requests)
+            texts = prompts(args.long_every, args.requests, level * args.requests, args.prompt_set)
             size = -(-len(texts) // args.rounds)
             sent = {name: [] for name in args.schedulers}    # every request's result
             walls = {name: [] for name in args.schedulers}   # each round's (wall s, completion tokens)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tachy.batch import BatchDecoder, batchable
+from tachy.batch import BatchDecoder, StepCostFit, batchable
 from tachy import GenerationConfig
 from tachy.errors import InvalidArgumentError
 from tests.conftest import needs_data
@@ -171,7 +171,7 @@ def test_packed_rows_draft_and_equal_alone(arch, monkeypatch):
     # chunk sizes from fixed step costs, not from this machine's timing (under load a measured prompt token
     # could look cheap enough that every prompt fits one chunk): a few tokens per chunk beside running rows
     engine._costs, engine._key_cost = [0.0] + [0.004 + 0.0005 * t for t in range(1, 65)], 0.0
-    monkeypatch.setattr(BatchDecoder, "_observe_chunk", lambda *args: None)
+    monkeypatch.setattr(BatchDecoder, "_observe_step", lambda *args: None)
     rng = random.Random(5)
     vocab = engine.config.vocab_size
     drafters = ["default", "sam", "pld", "recycling", "none", "lookahead", "trigram", "model-free", "gated",
@@ -195,7 +195,7 @@ def test_short_prompts_read_whole_and_a_chunk_floor_keep_each_rows_lone_tokens(m
     in the step they join instead of after several chunks."""
     engine = packed_engine("llama", seed=4)
     engine._costs, engine._key_cost = [0.0] + [0.004 + 0.0005 * t for t in range(1, 65)], 0.0
-    monkeypatch.setattr(BatchDecoder, "_observe_chunk", lambda *args: None)
+    monkeypatch.setattr(BatchDecoder, "_observe_step", lambda *args: None)
     rng = random.Random(9)
     requests = []
     for i in range(10):
@@ -247,6 +247,50 @@ def test_packed_seeded_sampling_reproduces_the_lone_speculative_run():
         lone = ([t for p in pieces for t in p.token_ids], "".join(p.text for p in pieces), pieces[-1].finish_reason)
         assert result == lone, config.drafter
     assert sum(s.accepted for s in stats) > 0
+
+
+def simulated_forwards(fit_or_decoder, steps: int, rows_scale: float, prompt_s: float, draft_s: float,
+                       chunk_free_every: int = 0, seed: int = 0) -> None:
+    """Forwards of a machine where running rows cost ``rows_scale`` times the engine's one-sequence costs and a
+    prompt token ``prompt_s`` (+-5% noise), chunks at the 4-token floor as in the trap the fit replaced."""
+    rng = random.Random(seed)
+    for i in range(steps):
+        rows, drafted = rng.randint(2, 8), rng.randint(0, 12)
+        chunk = 0 if chunk_free_every and i % chunk_free_every == 0 else rng.choice([4, 4, 4, 6, 9])
+        base = 0.004 + 0.0005 * rows                   # the engine's cost of the rows' roots
+        elapsed = (rows_scale * base + draft_s * drafted + prompt_s * chunk) * rng.uniform(0.95, 1.05)
+        if isinstance(fit_or_decoder, BatchDecoder):
+            fit_or_decoder._observe_step(rows, drafted, chunk, elapsed)
+        else:
+            fit_or_decoder.observe(base, drafted, chunk, elapsed)
+
+
+@pytest.mark.parametrize("chunk_free_every", [0, 5])
+def test_step_cost_fit_tells_the_rows_cost_from_the_prompt_chunks(chunk_free_every):
+    """The fit finds both terms, also when every forward carries a small chunk (no forward without one). The
+    estimate it replaced charged all of the rows' underpredicted cost (here 1.5x the engine's) to the chunk's
+    few tokens, several times a prompt token's real cost."""
+    fit = StepCostFit(draft_token_s=0.0004, prompt_prior_s=0.0004)
+    assert (fit.row_scale, fit.prompt_token_s) == (1.0, 0.0004)   # the priors until a forward is seen
+    simulated_forwards(fit, 120, rows_scale=2.5, prompt_s=0.0007, draft_s=0.0004, chunk_free_every=chunk_free_every)
+    assert fit.row_scale == pytest.approx(2.5, rel=0.1)
+    assert fit.prompt_token_s == pytest.approx(0.0007, rel=0.2)
+
+
+def test_packed_chunks_and_row_shares_follow_the_fitted_costs():
+    """What the decoder does with the fit: a chunk costs about prefill_share times the running rows' fitted
+    cost, and a row's share of the forward (what its drafts are weighed against) is the fitted one."""
+    engine = packed_engine("llama", seed=0)
+    engine._costs, engine._key_cost = [0.0] + [0.004 + 0.0005 * t for t in range(1, 65)], 0.0
+    decoder = BatchDecoder(engine, 8, prefill_share=0.5)
+    before = decoder._chunk_budget(8), decoder._row_costs(8)[1]
+    simulated_forwards(decoder, 120, rows_scale=2.5, prompt_s=0.0007, draft_s=0.0005)
+    rows_cost = 2.5 * engine._costs[8]
+    assert decoder._chunk_budget(8) == pytest.approx(0.5 * rows_cost / 0.0007, rel=0.25)
+    assert decoder._chunk_budget(8) > 1.5 * before[0]     # priors: rows at the engine's cost, a prompt token marginal
+    assert decoder._row_costs(8)[1] == pytest.approx(rows_cost / 8, rel=0.1)
+    assert decoder._row_costs(8)[1] > 2 * before[1]
+    assert decoder._row_costs(1) == engine._costs          # a row alone: the lone path's costs, unfitted
 
 
 def test_packed_chunk_budget_follows_the_running_rows():
@@ -301,7 +345,7 @@ def test_parked_rows_resume_bit_for_bit(packed, monkeypatch):
     engine = packed_engine("llama", seed=3) if packed else tiny_engine(seed=1, eos=(3,))[0]
     if packed:   # chunk sizes from fixed step costs, not this machine's timing: the same steps, hence parks, anywhere
         engine._costs, engine._key_cost = [0.0] + [0.004 + 0.0005 * t for t in range(1, 65)], 0.0
-        monkeypatch.setattr(BatchDecoder, "_observe_chunk", lambda *args: None)
+        monkeypatch.setattr(BatchDecoder, "_observe_step", lambda *args: None)
     rng = random.Random(7)
     vocab = engine.config.vocab_size
     configs = [GenerationConfig(max_new_tokens=40, ignore_eos=True, drafter="default"),

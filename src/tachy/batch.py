@@ -29,7 +29,7 @@ Two ways to run the rows, by the target's forward:
   speculative sampling), keeps its accepted path in its cache row (``BatchKVCache.keep_row``) and moves on
   by its own number of tokens. A joining prompt is not prefilled alone: it is split into chunks that ride in
   the same forwards as the running rows' tokens (DeepSpeed-FastGen's Dynamic SplitFuse), a chunk sized so
-  that it costs about ``prefill_share`` times what the running rows' tokens cost (measured step costs), so
+  that it costs about ``prefill_share`` times what the running rows' tokens cost (``StepCostFit``), so
   running streams keep flowing while a long prompt is read; with no running row, the prompt goes in chunks
   of ``PREFILL_CHUNK``. The C forward computes every token as the sequence alone would (row-invariant
   kernels), so each row's greedy output is token for token its lone output, with or without drafts, and a
@@ -113,6 +113,50 @@ class Row:
         return self.stats.generated_tokens - self.since
 
 
+@dataclass
+class StepCostFit:
+    """What a packed forward costs here, fitted to the forwards timed so far: ``row_scale`` times the engine's
+    measured cost of a forward over one token per running row, plus ``prompt_token_s`` per prompt token
+    riding with them (drafted tokens are taken at the measured marginal cost, ``draft_token_s``).
+
+    Why fitted jointly: the engine's costs are one sequence's forwards after 128 tokens, while each batch row
+    reads its own, longer context, so a forward of 8 rows takes 2-3x ``costs[8]``. Charging all of that
+    difference to the prompt chunk riding along (the earlier estimate: elapsed minus the predicted rows'
+    cost, per prompt token) made a prompt token look 2-10x its real cost; the chunks then shrank to the
+    4-token floor, whose few tokens kept the estimate high, and joining rows took up to ~75 forwards to read a
+    200-token prompt, holding batch rows that made no tokens. A least-squares fit of both terms over recent
+    forwards (exponentially forgotten; forwards without a chunk pin ``row_scale``) has no such feedback."""
+
+    draft_token_s: float            # the engine's marginal cost of one more token (not fitted)
+    prompt_prior_s: float           # a prompt token's cost before any is seen
+    forget: float = 0.97            # weight of older forwards per new one (~30 forwards' memory)
+    prior_weight: float = 0.5       # the priors (row_scale 1, prompt_prior_s) count as half a forward each
+    row_scale: float = field(default=1.0, init=False)
+    prompt_token_s: float = field(default=0.0, init=False)
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 5, init=False, repr=False)   # xx xc cc xy cy
+
+    def __post_init__(self) -> None:
+        self.prompt_token_s = self.prompt_prior_s
+
+    def observe(self, rows_s: float, drafted: int, chunk_tokens: int, elapsed: float) -> None:
+        """One forward: ``rows_s`` the engine's cost of its running rows' roots, ``drafted`` their draft
+        tokens, ``chunk_tokens`` prompt tokens, ``elapsed`` its seconds."""
+        y = elapsed - self.draft_token_s * drafted
+        f, x, c = self.forget, rows_s, float(chunk_tokens)
+        self._sums = [f * a + b for a, b in zip(self._sums, (x * x, x * c, c * c, x * y, c * y))]
+        xx, xc, cc, xy, cy = self._sums
+        w = self.prior_weight   # priors as pseudo-forwards of a typical size: rows_s alone, a 16-token chunk
+        px, pc = max(rows_s, 1e-4), 16.0
+        xx, xy = xx + w * px * px, xy + w * px * px * 1.0
+        cc, cy = cc + w * pc * pc, cy + w * pc * pc * self.prompt_prior_s
+        det = xx * cc - xc * xc
+        if det <= 0:
+            return
+        scale, per_token = (xy * cc - cy * xc) / det, (cy * xx - xy * xc) / det
+        self.row_scale = min(max(scale, 0.5), 8.0)
+        self.prompt_token_s = min(max(per_token, 0.5 * self.draft_token_s), 20 * self.draft_token_s)
+
+
 def on_kernel_threads(method):
     """Run a BatchDecoder method with the C forward's kernels on PyTorch's threads (kernels.threads_to_kernels)
     as a whole, not only its forwards: a PyTorch op on two threads between forwards (an argmax, a cache copy)
@@ -143,8 +187,8 @@ class BatchDecoder:
                  whole_prompt_tokens: int = 0, min_chunk: int = 4):
         if max_batch < 1:
             raise InvalidArgumentError(f"max_batch must be >= 1, got {max_batch}")
-        if prefill_share <= 0:
-            raise InvalidArgumentError(f"prefill_share must be > 0, got {prefill_share}")
+        if not 0 < prefill_share < float("inf"):
+            raise InvalidArgumentError(f"prefill_share must be > 0 and finite, got {prefill_share}")
         self.engine, self.max_batch, self.prefill_share = engine, max_batch, prefill_share
         if whole_prompt_tokens < 0 or min_chunk < 1:
             raise InvalidArgumentError(f"whole_prompt_tokens must be >= 0 and min_chunk >= 1, got "
@@ -154,8 +198,7 @@ class BatchDecoder:
         self.parked: list[Row] = []         # preempted rows waiting for a cache row, oldest first
         self.cache: BatchKVCache | None = None
         self.packed = packed and engine.model.cpu_forward is not None   # packed=False: plain rows anyway
-        self._costs_by_rows: dict[int, list[float]] = {}   # _row_costs, by number of running rows
-        self._prompt_token_s: float | None = None           # a prompt token's cost in mixed forwards
+        self._fit: StepCostFit | None = None   # what packed forwards cost here (made on first use: _step_fit)
         self.failed: list[tuple[Row, Exception]] = []        # rows that left on their own error (``_fail``)
 
     @property
@@ -373,7 +416,7 @@ class BatchDecoder:
         return drafter if config.max_draft_tokens else None
 
     def _decode_cost(self, tokens: int) -> float:
-        """Seconds of a forward over ``tokens`` running-row tokens (the engine's measured step costs,
+        """Seconds of one sequence's forward over ``tokens`` tokens (the engine's measured step costs,
         extended linearly past the widths it measured)."""
         costs = self.engine.step_costs()
         top = len(costs) - 1
@@ -384,42 +427,48 @@ class BatchDecoder:
         top = len(costs) - 1
         return max((costs[top] - costs[1]) / (top - 1), 1e-6)
 
+    def _step_fit(self) -> StepCostFit:
+        if self._fit is None:
+            marginal = self._marginal_cost()
+            self._fit = StepCostFit(draft_token_s=marginal, prompt_prior_s=marginal)
+        return self._fit
+
+    def _rows_cost(self, rows: int, drafted: int = 0) -> float:
+        """Seconds of a packed forward over ``rows`` running rows' roots and ``drafted`` draft tokens."""
+        fit = self._step_fit()
+        return fit.row_scale * self._decode_cost(rows) + fit.draft_token_s * drafted
+
     def _row_costs(self, rows: int) -> list[float]:
         """What a row's tokens cost inside a batch of ``rows``: its share of a forward over every row's root
         token, then the marginal cost of each drafted token. Each row's drafter weighs its draft against these
         (OPT-Tree, ``DraftTree.best_for_cost``), so in a big batch, where a row's share of the weight reads is
-        small, only drafts likely to be accepted are sent."""
+        small, only drafts likely to be accepted are sent. The share is the fitted one (``StepCostFit``): a
+        row reading its own long context costs more than the engine's costs say, which makes drafts pay more."""
         if rows == 1:   # a row alone drafts as the lone path does, against the measured costs themselves
             return self.engine.step_costs()
-        if rows not in self._costs_by_rows:
-            share, marginal = self._decode_cost(rows) / rows, self._marginal_cost()
-            self._costs_by_rows[rows] = [0.0] + [share + k * marginal
-                                                 for k in range(len(self.engine.step_costs()) - 1)]
-        return self._costs_by_rows[rows]
+        share, marginal = self._rows_cost(rows) / rows, self._step_fit().draft_token_s
+        return [0.0] + [share + k * marginal for k in range(len(self.engine.step_costs()) - 1)]
 
-    def _chunk_budget(self, decode_tokens: int) -> int:
+    def _chunk_budget(self, rows: int, drafted: int = 0) -> int:
         """Prompt tokens a joining row may put in this forward: a whole chunk with nothing else running, else
-        as many as cost about ``prefill_share`` times the running rows' tokens. A prompt token's cost grows
-        with its position (attention over every earlier token), so it is measured on the previous steps
-        that carried a chunk (``_observe_chunk``), starting from the marginal cost of a short forward."""
-        if not decode_tokens:
+        as many as cost about ``prefill_share`` times the running rows' tokens (``rows`` roots and
+        ``drafted`` draft tokens), a prompt token's cost being fitted on the forwards so far (``StepCostFit``;
+        it grows with the token's position, attention over every earlier token)."""
+        if not rows:
             return PREFILL_CHUNK
-        per_token = self._prompt_token_s or self._marginal_cost()
-        return max(self.min_chunk, int(self.prefill_share * self._decode_cost(decode_tokens) / per_token))
+        per_token = self._step_fit().prompt_token_s
+        return max(self.min_chunk, int(self.prefill_share * self._rows_cost(rows, drafted) / per_token))
 
-    def _observe_chunk(self, decode_tokens: int, chunk_tokens: int, elapsed: float) -> None:
-        """Learn a prompt token's cost in a mixed forward from its time beyond the running rows' expected."""
-        if not (decode_tokens and chunk_tokens):
-            return
-        seen = max(elapsed - self._decode_cost(decode_tokens), 0.1 * elapsed) / chunk_tokens
-        before = self._prompt_token_s
-        self._prompt_token_s = seen if before is None else 0.5 * before + 0.5 * seen
+    def _observe_step(self, rows: int, drafted: int, chunk_tokens: int, elapsed: float) -> None:
+        """Fit the step costs to one more forward that had running rows (``StepCostFit``)."""
+        if rows:
+            self._step_fit().observe(self._decode_cost(rows), drafted, chunk_tokens, elapsed)
 
     def _packed_step(self) -> list[Event]:
         engine, cache = self.engine, self.cache
         start = time.perf_counter()
         plan: list[tuple[Row, list[int], DraftTree | None]] = []   # (row, tokens, tree; None: a prompt chunk)
-        decode_tokens = 0
+        decode_rows = drafted = 0
         costs = self._row_costs(sum(not r.pending for r in self.rows) or 1)
         for row in list(self.rows):
             if row.pending:
@@ -430,9 +479,9 @@ class BatchDecoder:
                 self._fail(row, e)
                 continue
             plan.append((row, [row.root] + tree.tokens, tree))
-            decode_tokens += 1 + len(tree)
-        budget = self._chunk_budget(decode_tokens)
-        whole = self.whole_prompt_tokens if decode_tokens else 0
+            decode_rows, drafted = decode_rows + 1, drafted + len(tree)
+        budget = self._chunk_budget(decode_rows, drafted)
+        whole = self.whole_prompt_tokens if decode_rows else 0
         reading: set[tuple[int, ...]] = set()   # first blocks of the prompts being read in this forward
         for row in self.rows:   # joining prompts, first come first served
             if not row.pending:
@@ -476,8 +525,8 @@ class BatchDecoder:
             cache, as_tensor(tokens), as_tensor(positions), as_tensor(rows), as_tensor(slots), as_tensor(prefix),
             None if causal else torch.block_diag(*blocks), as_tensor(logit_rows))
         elapsed = time.perf_counter() - start
-        self._observe_chunk(decode_tokens, sum(len(t) for _, t, tree in plan if tree is None),
-                            time.perf_counter() - forward_start)
+        self._observe_step(decode_rows, drafted, sum(len(t) for _, t, tree in plan if tree is None),
+                           time.perf_counter() - forward_start)
         events: list[Event] = []
         at = 0
         for row, toks, tree in plan:

@@ -404,7 +404,8 @@ def test_the_batch_decoder_is_kept_between_batches(monkeypatch):
 
 
 def test_the_prompt_reading_options_reach_the_batch_decoder():
-    """`tachy serve --whole-prompt-tokens N --min-prompt-chunk M` -> create_app -> Scheduler -> BatchDecoder;
+    """`tachy serve --whole-prompt-tokens N --min-prompt-chunk M --prefill-share S` -> create_app -> Scheduler ->
+    BatchDecoder;
     bad values are refused before the server starts, from the command line and from Python (a BatchDecoder
     built at the first request had raised inside the worker thread, which died: every request hung)."""
     from tachy.cli import build_parser
@@ -413,17 +414,20 @@ def test_the_prompt_reading_options_reach_the_batch_decoder():
     from tests.test_batch import packed_engine
 
     parse = lambda *flags: app_options(build_parser().parse_args(["serve", *flags]))   # noqa: E731
-    options = parse("--whole-prompt-tokens", "96", "--min-prompt-chunk", "16")
-    assert (options["whole_prompt_tokens"], options["min_prompt_chunk"]) == (96, 16)
-    assert (parse()["whole_prompt_tokens"], parse()["min_prompt_chunk"]) == (0, 4)   # defaults: chunks only
-    for flags in (["--whole-prompt-tokens", "-1"], ["--min-prompt-chunk", "0"]):
+    options = parse("--whole-prompt-tokens", "96", "--min-prompt-chunk", "16", "--prefill-share", "2")
+    assert (options["whole_prompt_tokens"], options["min_prompt_chunk"], options["prefill_share"]) == (96, 16, 2.0)
+    defaults = parse()
+    assert (defaults["whole_prompt_tokens"], defaults["min_prompt_chunk"], defaults["prefill_share"]) == (0, 4, 0.5)
+    for flags in (["--whole-prompt-tokens", "-1"], ["--min-prompt-chunk", "0"], ["--prefill-share", "0"],
+                  ["--prefill-share", "nan"]):
         with pytest.raises(TachyError):
             parse(*flags)
     engine = packed_engine("llama", seed=3)
-    sched = Scheduler(engine, max_batch=2, batch_options={"whole_prompt_tokens": 96, "min_chunk": 16})
+    sched = Scheduler(engine, max_batch=2, batch_options={"whole_prompt_tokens": 96, "min_chunk": 16,
+                                                          "prefill_share": 2.0})
     decoder = sched._decoder()
     sched.close()
-    assert (decoder.whole_prompt_tokens, decoder.min_chunk) == (96, 16)
-    for options in ({"min_chunk": 0}, {"whole_prompt_tokens": -1}):
+    assert (decoder.whole_prompt_tokens, decoder.min_chunk, decoder.prefill_share) == (96, 16, 2.0)
+    for options in ({"min_chunk": 0}, {"whole_prompt_tokens": -1}, {"prefill_share": 0.0}):
         with pytest.raises(InvalidArgumentError):
             Scheduler(engine, max_batch=2, batch_options=options)

@@ -45,7 +45,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
                max_body_bytes: int = MAX_BODY_BYTES, grace_s: float = 30.0, warmup: bool = True,
                max_batch: int = 8, compile_timeout_s: float = 10.0, stall_s: float = 60.0,
                speculative_batching: bool = True, preempt_after: int = 256, whole_prompt_tokens: int = 0,
-               min_prompt_chunk: int = 4) -> FastAPI:
+               min_prompt_chunk: int = 4, prefill_share: float = 0.5) -> FastAPI:
     """The app serving ``engine`` under ``model_name`` (default: the engine's name).
 
     max_queue: requests that may wait while one runs; more get 429. grace_s: how long shutdown lets the
@@ -58,6 +58,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
     so that they get its cache row (fairness; 0: never, a row keeps its cache row until it finishes).
     whole_prompt_tokens, min_prompt_chunk: speculative batching's prompt reading beside running rows
     (``BatchDecoder``'s whole_prompt_tokens and min_chunk): quicker first tokens, slower running streams.
+    prefill_share: what a joining prompt's chunk may cost, as a share of the running rows' tokens' forward
+    (``BatchDecoder``'s prefill_share): higher reads joining prompts sooner, at the running streams' latency.
     """
     model_name = model_name or engine.name
     metrics = Metrics()
@@ -67,7 +69,8 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
         engine.load_drafter("default")
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics, grace_s=grace_s, max_batch=max_batch,
                           speculative_batching=speculative_batching, preempt_after=preempt_after,
-                          batch_options=dict(whole_prompt_tokens=whole_prompt_tokens, min_chunk=min_prompt_chunk))
+                          batch_options=dict(whole_prompt_tokens=whole_prompt_tokens, min_chunk=min_prompt_chunk,
+                                             prefill_share=prefill_share))
     compiler = ConstraintCompiler(engine.tokenizer, engine.config.vocab_size, timeout_s=compile_timeout_s)
 
     @asynccontextmanager

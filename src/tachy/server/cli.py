@@ -24,12 +24,15 @@ def app_options(args: argparse.Namespace) -> dict:
         raise TachyError(f"--preempt-after must be >= 0 tokens, got {args.preempt_after}")
     if args.whole_prompt_tokens < 0 or args.min_prompt_chunk < 1:
         raise TachyError("--whole-prompt-tokens must be >= 0 and --min-prompt-chunk >= 1")
+    if not 0 < args.prefill_share < float("inf"):
+        raise TachyError(f"--prefill-share must be > 0 and finite, got {args.prefill_share}")
     if args.compile_timeout <= 0 or args.stall_timeout <= 0:
         raise TachyError("--compile-timeout and --stall-timeout must be > 0 seconds")
     return dict(api_key=args.api_key, max_queue=args.max_queue, model_name=args.served_model_name,
                 max_batch=args.max_batch, compile_timeout_s=args.compile_timeout, stall_s=args.stall_timeout,
                 speculative_batching=args.batching == "speculative", preempt_after=args.preempt_after,
-                whole_prompt_tokens=args.whole_prompt_tokens, min_prompt_chunk=args.min_prompt_chunk)
+                whole_prompt_tokens=args.whole_prompt_tokens, min_prompt_chunk=args.min_prompt_chunk,
+                prefill_share=args.prefill_share)
 
 
 def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
@@ -125,6 +128,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-prompt-chunk", type=int, default=4,
                    help="speculative batching: the fewest prompt tokens a forward beside running rows carries "
                         "(long prompts read faster, running streams slower)")
+    p.add_argument("--prefill-share", type=float, default=0.5,
+                   help="speculative batching: what a joining prompt's chunk may cost, as a share of the running "
+                        "rows' forward (higher: joining prompts read sooner, running streams slower; "
+                        "docs/server.md)")
     p.add_argument("--preempt-after", type=int, default=256,
                    help="with every batch row taken and requests waiting, park a row after this many tokens of "
                         "its turn so they can join (it resumes where it was; 0: never)")
