@@ -120,12 +120,13 @@ class StepCostFit:
     riding with them (drafted tokens are taken at the measured marginal cost, ``draft_token_s``).
 
     Why fitted jointly: the engine's costs are one sequence's forwards after 128 tokens, while each batch row
-    reads its own, longer context, so a forward of 8 rows takes 2-3x ``costs[8]``. Charging all of that
+    reads its own, longer context, so a forward of 8 rows takes about 2x ``costs[8]``. Charging all of that
     difference to the prompt chunk riding along (the earlier estimate: elapsed minus the predicted rows'
-    cost, per prompt token) made a prompt token look 2-10x its real cost; the chunks then shrank to the
-    4-token floor, whose few tokens kept the estimate high, and joining rows took up to ~75 forwards to read a
-    200-token prompt, holding batch rows that made no tokens. A least-squares fit of both terms over recent
-    forwards (exponentially forgotten; forwards without a chunk pin ``row_scale``) has no such feedback."""
+    cost, per prompt token) made a prompt token look several times its real cost; the chunks then shrank to
+    the 4-token floor, whose few tokens kept the estimate high, and a joining row took ~60 forwards to read a
+    250-token prompt, holding a batch row that made no tokens (docs/benchmarks.md section 7). A least-squares
+    fit of both terms over recent forwards (exponentially forgotten) has no such feedback: the rows' cost
+    varies from forward to forward, so it is told apart from the chunks' even when every forward has one."""
 
     draft_token_s: float            # the engine's marginal cost of one more token (not fitted)
     prompt_prior_s: float           # a prompt token's cost before any is seen
