@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import prompts  # noqa: E402
+from load_test import prompt_ids, prompts  # noqa: E402
 
 import tachy  # noqa: E402
 from tachy import GenerationConfig  # noqa: E402
@@ -36,10 +36,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     engine = tachy.load(args.model, progress=False)
     engine.set_prefix_cache(None)
-    ids = []
-    for i, text in enumerate(prompts(args.long_every, args.requests, first=args.level * args.requests)):
-        chat = i % 4 < 2   # as load_test.one_request
-        ids.append(engine.chat_prompt([{"role": "user", "content": text}]) if chat else engine.tokenizer.encode(text))
+    ids = prompt_ids(engine, prompts(args.long_every, args.requests, first=args.level * args.requests))
     start = time.perf_counter()
     for x in ids:
         engine._prefill(x, engine.model.new_cache(capacity=engine.cache_capacity(len(x), 1), fixed=True))

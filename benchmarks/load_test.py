@@ -131,9 +131,21 @@ def prompts(long_every: int, n: int, first: int = 0, prompt_set: str = "chat") -
     return out
 
 
+def is_chat(i: int) -> bool:
+    """Whether request ``i`` of a level goes to /v1/chat/completions (else /v1/completions): half of them."""
+    return i % 4 < 2
+
+
+def prompt_ids(engine, texts: list[str]) -> list[list[int]]:
+    """The token ids the server reads for a level's requests (the chat template on chat requests): what
+    in-process scripts feed a BatchDecoder to stand for the load test."""
+    return [engine.chat_prompt([{"role": "user", "content": t}]) if is_chat(i) else engine.tokenizer.encode(t)
+            for i, t in enumerate(texts)]
+
+
 async def one_request(client: httpx.AsyncClient, base: str, model: str, i: int, prompt: str, max_tokens: int,
                       chat: bool | None = None, stream: bool | None = None, ignore_eos: bool = False) -> dict:
-    chat = i % 4 < 2 if chat is None else chat
+    chat = is_chat(i) if chat is None else chat
     stream = i % 2 == 1 if stream is None else stream
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     if ignore_eos:

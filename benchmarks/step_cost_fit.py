@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import PROMPT_SETS, prompts  # noqa: E402
+from load_test import PROMPT_SETS, prompt_ids, prompts  # noqa: E402
 
 import tachy  # noqa: E402
 from tachy import GenerationConfig, kernels  # noqa: E402
@@ -38,16 +38,23 @@ from tachy.cache import BatchKVCache  # noqa: E402
 ROWS, CONTEXT = 8, 300
 
 
+def filled_cache(engine, lengths: list[int], capacity: int) -> BatchKVCache:
+    """A batch cache whose row r holds the K/V of lengths[r] random tokens (call under threads_to_kernels)."""
+    cfg = engine.config
+    cache = BatchKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, len(lengths),
+                         dtype=engine.model.dtype, device=engine.device, lazy=False)
+    for row, n in enumerate(lengths):
+        ids = torch.randint(0, cfg.vocab_size, (n,))
+        engine.model.cpu_forward.packed(cache, ids, torch.arange(n), torch.full((n,), row), torch.arange(n),
+                                        torch.zeros(n, dtype=torch.long), None, torch.tensor([n - 1]))
+    return cache
+
+
 def timed_chunks(engine, rounds: int) -> None:
     cfg, forward = engine.config, engine.model.cpu_forward
     with kernels.threads_to_kernels(True):
-        cache = BatchKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 2400, ROWS + 1,
-                             dtype=engine.model.dtype, device=engine.device, lazy=False)
-        for row in range(ROWS + 1):   # rows 0-7 running, row 8 the joining prompt (room for 2,000 tokens)
-            n = CONTEXT if row < ROWS else 2200
-            ids = torch.randint(0, cfg.vocab_size, (n,))
-            forward.packed(cache, ids, torch.arange(n), torch.full((n,), row), torch.arange(n),
-                           torch.zeros(n, dtype=torch.long), None, torch.tensor([n - 1]))
+        # rows 0-7 running, row 8 the joining prompt (room for chunks up to position 2,000)
+        cache = filled_cache(engine, [CONTEXT] * ROWS + [2200], capacity=2400)
 
         def step(n: int, p: int) -> float:
             positions = torch.cat([torch.full((ROWS,), CONTEXT), torch.arange(p, p + n)])
@@ -79,12 +86,7 @@ def perfect_acceptance_bound(engine, rounds: int, rows: int = 16) -> None:
     print("| context per row | " + " | ".join(f"k = {k}" for k in widths) + " |\n|---:|" + "---:|" * len(widths))
     with kernels.threads_to_kernels(True):
         for context in (300, 1000):
-            cache = BatchKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, context + 16, rows,
-                                 dtype=engine.model.dtype, device=engine.device, lazy=False)
-            for row in range(rows):
-                ids = torch.randint(0, cfg.vocab_size, (context,))
-                forward.packed(cache, ids, torch.arange(context), torch.full((context,), row), torch.arange(context),
-                               torch.zeros(context, dtype=torch.long), None, torch.tensor([context - 1]))
+            cache = filled_cache(engine, [context] * rows, capacity=context + 16)
             times = collections.defaultdict(list)
             for _ in range(rounds):
                 for k in widths:
@@ -96,13 +98,12 @@ def perfect_acceptance_bound(engine, rounds: int, rows: int = 16) -> None:
                                    None, torch.arange(T))
                     times[k].append(time.perf_counter() - start)
             ms = {k: statistics.median(v) for k, v in times.items()}
-            print(f"| {context} | " + " | ".join(f"{1e3 * ms[k]:.1f} ({k * ms[1] / ms[k]:.2f}x)" for k in widths) + " |")
+            cells = [f"{1e3 * ms[k]:.1f} ({k * ms[1] / ms[k]:.2f}x)" for k in widths]
+            print(f"| {context} | " + " | ".join(cells) + " |")
 
 
 def fitted(engine, prompt_set: str, requests: int, max_tokens: int) -> None:
-    texts = prompts(0, requests, 90_000, prompt_set)
-    ids = [engine.chat_prompt([{"role": "user", "content": t}]) if i % 4 < 2 else engine.tokenizer.encode(t)
-           for i, t in enumerate(texts)]
+    ids = prompt_ids(engine, prompts(0, requests, 90_000, prompt_set))
     decoder = BatchDecoder(engine, ROWS)
     config = GenerationConfig(max_new_tokens=max_tokens, temperature=0.0)
     queue, steps, reading, tokens = collections.deque(ids), 0, 0, 0
@@ -118,8 +119,9 @@ def fitted(engine, prompt_set: str, requests: int, max_tokens: int) -> None:
         if decoder._fit is not None:
             seen.append((decoder._fit.row_scale, decoder._fit.prompt_token_s))
     wall = time.perf_counter() - start
-    print(f"\n{requests} requests ({PROMPT_SETS[prompt_set]}, {sum(map(len, ids))} prompt tokens) through {ROWS} rows: "
-          f"{tokens / wall:.1f} tokens/s, {steps} forwards, {reading / steps:.2f} rows reading their prompt per forward")
+    print(f"\n{requests} requests ({PROMPT_SETS[prompt_set]}, {sum(map(len, ids))} prompt tokens) through "
+          f"{ROWS} rows: {tokens / wall:.1f} tokens/s, {steps} forwards, {reading / steps:.2f} rows reading their "
+          "prompt per forward")
     print("fitted row scale / ms per prompt token, at every tenth of the run: " + ", ".join(
         f"{scale:.2f} / {1e3 * per:.2f}" for scale, per in seen[::max(1, len(seen) // 10)]))
 

@@ -314,7 +314,8 @@ class Engine:
 
         try:
             while cache.position + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:
-                with kernels.threads_to_kernels(native):   # the C forward's kernels and PyTorch's small ops take turns on the cores
+                # the C forward's kernels and PyTorch's small ops take turns on the cores
+                with kernels.threads_to_kernels(native):
                     step_start = time.perf_counter()
                     # no drafting past the context window or the token budget (the bonus token is always produced),
                     # nor past the next eviction (plain and speculative decoding then evict at the same cache sizes)
