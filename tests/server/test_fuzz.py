@@ -60,7 +60,7 @@ valid_completion = st.fixed_dictionaries(
     optional={**valid_common, "echo": st.booleans(), "logprobs": st.integers(0, 5), "suffix": st.none()})
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "echo",
           "tools", "tool_choice",
-          "suffix", "user", "best_of", *valid_common]
+          "suffix", "user", "best_of", "modalities", "audio", "web_search_options", *valid_common]
 
 
 def mutated(valid):

@@ -164,6 +164,24 @@ def test_logprob_values_are_finite(client):
     assert all(math.isfinite(c.logprob) and c.top_logprobs == [] for c in r.choices[0].logprobs.content)
 
 
+def test_tokens_a_response_format_rules_out_have_the_lowest_logprob_not_a_500(client):
+    """Under a constraint fewer tokens are allowed than ``top_logprobs`` asks for: the rest have probability 0,
+    -inf, which JSON cannot carry (the answer was a 500, found by the fuzz test)."""
+    r = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=20, extra_body={"response_format": {"type": "regex",
+                                                                                        "regex": "[ab]c"}})
+    assert r.choices[0].message.content in ("ac", "bc")
+    content = r.choices[0].logprobs.content
+    assert all(math.isfinite(c.logprob) and c.logprob > -9999 for c in content)
+    tops = [[t.logprob for t in c.top_logprobs] for c in content]
+    assert all(len(top) == 20 and top == sorted(top, reverse=True) for top in tops)
+    allowed = [sum(lp > -9999 for lp in top) for top in tops]   # "a", "b", "ac" ... then nothing allowed
+    assert all(1 <= n < 20 for n in allowed) and allowed[0] >= 2, allowed
+    completion = client.completions.create(model=MODEL, prompt="0", max_tokens=1, temperature=0, logprobs=2,
+                                           extra_body={"response_format": {"type": "json_object"}})
+    assert all(math.isfinite(v) for top in completion.choices[0].logprobs.top_logprobs for v in top.values())
+
+
 def test_logit_bias_and_the_extra_sampling_controls_are_honoured(client, smollm):
     """logit_bias and vLLM's top_k / min_p / repetition_penalty reach the sampler: each answer is the engine's
     own with those options (tests/test_sampling.py checks what they do to the logits)."""

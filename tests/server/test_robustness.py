@@ -211,6 +211,10 @@ def test_a_tiny_top_p_samples_the_top_token(server):
     ({**CHAT, "stop": "x" * 5000}, "stop"),   # held back all streamed text until the generation ended
     ({**CHAT, "functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
     ({**CHAT, "function_call": "auto"}, "function_call"),
+    # outputs tachy cannot give: the answer was text, silently
+    ({**CHAT, "modalities": ["text", "audio"]}, "modalities"),
+    ({**CHAT, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({**CHAT, "web_search_options": {}}, "web_search_options"),
     # logit_bias: a key that is no token id, a bias out of OpenAI's range, too many tokens
     ({**CHAT, "logit_bias": {"abc": 1}}, "logit_bias"),
     ({**CHAT, "logit_bias": {"99999999": 1}}, "logit_bias"),

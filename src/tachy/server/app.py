@@ -134,6 +134,11 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
             if getattr(body, legacy) is not None:   # ignoring it would answer in text where a call was asked
                 raise ApiError(400, f"{legacy} is OpenAI's deprecated form of function calling; use tools and "
                                     "tool_choice", param=legacy)
+        if any(m != "text" for m in body.modalities or []) or body.audio is not None:
+            raise ApiError(400, "tachy answers in text only (modalities: [\"text\"]); audio output is not "
+                                "supported", param="modalities" if body.audio is None else "audio")
+        if body.web_search_options is not None:
+            raise ApiError(400, "web search is not supported by tachy's server", param="web_search_options")
         if not engine.tokenizer.has_chat_template:
             raise ApiError(400, f"model {model_name!r} has no chat template (a base model); "
                                 f"use /v1/completions", param="messages", code="no_chat_template")
@@ -559,7 +564,7 @@ def _logprobs_json(logprobs: list | None, tokenizer, chat: bool, offset: int = 0
 
     def entry(token: int, logprob: float) -> dict:
         s = text(token)
-        return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8", "backslashreplace"))}
+        return {"token": s, "logprob": _finite(logprob), "bytes": list(s.encode("utf-8", "backslashreplace"))}
 
     if chat:
         return {"content": [{**entry(x.token, x.logprob), "top_logprobs": [entry(t, lp) for t, lp in x.top]}
@@ -569,8 +574,17 @@ def _logprobs_json(logprobs: list | None, tokenizer, chat: bool, offset: int = 0
     for s in tokens:
         starts.append(offset)
         offset += len(s)
-    return {"tokens": tokens, "token_logprobs": [x.logprob for x in logprobs],
-            "top_logprobs": [{text(t): lp for t, lp in x.top} for x in logprobs], "text_offset": starts}
+    return {"tokens": tokens, "token_logprobs": [_finite(x.logprob) for x in logprobs],
+            "top_logprobs": [{text(t): _finite(lp) for t, lp in x.top} for x in logprobs], "text_offset": starts}
+
+
+MIN_LOGPROB = -9999.0   # what vLLM and OpenAI report for a token of probability 0
+
+
+def _finite(logprob: float) -> float:
+    """A log-probability JSON can carry: a token that a response_format or logit_bias rules out has -inf,
+    which no JSON encoder writes (the whole answer was a 500)."""
+    return max(logprob, MIN_LOGPROB)
 
 
 def _stream_error(exc: Exception) -> dict:

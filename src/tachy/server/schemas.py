@@ -160,6 +160,10 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: ToolChoice | None = None
     functions: list | None = None           # OpenAI's deprecated form of tools: a 400 that says so
     function_call: Union[str, dict, None] = None
+    # outputs tachy cannot give (audio, web search): declared so that asking for them is a 400, not text
+    modalities: list[str] | None = None
+    audio: dict | None = None
+    web_search_options: dict | None = None
 
 
 class CompletionRequest(_Sampling):
