@@ -582,8 +582,8 @@ MIN_LOGPROB = -9999.0   # what vLLM and OpenAI report for a token of probability
 
 
 def _finite(logprob: float) -> float:
-    """A log-probability JSON can carry: a token that a response_format or logit_bias rules out has -inf,
-    which no JSON encoder writes (the whole answer was a 500)."""
+    """A log-probability JSON can carry: a token that a response_format rules out has -inf, which no JSON
+    encoder writes (the whole answer was a 500)."""
     return max(logprob, MIN_LOGPROB)
 
 
