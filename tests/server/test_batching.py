@@ -404,10 +404,10 @@ def test_the_batch_decoder_is_kept_between_batches(monkeypatch):
 
 
 def test_the_prompt_reading_options_reach_the_batch_decoder():
-    """`tachy serve --whole-prompt-tokens N --min-prompt-chunk M --prefill-share S` -> create_app -> Scheduler ->
-    BatchDecoder;
-    bad values are refused before the server starts, from the command line and from Python (a BatchDecoder
-    built at the first request had raised inside the worker thread, which died: every request hung)."""
+    """`tachy serve --whole-prompt-tokens N --min-prompt-chunk M --prefill-share S` -> create_app -> Scheduler
+    -> BatchDecoder; bad values are refused before the server starts, from the command line and from Python (a
+    BatchDecoder built at the first request had raised inside the worker thread, which died: every request
+    hung)."""
     from tachy.cli import build_parser
     from tachy.errors import InvalidArgumentError, TachyError
     from tachy.server.cli import app_options
