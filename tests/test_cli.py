@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tachy
 from tachy import GenerationConfig
@@ -112,6 +113,14 @@ def test_models_lists_both(capsys):
 def test_unknown_model(capsys):
     rc = main(["generate", "Hi", "--model", "no-such-model-xyz"])
     assert_user_error(capsys, rc, "no-such-model-xyz", "smollm2-135m")
+
+
+@pytest.mark.parametrize("device", ["no-such-device", "cuda:99", "mps"])
+def test_a_device_this_machine_lacks_is_a_user_error(device, capsys):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    rc = main(["generate", "Hi", "--device", device])
+    assert_user_error(capsys, rc, device)
 
 
 def test_missing_gguf_path(tmp_path, capsys):

@@ -36,6 +36,29 @@ def default_dtype(device: torch.device, path: Path | None = None) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """The torch device to run on: CUDA when present unless told otherwise; a device this machine or this
+    PyTorch build lacks is an InvalidArgumentError here rather than a traceback deep inside ``.to()``."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InvalidArgumentError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InvalidArgumentError(f"device {device!r}: no CUDA device here (or this PyTorch build has no "
+                                       f"CUDA); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise InvalidArgumentError(f"device {device!r}: this machine has {count} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidArgumentError(f"device {device!r}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "mps"):
+        raise InvalidArgumentError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
 def load(name_or_path: str | Path | None = None, dtype: str | None = None, device: str | None = None,
          max_context: int | None = None, progress: bool = True) -> Engine:
     """Load a named model (see ``tachy models``), a GGUF file or a Hugging Face folder into an Engine.
@@ -52,7 +75,7 @@ def load(name_or_path: str | Path | None = None, dtype: str | None = None, devic
     from .tokenizer import Tokenizer
 
     path = resolve_model(str(name_or_path or DEFAULT_MODEL))
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     dtype = dtype or default_dtype(dev, path)
     if dtype not in WEIGHT_DTYPES:
         raise InvalidArgumentError(f"unknown weight dtype {dtype!r}; choose from {', '.join(WEIGHT_DTYPES)}")
