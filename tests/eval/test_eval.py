@@ -37,6 +37,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "missing.txt not found" in capsys.readouterr().err
 
 
+
+def test_a_text_shorter_than_the_context_is_a_one_line_error(tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("Only a few words here.")
+    assert main(["eval", "ppl", "--text", str(text), "--context", "256", "--tokens", "32",
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: the text has only 6 tokens; 288 needed (the largest --context plus --tokens): pass a longer "
+        "text or a smaller --context"]
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 @needs_data

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..engine import Engine
+from ..errors import InvalidArgumentError
 from ..sparse import kv_read_per_token
 from .sweep import DENSE, Prefilled, Setting, records
 
@@ -22,7 +23,8 @@ def run_ppl(engine: Engine, text: str, contexts: list[int], settings: list[Setti
     need = max(contexts) + tokens
     ids = engine.tokenizer.encode(text[: need * 8 * windows], add_special_tokens=False)
     if len(ids) < need:
-        raise ValueError(f"the text has only {len(ids)} tokens; {need} needed")
+        raise InvalidArgumentError(f"the text has only {len(ids)} tokens; {need} needed (the largest --context "
+                                   f"plus --tokens): pass a longer text or a smaller --context")
     starts = [round(k * (len(ids) - need) / max(1, windows - 1)) for k in range(windows)]
     bos = [engine.tokenizer.bos_token_id] if engine.tokenizer.bos_token_id is not None else []
     nll = {(s.label, c): [] for s in settings for c in contexts}
