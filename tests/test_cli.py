@@ -123,6 +123,12 @@ def test_a_device_this_machine_lacks_is_a_user_error(device, capsys):
     assert_user_error(capsys, rc, device)
 
 
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_serve_refuses_a_port_out_of_range_before_loading(port, capsys):
+    rc = main(["serve", "--port", port])   # uvicorn had printed "running on :99999"
+    assert_user_error(capsys, rc, "--port must be in 0-65535", port)
+
+
 def test_missing_gguf_path(tmp_path, capsys):
     missing = tmp_path / "nothing-here.gguf"
     rc = main(["generate", "Hi", "--model", str(missing)])

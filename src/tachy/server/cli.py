@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 def app_options(args: argparse.Namespace) -> dict:
     """``create_app``'s keyword arguments from the command line (one process or each Ray replica alike)."""
+    if not 0 <= args.port <= 65535:
+        raise TachyError(f"--port must be in 0-65535, got {args.port}")
     if args.max_queue < 0:
         raise TachyError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.max_batch < 1:
