@@ -5,6 +5,7 @@ session's already loaded engine (loading is covered by one real subprocess run o
 """
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -73,6 +74,22 @@ def test_generate_raw(smollm, cached_load, capsys):
     assert rc == 0
     expected = smollm.generate("The capital of France is", max_new_tokens=8)
     assert expected.strip() and out == expected + "\n"
+
+
+@pytest.mark.slow
+def test_generate_reads_the_prompt_from_stdin_for_a_dash(smollm, cached_load, capsys, monkeypatch):
+    prompt = "The capital of France is\nthe city of"   # a line break, as a piped file has
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(prompt.encode())))
+    assert main(["generate", "-", "--raw", "--max-new-tokens", "8"]) == 0
+    out, _ = capsys.readouterr()
+    expected = smollm.generate(prompt, max_new_tokens=8)
+    assert expected.strip() and out == expected + "\n"
+
+
+def test_a_prompt_on_stdin_that_is_not_utf8_is_a_user_error(cached_load, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9")))
+    assert_user_error(capsys, main(["generate", "-"]), "not UTF-8", "byte 3")
+    assert cached_load == []   # refused before the model loads
 
 
 @pytest.mark.slow

@@ -92,14 +92,26 @@ def kv_held(stats) -> str:
     return f" | KV {stats.kv_bytes / 2**20:.1f} MiB ({stats.kv_full_bytes / stats.kv_bytes:.1f}x less)"
 
 
+def read_prompt(prompt: str) -> str:
+    """The prompt argument, or all of standard input for ``-`` (long prompts, pipes), read before the model
+    loads so that a bad input fails at once."""
+    if prompt != "-":
+        return prompt
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TachyError(f"the prompt on standard input is not UTF-8 text (byte {e.start})") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     config = generation_config(args)
+    prompt = read_prompt(args.prompt)
     engine = load_engine(args)
     use_chat = args.chat if args.chat is not None else engine.tokenizer.has_chat_template
     if use_chat:
-        pieces = engine.stream_chat([{"role": "user", "content": args.prompt}], config)
+        pieces = engine.stream_chat([{"role": "user", "content": prompt}], config)
     else:
-        pieces = engine.stream(args.prompt, config)
+        pieces = engine.stream(prompt, config)
     stats = None
     for piece in pieces:
         sys.stdout.write(piece.text)
@@ -176,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate a continuation or a chat answer for one prompt")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the prompt text, or - to read it from standard input")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="wrap the prompt in the chat template (default when the model has one)")
