@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,40 @@ def test_a_prompt_on_stdin_that_is_not_utf8_is_a_user_error(cached_load, capsys,
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9")))
     assert_user_error(capsys, main(["generate", "-"]), "not UTF-8", "byte 3")
     assert cached_load == []   # refused before the model loads
+
+
+def chat_session(monkeypatch, capsys, typed: bytes, *flags: str) -> tuple[list[str], str]:
+    """Run `tachy chat` on typed lines (bytes, read as a terminal would: undecodable bytes escaped); the
+    answers (one per line of output) and stderr."""
+    stdin = io.TextIOWrapper(io.BytesIO(typed), encoding="utf-8", errors="surrogateescape")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert main(["chat", "--max-new-tokens", "8", *flags]) == 0
+    out, err = capsys.readouterr()
+    lines = [re.sub(r"^(> )+", "", line) for line in out.split("\n")]   # input()'s prompts go to stdout
+    return [line for line in lines if line], err
+
+
+@pytest.mark.slow
+def test_chat_keeps_the_history_and_reset_clears_it(smollm, cached_load, capsys, monkeypatch):
+    answers, _ = chat_session(monkeypatch, capsys, b"Hi\nName a colour.\n/reset\nName a colour.\n/exit\nHi\n")
+    first = smollm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=8)
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "Name a colour."}]
+    second = smollm.chat(history, max_new_tokens=8)
+    fresh = smollm.chat([{"role": "user", "content": "Name a colour."}], max_new_tokens=8)
+    assert second != fresh   # else the history would not show
+    assert answers == [first, second, fresh]   # nothing after /exit
+
+
+@pytest.mark.slow
+def test_a_turn_that_fails_leaves_the_chat_running(smollm, cached_load, capsys, monkeypatch):
+    """A line of bytes that are not UTF-8 (the tokenizer's TypeError had ended the chat with a traceback),
+    then a turn longer than the window: each prints one error and is left out of the history."""
+    answers, err = chat_session(monkeypatch, capsys, b"caf\xe9\n" + b"word " * 9000 + b"\nHi\n")
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "not valid Unicode" in errors[0] and "/reset clears the history" in errors[1]
+    assert answers == [smollm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=8)]
 
 
 @pytest.mark.slow

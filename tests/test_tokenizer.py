@@ -97,6 +97,20 @@ def test_long_texts_encode_to_the_same_ids(smol: Tokenizer, gemma: Tokenizer) ->
             assert tok.encode(text, special) == tok.backend.encode(text, add_special_tokens=special).ids
 
 
+def test_a_lone_surrogate_is_an_invalid_argument_not_a_type_error(smol: Tokenizer) -> None:
+    """Text read with errors='surrogateescape' (a terminal, a file of Latin-1) reached the tokenizers library,
+    whose TypeError ended `tachy chat` with a traceback."""
+    from tachy.errors import InvalidArgumentError
+    from tachy.tokenizer import LONG_TEXT
+
+    for text in ("caf\udce9", "a" * LONG_TEXT + "\ud800"):
+        for encode in (smol.encode, smol.encode_literal):
+            with pytest.raises(InvalidArgumentError, match="lone surrogate"):
+                encode(text)
+    with pytest.raises(TypeError):   # anything else keeps its error
+        smol.encode(b"bytes")
+
+
 def test_special_ids_and_sizes(smol: Tokenizer, gemma: Tokenizer) -> None:
     assert smol.vocab_size == 49152 and gemma.vocab_size == 262144
     assert smol.id_to_token(2) == "<|im_end|>" and 2 in smol.eos_token_ids

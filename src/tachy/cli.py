@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Callable
 
-from .errors import TachyError
+from .errors import ContextLengthError, TachyError
 
 EXIT_USER_ERROR = 2
 
@@ -154,6 +154,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 stats = piece.stats
         except KeyboardInterrupt:
             print("\n[interrupted]", file=sys.stderr)
+        except TachyError as e:   # this turn cannot be answered (a long history, bad input): the chat goes on
+            hint = " (/reset clears the history)" if isinstance(e, ContextLengthError) else ""
+            print(f"error: {e}{hint}", file=sys.stderr)
+            messages.pop()
+            continue
         print()
         if stats is not None and args.verbose:
             print_stats(stats)
