@@ -216,15 +216,21 @@ def _encode(backend: tokenizers.Tokenizer, text: str, add_special_tokens: bool) 
             return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return backend.encode(text, add_special_tokens=add_special_tokens).ids
     except TypeError:   # the tokenizers library's answer to a str it cannot read as UTF-8
-        if isinstance(text, str):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise InvalidArgumentError(
-                    f"the text is not valid Unicode: it holds a lone surrogate, {text[e.start]!r} (a byte that "
-                    f"is not UTF-8, read with errors='surrogateescape', or an escape such as '\\ud800')"
-                ) from None
+        if isinstance(text, str) and not is_unicode(text):
+            raise InvalidArgumentError(
+                "the text is not valid Unicode: it holds a lone surrogate (a byte that is not UTF-8, read with "
+                "errors='surrogateescape', or an escape such as '\\ud800')") from None
         raise
+
+
+def is_unicode(text: str) -> bool:
+    """False for a str holding a lone surrogate: Python (and JSON's \\ud800 escapes) allow them, no tokenizer
+    can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _set_bos_eos_post_processor(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> None:

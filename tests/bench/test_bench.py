@@ -53,12 +53,21 @@ def test_load_prompts_real_files():
     ([{"id": 1, "turns": "not a list"}], 1, "turns"),
     ([{"category": "x", "turns": ["a"]}], 1, "id"),
     ([{"id": 1, "turns": ["a"]}, '["a", "list"]'], 2, "JSON object"),
+    ([{"id": 1, "turns": ["a"]}, {"id": 2, "turns": ["caf\udce9"]}], 2, "lone surrogate"),
 ])
 def test_malformed_prompt_files_name_file_and_line(tmp_path, lines, lineno, fragment):
     f = write_jsonl(tmp_path / "bad.jsonl", lines)
     with pytest.raises(TachyError) as e:
         load_prompts(f)
     assert f"{f}:{lineno}" in str(e.value) and fragment in str(e.value)
+
+
+def test_a_prompt_file_that_is_not_utf8_names_the_line(tmp_path):
+    """A file saved as Latin-1 had ended `tachy bench` with a UnicodeDecodeError traceback."""
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"id": 1, "turns": ["ok"]}\n{"id": 2, "turns": ["caf\xe9"]}\n')
+    with pytest.raises(TachyError, match=f"{f}:2: not UTF-8 text"):
+        load_prompts(f)
 
 
 def test_empty_and_missing_prompt_files(tmp_path):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TachyError
+from ..tokenizer import is_unicode
 
 
 @dataclass
@@ -24,11 +25,15 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     if not path.is_file():
         raise TachyError(f"prompts file {path} does not exist")
     prompts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TachyError(f"{where}: not UTF-8 text (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -41,6 +46,9 @@ def load_prompts(path: str | Path) -> list[Prompt]:
                 raise TachyError(f"{where}: missing 'id' (or 'question_id')")
             if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
                 raise TachyError(f"{where}: 'turns' must be a non-empty list of non-empty strings")
+            if any(not is_unicode(t) for t in turns):
+                raise TachyError(f"{where}: a turn holds a lone surrogate (an escape such as \\ud800), "
+                                 f"which is not text")
             prompts.append(Prompt(str(pid), str(row.get("category", "uncategorized")), turns))
     if not prompts:
         raise TachyError(f"prompts file {path} has no prompts")

@@ -28,6 +28,7 @@ from ..generation import GenerationResponse, GenerationStats
 from ..errors import ContextLengthError, InvalidArgumentError, TachyError
 from ..sampling import MAX_LOGIT_BIAS
 from ..speculative.drafters import DRAFTERS, make_drafter
+from ..tokenizer import is_unicode
 from .http_errors import ApiError, BodyGuard, ClientGone, install_error_handlers
 from .metrics import Metrics
 from .schemas import MAX_STOP, MAX_STOP_CHARS, ChatCompletionRequest, CompletionRequest, _Sampling, error_body
@@ -231,9 +232,7 @@ def _invalid_unicode(value) -> str | None:
     while todo:   # iterative: a deeply nested schema must not exhaust the stack
         path, item = todo.pop()
         if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
+            if not is_unicode(item):
                 return path or "body"
         elif isinstance(item, dict):
             todo.extend((f"{path}.{k}".lstrip("."), k) for k in item if isinstance(k, str))
