@@ -131,3 +131,40 @@ def test_patterns_that_do_not_compile_fail_before_any_model_work(engine, respons
 def test_schema_regex_is_what_outlines_builds():
     assert response_format_regex({"type": "regex", "regex": "ab+"}) == "ab+"
     assert '"name"' in response_format_regex({"type": "json_schema", "json_schema": {"schema": SCHEMA}})
+
+
+STRATEGIES = [
+    ("default", {}, {}),
+    ("beam", {"num_beams": 3}, {}),
+    ("diverse_beam", {"num_beams": 4, "num_beam_groups": 2}, {}),
+    ("contrastive_search", {"top_k": 4, "penalty_alpha": 0.6}, {}),
+    ("contrastive_decoding", {}, {}),
+    ("context_aware", {"context": "Numbers and letters."}, {}),
+    ("fsd", {}, {}),
+    ("mirostat", {}, {"temperature": 1.0, "seed": 3}),
+    ("mbr", {}, {"temperature": 1.0, "seed": 3}),
+]
+
+
+@pytest.mark.parametrize("strategy, options, sampling", STRATEGIES, ids=[s[0] for s in STRATEGIES])
+def test_every_strategy_keeps_to_the_constraint(engine, strategy, options, sampling):
+    """A strategy that cuts the candidates down first (mirostat's surprise bound, FSD's and contrastive
+    search's top k, contrastive decoding's plausible set) could keep none the constraint allows: mirostat
+    then raised inside torch.multinomial, the others ended at once ('') or emitted a forbidden token."""
+    pattern = r"[0-9]{3}-[a-z]{2}"
+    for text in ("Numbers and letters. Write a code:", "Numbers and letters. Again"):
+        prompt = engine.tokenizer.encode(text, add_special_tokens=False)
+        cfg = GenerationConfig(max_new_tokens=12, strategy=strategy, strategy_options=options,
+                               response_format={"type": "regex", "regex": pattern}, **sampling)
+        out = engine.generate(prompt, cfg)
+        assert re.fullmatch(pattern, out), (strategy, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["contrastive_search", "contrastive_decoding", "fsd"])
+def test_strategies_keep_to_json_object_on_the_real_model(smollm, strategy):
+    """The real model's top candidates for this prompt are words, none of which may open a JSON object:
+    contrastive search's top 4 then held only forbidden tokens, and it wrote '<|im_start|>'."""
+    out = smollm.generate("Write one sentence about rivers.", max_new_tokens=24, strategy=strategy,
+                          response_format={"type": "json_object"})
+    assert out.startswith("{"), out

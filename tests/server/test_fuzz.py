@@ -40,7 +40,11 @@ valid_common = {
         "drafter": st.sampled_from(["default", "none", "sam", "pld", "rest", "trigram", "gated", "x"]),
         "max_draft_tokens": st.integers(0, 8), "prefix_cache": st.booleans(),
         "passages": st.lists(st.text(max_size=20), max_size=3), "ape_temperature": st.floats(-1, 2),
-        "ape_scale": st.floats(-1, 2)}),
+        "ape_scale": st.floats(-1, 2),
+        "strategy": st.sampled_from(["default", "beam", "diverse_beam", "contrastive_search",
+                                     "contrastive_decoding", "fsd", "mirostat", "mbr", "x"]),
+        "strategy_options": st.dictionaries(st.sampled_from(["num_beams", "top_k", "tau", "alpha"]),
+                                            st.integers(-1, 4), max_size=2)}),
 }
 valid_chat = st.fixed_dictionaries(
     {"model": st.just(MODEL), "max_tokens": small_tokens,

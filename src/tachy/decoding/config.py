@@ -114,9 +114,11 @@ def check_config(config: GenerationConfig) -> Strategy:
 
 def logits_processor(engine: Engine, config: GenerationConfig,
                      prompt_ids: Sequence[int]) -> LogitsProcessor | None:
-    """Everything that edits logits for one generation: sampling penalties, the strategy's processor,
-    then the structured-output mask (last, so nothing re-enables a forbidden token) and the watermark bias."""
-    return chain(make_logits_processor(config.sampling),
-                 config.decoding.processor(engine, config, prompt_ids),
-                 make_watermark_processor(config.watermark),
-                 make_structured_processor(engine, config, prompt_ids))
+    """Everything that edits logits for one generation: sampling penalties, the structured-output mask, the
+    strategy's processor, the watermark bias. The mask comes before the strategy, which then chooses among
+    the allowed tokens only (mirostat's surprise bound or FSD's top k could otherwise keep none of them), and
+    again after it, so that nothing re-enables a forbidden token."""
+    structured = make_structured_processor(engine, config, prompt_ids)
+    strategy = config.decoding.processor(engine, config, prompt_ids)
+    return chain(make_logits_processor(config.sampling), structured, strategy,
+                 make_watermark_processor(config.watermark), structured if strategy is not None else None)

@@ -29,6 +29,7 @@ from ..errors import InvalidArgumentError
 from ..generation import Step
 from ..sampling import sample
 from .base import Strategy, eos_ids, prefill, register
+from .structured import make_structured_processor
 
 
 def truncated_model(model, num_layers: int):
@@ -62,7 +63,8 @@ class _TwoStreams(Strategy):
         eos = set(eos_ids(engine, config))
         max_new = min(config.max_new_tokens, engine.max_context - max(len(prompt_ids), len(other_prompt)) - 1)
         processor, probs_fn, generator = engine.token_choice(config, prompt_ids)
-        start = time.perf_counter()
+        constrain = make_structured_processor(engine, config, prompt_ids)   # before the mix: its cut-offs
+        start = time.perf_counter()                                         # then count allowed tokens only
         runs = []
         for model, ids in ((engine.model, prompt_ids), (other_model, other_prompt)):
             cache = model.new_cache(capacity=len(ids) + max_new, fixed=False)
@@ -73,7 +75,8 @@ class _TwoStreams(Strategy):
         ids = list(prompt_ids)
         for step in range(max_new):
             t = time.perf_counter()
-            mixed = self.mix(logits[0], logits[1])
+            main = logits[0] if constrain is None else constrain(logits[0], ids)
+            mixed = self.mix(main, logits[1])
             if processor is not None:
                 mixed = processor(mixed, ids)
             token = int(mixed.argmax(-1)) if probs_fn is None else int(sample(probs_fn(mixed), generator))

@@ -69,6 +69,7 @@ class ContrastiveSearch(Strategy):
             if processor is not None:
                 logits = processor(logits, ids)
             probs = torch.softmax(logits[0].float(), dim=-1)
+            k = min(self.top_k, int((probs > 0).sum()))   # a constraint may allow fewer than top_k tokens
             top_probs, top_ids = torch.topk(probs, k)
             base = cache.length
             mask = torch.cat([torch.ones(k, base, dtype=torch.bool, device=device),
