@@ -202,3 +202,12 @@ def test_sample_is_seeded_and_follows_probs():
     assert freq[1] == 0 and torch.allclose(freq, probs[0], atol=0.015)
     assert sample(torch.tensor([0.0, 1.0]), make_generator(0)).item() == 1  # 1-D probs -> scalar
     make_generator(None)  # unseeded works
+
+
+def test_every_integer_is_a_seed():
+    """torch takes seeds in [-2**63, 2**64); 2**80 (a Python int, as a user may pass) raised ValueError deep in
+    the generation. Seeds in range keep their streams; one outside is taken modulo 2**64."""
+    draw = lambda seed: torch.rand(4, generator=make_generator(seed))   # noqa: E731
+    for seed in (0, -5, 2**63, 2**64 - 1, -2**63):
+        assert torch.equal(draw(seed), torch.rand(4, generator=torch.Generator().manual_seed(seed)))
+    assert torch.equal(draw(2**80 + 7), draw(7)) and torch.equal(draw(-2**64 + 3), draw(3))

@@ -310,12 +310,14 @@ def make_probs_fn(cfg: SamplingConfig) -> ProbsFn:
 # ------------------------------------------------------------------------------------------------ sampling
 
 def make_generator(seed: int | None = None, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator all sampling randomness goes through; ``seed=None`` seeds it nondeterministically."""
+    """The generator all sampling randomness goes through; ``seed=None`` seeds it nondeterministically. Any
+    integer is a seed: torch takes [-2**63, 2**64), and one outside is taken modulo 2**64."""
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(int(seed))
+        seed = int(seed)
+        generator.manual_seed(seed if -2**63 <= seed < 2**64 else seed % 2**64)
     return generator
 
 
