@@ -16,6 +16,7 @@ import math
 import random
 
 import pytest
+import numpy as np
 import torch
 
 import tachy
@@ -498,6 +499,45 @@ def test_empty_prompt(smollm):
         smollm.generate("", max_new_tokens=4)
     with pytest.raises(InvalidArgumentError):
         smollm.generate([], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([1, 2, 49152], "must be in \\[0, 49152\\), got 49152"),   # the C forward had failed with "code -2"
+    ([1, -2], "got -2"),
+    ([1.5, 2], "integer token ids"),
+    (None, "integer token ids"),                                # a TypeError from list(None)
+    (5, "integer token ids"),
+])
+def test_prompt_ids_outside_the_vocabulary_are_invalid_arguments(smollm, prompt, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        smollm.generate(prompt, max_new_tokens=2)
+
+
+def test_prompt_ids_may_be_a_tensor_or_an_array(smollm):
+    expected = smollm.generate([1, 2, 3], max_new_tokens=3)
+    assert smollm.generate(torch.tensor([1, 2, 3]), max_new_tokens=3) == expected
+    assert smollm.generate(np.array([1, 2, 3]), max_new_tokens=3) == expected
+
+
+@pytest.mark.parametrize("messages, message", [
+    ("hello", "list of"),                                                  # an AttributeError
+    ([{"role": "user", "content": 5}], "message 0: content must be a string"),   # a TypeError in the template
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "text only"),
+])
+def test_malformed_chat_messages_are_invalid_arguments(smollm, messages, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        smollm.chat(messages, max_new_tokens=2)
+
+
+def test_chat_content_may_be_a_list_of_text_parts(smollm):
+    parts = [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]
+    assert smollm.chat([{"role": "user", "content": parts}], max_new_tokens=4) == \
+        smollm.chat([{"role": "user", "content": "Name a colour."}], max_new_tokens=4)
+
+
+def test_a_drafter_option_out_of_range_is_an_invalid_argument(smollm):
+    with pytest.raises(InvalidArgumentError, match="drafter 'pld'.*min_ngram"):   # was a bare ValueError
+        smollm.generate("Hi", max_new_tokens=2, drafter="pld:max_ngram=-1")
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(top_p=1.5),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import os
 import time
 from pathlib import Path
@@ -374,9 +375,18 @@ class Engine:
                     prefix.store(ids[:-1], cache.k[:, 0], cache.v[:, 0])
 
     def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
-        prompt_ids = list(prompt_ids)
+        """The prompt as a list of ints, each a token of the model (the C forward reads the embedding row of
+        any id it is given), within the context window."""
+        try:
+            prompt_ids = [operator.index(t) for t in prompt_ids]   # ints, numpy ints, 0-d integer tensors
+        except TypeError:
+            raise InvalidArgumentError("the prompt must be a string or a sequence of integer token ids") from None
         if not prompt_ids:
             raise InvalidArgumentError("the prompt is empty")
+        vocab = self.config.vocab_size
+        if not 0 <= min(prompt_ids) <= max(prompt_ids) < vocab:
+            raise InvalidArgumentError(f"prompt token ids must be in [0, {vocab}), got "
+                                       f"{min(prompt_ids) if min(prompt_ids) < 0 else max(prompt_ids)}")
         if len(prompt_ids) >= self.max_context:
             raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; the context window of {self.name} "
                                      f"is {self.max_context}")
@@ -470,7 +480,7 @@ class Engine:
         """Stream text pieces for a raw prompt (a string is tokenized with the model's special tokens);
         ``should_stop`` as for :meth:`generate_tokens`."""
         config = config or GenerationConfig(**kwargs)
-        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self.check_prompt(prompt)
         stats = GenerationStats()
         text = TextStream(self.tokenizer, config, stats)
         steps = self.generate_tokens(prompt_ids, config, stats, should_stop)

@@ -137,8 +137,7 @@ class Tokenizer:
         if not self.chat_template:
             raise TachyError(f"model {self.name!r} has no chat template (a base model?); "
                              f"use plain text generation instead of chat")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise InvalidArgumentError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        messages = plain_messages(messages)
         import jinja2
         special = {k: _token_str(self.config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         try:
@@ -166,7 +165,7 @@ class Tokenizer:
         """chat_ids cut where the rendered conversation holds ``split_at`` (which is left out), each part
         encoded on its own: where APE's passages go (the server's tachy.passages). One part without it."""
         parts: list[list[int]] = [[]]
-        for text, literal in self._chat_pieces(messages, add_generation_prompt):
+        for text, literal in self._chat_pieces(plain_messages(messages), add_generation_prompt):
             for k, piece in enumerate(text.split(split_at) if split_at else [text]):
                 if k:
                     parts.append([])
@@ -207,6 +206,27 @@ class Tokenizer:
         """Mirror transformers' TokenizersBackend.update_post_processor."""
         _set_bos_eos_post_processor(self._tok, self.bos_token if self.add_bos_token else None,
                                     self.eos_token if self.add_eos_token else None)
+
+
+def plain_messages(messages: Any) -> list[dict[str, Any]]:
+    """Chat messages as templates take them: a list of dicts with a role, whose content is a string (OpenAI's
+    list of text parts joined) or None; anything else is an InvalidArgumentError, not a template's TypeError."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise InvalidArgumentError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise InvalidArgumentError(f"message {i}: content parts must be {{'type': 'text', 'text': ...}} "
+                                           f"(text only)")
+            m = {**m, "content": "".join(p["text"] for p in content)}
+        elif content is not None and not isinstance(content, str):
+            raise InvalidArgumentError(f"message {i}: content must be a string, a list of text parts or None, "
+                                       f"got {type(content).__name__}")
+        out.append(m)
+    return out
 
 
 def _encode(backend: tokenizers.Tokenizer, text: str, add_special_tokens: bool) -> list[int]:

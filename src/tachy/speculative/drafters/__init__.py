@@ -72,7 +72,7 @@ def make_drafter(name: str, **kwargs) -> Drafter:
         raise UnknownNameError(f"unknown drafter {name!r}; available: {', '.join(available_drafters())}")
     try:
         return cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:   # an unknown option, or a value out of its range
         raise InvalidArgumentError(f"drafter {name!r}: {e}") from None
 
 
