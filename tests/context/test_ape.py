@@ -73,10 +73,25 @@ def test_bad_input_is_refused(smollm):
     prefix, passages, question = chat_parts(smollm, ["A short passage."], "Why?")
     with pytest.raises(ContextLengthError, match="overflow the context"):
         ape_generate(smollm, prefix, passages + [[5] * smollm.max_context], question, 4)
-    with pytest.raises(InvalidArgumentError, match="at least one passage"):
+    with pytest.raises(InvalidArgumentError, match="non-empty list of non-empty token-id lists"):
         ape_generate(smollm, prefix, [], question, 4)
+    with pytest.raises(InvalidArgumentError, match="needs a question"):
+        ape_generate(smollm, prefix, passages, [], 4)
     with pytest.raises(InvalidArgumentError, match="temperature and scale"):
         APEConfig(temperature=0.0)
+    with pytest.raises(InvalidArgumentError, match=r"passage token ids must be in \[0, 49152\)"):
+        ape_generate(smollm, prefix, [[1, 49152]], question, 4)   # the C forward had failed with "code -2"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(passages=["A short passage."]), "token-id lists, e.g."),   # text where token ids go
+    (dict(passages=[[1, 2]]), "passages_at must be"),                 # no prefix: was "APE needs a non-empty prefix"
+    (dict(passages=[[1, 2]], passages_at=-1), "passages_at must be"),
+    (dict(passages=[[]], passages_at=2), "non-empty token-id lists"),
+])
+def test_generation_config_says_what_apes_inputs_are(kwargs, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        GenerationConfig(**kwargs)
 
 
 def test_sliding_window_models_are_refused():

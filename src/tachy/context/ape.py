@@ -115,10 +115,11 @@ class PassageStore:
 
 def _check(engine, prefix_ids: Sequence[int], passages: Sequence[Sequence[int]], question_ids: Sequence[int],
            max_new_tokens: int) -> None:
-    if not prefix_ids or not question_ids:
-        raise InvalidArgumentError("APE needs a non-empty prefix and question")
-    if not passages or any(len(p) == 0 for p in passages):
-        raise InvalidArgumentError("APE needs at least one passage, and no empty passage")
+    if not question_ids:   # the prefix and passages were checked with the GenerationConfig
+        raise InvalidArgumentError("APE needs a question after the passages (prompt tokens past passages_at)")
+    vocab = engine.config.vocab_size
+    if not all(0 <= t < vocab for p in passages for t in p):
+        raise InvalidArgumentError(f"passage token ids must be in [0, {vocab})")
     if any(t == "sliding" for t in getattr(engine.config, "layer_types", None) or []):
         raise InvalidArgumentError(f"APE needs full attention in every layer; {engine.name} has sliding-window "
                                    "layers (parallel passages share positions a window cannot tell apart)")

@@ -92,6 +92,8 @@ class GenerationConfig:
             raise InvalidArgumentError("passages (APE) cannot be combined with a search strategy, a press or a "
                                        "prediction")
         self.ape = None if self.passages is None else APEConfig(self.ape_temperature, self.ape_scale)
+        if self.passages is not None:
+            check_passages(self.passages, self.passages_at)
 
 
 def check_config(config: GenerationConfig) -> Strategy:
@@ -110,6 +112,18 @@ def check_config(config: GenerationConfig) -> Strategy:
     check_response_format(config.response_format)
     check_watermark(config.watermark)
     return strategy
+
+
+def check_passages(passages, passages_at) -> None:
+    """APE's inputs, with errors that say what to pass (the engine takes token ids; the server encodes text)."""
+    if not isinstance(passages, (list, tuple)) or not passages or not all(
+            isinstance(p, (list, tuple)) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+            for p in passages):
+        raise InvalidArgumentError("passages must be a non-empty list of non-empty token-id lists, e.g. "
+                                   "[engine.tokenizer.encode(text, add_special_tokens=False) for text in texts]")
+    if isinstance(passages_at, bool) or not isinstance(passages_at, int) or passages_at < 1:
+        raise InvalidArgumentError(f"passages_at must be the number of prompt tokens before the passages (the "
+                                   f"shared prefix, at least 1), got {passages_at!r}")
 
 
 def logits_processor(engine: Engine, config: GenerationConfig,
