@@ -276,6 +276,16 @@ def test_health_models_metrics(server, client):
     assert values["tachy_tokens_per_second"] > 0
 
 
+def test_a_model_is_retrieved_by_name(server, client):
+    """The openai client's models.retrieve (GET /v1/models/{id}) was a bare 404."""
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.object == "model"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no/such-model")
+    assert e.value.body["code"] == "model_not_found"
+    assert httpx.get(f"{server}/v1/models/{MODEL}").status_code == 401   # the key guards it like the list
+
+
 def test_response_format_json_schema_parses_and_validates(client):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                                "population": {"type": "integer"}},

@@ -121,10 +121,19 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    model_card = {"id": model_name, "object": "model", "created": 0, "owned_by": "tachy",
+                  "max_model_len": engine.max_context}
+
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "tachy", "max_model_len": engine.max_context}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(check_key)])
+    async def model(model: str) -> dict:   # the openai client's models.retrieve; names may hold "/"
+        if model != model_name:
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return model_card
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
