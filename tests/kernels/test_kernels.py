@@ -256,3 +256,15 @@ def test_attention_value_sums_are_the_weighted_sums(attention_path):
         bound = e.double().T @ values[keys].double().abs()
         assert ((out.double() - exact).abs() <= 2e-5 * bound + 1e-30).all(), (D, P, L, gathered)
 
+
+
+def test_a_first_build_says_it_is_compiling_and_later_ones_are_silent(tmp_path, monkeypatch, capsys):
+    """Compiling takes ~10 s on 2 cores; a first `tachy generate` had sat silent after "loading ..."."""
+    compiled = []
+    monkeypatch.setenv("TACHY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(K, "compile_library", lambda sources, out: compiled.append(out.write_bytes(b"lib")))
+    lib = K.build()
+    err = capsys.readouterr().err
+    assert lib.is_file() and str(tmp_path) in str(lib) and len(compiled) == 1
+    assert "compiling the CPU kernels for this machine" in err and "kernels compiled in" in err
+    assert K.build() == lib and len(compiled) == 1 and capsys.readouterr().err == ""

@@ -20,6 +20,8 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -131,11 +133,15 @@ def build(verbose: bool = False) -> Path:
         return lib
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".build-{os.getpid()}-{uuid.uuid4().hex[:8]}.so"
+    start = time.perf_counter()   # ~10 s on 2 cores: say so, or a first run looks stuck
+    print(f"tachy: compiling the CPU kernels for this machine (once; cached in {folder}) ...", file=sys.stderr,
+          flush=True)
     try:
         compile_library(SOURCES, tmp)
         os.replace(tmp, lib)   # atomic: concurrent builders (test workers) each install a whole library
     finally:
         tmp.unlink(missing_ok=True)
+    print(f"tachy: kernels compiled in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return lib
 
 
