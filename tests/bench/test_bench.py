@@ -129,6 +129,7 @@ def test_bench_end_to_end(cached_load, bench_file, tmp_path, capsys):
     assert {"model", "device", "max_new_tokens", "prompts", "methods"} <= set(results)
     assert isinstance(results["model"], str) and isinstance(results["device"], str)
     assert results["max_new_tokens"] == 16 and results["prompts"] == 2
+    assert results["dtype"] == "gguf"   # the weight format; had read "float32" (the norms' dtype)
     assert set(results["methods"]) == {"vanilla", "pld"}
     for name, m in results["methods"].items():
         assert {"tokens_per_s", "speedup", "mean_accepted", "identical", "per_category"} <= set(m), name
@@ -148,6 +149,7 @@ def test_bench_end_to_end(cached_load, bench_file, tmp_path, capsys):
     md = (out / "results.md").read_text()
     assert "| pld |" in md and "| vanilla |" in md and md in stdout
     assert "| drafter time | of which draft model |" in md
+    assert md.startswith("Model `smollm2-135m` (gguf weights) on cpu")
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

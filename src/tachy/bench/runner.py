@@ -157,7 +157,7 @@ def summarize(engine: Engine, prompts: list[Prompt], runs: dict[str, list[Run]],
     return {
         "model": engine.name,
         "device": _device_name(engine.device),
-        "dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
+        "dtype": engine.weights,   # gguf, bf16, fp32, int8 or int4 (a GGUF model's parameters are only its norms)
         "max_new_tokens": max_new_tokens,
         "prompts": len(prompts),
         "looping_prompts": [p.id for p, loop in zip(prompts, loops) if loop],
@@ -182,7 +182,7 @@ def write_report(results: dict, out: Path, command: str) -> None:
 def markdown_table(results: dict, command: str) -> str:
     methods = results["methods"]
     categories = sorted(next(iter(methods.values()))["per_category"])
-    lines = [f"Model `{results['model']}` ({results['dtype']}) on {results['device']}, {results['prompts']} prompts, "
+    lines = [f"Model `{results['model']}` ({results['dtype']} weights) on {results['device']}, {results['prompts']} prompts, "
              f"{results['max_new_tokens']} new tokens per turn. Looping vanilla outputs: "
              f"{len(results['looping_prompts'])}/{results['prompts']}.", "", f"Command: `{command}`", "",
              "| method | tokens/s | speedup | speedup w/o loops | median prompt speedup | tokens/forward "
