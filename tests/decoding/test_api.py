@@ -103,9 +103,14 @@ def test_cli_rejects_a_bad_schema_file(tmp_path, capsys):
 def test_cli_watermark_detect_on_the_embedded_model(smollm, one_torch_thread, capsys):
     from tachy.cli import main
 
+    # plain decoding: a speculative sample follows the same distribution but takes other random draws with
+    # each drafter, and a sample that ends after ~20 tokens (seed 0 with the suffix automaton) is too short
+    # to show the watermark at z > 4
     msgs = [{"role": "user", "content": "Write a few sentences about the sea."}]
-    marked = smollm.chat(msgs, GenerationConfig(max_new_tokens=80, temperature=1.0, seed=0, watermark=True))
-    plain = smollm.chat(msgs, GenerationConfig(max_new_tokens=80, temperature=1.0, seed=0))
+    marked = smollm.chat(msgs, GenerationConfig(max_new_tokens=80, temperature=1.0, seed=1, watermark=True,
+                                                drafter="none"))
+    plain = smollm.chat(msgs, GenerationConfig(max_new_tokens=80, temperature=1.0, seed=1, drafter="none"))
+    assert len(smollm.tokenizer.encode(marked, add_special_tokens=False)) >= 60
     assert main(["watermark", "detect", marked]) == 0
     out_marked = capsys.readouterr().out
     assert main(["watermark", "detect", plain]) == 0

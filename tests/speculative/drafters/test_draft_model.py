@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+import tachy
 from tachy import Engine, GenerationConfig, GenerationStats
 from tachy.errors import InvalidArgumentError
 from tachy.speculative.drafters import DraftModelDrafter, SuffixAutomatonDrafter, make_drafter
@@ -168,6 +169,25 @@ def test_default_drafts_with_the_int4_copy_on_a_float_cpu_target_and_model_free_
     d = make_drafter("default")
     d.check_target(int4_target)
     assert isinstance(d.inner, ModelFreeDrafter)
+
+
+def test_default_is_the_suffix_automaton_alone_on_gguf_blocks_through_the_c_forward(smollm):
+    """Measured (docs/benchmarks.md section 3): there Token Recycling's fallback drafts cost more than they
+    save; on bf16 weights, whose C forward steps cost ~8x more, they pay (model-free stays)."""
+    from tachy.speculative.drafters import ModelFreeDrafter
+
+    if smollm.model.cpu_forward is None:
+        pytest.skip("the C forward does not run on this machine")
+    d = make_drafter("default")
+    d.check_target(smollm)
+    assert isinstance(d.inner, SuffixAutomatonDrafter) and d.inner.min_match_len == 1 and not d.needs_logits
+    d = make_drafter("default", min_match_len=3)
+    d.check_target(smollm)
+    assert isinstance(d.inner, SuffixAutomatonDrafter) and d.inner.min_match_len == 3
+    bf16 = tachy.load("smollm2-135m", dtype="bf16", progress=False)
+    d = make_drafter("default")
+    d.check_target(bf16)
+    assert bf16.model.cpu_forward is not None and isinstance(d.inner, ModelFreeDrafter)
 
 
 def test_a_prediction_in_front_of_quantized_self_still_shares_the_target_cache():

@@ -6,7 +6,8 @@
 ======================  ==========================================================================
 name                    drafter
 ======================  ==========================================================================
-``default``             :class:`DefaultDrafter`: ``quantized-self`` on a CPU float target, else ``model-free``
+``default``             :class:`DefaultDrafter`: ``quantized-self`` on a CPU float target, ``sam`` on GGUF
+                        blocks through the C forward, else ``model-free``
 ``model-free``          :class:`ModelFreeDrafter`: suffix automaton, else Token Recycling
 ``gated``               :class:`GatedModelFreeDrafter`: ``model-free`` behind the never-slower gate
 ``pld``                 :class:`PromptLookupDrafter`: n-gram lookup in the context
