@@ -2,21 +2,16 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "soak_test.py"
+from tests.benchmarks import load_script
 
 
 @pytest.fixture(scope="module")
 def soak():
-    spec = importlib.util.spec_from_file_location("soak_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("soak_test")
 
 
 def test_the_draws_are_seeded_and_cover_every_kind_of_request(soak):

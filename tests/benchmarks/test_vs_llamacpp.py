@@ -1,20 +1,14 @@
 """benchmarks/vs_llamacpp.py's summary without llama.cpp: speeds without the looping prompts are their own."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "vs_llamacpp.py"
+from tests.benchmarks import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("vs_llamacpp", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("vs_llamacpp")
 
 
 def row(prompt_id: str, llama_s: float, plain_s: float, default_s: float, looping: bool) -> dict:
