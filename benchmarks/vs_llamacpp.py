@@ -154,7 +154,7 @@ def main() -> None:
             print(f"[{set_name} {i + 1}/{len(qs)}] {q.category:15s} {line}", flush=True)
         results["sets"][set_name] = summarize(rows, names, args.max_new_tokens)
         results["sets"][set_name]["prompts"] = [{k: v for k, v in r.items() if k != "engines"} | {
-            "seconds": {n: r["engines"][n]["seconds"] for n in names}, "looping": r["looping"],
+            "seconds": {n: r["engines"][n]["seconds"] for n in names},
             "identical_to_tachy_plain": {n: r["engines"][n]["tokens"] == r["engines"]["tachy plain"]["tokens"]
                                          for n in names}} for r in rows]
     out = Path(args.out)

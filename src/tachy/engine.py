@@ -34,7 +34,7 @@ from .sampling import SamplingConfig, make_generator, make_probs_fn, sample, tok
 from .speculative.drafters import Drafter, make_drafter, prediction_drafter
 from .speculative.tree import DraftTree
 from .speculative.verify import commit_exact, verify_greedy, verify_sampling
-from .tokenizer import StreamDetokenizer, Tokenizer
+from .tokenizer import StreamDetokenizer, Tokenizer, check_token_ids
 
 
 class Engine:
@@ -383,10 +383,7 @@ class Engine:
             raise InvalidArgumentError("the prompt must be a string or a sequence of integer token ids") from None
         if not prompt_ids:
             raise InvalidArgumentError("the prompt is empty")
-        vocab = self.config.vocab_size
-        if not 0 <= min(prompt_ids) <= max(prompt_ids) < vocab:
-            raise InvalidArgumentError(f"prompt token ids must be in [0, {vocab}), got "
-                                       f"{min(prompt_ids) if min(prompt_ids) < 0 else max(prompt_ids)}")
+        check_token_ids(prompt_ids, self.config.vocab_size)
         if len(prompt_ids) >= self.max_context:
             raise ContextLengthError(f"prompt has {len(prompt_ids)} tokens; the context window of {self.name} "
                                      f"is {self.max_context}")
@@ -480,7 +477,7 @@ class Engine:
         """Stream text pieces for a raw prompt (a string is tokenized with the model's special tokens);
         ``should_stop`` as for :meth:`generate_tokens`."""
         config = config or GenerationConfig(**kwargs)
-        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self.check_prompt(prompt)
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt   # checked in _steps
         stats = GenerationStats()
         text = TextStream(self.tokenizer, config, stats)
         steps = self.generate_tokens(prompt_ids, config, stats, should_stop)

@@ -243,6 +243,14 @@ def _encode(backend: tokenizers.Tokenizer, text: str, add_special_tokens: bool) 
         raise
 
 
+def check_token_ids(ids: Sequence[int], vocab_size: int, what: str = "prompt") -> None:
+    """InvalidArgumentError unless every id is a row of the model's embedding (the C forward reads the row of
+    any id it is given)."""
+    if ids and not 0 <= min(ids) <= max(ids) < vocab_size:
+        bad = min(ids) if min(ids) < 0 else max(ids)
+        raise InvalidArgumentError(f"{what} token ids must be in [0, {vocab_size}), got {bad}")
+
+
 def is_unicode(text: str) -> bool:
     """False for a str holding a lone surrogate: Python (and JSON's \\ud800 escapes) allow them, no tokenizer
     can encode them."""

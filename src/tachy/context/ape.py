@@ -37,6 +37,7 @@ from ..errors import ContextLengthError, InvalidArgumentError
 from ..generation import GenerationStats, Step
 from ..models.llama import merge_attention
 from ..sampling import token_logprobs
+from ..tokenizer import check_token_ids
 
 
 @dataclass
@@ -117,9 +118,8 @@ def _check(engine, prefix_ids: Sequence[int], passages: Sequence[Sequence[int]],
            max_new_tokens: int) -> None:
     if not question_ids:   # the prefix and passages were checked with the GenerationConfig
         raise InvalidArgumentError("APE needs a question after the passages (prompt tokens past passages_at)")
-    vocab = engine.config.vocab_size
-    if not all(0 <= t < vocab for p in passages for t in p):
-        raise InvalidArgumentError(f"passage token ids must be in [0, {vocab})")
+    for passage in passages:
+        check_token_ids(passage, engine.config.vocab_size, "passage")
     if any(t == "sliding" for t in getattr(engine.config, "layer_types", None) or []):
         raise InvalidArgumentError(f"APE needs full attention in every layer; {engine.name} has sliding-window "
                                    "layers (parallel passages share positions a window cannot tell apart)")

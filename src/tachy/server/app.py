@@ -28,7 +28,7 @@ from ..generation import GenerationResponse, GenerationStats
 from ..errors import ContextLengthError, InvalidArgumentError, TachyError
 from ..sampling import MAX_LOGIT_BIAS
 from ..speculative.drafters import DRAFTERS, make_drafter
-from ..tokenizer import is_unicode
+from ..tokenizer import check_token_ids, is_unicode
 from .http_errors import ApiError, BodyGuard, ClientGone, install_error_handlers
 from .metrics import Metrics
 from .schemas import MAX_STOP, MAX_STOP_CHARS, ChatCompletionRequest, CompletionRequest, _Sampling, error_body
@@ -130,9 +130,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
 
     @app.get("/v1/models/{model:path}", dependencies=[Depends(check_key)])
     async def model(model: str) -> dict:   # the openai client's models.retrieve; names may hold "/"
-        if model != model_name:
-            raise ApiError(404, f"model {model!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+        _check_model(model, model_name)
         return model_card
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
@@ -190,9 +188,11 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
             raise ApiError(400, "the prompt is empty", param="prompt")
         if not isinstance(prompt, str) and not isinstance(prompt[0], str):   # token ids, one list or several
             prompts = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]
-            vocab = engine.config.vocab_size
-            if not all(0 <= t < vocab for p in prompts for t in p):
-                raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+            try:
+                for ids in prompts:
+                    check_token_ids(ids, engine.config.vocab_size)
+            except InvalidArgumentError as e:
+                raise ApiError(400, str(e), param="prompt") from None
         else:
             texts = [prompt] if isinstance(prompt, str) else prompt
             prompts = await asyncio.to_thread(lambda: [engine.tokenizer.encode(t) for t in texts])
@@ -212,9 +212,7 @@ def _check_common(body: _Sampling, model_name: str) -> None:
     if where is not None:
         raise ApiError(400, f"{where}: invalid Unicode (a lone surrogate such as \\ud800); send UTF-8 text",
                        param=where, code="invalid_unicode")
-    if body.model != model_name:
-        raise ApiError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
-                       param="model", code="model_not_found")
+    _check_model(body.model, model_name)
     stops = body.stop_list()
     if len(stops) > MAX_STOP:
         raise ApiError(400, f"stop takes at most {MAX_STOP} strings, got {len(stops)}", param="stop")
@@ -232,6 +230,12 @@ def _check_common(body: _Sampling, model_name: str) -> None:
                        param="tachy.drafter")
     if drafter != "none" and drafter not in DRAFTERS:
         make_drafter(drafter)  # raises UnknownNameError listing the available drafters
+
+
+def _check_model(name: str, model_name: str) -> None:
+    if name != model_name:
+        raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
+                       param="model", code="model_not_found")
 
 
 def _invalid_unicode(value) -> str | None:
