@@ -53,10 +53,15 @@ $(LEGACY)/.done: pyproject.toml requirements/legacy-parity.txt
 	touch $@
 
 # The benchmark venv: dev + llama.cpp's bindings built for this CPU (benchmarks/vs_llamacpp.py). AMX stays off:
-# CPUs that report AMX without allowing it (some VMs) die with "Illegal instruction" otherwise.
+# CPUs that report AMX without allowing it (some VMs) die with "Illegal instruction" otherwise. A CPU without
+# AVX-512 gets llama.cpp's AVX2 build (the AVX-512 one would die the same way there).
 BENCH ?= .venv-bench
+ifneq ($(shell grep -c avx512f /proc/cpuinfo 2>/dev/null),0)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
                     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+else
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+endif
 $(BENCH)/.done: pyproject.toml requirements/bench.txt
 	rm -rf $(BENCH)
 	$(PYTHON) -m venv $(BENCH)

@@ -23,9 +23,16 @@ from tachy import GenerationConfig, GenerationStats, kernels
 PROMPT = "Write a detailed explanation of how photosynthesis works, step by step."
 
 
+def prompt_ids(engine: tachy.Engine) -> list[int]:
+    """The prompt as a chat turn, or as plain text for a model without a chat template (gemma3's GGUF)."""
+    if engine.tokenizer.chat_template is None:
+        return engine.tokenizer.encode(PROMPT)
+    return engine.chat_prompt([{"role": "user", "content": PROMPT}])
+
+
 def c_forward_profile(name: str, tokens: int) -> dict:
     engine = tachy.load(name, dtype="gguf", progress=False)
-    prompt = engine.chat_prompt([{"role": "user", "content": PROMPT}])
+    prompt = prompt_ids(engine)
     config = GenerationConfig(max_new_tokens=tokens, drafter=None, ignore_eos=True)
     list(engine.generate_tokens(prompt, config))                       # warm
     kernels.forward_profile(reset=True)
@@ -56,7 +63,7 @@ def torch_forward_profile(name: str, tokens: int) -> dict:
 
     engine = tachy.load(name, dtype="bf16", progress=False)
     engine.model.cpu_forward = None                                    # the PyTorch forward
-    prompt = engine.chat_prompt([{"role": "user", "content": PROMPT}])
+    prompt = prompt_ids(engine)
     config = GenerationConfig(max_new_tokens=tokens, drafter=None, ignore_eos=True)
     list(engine.generate_tokens(prompt, config))
     stats = GenerationStats()

@@ -23,11 +23,11 @@ __version__ = "0.1.0"
 
 
 def default_dtype(device: torch.device, path: Path | None = None) -> str:
-    """A GGUF file's own blocks on a CPU where tachy's kernels run natively (AVX512 with BF16 and VNNI);
-    else bf16 where the hardware has fast bf16 matmuls (CUDA, AVX512-BF16/AMX CPUs), else fp32."""
+    """A GGUF file's own blocks on a CPU where tachy's kernels run natively (AVX-512 with BF16 and VNNI, or
+    AVX2); else bf16 where the hardware has fast bf16 matmuls (CUDA, AVX512-BF16/AMX CPUs), else fp32."""
     if device.type == "cuda":
         return "bf16"
-    if path is not None and path.is_file() and kernels.has_avx512_bf16():
+    if path is not None and path.is_file() and kernels.runs_gguf_natively():
         return "gguf"
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -86,7 +86,8 @@ def load(name_or_path: str | Path | None = None, dtype: str | None = None, devic
     model = model_from_state_dict(cfg, state_dict, quantized)
     model = model.to(dev) if quantized else convert_weights(model.to(dev), dtype)
     model = model.eval()
-    if kernels.has_avx512_bf16():   # the whole forward in one C call (GGUF blocks or bf16 weights)
+    # the whole forward in one C call: GGUF blocks on AVX-512 or AVX2, bf16 weights on AVX512-BF16
+    if kernels.has_avx512_bf16() or (quantized and kernels.runs_gguf_natively()):
         model.cpu_forward = CPUForward.build(model)
     tokenizer = Tokenizer.from_path(tokenizer_dir)
     name = str(name_or_path or DEFAULT_MODEL)

@@ -230,6 +230,22 @@ def has_avx512_bf16() -> bool:
     return bool(lib is not None and lib.tq_has_avx512_bf16())
 
 
+def simd() -> str:
+    """The vector instructions the kernels were built with here: "avx512" (with BF16 and VNNI: every kernel),
+    "avx2" (with FMA and F16C: the int8 products of GGUF blocks and the decoder's float work; bf16 weights
+    take the portable path) or "portable" (plain C), or "" where the kernels are not loaded."""
+    lib = _load()
+    if lib is None:
+        return ""
+    return {512: "avx512", 256: "avx2"}.get(lib.tq_simd_width(), "portable")
+
+
+def runs_gguf_natively() -> bool:
+    """Whether the C forward over GGUF blocks beats dequantized PyTorch weights here: vector kernels (AVX-512 or
+    AVX2) on a CPU; plain C loses to PyTorch's own kernels."""
+    return simd() in ("avx512", "avx2")
+
+
 _pinned_threads: int | None = None
 
 

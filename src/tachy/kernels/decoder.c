@@ -44,6 +44,7 @@ void tq_profile(double *out, int reset) {
 }
 
 #define DEC_AVX512 TQ_AVX512
+#define DEC_AVX2 TQ_AVX2
 
 /* Intel's AMX tile units (Sapphire Rapids on) compute attention where the CPU has them and the kernel lets the
    process use them: scores for 16 keys by up to 16 (token, head) pairs per few TDPBF16PS instead of a fused
@@ -212,6 +213,25 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
 }
+#elif DEC_AVX2
+/* exp16's operations on 8 lanes, 2^n made from n's exponent bits (n is within -126..127 after the clamp) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
 #endif
 
 /* exp over an array, in place */
@@ -222,6 +242,14 @@ static void exp_inplace(float *x, int64_t n) {
     if (i < n) {
         __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
         _mm512_mask_storeu_ps(x + i, m, exp16(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+#elif DEC_AVX2
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp8(_mm256_loadu_ps(x + i)));
+    if (i < n) {   /* the tail through the same lanes */
+        float t[8] = {0};
+        memcpy(t, x + i, sizeof(float) * (size_t)(n - i));
+        _mm256_storeu_ps(t, exp8(_mm256_loadu_ps(t)));
+        memcpy(x + i, t, sizeof(float) * (size_t)(n - i));
     }
 #else
     for (; i < n; i++) x[i] = expf(x[i]);
@@ -235,6 +263,13 @@ static inline float dot_f32(const float *x, const float *y, int64_t n) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i), acc);
     float s = _mm512_reduce_add_ps(acc);
+    for (; i < n; i++) s += x[i] * y[i];
+    return s;
+#elif DEC_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc);
+    float s = hsum8(acc);
     for (; i < n; i++) s += x[i] * y[i];
     return s;
 #else
@@ -252,6 +287,13 @@ static inline float dot_f32_bf16(const float *x, const uint16_t *y, int64_t n) {
     float s = _mm512_reduce_add_ps(acc);
     for (; i < n; i++) s += x[i] * bf2f(y[i]);
     return s;
+#elif DEC_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load_bf16x8(y + i), acc);
+    float s = hsum8(acc);
+    for (; i < n; i++) s += x[i] * bf2f(y[i]);
+    return s;
 #else
     float s = 0;
     for (int64_t i = 0; i < n; i++) s += x[i] * bf2f(y[i]);
@@ -266,6 +308,12 @@ static inline void axpy_bf16(float *out, float p, const uint16_t *y, int64_t n) 
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(out + i, _mm512_fmadd_ps(pp, load_bf16x16(y + i), _mm512_loadu_ps(out + i)));
+    for (; i < n; i++) out[i] += p * bf2f(y[i]);
+#elif DEC_AVX2
+    __m256 pp = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pp, load_bf16x8(y + i), _mm256_loadu_ps(out + i)));
     for (; i < n; i++) out[i] += p * bf2f(y[i]);
 #else
     for (int64_t i = 0; i < n; i++) out[i] += p * bf2f(y[i]);
@@ -1021,6 +1069,60 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
 }
 #endif
 
+#if DEC_AVX2
+/* grouped_heads on 8 lanes: the G query heads of key head g for token t over its n keys, each K and V row
+   loaded and widened once for all G heads, with the per-head loop's operations in its order (dot_f32_bf16's
+   8-lane fmadd chain then hsum8, the scale, the max, exp, the sum in key order, out += p * v key by key), so
+   the same bits with a G-th of the K/V traffic. D a multiple of 8, at most 256; G at most 8. */
+static void grouped_heads8(fwd *f, int64_t t, int64_t g, int64_t G, const int64_t *keys, int64_t n,
+                           const uint16_t *K0, const uint16_t *V0, float *score, int64_t cap) {
+    const tq_model *m = f->m;
+    int64_t D = m->head_dim, H = m->heads, C = D / 8;
+    float scale = (float)m->attn_scale;
+    __m256 q[8][32], row[32], out[8][32];
+    float mx[8], sum[8];
+    for (int64_t h = 0; h < G; h++) {
+        const float *qh = f->qkv + t * f->qkv_n + (g * G + h) * D;
+        for (int64_t c = 0; c < C; c++) q[h][c] = _mm256_loadu_ps(qh + 8 * c);
+        mx[h] = -INFINITY;
+    }
+    for (int64_t k = 0; k < n; k++) {
+        const uint16_t *kr = K0 + keys[k] * D;
+        for (int64_t c = 0; c < C; c++) row[c] = load_bf16x8(kr + 8 * c);
+        for (int64_t h = 0; h < G; h++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t c = 0; c < C; c++) acc = _mm256_fmadd_ps(q[h][c], row[c], acc);
+            float sc = hsum8(acc) * scale;
+            score[h * cap + k] = sc;
+            if (sc > mx[h]) mx[h] = sc;
+        }
+    }
+    for (int64_t h = 0; h < G; h++) {
+        float *sh = score + h * cap;
+        for (int64_t k = 0; k < n; k++) sh[k] -= mx[h];
+        exp_inplace(sh, n);
+        float s = 0;
+        for (int64_t k = 0; k < n; k++) s += sh[k];
+        sum[h] = s;
+        for (int64_t c = 0; c < C; c++) out[h][c] = _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < n; k++) {
+        const uint16_t *vr = V0 + keys[k] * D;
+        for (int64_t c = 0; c < C; c++) row[c] = load_bf16x8(vr + 8 * c);
+        for (int64_t h = 0; h < G; h++) {
+            __m256 pp = _mm256_set1_ps(score[h * cap + k]);
+            for (int64_t c = 0; c < C; c++) out[h][c] = _mm256_fmadd_ps(pp, row[c], out[h][c]);
+        }
+    }
+    for (int64_t h = 0; h < G; h++) {
+        float o[256], inv = 1.0f / sum[h];
+        for (int64_t c = 0; c < C; c++) _mm256_storeu_ps(o + 8 * c, out[h][c]);
+        uint16_t *dst = f->attn + t * H * D + (g * G + h) * D;
+        for (int64_t d = 0; d < D; d++) dst[d] = f2bf(o[d] * inv);
+    }
+}
+#endif
+
 /* ---- sparse attention (tq_sparse) ------------------------------------------------------------------------ */
 
 /* Quest's bound on q.k over one page: sum over d of max(q_d min_d, q_d max_d) (mn: the page's min row, then its
@@ -1665,6 +1767,11 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
             grouped_heads(f, t, g, G, keys, n, K0, V0, score, cap);
             continue;
         }
+#elif DEC_AVX2
+        if (D % 8 == 0 && D <= 256 && G <= 8) {
+            grouped_heads8(f, t, g, G, keys, n, K0, V0, score, cap);
+            continue;
+        }
 #endif
         for (int64_t h = g * G; h < (g + 1) * G; h++) {
             const float *q = f->qkv + t * f->qkv_n + h * D;
@@ -1719,6 +1826,22 @@ static void mlp_act(void *p, int64_t t0, int64_t t1) {
             }
             __m512 r = _mm512_mul_ps(a, _mm512_loadu_ps(u + i));
             _mm256_storeu_si256((__m256i *)(o + i), (__m256i)_mm512_cvtneps_pbh(r));
+        }
+#elif DEC_AVX2
+        __m256 one = _mm256_set1_ps(1.0f);
+        for (; i + 8 <= I; i += 8) {
+            __m256 x = _mm256_loadu_ps(g + i), a;
+            if (f->m->gelu) {
+                __m256 y = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                         _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(0.044715f),
+                                                                        _mm256_mul_ps(_mm256_mul_ps(x, x), x))));
+                __m256 th = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f),
+                                                             _mm256_add_ps(one, exp8(_mm256_add_ps(y, y)))));
+                a = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(one, th));
+            } else {
+                a = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+            }
+            store_bf16x8(o + i, _mm256_mul_ps(a, _mm256_loadu_ps(u + i)));
         }
 #endif
         for (; i < I; i++) o[i] = f2bf((f->m->gelu ? gelu_tanh(g[i]) : silu(g[i])) * u[i]);

@@ -13,6 +13,16 @@
 #define TQ_AVX512 0
 #endif
 
+/* CPUs without AVX-512 (Zen 1-3, Intel client cores before Sapphire Rapids): AVX2 with FMA and F16C runs the
+   int8 products of GGUF blocks (q8_matmul.c) and the decoder's float work 8 lanes at a time, with the portable
+   path's operations lane by lane, so the same bits */
+#if !TQ_AVX512 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define TQ_AVX2 1
+#else
+#define TQ_AVX2 0
+#endif
+
 /* AMX tile units (Sapphire Rapids on), compiled where -march=native has them and used where tq_set_amx
    switched them on (decoder.c: the kernel must grant the process their state first) */
 #if TQ_AVX512 && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
@@ -59,6 +69,33 @@ static inline float hf16(uint16_t h) { return _cvtsh_ss(h); }   /* F16C: exact, 
 /* 16 bf16 values as float32 (exact: bf16 is float32's top half) */
 static inline __m512 load_bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#endif
+#if TQ_AVX2
+/* 8 bf16 values as float32 */
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+/* the sum of 8 lanes: i + i+4, then i + i+2, then i + i+1 (a fixed order) */
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+/* 8 floats to bf16, rounded to nearest even with NaNs kept quiet (f32_to_bf16 lane by lane) */
+static inline void store_bf16x8(uint16_t *dst, __m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                                      _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)))), 16);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(64)), nan);
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128((__m128i *)dst, _mm256_castsi256_si128(packed));
+}
+static inline float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 #endif
 

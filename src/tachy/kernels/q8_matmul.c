@@ -101,6 +101,37 @@ static void quantize_row(const uint16_t *x, int64_t K, q8block *out, int portabl
         }
         return;
     }
+#elif TQ_AVX2
+    if (!portable) {
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);   /* undoes the packs' lane split */
+        for (int64_t b = 0; b < K / 32; b++) {
+            q8block *o = &out[b];
+            __m256 v[4];
+            for (int j = 0; j < 4; j++) v[j] = load_bf16x8(x + 32 * b + 8 * j);
+            float amax = hmax8(_mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                             _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]))));
+            float dx = amax / 127.0f, id = dx != 0.0f ? 1.0f / dx : 0.0f;
+            __m256 idv = _mm256_set1_ps(id);
+            __m256i q[4];
+            for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], idv));
+            __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            _mm256_storeu_si256((__m256i *)o->q, _mm256_permutevar8x32_epi32(bytes, order));
+            int32_t lo[8], hi[8];
+            _mm256_storeu_si256((__m256i *)lo, _mm256_add_epi32(q[0], q[1]));
+            _mm256_storeu_si256((__m256i *)hi, _mm256_add_epi32(q[2], q[3]));
+            o->sxlo = 0;
+            o->sx = 0;
+            for (int i = 0; i < 8; i++) {
+                o->sxlo += lo[i];
+                o->sx += hi[i];
+            }
+            o->sx += o->sxlo;
+            o->dx = dx;
+            o->sxf = (float)o->sx * dx;
+        }
+        return;
+    }
 #endif
     (void)portable;
     for (int64_t b = 0; b < K / 32; b++) {
@@ -416,6 +447,12 @@ static void decode_group_block(int fmt, const uint8_t **pp, int64_t b, float *sd
     *pp = p + block_stride(fmt);
 }
 
+/* the scales of a group-block at p (past any super-block header): after its codes and fifth / high bits */
+static inline const uint8_t *scales_of(const int fmt, const uint8_t *p) {
+    return p + (fmt == Q8_0 ? 512 : 256) + (fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K ? 64 : 0) +
+           (fmt == Q6_K ? 128 : 0);
+}
+
 /* The portable path: the AVX512 path's integer sums and float operations, one lane at a time. For a block,
    a lane's integer sum runs over its chunks (Q6_K: chunks 0-3 and 4-7 apart, each half with its scale). */
 static void packed_portable(void *p, int64_t g0, int64_t g1) {
@@ -508,11 +545,6 @@ static inline __attribute__((always_inline)) void block_scales(const int fmt, co
     }
 }
 
-/* the scales of a group-block at p (past any super-block header): after its codes and fifth / high bits */
-static inline const uint8_t *scales_of(const int fmt, const uint8_t *p) {
-    return p + (fmt == Q8_0 ? 512 : 256) + (fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K ? 64 : 0) +
-           (fmt == Q6_K ? 128 : 0);
-}
 
 /* one input row's block: its exact integer sums s0 (Q6_K: s0, s1 for the halves) against the 16 weight rows,
    less the codes' offset, scaled into acc */
@@ -746,6 +778,210 @@ static void packed_avx512(void *p, int64_t g0, int64_t g1) {
 }
 #endif
 
+#if TQ_AVX2
+/* The same products 8 lanes at a time: a group's 16 weight rows as two halves of 8 (rows 8h .. 8h + 7 are bytes
+   32h .. 32h + 31 of each 64-byte code chunk). Without VNNI, four codes times four activations are summed by
+   VPMADDUBSW (pairs into int16) and VPMADDWD (pairs of those into int32). Both are exact here: the int16 sums
+   add chunks only while they cannot overflow (codes of 4 bits: all 8 chunks; 5 bits: 4; Q6_K's 6 bits: 2), and
+   Q8_0 multiplies its signed codes' magnitudes by the activations carrying the codes' signs (at most 128 x 127
+   per product). So every lane gets the portable path's integer sums and then its float operations. */
+#define TILE2 4
+
+/* 32 bytes, byte i all ones where bit i of m is set */
+static inline __m256i bytes_of_bits(uint32_t m) {
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m), _mm256_setr_epi64x(0, 0x0101010101010101ll,
+                                                                                     0x0202020202020202ll,
+                                                                                     0x0303030303030303ll));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+/* half h of a group-block's 8 code vectors (Q8_0: the signed codes) */
+static inline __attribute__((always_inline)) void load_codes2(const int fmt, const uint8_t *p, int h, __m256i *c) {
+    if (fmt == Q8_0) {
+        for (int k = 0; k < 8; k++)
+            c[k] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 64 * k + 32 * h)), _mm256_set1_epi8(-128));
+        return;
+    }
+    const __m256i f = _mm256_set1_epi8(15);
+    for (int k = 0; k < 4; k++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * k + 32 * h));
+        c[k] = _mm256_and_si256(v, f);
+        c[k + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), f);
+    }
+    const uint8_t *s = p + 256;
+    if (fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K) {
+        for (int k = 0; k < 8; k++) {
+            uint32_t m;
+            memcpy(&m, s + 8 * k + 4 * h, 4);
+            c[k] = _mm256_or_si256(c[k], _mm256_and_si256(bytes_of_bits(m), _mm256_set1_epi8(16)));
+        }
+    }
+    if (fmt == Q6_K) {
+        /* chunk k: byte r of 16 holds row r's four 2-bit fields; code byte 4r + j takes field j (bits 2j, 2j + 1);
+           each 128-bit lane shuffles its own copy of the 16 bytes (lane 1: the half's rows 4-7) */
+        const __m256i spread = h ? _mm256_setr_epi32(0x08080808, 0x09090909, 0x0a0a0a0a, 0x0b0b0b0b,
+                                                     0x0c0c0c0c, 0x0d0d0d0d, 0x0e0e0e0e, 0x0f0f0f0f)
+                                 : _mm256_setr_epi32(0x00000000, 0x01010101, 0x02020202, 0x03030303,
+                                                     0x04040404, 0x05050505, 0x06060606, 0x07070707);
+        const __m256i m0 = _mm256_set1_epi32(0x00000003), m1 = _mm256_set1_epi32(0x00000300),
+                      m2 = _mm256_set1_epi32(0x00030000), m3 = _mm256_set1_epi32(0x03000000);
+        for (int k = 0; k < 8; k++) {
+            __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(s + 16 * k)));
+            v = _mm256_shuffle_epi8(v, spread);
+            __m256i hb = _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(v, m0), _mm256_and_si256(_mm256_srli_epi16(v, 2), m1)),
+                                         _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m2),
+                                                         _mm256_and_si256(_mm256_srli_epi16(v, 6), m3)));
+            c[k] = _mm256_or_si256(c[k], _mm256_slli_epi16(hb, 4));
+        }
+    }
+}
+
+/* four codes times four activations, as int16 pairs */
+static inline __m256i pair_products(__m256i c, __m256i x4) { return _mm256_maddubs_epi16(c, x4); }
+
+static inline __m256i widen(__m256i p16) { return _mm256_madd_epi16(p16, _mm256_set1_epi16(1)); }
+
+/* one input row's exact integer sums against 8 weight rows: s0 over all chunks (Q6_K: s0 over chunks 0-3, s1
+   over 4-7); Q8_0's are of the signed codes, the others' of the unsigned */
+static inline __attribute__((always_inline)) void block_sums2(const int fmt, const __m256i *c, const int32_t *q4,
+                                                              __m256i *s0, __m256i *s1) {
+    __m256i x[8];
+    for (int k = 0; k < 8; k++) x[k] = _mm256_set1_epi32(q4[k]);
+    if (fmt == Q8_0) {
+        __m256i s = _mm256_setzero_si256();
+        for (int k = 0; k < 8; k++)
+            s = _mm256_add_epi32(s, widen(pair_products(_mm256_abs_epi8(c[k]), _mm256_sign_epi8(x[k], c[k]))));
+        *s0 = s;
+    } else if (fmt == Q6_K) {
+        __m256i p[4];
+        for (int j = 0; j < 4; j++) p[j] = _mm256_add_epi16(pair_products(c[2 * j], x[2 * j]), pair_products(c[2 * j + 1], x[2 * j + 1]));
+        *s0 = _mm256_add_epi32(widen(p[0]), widen(p[1]));
+        *s1 = _mm256_add_epi32(widen(p[2]), widen(p[3]));
+    } else if (fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K) {
+        __m256i p[2];
+        for (int j = 0; j < 2; j++) {
+            p[j] = pair_products(c[4 * j], x[4 * j]);
+            for (int k = 1; k < 4; k++) p[j] = _mm256_add_epi16(p[j], pair_products(c[4 * j + k], x[4 * j + k]));
+        }
+        *s0 = _mm256_add_epi32(widen(p[0]), widen(p[1]));
+    } else {
+        __m256i q = pair_products(c[0], x[0]);
+        for (int k = 1; k < 8; k++) q = _mm256_add_epi16(q, pair_products(c[k], x[k]));
+        *s0 = widen(q);
+    }
+}
+
+/* half h of a group-block's scales (block_scales' operations) */
+static inline __attribute__((always_inline)) void block_scales2(const int fmt, const uint8_t *s, int h, __m256 sd,
+                                                                __m256 sdmin, __m256 *d0, __m256 *d1, __m256 *m) {
+    *d1 = _mm256_setzero_ps();
+    *m = _mm256_setzero_ps();
+    if (fmt == Q4_K || fmt == Q5_K) {
+        *d0 = _mm256_mul_ps(sd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(s + 8 * h)))));
+        *m = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(sdmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                                                               _mm_loadl_epi64((const __m128i *)(s + 16 + 8 * h))))));
+    } else if (fmt == Q6_K) {
+        *d0 = _mm256_mul_ps(sd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(s + 8 * h)))));
+        *d1 = _mm256_mul_ps(sd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(s + 16 + 8 * h)))));
+    } else {
+        *d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 16 * h)));
+        if (fmt == Q4_1 || fmt == Q5_1) *m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 32 + 16 * h)));
+    }
+}
+
+/* scale_sums' operations on 8 lanes (Q8_0's sums are already of the signed codes: no offset) */
+static inline __attribute__((always_inline)) __m256 scale_sums2(const int fmt, const q8block *xb, __m256i s0,
+                                                                __m256i s1, __m256 d0, __m256 d1, __m256 m,
+                                                                __m256 acc) {
+    const int off_sh = fmt == Q4_0 ? 3 : fmt == Q5_0 ? 4 : fmt == Q6_K ? 5 : 0;
+    const int mins = fmt == Q4_1 || fmt == Q5_1 || fmt == Q4_K || fmt == Q5_K;
+    __m256 dx = _mm256_set1_ps(xb->dx);
+    if (fmt == Q6_K) {
+        s0 = _mm256_sub_epi32(s0, _mm256_set1_epi32(xb->sxlo << off_sh));
+        s1 = _mm256_sub_epi32(s1, _mm256_set1_epi32((xb->sx - xb->sxlo) << off_sh));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d0, dx), acc);
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(d1, dx), acc);
+    }
+    if (off_sh) s0 = _mm256_sub_epi32(s0, _mm256_set1_epi32(xb->sx << off_sh));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d0, dx), acc);
+    return mins ? _mm256_fmadd_ps(m, _mm256_set1_ps(xb->sxf), acc) : acc;
+}
+
+/* TB input rows (TB <= TILE2, a constant at each call site) against one group of 16 weight rows */
+static inline __attribute__((always_inline)) void packed_tile2(const packed_args *a, const uint8_t *w, int64_t g,
+                                                               int64_t t0, const int TB, const int fmt) {
+    int64_t blocks = a->K / 32;
+    int header = (int)super_header(fmt);
+    __m256 acc[2][TILE2], sd[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, sdmin[2] = {sd[0], sd[0]};
+    for (int h = 0; h < 2; h++)
+        for (int i = 0; i < TB; i++) acc[h][i] = _mm256_setzero_ps();
+    const uint8_t *p = w;
+    for (int64_t b = 0; b < blocks; b++) {
+        if (header && b % 8 == 0) {
+            for (int h = 0; h < 2; h++) {
+                sd[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
+                if (fmt != Q6_K) sdmin[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h)));
+            }
+            p += header;
+        }
+        const uint8_t *s = scales_of(fmt, p);
+        for (int h = 0; h < 2; h++) {
+            __m256i c[8];
+            load_codes2(fmt, p, h, c);
+            __m256 d0, d1, m;
+            block_scales2(fmt, s, h, sd[h], sdmin[h], &d0, &d1, &m);
+            for (int i = 0; i < TB; i++) {
+                const q8block *xb = a->x + (t0 + i) * blocks + b;
+                __m256i s0, s1 = _mm256_setzero_si256();
+                block_sums2(fmt, c, (const int32_t *)xb->q, &s0, &s1);
+                acc[h][i] = scale_sums2(fmt, xb, s0, s1, d0, d1, m, acc[h][i]);
+            }
+        }
+        p += block_stride(fmt);
+    }
+    for (int i = 0; i < TB; i++) {
+        float v[16];
+        _mm256_storeu_ps(v, acc[0][i]);
+        _mm256_storeu_ps(v + 8, acc[1][i]);
+        put16(a, t0 + i, 16 * g, v);
+    }
+}
+
+#define PACKED_KERNEL2(FMT)                                                                                    \
+    static void packed2_##FMT(const packed_args *a, int64_t g0, int64_t g1) {                                \
+        int64_t group_bytes = tq_packed_bytes(FMT, 16, a->K);                                                \
+        for (int64_t g = g0; g < g1; g++) {                                                                  \
+            const uint8_t *w = a->w + g * group_bytes;                                                       \
+            for (int64_t t0 = 0; t0 < a->T; t0 += TILE2) {                                                   \
+                switch (a->T - t0 < TILE2 ? (int)(a->T - t0) : TILE2) {                                      \
+                case 1: packed_tile2(a, w, g, t0, 1, FMT); break;                                            \
+                case 2: packed_tile2(a, w, g, t0, 2, FMT); break;                                            \
+                case 3: packed_tile2(a, w, g, t0, 3, FMT); break;                                            \
+                default: packed_tile2(a, w, g, t0, 4, FMT); break;                                           \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+PACKED_KERNEL2(Q4_0) PACKED_KERNEL2(Q4_1) PACKED_KERNEL2(Q5_0) PACKED_KERNEL2(Q5_1) PACKED_KERNEL2(Q8_0)
+PACKED_KERNEL2(Q4_K) PACKED_KERNEL2(Q5_K) PACKED_KERNEL2(Q6_K)
+
+static void packed_avx2(void *p, int64_t g0, int64_t g1) {
+    const packed_args *a = p;
+    switch (a->fmt) {
+    case Q4_0: packed2_Q4_0(a, g0, g1); break;
+    case Q4_1: packed2_Q4_1(a, g0, g1); break;
+    case Q5_0: packed2_Q5_0(a, g0, g1); break;
+    case Q5_1: packed2_Q5_1(a, g0, g1); break;
+    case Q8_0: packed2_Q8_0(a, g0, g1); break;
+    case Q4_K: packed2_Q4_K(a, g0, g1); break;
+    case Q5_K: packed2_Q5_K(a, g0, g1); break;
+    case Q6_K: packed2_Q6_K(a, g0, g1); break;
+    }
+}
+#endif
+
 /* y[t * ldy + n] = W[n] . x[t] for packed W [N, K] and T activation rows quantized by tq_quantize_q8 */
 int tq_matmul_packed(int fmt, const uint8_t *packed, int64_t N, int64_t K, const void *xq, int64_t T, void *y,
                      int64_t ldy, int y_bf16, int portable) {
@@ -753,6 +989,8 @@ int tq_matmul_packed(int fmt, const uint8_t *packed, int64_t N, int64_t K, const
     packed_args a = {fmt, packed, K, T, ldy, xq, y, y_bf16};
 #if TQ_AVX512
     tq_parallel_for(portable ? packed_portable : packed_avx512, &a, N / 16, 1);
+#elif TQ_AVX2
+    tq_parallel_for(portable ? packed_portable : packed_avx2, &a, N / 16, 1);
 #else
     (void)portable;
     tq_parallel_for(packed_portable, &a, N / 16, 1);
