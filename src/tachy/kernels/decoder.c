@@ -1121,6 +1121,105 @@ static void grouped_heads8(fwd *f, int64_t t, int64_t g, int64_t G, const int64_
         for (int64_t d = 0; d < D; d++) dst[d] = f2bf(o[d] * inv);
     }
 }
+
+/* out[p] += e[k * 8 + p] * V row k, key by key, for NP pairs and NC * 8 channels from d0 (accumulators in
+   registers: NP <= 3, NC <= 4) */
+static inline __attribute__((always_inline)) void pv_pairs8(int NP, int NC, const float *e, int64_t n,
+                                                            const int64_t *keys, const uint16_t *V0, int64_t D,
+                                                            int64_t d0, float *out) {
+    __m256 o[3][4], row[4];
+    for (int p = 0; p < NP; p++)
+        for (int c = 0; c < NC; c++) o[p][c] = _mm256_loadu_ps(out + p * 256 + d0 + 8 * c);
+    for (int64_t k = 0; k < n; k++) {
+        const uint16_t *vr = V0 + keys[k] * D + d0;
+        for (int c = 0; c < NC; c++) row[c] = load_bf16x8(vr + 8 * c);
+        for (int p = 0; p < NP; p++) {
+            __m256 pp = _mm256_set1_ps(e[k * 8 + p]);
+            for (int c = 0; c < NC; c++) o[p][c] = _mm256_fmadd_ps(pp, row[c], o[p][c]);
+        }
+    }
+    for (int p = 0; p < NP; p++)
+        for (int c = 0; c < NC; c++) _mm256_storeu_ps(out + p * 256 + d0 + 8 * c, o[p][c]);
+}
+
+/* Tokens t0 .. t0+nt-1 of a plain causal chunk (no key dropped by a window), the G heads of kv head g: P =
+   nt * G <= 8 pairs (pair p: token t0 + p / G, head g * G + p % G). Token t0 reads keys[0..n), token t0+i those
+   and then the new tokens t0+1 .. t0+i, as attention_task lists them. Each K and V row is loaded once for all
+   pairs, and the pairs' dot products are summed together by sums8 (hsum8's order, lane by lane), so every
+   pair gets grouped_heads8's bits: the scale, the max, exp, the sum in key order, out += p * v key by key.
+   sc: 8 * n floats. */
+static void grouped_tokens8(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G, const int64_t *keys,
+                            int64_t n, const uint16_t *K0, const uint16_t *V0, float *sc) {
+    const tq_model *m = f->m;
+    const tq_batch *b = f->b;
+    int64_t D = m->head_dim, H = m->heads, C = D / 8;
+    int P = (int)(nt * G);
+    float scale = (float)m->attn_scale;
+    __m256 scv = _mm256_set1_ps(scale), mxv = _mm256_set1_ps(-INFINITY), acc[8], row[32];
+    const float *q[8];
+    for (int p = 0; p < P; p++) q[p] = f->qkv + (t0 + p / G) * f->qkv_n + (g * G + p % G) * D;
+    for (int p = P; p < 8; p++) acc[p] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n; k++) {
+        const uint16_t *kr = K0 + keys[k] * D;
+        for (int64_t c = 0; c < C; c++) row[c] = load_bf16x8(kr + 8 * c);
+        for (int p = 0; p < P; p++) {
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t c = 0; c < C; c++) a = _mm256_fmadd_ps(_mm256_loadu_ps(q[p] + 8 * c), row[c], a);
+            acc[p] = a;
+        }
+        __m256 s = _mm256_mul_ps(sums8(acc), scv);
+        _mm256_storeu_ps(sc + 8 * k, s);
+        mxv = _mm256_max_ps(mxv, s);
+    }
+    /* each later token's own new keys (at most nt - 1), one by one */
+    float mx[8], tail[8][8], sum[8];
+    _mm256_storeu_ps(mx, mxv);
+    for (int p = 0; p < P; p++)
+        for (int64_t j = 1; j <= p / G; j++) {
+            tail[p][j - 1] = dot_f32_bf16(q[p], K0 + b->slots[t0 + j] * D, D) * scale;
+            if (tail[p][j - 1] > mx[p]) mx[p] = tail[p][j - 1];
+        }
+    for (int p = P; p < 8; p++) mx[p] = 0.0f;
+    __m256 mp = _mm256_loadu_ps(mx), total = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n; k++) {   /* numerators, and their sums in key order */
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + 8 * k), mp));
+        _mm256_storeu_ps(sc + 8 * k, e);
+        total = _mm256_add_ps(total, e);
+    }
+    _mm256_storeu_ps(sum, total);
+    for (int p = 0; p < P; p++) {
+        int64_t extra = p / G;
+        for (int64_t j = 0; j < extra; j++) tail[p][j] -= mx[p];
+        exp_inplace(tail[p], extra);
+        for (int64_t j = 0; j < extra; j++) sum[p] += tail[p][j];
+    }
+    float out[8 * 256];
+    memset(out, 0, sizeof(float) * 256 * (size_t)P);
+    for (int64_t d0 = 0; d0 < D;) {
+        int nc = D - d0 >= 32 ? 4 : D - d0 >= 16 ? 2 : 1;
+        for (int p0 = 0; p0 < P; p0 += 3) {
+            int np = P - p0 < 3 ? P - p0 : 3;
+            const float *e = sc + p0;
+            float *o = out + p0 * 256;
+#define PV8(NP) (nc == 4 ? pv_pairs8(NP, 4, e, n, keys, V0, D, d0, o)   \
+                 : nc == 2 ? pv_pairs8(NP, 2, e, n, keys, V0, D, d0, o) \
+                 : pv_pairs8(NP, 1, e, n, keys, V0, D, d0, o))
+            if (np == 3) PV8(3);
+            else if (np == 2) PV8(2);
+            else PV8(1);
+#undef PV8
+        }
+        d0 += 8 * nc;
+    }
+    for (int p = 0; p < P; p++) {
+        int64_t extra = p / G, t = t0 + extra;
+        float *o = out + p * 256;
+        for (int64_t j = 1; j <= extra; j++) axpy_bf16(o, tail[p][j - 1], V0 + b->slots[t0 + j] * D, D);
+        float inv = 1.0f / sum[p];
+        uint16_t *dst = f->attn + t * H * D + (g * G + p % G) * D;
+        for (int64_t d = 0; d < D; d++) dst[d] = f2bf(o[d] * inv);
+    }
+}
 #endif
 
 /* ---- sparse attention (tq_sparse) ------------------------------------------------------------------------ */
@@ -1769,7 +1868,14 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
         }
 #elif DEC_AVX2
         if (D % 8 == 0 && D <= 256 && G <= 8) {
-            grouped_heads8(f, t, g, G, keys, n, K0, V0, score, cap);
+            int64_t nt = B > 1 ? shared_run(f, t, g, te) : 1;
+            while (nt > 1 && window > 0 && b->positions[t + nt - 1] - window + 1 > 0) nt--;   /* none dropped */
+            if (nt > 1) {   /* it and the next tokens sharing its keys */
+                grouped_tokens8(f, t, nt, g, G, keys, n, K0, V0, pair_score);
+                t += nt - 1;
+            } else {
+                grouped_heads8(f, t, g, G, keys, n, K0, V0, score, cap);
+            }
             continue;
         }
 #endif
@@ -1926,6 +2032,8 @@ int tq_forward_sparse(const tq_model *m, tq_cache *c, const tq_batch *b, const t
     f.grouped = D % 16 == 0 && D <= 256 && G <= 16;
     if (f.grouped && !b->mask && (!sparse || sparse->method == SPARSE_MINFERENCE)) f.block = 16 / G;
     f.amx = tq_amx_on && f.grouped && D % 32 == 0;
+#elif DEC_AVX2
+    if (D % 8 == 0 && D <= 256 && G <= 4 && !b->mask && !sparse) f.block = 8 / G;   /* grouped_tokens8 */
 #endif
     int64_t width = Hd > I ? Hd : I;
     f.x = malloc(sizeof(float) * T * Hd);
