@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import tachy
-from tachy import GenerationConfig, GenerationStats
+from tachy import GenerationConfig, GenerationStats, kernels
 from tachy.bench.prompts import load_prompts, spread
 from tachy.bench.runner import looping
 from tachy.models.load import expected_shapes
@@ -137,7 +137,8 @@ def main() -> None:
 
     results: dict = {"model": args.model, "file": path.name, "threads": args.threads,
                      "max_new_tokens": args.max_new_tokens, "memory_bandwidth_gbs": bandwidth,
-                     "weight_bytes": weight_bytes, "llama_cpp": engines["llama.cpp"].version, "sets": {}}
+                     "weight_bytes": weight_bytes, "llama_cpp": engines["llama.cpp"].version,
+                     "tachy_kernels": kernels.simd(), "sets": {}}
     names = list(engines)
     for set_name, qs in prompts.items():
         rows = []
@@ -199,7 +200,8 @@ def summarize(rows: list[dict], names: list[str], n: int) -> dict:
 def report(results: dict) -> str:
     bw, wb = results["memory_bandwidth_gbs"], results["weight_bytes"]
     lines = [f"Model `{results['model']}` ({results['file']}), {results['threads']} threads, "
-             f"{results['max_new_tokens']} new tokens per prompt, greedy; llama-cpp-python {results['llama_cpp']}. "
+             f"{results['max_new_tokens']} new tokens per prompt, greedy; llama-cpp-python {results['llama_cpp']}; "
+             f"tachy's kernels: {results.get('tachy_kernels') or 'unknown'} build. "
              f"Memory bandwidth measured in the same run: {bw:.1f} GB/s, so reading the weights once takes "
              f"{wb['gguf'] / bw / 1e6:.2f} ms (GGUF file, {wb['gguf'] / 1e6:.0f} MB) or "
              f"{wb['bf16'] / bw / 1e6:.2f} ms (bf16, {wb['bf16'] / 1e6:.0f} MB)."]

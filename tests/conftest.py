@@ -122,7 +122,7 @@ def smollm():
 @pytest.fixture(scope="session")
 def smollm_torch():
     """The embedded model with bf16 weights on the PyTorch forward (what runs where the C forward cannot:
-    other devices, CPUs without AVX512), where the int4 self-draft is the default drafter."""
+    other devices, plain-C builds of the kernels), where the int4 self-draft is the default drafter."""
     import tachy
 
     engine = tachy.load("smollm2-135m", dtype="bf16", progress=False)

@@ -268,3 +268,28 @@ def test_a_first_build_says_it_is_compiling_and_later_ones_are_silent(tmp_path, 
     assert lib.is_file() and str(tmp_path) in str(lib) and len(compiled) == 1
     assert "compiling the CPU kernels for this machine" in err and "kernels compiled in" in err
     assert K.build() == lib and len(compiled) == 1 and capsys.readouterr().err == ""
+
+
+def test_the_build_uses_the_cpus_vector_instructions():
+    """-march=native picks the kernels' vector path from the CPU: AVX-512 (with BF16 and VNNI), else AVX2 (with
+    FMA and F16C), else plain C; the C forward over GGUF blocks is the default on the first two."""
+    try:
+        line = next(x for x in open("/proc/cpuinfo") if x.startswith("flags"))
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags here")
+    flags = set(line.split(":", 1)[1].split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"} <= flags:
+        expected = "avx512"
+    elif {"avx2", "fma", "f16c"} <= flags:
+        expected = "avx2"
+    else:
+        expected = "portable"
+    assert K.simd() == expected
+    assert K.runs_gguf_natively() == (expected != "portable")
+
+
+def test_the_embedded_model_loads_as_gguf_blocks_through_the_c_forward_where_they_run_natively(smollm):
+    if K.runs_gguf_natively():
+        assert smollm.weights == "gguf" and smollm.model.cpu_forward is not None
+    else:
+        assert smollm.weights != "gguf"
