@@ -786,8 +786,8 @@ static void packed_avx512(void *p, int64_t g0, int64_t g1) {
    Q8_0 multiplies its signed codes' magnitudes by the activations carrying the codes' signs (at most 128 x 127
    per product). So every lane gets the portable path's integer sums and then its float operations. */
 #define TILE2 4
-/* bytes ahead that a group's first pass asks for (no hardware prefetcher keeps two streaming threads fed here:
-   a decode step 1.12-1.22x faster with it, benchmarks/kernel_ab.py; the same bits) */
+/* bytes ahead that a group's first pass asks for, beside the hardware prefetcher: decode steps measured
+   1.12-1.22x faster with it (benchmarks/kernel_ab.py), with the same bits */
 #define PREFETCH2 2048
 
 /* 32 bytes, byte i all ones where bit i of m is set */
