@@ -109,8 +109,9 @@ static void quantize_row(const uint16_t *x, int64_t K, q8block *out, int portabl
             q8block *o = &out[b];
             __m256 v[4];
             for (int j = 0; j < 4; j++) v[j] = load_bf16x8(x + 32 * b + 8 * j);
-            float amax = hmax8(_mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
-                                             _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]))));
+            __m256 a01 = _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1]));
+            __m256 a23 = _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]));
+            float amax = hmax8(_mm256_max_ps(a01, a23));
             float dx = amax / 127.0f, id = dx != 0.0f ? 1.0f / dx : 0.0f;
             __m256 idv = _mm256_set1_ps(id);
             __m256i q[4];
@@ -785,10 +786,10 @@ static void packed_avx512(void *p, int64_t g0, int64_t g1) {
    add chunks only while they cannot overflow (codes of 4 bits: all 8 chunks; 5 bits: 4; Q6_K's 6 bits: 2), and
    Q8_0 multiplies its signed codes' magnitudes by the activations carrying the codes' signs (at most 128 x 127
    per product). So every lane gets the portable path's integer sums and then its float operations. */
-#define TILE2 4
+#define TILE_AVX2 4
 /* bytes ahead that a group's first pass asks for, beside the hardware prefetcher: decode steps measured
    1.12-1.22x faster with it (benchmarks/kernel_ab.py), with the same bits */
-#define PREFETCH2 2048
+#define PREFETCH_AVX2 2048
 
 /* 32 bytes, byte i all ones where bit i of m is set */
 static inline __m256i bytes_of_bits(uint32_t m) {
@@ -800,7 +801,7 @@ static inline __m256i bytes_of_bits(uint32_t m) {
 }
 
 /* half h of a group-block's 8 code vectors (Q8_0: the signed codes) */
-static inline __attribute__((always_inline)) void load_codes2(const int fmt, const uint8_t *p, int h, __m256i *c) {
+static inline __attribute__((always_inline)) void load_codes_avx2(const int fmt, const uint8_t *p, int h, __m256i *c) {
     if (fmt == Q8_0) {
         for (int k = 0; k < 8; k++)
             c[k] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 64 * k + 32 * h)), _mm256_set1_epi8(-128));
@@ -832,9 +833,10 @@ static inline __attribute__((always_inline)) void load_codes2(const int fmt, con
         for (int k = 0; k < 8; k++) {
             __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(s + 16 * k)));
             v = _mm256_shuffle_epi8(v, spread);
-            __m256i hb = _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(v, m0), _mm256_and_si256(_mm256_srli_epi16(v, 2), m1)),
-                                         _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m2),
-                                                         _mm256_and_si256(_mm256_srli_epi16(v, 6), m3)));
+            __m256i f01 = _mm256_or_si256(_mm256_and_si256(v, m0), _mm256_and_si256(_mm256_srli_epi16(v, 2), m1));
+            __m256i f23 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m2),
+                                          _mm256_and_si256(_mm256_srli_epi16(v, 6), m3));
+            __m256i hb = _mm256_or_si256(f01, f23);
             c[k] = _mm256_or_si256(c[k], _mm256_slli_epi16(hb, 4));
         }
     }
@@ -847,7 +849,7 @@ static inline __m256i widen(__m256i p16) { return _mm256_madd_epi16(p16, _mm256_
 
 /* one input row's exact integer sums against 8 weight rows: s0 over all chunks (Q6_K: s0 over chunks 0-3, s1
    over 4-7); Q8_0's are of the signed codes, the others' of the unsigned */
-static inline __attribute__((always_inline)) void block_sums2(const int fmt, const __m256i *c, const int32_t *q4,
+static inline __attribute__((always_inline)) void block_sums_avx2(const int fmt, const __m256i *c, const int32_t *q4,
                                                               __m256i *s0, __m256i *s1) {
     __m256i x[8];
     for (int k = 0; k < 8; k++) x[k] = _mm256_set1_epi32(q4[k]);
@@ -858,7 +860,8 @@ static inline __attribute__((always_inline)) void block_sums2(const int fmt, con
         *s0 = s;
     } else if (fmt == Q6_K) {
         __m256i p[4];
-        for (int j = 0; j < 4; j++) p[j] = _mm256_add_epi16(pair_products(c[2 * j], x[2 * j]), pair_products(c[2 * j + 1], x[2 * j + 1]));
+        for (int j = 0; j < 4; j++)
+            p[j] = _mm256_add_epi16(pair_products(c[2 * j], x[2 * j]), pair_products(c[2 * j + 1], x[2 * j + 1]));
         *s0 = _mm256_add_epi32(widen(p[0]), widen(p[1]));
         *s1 = _mm256_add_epi32(widen(p[2]), widen(p[3]));
     } else if (fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K) {
@@ -875,18 +878,26 @@ static inline __attribute__((always_inline)) void block_sums2(const int fmt, con
     }
 }
 
+/* 8 bytes as floats, unsigned or signed */
+static inline __m256 u8x8(const uint8_t *s) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)s)));
+}
+static inline __m256 i8x8(const uint8_t *s) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)s)));
+}
+
 /* half h of a group-block's scales (block_scales' operations) */
-static inline __attribute__((always_inline)) void block_scales2(const int fmt, const uint8_t *s, int h, __m256 sd,
-                                                                __m256 sdmin, __m256 *d0, __m256 *d1, __m256 *m) {
+static inline __attribute__((always_inline)) void block_scales_avx2(const int fmt, const uint8_t *s, int h,
+                                                                    __m256 sd, __m256 sdmin, __m256 *d0, __m256 *d1,
+                                                                    __m256 *m) {
     *d1 = _mm256_setzero_ps();
     *m = _mm256_setzero_ps();
     if (fmt == Q4_K || fmt == Q5_K) {
-        *d0 = _mm256_mul_ps(sd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(s + 8 * h)))));
-        *m = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(sdmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-                                                               _mm_loadl_epi64((const __m128i *)(s + 16 + 8 * h))))));
+        *d0 = _mm256_mul_ps(sd, u8x8(s + 8 * h));
+        *m = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(sdmin, u8x8(s + 16 + 8 * h)));
     } else if (fmt == Q6_K) {
-        *d0 = _mm256_mul_ps(sd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(s + 8 * h)))));
-        *d1 = _mm256_mul_ps(sd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(s + 16 + 8 * h)))));
+        *d0 = _mm256_mul_ps(sd, i8x8(s + 8 * h));
+        *d1 = _mm256_mul_ps(sd, i8x8(s + 16 + 8 * h));
     } else {
         *d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 16 * h)));
         if (fmt == Q4_1 || fmt == Q5_1) *m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 32 + 16 * h)));
@@ -894,7 +905,7 @@ static inline __attribute__((always_inline)) void block_scales2(const int fmt, c
 }
 
 /* scale_sums' operations on 8 lanes (Q8_0's sums are already of the signed codes: no offset) */
-static inline __attribute__((always_inline)) __m256 scale_sums2(const int fmt, const q8block *xb, __m256i s0,
+static inline __attribute__((always_inline)) __m256 scale_sums_avx2(const int fmt, const q8block *xb, __m256i s0,
                                                                 __m256i s1, __m256 d0, __m256 d1, __m256 m,
                                                                 __m256 acc) {
     const int off_sh = fmt == Q4_0 ? 3 : fmt == Q5_0 ? 4 : fmt == Q6_K ? 5 : 0;
@@ -911,12 +922,12 @@ static inline __attribute__((always_inline)) __m256 scale_sums2(const int fmt, c
     return mins ? _mm256_fmadd_ps(m, _mm256_set1_ps(xb->sxf), acc) : acc;
 }
 
-/* TB input rows (TB <= TILE2, a constant at each call site) against one group of 16 weight rows */
-static inline __attribute__((always_inline)) void packed_tile2(const packed_args *a, const uint8_t *w, int64_t g,
+/* TB input rows (TB <= TILE_AVX2, a constant at each call site) against one group of 16 weight rows */
+static inline __attribute__((always_inline)) void packed_tile_avx2(const packed_args *a, const uint8_t *w, int64_t g,
                                                                int64_t t0, const int TB, const int fmt) {
     int64_t blocks = a->K / 32;
     int header = (int)super_header(fmt);
-    __m256 acc[2][TILE2], sd[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, sdmin[2] = {sd[0], sd[0]};
+    __m256 acc[2][TILE_AVX2], sd[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, sdmin[2] = {sd[0], sd[0]};
     for (int h = 0; h < 2; h++)
         for (int i = 0; i < TB; i++) acc[h][i] = _mm256_setzero_ps();
     const uint8_t *p = w;
@@ -930,17 +941,17 @@ static inline __attribute__((always_inline)) void packed_tile2(const packed_args
         }
         const uint8_t *s = scales_of(fmt, p);
         if (t0 == 0)   /* the group's first pass streams its weights from memory: ask for them ahead */
-            for (int64_t o = 0; o < block_stride(fmt); o += 64) __builtin_prefetch(p + PREFETCH2 + o, 0, 0);
+            for (int64_t o = 0; o < block_stride(fmt); o += 64) __builtin_prefetch(p + PREFETCH_AVX2 + o, 0, 0);
         for (int h = 0; h < 2; h++) {
             __m256i c[8];
-            load_codes2(fmt, p, h, c);
+            load_codes_avx2(fmt, p, h, c);
             __m256 d0, d1, m;
-            block_scales2(fmt, s, h, sd[h], sdmin[h], &d0, &d1, &m);
+            block_scales_avx2(fmt, s, h, sd[h], sdmin[h], &d0, &d1, &m);
             for (int i = 0; i < TB; i++) {
                 const q8block *xb = a->x + (t0 + i) * blocks + b;
                 __m256i s0, s1 = _mm256_setzero_si256();
-                block_sums2(fmt, c, (const int32_t *)xb->q, &s0, &s1);
-                acc[h][i] = scale_sums2(fmt, xb, s0, s1, d0, d1, m, acc[h][i]);
+                block_sums_avx2(fmt, c, (const int32_t *)xb->q, &s0, &s1);
+                acc[h][i] = scale_sums_avx2(fmt, xb, s0, s1, d0, d1, m, acc[h][i]);
             }
         }
         p += block_stride(fmt);
@@ -953,36 +964,36 @@ static inline __attribute__((always_inline)) void packed_tile2(const packed_args
     }
 }
 
-#define PACKED_KERNEL2(FMT)                                                                                    \
-    static void packed2_##FMT(const packed_args *a, int64_t g0, int64_t g1) {                                \
+#define PACKED_KERNEL_AVX2(FMT)                                                                                \
+    static void packed_avx2_##FMT(const packed_args *a, int64_t g0, int64_t g1) {                            \
         int64_t group_bytes = tq_packed_bytes(FMT, 16, a->K);                                                \
         for (int64_t g = g0; g < g1; g++) {                                                                  \
             const uint8_t *w = a->w + g * group_bytes;                                                       \
-            for (int64_t t0 = 0; t0 < a->T; t0 += TILE2) {                                                   \
-                switch (a->T - t0 < TILE2 ? (int)(a->T - t0) : TILE2) {                                      \
-                case 1: packed_tile2(a, w, g, t0, 1, FMT); break;                                            \
-                case 2: packed_tile2(a, w, g, t0, 2, FMT); break;                                            \
-                case 3: packed_tile2(a, w, g, t0, 3, FMT); break;                                            \
-                default: packed_tile2(a, w, g, t0, 4, FMT); break;                                           \
+            for (int64_t t0 = 0; t0 < a->T; t0 += TILE_AVX2) {                                               \
+                switch (a->T - t0 < TILE_AVX2 ? (int)(a->T - t0) : TILE_AVX2) {                              \
+                case 1: packed_tile_avx2(a, w, g, t0, 1, FMT); break;                                        \
+                case 2: packed_tile_avx2(a, w, g, t0, 2, FMT); break;                                        \
+                case 3: packed_tile_avx2(a, w, g, t0, 3, FMT); break;                                        \
+                default: packed_tile_avx2(a, w, g, t0, 4, FMT); break;                                       \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
     }
 
-PACKED_KERNEL2(Q4_0) PACKED_KERNEL2(Q4_1) PACKED_KERNEL2(Q5_0) PACKED_KERNEL2(Q5_1) PACKED_KERNEL2(Q8_0)
-PACKED_KERNEL2(Q4_K) PACKED_KERNEL2(Q5_K) PACKED_KERNEL2(Q6_K)
+PACKED_KERNEL_AVX2(Q4_0) PACKED_KERNEL_AVX2(Q4_1) PACKED_KERNEL_AVX2(Q5_0) PACKED_KERNEL_AVX2(Q5_1)
+PACKED_KERNEL_AVX2(Q8_0) PACKED_KERNEL_AVX2(Q4_K) PACKED_KERNEL_AVX2(Q5_K) PACKED_KERNEL_AVX2(Q6_K)
 
 static void packed_avx2(void *p, int64_t g0, int64_t g1) {
     const packed_args *a = p;
     switch (a->fmt) {
-    case Q4_0: packed2_Q4_0(a, g0, g1); break;
-    case Q4_1: packed2_Q4_1(a, g0, g1); break;
-    case Q5_0: packed2_Q5_0(a, g0, g1); break;
-    case Q5_1: packed2_Q5_1(a, g0, g1); break;
-    case Q8_0: packed2_Q8_0(a, g0, g1); break;
-    case Q4_K: packed2_Q4_K(a, g0, g1); break;
-    case Q5_K: packed2_Q5_K(a, g0, g1); break;
-    case Q6_K: packed2_Q6_K(a, g0, g1); break;
+    case Q4_0: packed_avx2_Q4_0(a, g0, g1); break;
+    case Q4_1: packed_avx2_Q4_1(a, g0, g1); break;
+    case Q5_0: packed_avx2_Q5_0(a, g0, g1); break;
+    case Q5_1: packed_avx2_Q5_1(a, g0, g1); break;
+    case Q8_0: packed_avx2_Q8_0(a, g0, g1); break;
+    case Q4_K: packed_avx2_Q4_K(a, g0, g1); break;
+    case Q5_K: packed_avx2_Q5_K(a, g0, g1); break;
+    case Q6_K: packed_avx2_Q6_K(a, g0, g1); break;
     }
 }
 #endif

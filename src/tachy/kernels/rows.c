@@ -93,7 +93,8 @@ static void topk_row(const float *x, int64_t V, int64_t k, int64_t *ids) {
 #elif TQ_AVX2
     for (; i + 8 <= V; i += 8) {
         __m256 v = _mm256_loadu_ps(x + i);
-        unsigned over = n < k ? 0xffu : (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(floor_v), _CMP_GT_OQ));
+        unsigned over = n < k ? 0xffu
+                              : (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(floor_v), _CMP_GT_OQ));
         while (over) {
             int lane = __builtin_ctz(over);
             over &= over - 1;
