@@ -226,8 +226,7 @@ def unavailable_reason() -> str | None:
 
 
 def has_avx512_bf16() -> bool:
-    lib = _load()
-    return bool(lib is not None and lib.tq_has_avx512_bf16())
+    return simd() == "avx512"
 
 
 def simd() -> str:

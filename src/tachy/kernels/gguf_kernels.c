@@ -23,7 +23,6 @@
 
 #include "kernels.h"
 
-int tq_has_avx512_bf16(void) { return TQ_AVX512; }
 int tq_simd_width(void) { return TQ_AVX512 ? 512 : TQ_AVX2 ? 256 : 0; }
 int64_t tq_row_bytes(int fmt, int64_t K) { return row_bytes_of(fmt, K); }
 int tq_block_size(int fmt) { return block_size_of(fmt); }

@@ -801,7 +801,8 @@ static inline __m256i bytes_of_bits(uint32_t m) {
 }
 
 /* half h of a group-block's 8 code vectors (Q8_0: the signed codes) */
-static inline __attribute__((always_inline)) void load_codes_avx2(const int fmt, const uint8_t *p, int h, __m256i *c) {
+static inline __attribute__((always_inline)) void load_codes_avx2(const int fmt, const uint8_t *p, int h,
+                                                                  __m256i *c) {
     if (fmt == Q8_0) {
         for (int k = 0; k < 8; k++)
             c[k] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 64 * k + 32 * h)), _mm256_set1_epi8(-128));
@@ -849,8 +850,8 @@ static inline __m256i widen(__m256i p16) { return _mm256_madd_epi16(p16, _mm256_
 
 /* one input row's exact integer sums against 8 weight rows: s0 over all chunks (Q6_K: s0 over chunks 0-3, s1
    over 4-7); Q8_0's are of the signed codes, the others' of the unsigned */
-static inline __attribute__((always_inline)) void block_sums_avx2(const int fmt, const __m256i *c, const int32_t *q4,
-                                                              __m256i *s0, __m256i *s1) {
+static inline __attribute__((always_inline)) void block_sums_avx2(const int fmt, const __m256i *c,
+                                                                  const int32_t *q4, __m256i *s0, __m256i *s1) {
     __m256i x[8];
     for (int k = 0; k < 8; k++) x[k] = _mm256_set1_epi32(q4[k]);
     if (fmt == Q8_0) {
@@ -906,8 +907,8 @@ static inline __attribute__((always_inline)) void block_scales_avx2(const int fm
 
 /* scale_sums' operations on 8 lanes (Q8_0's sums are already of the signed codes: no offset) */
 static inline __attribute__((always_inline)) __m256 scale_sums_avx2(const int fmt, const q8block *xb, __m256i s0,
-                                                                __m256i s1, __m256 d0, __m256 d1, __m256 m,
-                                                                __m256 acc) {
+                                                                    __m256i s1, __m256 d0, __m256 d1, __m256 m,
+                                                                    __m256 acc) {
     const int off_sh = fmt == Q4_0 ? 3 : fmt == Q5_0 ? 4 : fmt == Q6_K ? 5 : 0;
     const int mins = fmt == Q4_1 || fmt == Q5_1 || fmt == Q4_K || fmt == Q5_K;
     __m256 dx = _mm256_set1_ps(xb->dx);
@@ -923,8 +924,9 @@ static inline __attribute__((always_inline)) __m256 scale_sums_avx2(const int fm
 }
 
 /* TB input rows (TB <= TILE_AVX2, a constant at each call site) against one group of 16 weight rows */
-static inline __attribute__((always_inline)) void packed_tile_avx2(const packed_args *a, const uint8_t *w, int64_t g,
-                                                               int64_t t0, const int TB, const int fmt) {
+static inline __attribute__((always_inline)) void packed_tile_avx2(const packed_args *a, const uint8_t *w,
+                                                                   int64_t g, int64_t t0, const int TB,
+                                                                   const int fmt) {
     int64_t blocks = a->K / 32;
     int header = (int)super_header(fmt);
     __m256 acc[2][TILE_AVX2], sd[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, sdmin[2] = {sd[0], sd[0]};
