@@ -1238,6 +1238,14 @@ static inline float page_bound(const float *q, const uint16_t *mn, int64_t D) {
                                                _mm512_mul_ps(qq, load_bf16x16(mx + i))));
     }
     s = _mm512_reduce_add_ps(acc);
+#elif DEC_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= D; i += 8) {
+        __m256 qq = _mm256_loadu_ps(q + i);
+        acc = _mm256_add_ps(acc, _mm256_max_ps(_mm256_mul_ps(qq, load_bf16x8(mn + i)),
+                                               _mm256_mul_ps(qq, load_bf16x8(mx + i))));
+    }
+    s = hsum8(acc);
 #endif
     for (; i < D; i++) {
         float a = q[i] * bf2f(mn[i]), b = q[i] * bf2f(mx[i]);
@@ -1383,6 +1391,23 @@ static inline void label_block(const label_query *lq, const uint8_t *blk, float 
         acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(blk + j * 4 * LABEL_BLOCK),
                                   _mm512_set1_epi32((int)lq->packed[j]));
     _mm512_storeu_ps(lane, _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(scale)));
+#elif DEC_AVX2
+    /* 8 keys a vector; without VNNI, the signed channels (byte ^ 128) go the way of q8_matmul.c's Q8_0 codes:
+       their magnitudes times the query's values carrying their signs, at most 128 x 127 per product, so the
+       int16 pairs cannot overflow and the integer sums are exact (the offset is not needed) */
+    const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(-128);
+    __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int64_t j = 0; j < lq->groups; j++) {
+        __m256i qv = _mm256_set1_epi32((int)lq->packed[j]);
+        for (int h = 0; h < 2; h++) {
+            __m256i k = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(blk + j * 4 * LABEL_BLOCK + 32 * h)),
+                                         flip);
+            __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(k), _mm256_sign_epi8(qv, k));
+            acc[h] = _mm256_add_epi32(acc[h], _mm256_madd_epi16(pairs, ones));
+        }
+    }
+    for (int h = 0; h < 2; h++)
+        _mm256_storeu_ps(lane + 8 * h, _mm256_mul_ps(_mm256_cvtepi32_ps(acc[h]), _mm256_loadu_ps(scale + 8 * h)));
 #else
     const int8_t *q = (const int8_t *)lq->packed;
     for (int64_t i = 0; i < LABEL_BLOCK; i++) {
