@@ -1070,6 +1070,78 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
 #endif
 
 #if DEC_AVX2
+/* acc[p] = q[p] . key row kr (C chunks of 8 bf16) for p < NP, each an 8-lane fmadd chain over the channels in
+   order (dot_f32_bf16's operations). The channel loop runs outside the pair loop, so the NP chains are in flight
+   together (one chain at a time waited on each fmadd's latency: a prompt chunk's attention took 1.3-1.8x as
+   long) */
+static inline __attribute__((always_inline)) void dot_chains8(const int NP, const float *const *q,
+                                                              const uint16_t *kr, int64_t C, __m256 *acc) {
+    for (int p = 0; p < NP; p++) acc[p] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < C; c++) {
+        __m256 r = load_bf16x8(kr + 8 * c);
+        for (int p = 0; p < NP; p++) acc[p] = _mm256_fmadd_ps(_mm256_loadu_ps(q[p] + 8 * c), r, acc[p]);
+    }
+}
+
+/* out[p] += e[k * ek + p * ep] * V row k, key by key, for NP pairs and NC * 8 channels from d0 (accumulators in
+   registers: NP <= 3, NC <= 4, NP * NC <= 9) */
+static inline __attribute__((always_inline)) void pv_pairs8(int NP, int NC, const float *e, int64_t ek, int64_t ep,
+                                                            int64_t n, const int64_t *keys, const uint16_t *V0,
+                                                            int64_t D, int64_t d0, float *out) {
+    __m256 o[3][4], row[4];
+    for (int p = 0; p < NP; p++)
+        for (int c = 0; c < NC; c++) o[p][c] = _mm256_loadu_ps(out + p * 256 + d0 + 8 * c);
+    for (int64_t k = 0; k < n; k++) {
+        const uint16_t *vr = V0 + keys[k] * D + d0;
+        for (int c = 0; c < NC; c++) row[c] = load_bf16x8(vr + 8 * c);
+        for (int p = 0; p < NP; p++) {
+            __m256 pp = _mm256_set1_ps(e[k * ek + p * ep]);
+            for (int c = 0; c < NC; c++) o[p][c] = _mm256_fmadd_ps(pp, row[c], o[p][c]);
+        }
+    }
+    for (int p = 0; p < NP; p++)
+        for (int c = 0; c < NC; c++) _mm256_storeu_ps(out + p * 256 + d0 + 8 * c, o[p][c]);
+}
+
+/* out[p * 256 ..] += pair p's weighted V rows (weights e[k * ek + p * ep]) over all D channels, for P pairs,
+   three at a time */
+static void pv_all8(int P, const float *e, int64_t ek, int64_t ep, int64_t n, const int64_t *keys,
+                    const uint16_t *V0, int64_t D, float *out) {
+    for (int p0 = 0; p0 < P; p0 += 3) {
+        int np = P - p0 < 3 ? P - p0 : 3;
+        const float *e0 = e + p0 * ep;
+        float *o = out + p0 * 256;
+        /* np * nc accumulators, nc rows and a broadcast within AVX2's 16 registers (3 x 4 spilled one) */
+        for (int64_t d0 = 0, nc; d0 < D; d0 += 8 * nc) {
+            nc = np == 3 ? (D - d0 >= 24 ? 3 : D - d0 >= 16 ? 2 : 1) : (D - d0 >= 32 ? 4 : D - d0 >= 16 ? 2 : 1);
+#define PV8(NP) (nc == 4 ? pv_pairs8(NP, 4, e0, ek, ep, n, keys, V0, D, d0, o)   \
+                 : nc == 3 ? pv_pairs8(NP, 3, e0, ek, ep, n, keys, V0, D, d0, o) \
+                 : nc == 2 ? pv_pairs8(NP, 2, e0, ek, ep, n, keys, V0, D, d0, o) \
+                 : pv_pairs8(NP, 1, e0, ek, ep, n, keys, V0, D, d0, o))
+            if (np == 3) PV8(3);
+            else if (np == 2) PV8(2);
+            else PV8(1);
+#undef PV8
+        }
+    }
+}
+
+/* score[h * cap + k] = head h's scaled score of key k (hsum8 of its chain), mx[h] their maximum */
+static inline __attribute__((always_inline)) void head_scores8(const int G, const float *const *q,
+                                                               const int64_t *keys, int64_t n, const uint16_t *K0,
+                                                               int64_t C, float scale, float *score, int64_t cap,
+                                                               float *mx) {
+    __m256 acc[8];
+    for (int64_t k = 0; k < n; k++) {
+        dot_chains8(G, q, K0 + keys[k] * C * 8, C, acc);
+        for (int h = 0; h < G; h++) {
+            float sc = hsum8(acc[h]) * scale;
+            score[h * cap + k] = sc;
+            if (sc > mx[h]) mx[h] = sc;
+        }
+    }
+}
+
 /* grouped_heads on 8 lanes: the G query heads of key head g for token t over its n keys, each K and V row
    loaded and widened once for all G heads, with the per-head loop's operations in its order (dot_f32_bf16's
    8-lane fmadd chain then hsum8, the scale, the max, exp, the sum in key order, out += p * v key by key), so
@@ -1079,23 +1151,21 @@ static void grouped_heads8(fwd *f, int64_t t, int64_t g, int64_t G, const int64_
     const tq_model *m = f->m;
     int64_t D = m->head_dim, H = m->heads, C = D / 8;
     float scale = (float)m->attn_scale;
-    __m256 q[8][32], row[32], out[8][32];
+    const float *q[8];
     float mx[8], sum[8];
     for (int64_t h = 0; h < G; h++) {
-        const float *qh = f->qkv + t * f->qkv_n + (g * G + h) * D;
-        for (int64_t c = 0; c < C; c++) q[h][c] = _mm256_loadu_ps(qh + 8 * c);
+        q[h] = f->qkv + t * f->qkv_n + (g * G + h) * D;
         mx[h] = -INFINITY;
     }
-    for (int64_t k = 0; k < n; k++) {
-        const uint16_t *kr = K0 + keys[k] * D;
-        for (int64_t c = 0; c < C; c++) row[c] = load_bf16x8(kr + 8 * c);
-        for (int64_t h = 0; h < G; h++) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t c = 0; c < C; c++) acc = _mm256_fmadd_ps(q[h][c], row[c], acc);
-            float sc = hsum8(acc) * scale;
-            score[h * cap + k] = sc;
-            if (sc > mx[h]) mx[h] = sc;
-        }
+    switch (G) {   /* the head count as a constant: the heads' chains in registers */
+    case 1: head_scores8(1, q, keys, n, K0, C, scale, score, cap, mx); break;
+    case 2: head_scores8(2, q, keys, n, K0, C, scale, score, cap, mx); break;
+    case 3: head_scores8(3, q, keys, n, K0, C, scale, score, cap, mx); break;
+    case 4: head_scores8(4, q, keys, n, K0, C, scale, score, cap, mx); break;
+    case 5: head_scores8(5, q, keys, n, K0, C, scale, score, cap, mx); break;
+    case 6: head_scores8(6, q, keys, n, K0, C, scale, score, cap, mx); break;
+    case 7: head_scores8(7, q, keys, n, K0, C, scale, score, cap, mx); break;
+    default: head_scores8(8, q, keys, n, K0, C, scale, score, cap, mx); break;
     }
     for (int64_t h = 0; h < G; h++) {
         float *sh = score + h * cap;
@@ -1104,42 +1174,32 @@ static void grouped_heads8(fwd *f, int64_t t, int64_t g, int64_t G, const int64_
         float s = 0;
         for (int64_t k = 0; k < n; k++) s += sh[k];
         sum[h] = s;
-        for (int64_t c = 0; c < C; c++) out[h][c] = _mm256_setzero_ps();
     }
-    for (int64_t k = 0; k < n; k++) {
-        const uint16_t *vr = V0 + keys[k] * D;
-        for (int64_t c = 0; c < C; c++) row[c] = load_bf16x8(vr + 8 * c);
-        for (int64_t h = 0; h < G; h++) {
-            __m256 pp = _mm256_set1_ps(score[h * cap + k]);
-            for (int64_t c = 0; c < C; c++) out[h][c] = _mm256_fmadd_ps(pp, row[c], out[h][c]);
-        }
-    }
+    float out[8 * 256];
+    memset(out, 0, sizeof(float) * 256 * (size_t)G);
+    pv_all8((int)G, score, 1, cap, n, keys, V0, D, out);
     for (int64_t h = 0; h < G; h++) {
-        float o[256], inv = 1.0f / sum[h];
-        for (int64_t c = 0; c < C; c++) _mm256_storeu_ps(o + 8 * c, out[h][c]);
+        float inv = 1.0f / sum[h];
         uint16_t *dst = f->attn + t * H * D + (g * G + h) * D;
-        for (int64_t d = 0; d < D; d++) dst[d] = f2bf(o[d] * inv);
+        for (int64_t d = 0; d < D; d++) dst[d] = f2bf(out[h * 256 + d] * inv);
     }
 }
 
-/* out[p] += e[k * 8 + p] * V row k, key by key, for NP pairs and NC * 8 channels from d0 (accumulators in
-   registers: NP <= 3, NC <= 4) */
-static inline __attribute__((always_inline)) void pv_pairs8(int NP, int NC, const float *e, int64_t n,
-                                                            const int64_t *keys, const uint16_t *V0, int64_t D,
-                                                            int64_t d0, float *out) {
-    __m256 o[3][4], row[4];
-    for (int p = 0; p < NP; p++)
-        for (int c = 0; c < NC; c++) o[p][c] = _mm256_loadu_ps(out + p * 256 + d0 + 8 * c);
+/* sc[8k + p] = pair p's scaled score of key k (sums8 of the chains: hsum8's order, lane by lane; lanes past NP
+   0); returns the lanes' maxima */
+static inline __attribute__((always_inline)) __m256 qk_pairs8(const int NP, const float *const *q,
+                                                              const int64_t *keys, int64_t n, const uint16_t *K0,
+                                                              int64_t C, float scale, float *sc) {
+    const __m256 scv = _mm256_set1_ps(scale);
+    __m256 mxv = _mm256_set1_ps(-INFINITY), acc[8];
+    for (int p = NP; p < 8; p++) acc[p] = _mm256_setzero_ps();
     for (int64_t k = 0; k < n; k++) {
-        const uint16_t *vr = V0 + keys[k] * D + d0;
-        for (int c = 0; c < NC; c++) row[c] = load_bf16x8(vr + 8 * c);
-        for (int p = 0; p < NP; p++) {
-            __m256 pp = _mm256_set1_ps(e[k * 8 + p]);
-            for (int c = 0; c < NC; c++) o[p][c] = _mm256_fmadd_ps(pp, row[c], o[p][c]);
-        }
+        dot_chains8(NP, q, K0 + keys[k] * C * 8, C, acc);
+        __m256 s = _mm256_mul_ps(sums8(acc), scv);
+        _mm256_storeu_ps(sc + 8 * k, s);
+        mxv = _mm256_max_ps(mxv, s);
     }
-    for (int p = 0; p < NP; p++)
-        for (int c = 0; c < NC; c++) _mm256_storeu_ps(out + p * 256 + d0 + 8 * c, o[p][c]);
+    return mxv;
 }
 
 /* Tokens t0 .. t0+nt-1 of a plain causal chunk (no key dropped by a window), the G heads of kv head g: P =
@@ -1155,21 +1215,18 @@ static void grouped_tokens8(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G
     int64_t D = m->head_dim, H = m->heads, C = D / 8;
     int P = (int)(nt * G);
     float scale = (float)m->attn_scale;
-    __m256 scv = _mm256_set1_ps(scale), mxv = _mm256_set1_ps(-INFINITY), acc[8], row[32];
     const float *q[8];
     for (int p = 0; p < P; p++) q[p] = f->qkv + (t0 + p / G) * f->qkv_n + (g * G + p % G) * D;
-    for (int p = P; p < 8; p++) acc[p] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < n; k++) {
-        const uint16_t *kr = K0 + keys[k] * D;
-        for (int64_t c = 0; c < C; c++) row[c] = load_bf16x8(kr + 8 * c);
-        for (int p = 0; p < P; p++) {
-            __m256 a = _mm256_setzero_ps();
-            for (int64_t c = 0; c < C; c++) a = _mm256_fmadd_ps(_mm256_loadu_ps(q[p] + 8 * c), row[c], a);
-            acc[p] = a;
-        }
-        __m256 s = _mm256_mul_ps(sums8(acc), scv);
-        _mm256_storeu_ps(sc + 8 * k, s);
-        mxv = _mm256_max_ps(mxv, s);
+    __m256 mxv;
+    switch (P) {   /* the pair count as a constant: the pairs' chains in registers */
+    case 1: mxv = qk_pairs8(1, q, keys, n, K0, C, scale, sc); break;
+    case 2: mxv = qk_pairs8(2, q, keys, n, K0, C, scale, sc); break;
+    case 3: mxv = qk_pairs8(3, q, keys, n, K0, C, scale, sc); break;
+    case 4: mxv = qk_pairs8(4, q, keys, n, K0, C, scale, sc); break;
+    case 5: mxv = qk_pairs8(5, q, keys, n, K0, C, scale, sc); break;
+    case 6: mxv = qk_pairs8(6, q, keys, n, K0, C, scale, sc); break;
+    case 7: mxv = qk_pairs8(7, q, keys, n, K0, C, scale, sc); break;
+    default: mxv = qk_pairs8(8, q, keys, n, K0, C, scale, sc); break;
     }
     /* each later token's own new keys (at most nt - 1), one by one */
     float mx[8], tail[8][8], sum[8];
@@ -1195,22 +1252,7 @@ static void grouped_tokens8(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G
     }
     float out[8 * 256];
     memset(out, 0, sizeof(float) * 256 * (size_t)P);
-    for (int64_t d0 = 0; d0 < D;) {
-        int nc = D - d0 >= 32 ? 4 : D - d0 >= 16 ? 2 : 1;
-        for (int p0 = 0; p0 < P; p0 += 3) {
-            int np = P - p0 < 3 ? P - p0 : 3;
-            const float *e = sc + p0;
-            float *o = out + p0 * 256;
-#define PV8(NP) (nc == 4 ? pv_pairs8(NP, 4, e, n, keys, V0, D, d0, o)   \
-                 : nc == 2 ? pv_pairs8(NP, 2, e, n, keys, V0, D, d0, o) \
-                 : pv_pairs8(NP, 1, e, n, keys, V0, D, d0, o))
-            if (np == 3) PV8(3);
-            else if (np == 2) PV8(2);
-            else PV8(1);
-#undef PV8
-        }
-        d0 += 8 * nc;
-    }
+    pv_all8(P, sc, 8, 1, n, keys, V0, D, out);
     for (int p = 0; p < P; p++) {
         int64_t extra = p / G, t = t0 + extra;
         float *o = out + p * 256;
