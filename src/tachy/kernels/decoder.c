@@ -1083,11 +1083,11 @@ static inline __attribute__((always_inline)) void dot_chains8(const int NP, cons
     }
 }
 
-/* out[p] += e[k * ek + p * ep] * V row k, key by key, for NP pairs and NC * 8 channels from d0 (accumulators in
+/* out[p] += e[k * 8 + p] * V row k, key by key, for NP pairs and NC * 8 channels from d0 (accumulators in
    registers: NP <= 3, NC <= 4, NP * NC <= 9) */
-static inline __attribute__((always_inline)) void pv_pairs8(int NP, int NC, const float *e, int64_t ek, int64_t ep,
-                                                            int64_t n, const int64_t *keys, const uint16_t *V0,
-                                                            int64_t D, int64_t d0, float *out) {
+static inline __attribute__((always_inline)) void pv_pairs8(int NP, int NC, const float *e, int64_t n,
+                                                            const int64_t *keys, const uint16_t *V0, int64_t D,
+                                                            int64_t d0, float *out) {
     __m256 o[3][4], row[4];
     for (int p = 0; p < NP; p++)
         for (int c = 0; c < NC; c++) o[p][c] = _mm256_loadu_ps(out + p * 256 + d0 + 8 * c);
@@ -1095,7 +1095,7 @@ static inline __attribute__((always_inline)) void pv_pairs8(int NP, int NC, cons
         const uint16_t *vr = V0 + keys[k] * D + d0;
         for (int c = 0; c < NC; c++) row[c] = load_bf16x8(vr + 8 * c);
         for (int p = 0; p < NP; p++) {
-            __m256 pp = _mm256_set1_ps(e[k * ek + p * ep]);
+            __m256 pp = _mm256_set1_ps(e[k * 8 + p]);
             for (int c = 0; c < NC; c++) o[p][c] = _mm256_fmadd_ps(pp, row[c], o[p][c]);
         }
     }
@@ -1103,85 +1103,26 @@ static inline __attribute__((always_inline)) void pv_pairs8(int NP, int NC, cons
         for (int c = 0; c < NC; c++) _mm256_storeu_ps(out + p * 256 + d0 + 8 * c, o[p][c]);
 }
 
-/* out[p * 256 ..] += pair p's weighted V rows (weights e[k * ek + p * ep]) over all D channels, for P pairs,
-   three at a time */
-static void pv_all8(int P, const float *e, int64_t ek, int64_t ep, int64_t n, const int64_t *keys,
-                    const uint16_t *V0, int64_t D, float *out) {
+/* out[p * 256 ..] += pair p's weighted V rows (weights e[k * 8 + p]) over all D channels, for P pairs, three at
+   a time */
+static void pv_all8(int P, const float *e, int64_t n, const int64_t *keys, const uint16_t *V0, int64_t D,
+                    float *out) {
     for (int p0 = 0; p0 < P; p0 += 3) {
         int np = P - p0 < 3 ? P - p0 : 3;
-        const float *e0 = e + p0 * ep;
+        const float *e0 = e + p0;
         float *o = out + p0 * 256;
         /* np * nc accumulators, nc rows and a broadcast within AVX2's 16 registers (3 x 4 spilled one) */
         for (int64_t d0 = 0, nc; d0 < D; d0 += 8 * nc) {
             nc = np == 3 ? (D - d0 >= 24 ? 3 : D - d0 >= 16 ? 2 : 1) : (D - d0 >= 32 ? 4 : D - d0 >= 16 ? 2 : 1);
-#define PV8(NP) (nc == 4 ? pv_pairs8(NP, 4, e0, ek, ep, n, keys, V0, D, d0, o)   \
-                 : nc == 3 ? pv_pairs8(NP, 3, e0, ek, ep, n, keys, V0, D, d0, o) \
-                 : nc == 2 ? pv_pairs8(NP, 2, e0, ek, ep, n, keys, V0, D, d0, o) \
-                 : pv_pairs8(NP, 1, e0, ek, ep, n, keys, V0, D, d0, o))
+#define PV8(NP) (nc == 4 ? pv_pairs8(NP, 4, e0, n, keys, V0, D, d0, o)   \
+                 : nc == 3 ? pv_pairs8(NP, 3, e0, n, keys, V0, D, d0, o) \
+                 : nc == 2 ? pv_pairs8(NP, 2, e0, n, keys, V0, D, d0, o) \
+                 : pv_pairs8(NP, 1, e0, n, keys, V0, D, d0, o))
             if (np == 3) PV8(3);
             else if (np == 2) PV8(2);
             else PV8(1);
 #undef PV8
         }
-    }
-}
-
-/* score[h * cap + k] = head h's scaled score of key k (hsum8 of its chain), mx[h] their maximum */
-static inline __attribute__((always_inline)) void head_scores8(const int G, const float *const *q,
-                                                               const int64_t *keys, int64_t n, const uint16_t *K0,
-                                                               int64_t C, float scale, float *score, int64_t cap,
-                                                               float *mx) {
-    __m256 acc[8];
-    for (int64_t k = 0; k < n; k++) {
-        dot_chains8(G, q, K0 + keys[k] * C * 8, C, acc);
-        for (int h = 0; h < G; h++) {
-            float sc = hsum8(acc[h]) * scale;
-            score[h * cap + k] = sc;
-            if (sc > mx[h]) mx[h] = sc;
-        }
-    }
-}
-
-/* grouped_heads on 8 lanes: the G query heads of key head g for token t over its n keys, each K and V row
-   loaded and widened once for all G heads, with the per-head loop's operations in its order (dot_f32_bf16's
-   8-lane fmadd chain then hsum8, the scale, the max, exp, the sum in key order, out += p * v key by key), so
-   the same bits with a G-th of the K/V traffic. D a multiple of 8, at most 256; G at most 8. */
-static void grouped_heads8(fwd *f, int64_t t, int64_t g, int64_t G, const int64_t *keys, int64_t n,
-                           const uint16_t *K0, const uint16_t *V0, float *score, int64_t cap) {
-    const tq_model *m = f->m;
-    int64_t D = m->head_dim, H = m->heads, C = D / 8;
-    float scale = (float)m->attn_scale;
-    const float *q[8];
-    float mx[8], sum[8];
-    for (int64_t h = 0; h < G; h++) {
-        q[h] = f->qkv + t * f->qkv_n + (g * G + h) * D;
-        mx[h] = -INFINITY;
-    }
-    switch (G) {   /* the head count as a constant: the heads' chains in registers */
-    case 1: head_scores8(1, q, keys, n, K0, C, scale, score, cap, mx); break;
-    case 2: head_scores8(2, q, keys, n, K0, C, scale, score, cap, mx); break;
-    case 3: head_scores8(3, q, keys, n, K0, C, scale, score, cap, mx); break;
-    case 4: head_scores8(4, q, keys, n, K0, C, scale, score, cap, mx); break;
-    case 5: head_scores8(5, q, keys, n, K0, C, scale, score, cap, mx); break;
-    case 6: head_scores8(6, q, keys, n, K0, C, scale, score, cap, mx); break;
-    case 7: head_scores8(7, q, keys, n, K0, C, scale, score, cap, mx); break;
-    default: head_scores8(8, q, keys, n, K0, C, scale, score, cap, mx); break;
-    }
-    for (int64_t h = 0; h < G; h++) {
-        float *sh = score + h * cap;
-        for (int64_t k = 0; k < n; k++) sh[k] -= mx[h];
-        exp_inplace(sh, n);
-        float s = 0;
-        for (int64_t k = 0; k < n; k++) s += sh[k];
-        sum[h] = s;
-    }
-    float out[8 * 256];
-    memset(out, 0, sizeof(float) * 256 * (size_t)G);
-    pv_all8((int)G, score, 1, cap, n, keys, V0, D, out);
-    for (int64_t h = 0; h < G; h++) {
-        float inv = 1.0f / sum[h];
-        uint16_t *dst = f->attn + t * H * D + (g * G + h) * D;
-        for (int64_t d = 0; d < D; d++) dst[d] = f2bf(out[h * 256 + d] * inv);
     }
 }
 
@@ -1202,12 +1143,16 @@ static inline __attribute__((always_inline)) __m256 qk_pairs8(const int NP, cons
     return mxv;
 }
 
-/* Tokens t0 .. t0+nt-1 of a plain causal chunk (no key dropped by a window), the G heads of kv head g: P =
+/* Attention on 8 lanes (AVX2). Tokens t0 .. t0+nt-1 of a plain causal chunk (no key dropped by a window; nt = 1:
+   a token alone, decoding or a verify row, over any key list, sparse ones too), the G heads of kv head g: P =
    nt * G <= 8 pairs (pair p: token t0 + p / G, head g * G + p % G). Token t0 reads keys[0..n), token t0+i those
    and then the new tokens t0+1 .. t0+i, as attention_task lists them. Each K and V row is loaded once for all
-   pairs, and the pairs' dot products are summed together by sums8 (hsum8's order, lane by lane), so every
-   pair gets grouped_heads8's bits: the scale, the max, exp, the sum in key order, out += p * v key by key.
-   sc: 8 * n floats. */
+   pairs, and the pairs' dot products are summed together by sums8 (hsum8's order, lane by lane), so every pair
+   gets the bits of dot_f32_bf16's chain then hsum8, the scale, the max, exp, the sum in key order and out += p *
+   v key by key, whichever tokens share its call: a token's bits in a chunk, a verify chain or alone are the
+   same. A token alone keeps P = G of 8 lanes busy in the softmax, and still measured 1.05-1.08x faster than a
+   per-head layout whose sums over keys ran one scalar add at a time (decode steps at 2-6k keys). sc: 8 * n
+   floats. */
 static void grouped_tokens8(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G, const int64_t *keys,
                             int64_t n, const uint16_t *K0, const uint16_t *V0, float *sc) {
     const tq_model *m = f->m;
@@ -1252,7 +1197,7 @@ static void grouped_tokens8(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G
     }
     float out[8 * 256];
     memset(out, 0, sizeof(float) * 256 * (size_t)P);
-    pv_all8(P, sc, 8, 1, n, keys, V0, D, out);
+    pv_all8(P, sc, n, keys, V0, D, out);
     for (int p = 0; p < P; p++) {
         int64_t extra = p / G, t = t0 + extra;
         float *o = out + p * 256;
@@ -1937,12 +1882,8 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
         if (D % 8 == 0 && D <= 256 && G <= 8) {
             int64_t nt = B > 1 ? shared_run(f, t, g, te) : 1;
             while (nt > 1 && window > 0 && b->positions[t + nt - 1] - window + 1 > 0) nt--;   /* none dropped */
-            if (nt > 1) {   /* it and the next tokens sharing its keys */
-                grouped_tokens8(f, t, nt, g, G, keys, n, K0, V0, pair_score);
-                t += nt - 1;
-            } else {
-                grouped_heads8(f, t, g, G, keys, n, K0, V0, score, cap);
-            }
+            grouped_tokens8(f, t, nt, g, G, keys, n, K0, V0, pair_score);   /* it and the next tokens sharing its keys */
+            t += nt - 1;
             continue;
         }
 #endif
