@@ -1212,7 +1212,7 @@ static void grouped_tokens8(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G
 /* ---- sparse attention (tq_sparse) ------------------------------------------------------------------------ */
 
 /* Quest's bound on q.k over one page: sum over d of max(q_d min_d, q_d max_d) (mn: the page's min row, then its
-   max row), in a fixed order (16 lanes, then their reduction) */
+   max row), in a fixed order (16 lanes, or 8 on AVX2, then their reduction) */
 static inline float page_bound(const float *q, const uint16_t *mn, int64_t D) {
     const uint16_t *mx = mn + D;
     int64_t i = 0;
@@ -1861,7 +1861,9 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
         for (int64_t j = 0; j < last; j++)
             if (sees(b, t, j) && !(window > 0 && pos - b->positions[j] >= window)) keys[n++] = b->slots[j];
         const uint16_t *K0 = cache_at(f, f->c->k, row, g, 0), *V0 = cache_at(f, f->c->v, row, g, 0);
+#if DEC_AVX512
         int64_t seen = n;   /* keys it sees; a sparse layer reads fewer */
+#endif
         if (f->sparse) n = sparse_keys(f, t, g, keys, n, K0, sel_score, sel_tmp, rank, keep, idx);
         if (f->sparse && f->sparse->record) {   /* tests: the slots this row read */
             uint8_t *rec = f->sparse->record + ((f->layer_index * Hkv + g) * T + t) * (f->mi_start + T);
