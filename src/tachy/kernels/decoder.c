@@ -1070,19 +1070,6 @@ static void grouped_tokens(fwd *f, int64_t t0, int64_t nt, int64_t g, int64_t G,
 #endif
 
 #if DEC_AVX2
-/* acc[p] = q[p] . key row kr (C chunks of 8 bf16) for p < NP, each an 8-lane fmadd chain over the channels in
-   order (dot_f32_bf16's operations). The channel loop runs outside the pair loop, so the NP chains are in flight
-   together (one chain at a time waited on each fmadd's latency: a prompt chunk's attention took 1.3-1.8x as
-   long) */
-static inline __attribute__((always_inline)) void dot_chains8(const int NP, const float *const *q,
-                                                              const uint16_t *kr, int64_t C, __m256 *acc) {
-    for (int p = 0; p < NP; p++) acc[p] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < C; c++) {
-        __m256 r = load_bf16x8(kr + 8 * c);
-        for (int p = 0; p < NP; p++) acc[p] = _mm256_fmadd_ps(_mm256_loadu_ps(q[p] + 8 * c), r, acc[p]);
-    }
-}
-
 /* out[p] += e[k * 8 + p] * V row k, key by key, for NP pairs and NC * 8 channels from d0 (accumulators in
    registers: NP <= 3, NC <= 4, NP * NC <= 9) */
 static inline __attribute__((always_inline)) void pv_pairs8(int NP, int NC, const float *e, int64_t n,
@@ -1126,8 +1113,10 @@ static void pv_all8(int P, const float *e, int64_t n, const int64_t *keys, const
     }
 }
 
-/* sc[8k + p] = pair p's scaled score of key k (sums8 of the chains: hsum8's order, lane by lane; lanes past NP
-   0); returns the lanes' maxima */
+/* sc[8k + p] = pair p's scaled score of key k (lanes past NP 0); returns the lanes' maxima. Each dot product is
+   an 8-lane fmadd chain over the channels in order (dot_f32_bf16's operations), summed by sums8 (hsum8's order,
+   lane by lane). The channel loop runs outside the pair loop, so the NP chains are in flight together (one chain
+   at a time waited on each fmadd's latency: a prompt chunk's attention took 1.3-1.8x as long) */
 static inline __attribute__((always_inline)) __m256 qk_pairs8(const int NP, const float *const *q,
                                                               const int64_t *keys, int64_t n, const uint16_t *K0,
                                                               int64_t C, float scale, float *sc) {
@@ -1135,7 +1124,12 @@ static inline __attribute__((always_inline)) __m256 qk_pairs8(const int NP, cons
     __m256 mxv = _mm256_set1_ps(-INFINITY), acc[8];
     for (int p = NP; p < 8; p++) acc[p] = _mm256_setzero_ps();
     for (int64_t k = 0; k < n; k++) {
-        dot_chains8(NP, q, K0 + keys[k] * C * 8, C, acc);
+        const uint16_t *kr = K0 + keys[k] * C * 8;
+        for (int p = 0; p < NP; p++) acc[p] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < C; c++) {
+            __m256 r = load_bf16x8(kr + 8 * c);
+            for (int p = 0; p < NP; p++) acc[p] = _mm256_fmadd_ps(_mm256_loadu_ps(q[p] + 8 * c), r, acc[p]);
+        }
         __m256 s = _mm256_mul_ps(sums8(acc), scv);
         _mm256_storeu_ps(sc + 8 * k, s);
         mxv = _mm256_max_ps(mxv, s);
