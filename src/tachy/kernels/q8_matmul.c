@@ -786,7 +786,7 @@ static void packed_avx512(void *p, int64_t g0, int64_t g1) {
    add chunks only while they cannot overflow (codes of 4 bits: all 8 chunks; 5 bits: 4; Q6_K's 6 bits: 2), and
    Q8_0 multiplies its signed codes' magnitudes by the activations carrying the codes' signs (at most 128 x 127
    per product). So every lane gets the portable path's integer sums and then its float operations. */
-#define TILE_AVX2 4
+#define TILE_AVX2 6
 /* bytes ahead that a group's first pass asks for, beside the hardware prefetcher: decode steps measured
    1.12-1.22x faster with it (benchmarks/kernel_ab.py), with the same bits */
 #define PREFETCH_AVX2 2048
@@ -929,41 +929,68 @@ static inline __attribute__((always_inline)) void packed_tile_avx2(const packed_
                                                                    const int fmt) {
     int64_t blocks = a->K / 32;
     int header = (int)super_header(fmt);
-    __m256 acc[2][TILE_AVX2], sd[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, sdmin[2] = {sd[0], sd[0]};
-    for (int h = 0; h < 2; h++)
-        for (int i = 0; i < TB; i++) acc[h][i] = _mm256_setzero_ps();
-    const uint8_t *p = w;
-    for (int64_t b = 0; b < blocks; b++) {
-        if (header && b % 8 == 0) {
-            for (int h = 0; h < 2; h++) {
-                sd[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
-                if (fmt != Q6_K) sdmin[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h)));
+    /* halves per pass over the group's blocks: a tile of 5-6 input rows (prompt chunks) takes each half in a
+       pass of its own, where its accumulators fit the 16 registers beside the codes (both halves at once, 4 rows
+       already spilled them through the stack on every block); up to 4 rows (decode and verify steps) keep
+       both halves in one pass, which streams the weights once. Prompts read 1.2-1.3x faster
+       (benchmarks/kernel_ab.py) */
+    const int HP = TB >= 5 ? 1 : 2;
+    float v[TILE_AVX2][16];
+    for (int h0 = 0; h0 < 2; h0 += HP) {
+        __m256 acc[2][TILE_AVX2], sd[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, sdmin[2] = {sd[0], sd[0]};
+        for (int h = 0; h < HP; h++)
+            for (int i = 0; i < TB; i++) acc[h][i] = _mm256_setzero_ps();
+        const uint8_t *p = w;
+        for (int64_t b = 0; b < blocks; b++) {
+            if (header && b % 8 == 0) {
+                for (int h = h0; h < h0 + HP; h++) {
+                    sd[h - h0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16 * h)));
+                    if (fmt != Q6_K)
+                        sdmin[h - h0] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 32 + 16 * h)));
+                }
+                p += header;
             }
-            p += header;
-        }
-        const uint8_t *s = scales_of(fmt, p);
-        if (t0 == 0)   /* the group's first pass streams its weights from memory: ask for them ahead */
-            for (int64_t o = 0; o < block_stride(fmt); o += 64) __builtin_prefetch(p + PREFETCH_AVX2 + o, 0, 0);
-        for (int h = 0; h < 2; h++) {
-            __m256i c[8];
-            load_codes_avx2(fmt, p, h, c);
-            __m256 d0, d1, m;
-            block_scales_avx2(fmt, s, h, sd[h], sdmin[h], &d0, &d1, &m);
-            for (int i = 0; i < TB; i++) {
-                const q8block *xb = a->x + (t0 + i) * blocks + b;
-                __m256i s0, s1 = _mm256_setzero_si256();
-                block_sums_avx2(fmt, c, (const int32_t *)xb->q, &s0, &s1);
-                acc[h][i] = scale_sums_avx2(fmt, xb, s0, s1, d0, d1, m, acc[h][i]);
+            const uint8_t *s = scales_of(fmt, p);
+            if (t0 == 0 && h0 == 0)   /* the group's first pass streams its weights from memory: ask ahead */
+                for (int64_t o = 0; o < block_stride(fmt); o += 64) __builtin_prefetch(p + PREFETCH_AVX2 + o, 0, 0);
+            for (int h = h0; h < h0 + HP; h++) {
+                __m256 d0, d1, m;
+                block_scales_avx2(fmt, s, h, sd[h - h0], sdmin[h - h0], &d0, &d1, &m);
+                if (HP == 1 && (fmt == Q4_0 || fmt == Q4_1 || fmt == Q4_K)) {
+                    /* codes of 4 bits: chunk by chunk, each code vector made where it is used and taken by
+                       every row, so only the rows' int16 sums stay live beside it */
+                    __m256i q[TILE_AVX2];
+                    for (int k = 0; k < 8; k++) {
+                        __m256i nib = _mm256_loadu_si256((const __m256i *)(p + 64 * (k & 3) + 32 * h));
+                        __m256i ck = _mm256_and_si256(k < 4 ? nib : _mm256_srli_epi16(nib, 4), _mm256_set1_epi8(15));
+                        for (int i = 0; i < TB; i++) {
+                            const int32_t *x4 = (const int32_t *)a->x[(t0 + i) * blocks + b].q;
+                            __m256i pk = pair_products(ck, _mm256_set1_epi32(x4[k]));
+                            q[i] = k ? _mm256_add_epi16(q[i], pk) : pk;
+                            __asm__("" : "+x"(q[i]));   /* keeps the chain: -O3 otherwise reassociates the adds
+                                                          into a tree whose products all live at once (spilled) */
+                        }
+                    }
+                    for (int i = 0; i < TB; i++)
+                        acc[h - h0][i] = scale_sums_avx2(fmt, a->x + (t0 + i) * blocks + b, widen(q[i]),
+                                                         _mm256_setzero_si256(), d0, d1, m, acc[h - h0][i]);
+                    continue;
+                }
+                __m256i c[8];
+                load_codes_avx2(fmt, p, h, c);
+                for (int i = 0; i < TB; i++) {
+                    const q8block *xb = a->x + (t0 + i) * blocks + b;
+                    __m256i s0, s1 = _mm256_setzero_si256();
+                    block_sums_avx2(fmt, c, (const int32_t *)xb->q, &s0, &s1);
+                    acc[h - h0][i] = scale_sums_avx2(fmt, xb, s0, s1, d0, d1, m, acc[h - h0][i]);
+                }
             }
+            p += block_stride(fmt);
         }
-        p += block_stride(fmt);
+        for (int h = h0; h < h0 + HP; h++)
+            for (int i = 0; i < TB; i++) _mm256_storeu_ps(v[i] + 8 * h, acc[h - h0][i]);
     }
-    for (int i = 0; i < TB; i++) {
-        float v[16];
-        _mm256_storeu_ps(v, acc[0][i]);
-        _mm256_storeu_ps(v + 8, acc[1][i]);
-        put16(a, t0 + i, 16 * g, v);
-    }
+    for (int i = 0; i < TB; i++) put16(a, t0 + i, 16 * g, v[i]);
 }
 
 #define PACKED_KERNEL_AVX2(FMT)                                                                                \
@@ -976,7 +1003,9 @@ static inline __attribute__((always_inline)) void packed_tile_avx2(const packed_
                 case 1: packed_tile_avx2(a, w, g, t0, 1, FMT); break;                                        \
                 case 2: packed_tile_avx2(a, w, g, t0, 2, FMT); break;                                        \
                 case 3: packed_tile_avx2(a, w, g, t0, 3, FMT); break;                                        \
-                default: packed_tile_avx2(a, w, g, t0, 4, FMT); break;                                       \
+                case 4: packed_tile_avx2(a, w, g, t0, 4, FMT); break;                                        \
+                case 5: packed_tile_avx2(a, w, g, t0, 5, FMT); break;                                        \
+                default: packed_tile_avx2(a, w, g, t0, 6, FMT); break;                                       \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
