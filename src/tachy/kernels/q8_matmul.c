@@ -800,27 +800,18 @@ static inline __m256i bytes_of_bits(uint32_t m) {
     return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
 }
 
-/* half h of a group-block's 8 code vectors (Q8_0: the signed codes) */
-static inline __attribute__((always_inline)) void load_codes_avx2(const int fmt, const uint8_t *p, int h,
-                                                                  __m256i *c) {
-    if (fmt == Q8_0) {
-        for (int k = 0; k < 8; k++)
-            c[k] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 64 * k + 32 * h)), _mm256_set1_epi8(-128));
-        return;
-    }
-    const __m256i f = _mm256_set1_epi8(15);
-    for (int k = 0; k < 4; k++) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * k + 32 * h));
-        c[k] = _mm256_and_si256(v, f);
-        c[k + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), f);
-    }
+/* code vector k (0-7) of half h of a group-block (Q8_0: the signed codes) */
+static inline __attribute__((always_inline)) __m256i chunk_code_avx2(const int fmt, const uint8_t *p, int h,
+                                                                    int k) {
+    if (fmt == Q8_0)
+        return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 64 * k + 32 * h)), _mm256_set1_epi8(-128));
+    __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * (k & 3) + 32 * h));
+    __m256i c = _mm256_and_si256(k < 4 ? v : _mm256_srli_epi16(v, 4), _mm256_set1_epi8(15));
     const uint8_t *s = p + 256;
     if (fmt == Q5_0 || fmt == Q5_1 || fmt == Q5_K) {
-        for (int k = 0; k < 8; k++) {
-            uint32_t m;
-            memcpy(&m, s + 8 * k + 4 * h, 4);
-            c[k] = _mm256_or_si256(c[k], _mm256_and_si256(bytes_of_bits(m), _mm256_set1_epi8(16)));
-        }
+        uint32_t m;
+        memcpy(&m, s + 8 * k + 4 * h, 4);
+        c = _mm256_or_si256(c, _mm256_and_si256(bytes_of_bits(m), _mm256_set1_epi8(16)));
     }
     if (fmt == Q6_K) {
         /* chunk k: byte r of 16 holds row r's four 2-bit fields; code byte 4r + j takes field j (bits 2j, 2j + 1);
@@ -831,16 +822,20 @@ static inline __attribute__((always_inline)) void load_codes_avx2(const int fmt,
                                                      0x04040404, 0x05050505, 0x06060606, 0x07070707);
         const __m256i m0 = _mm256_set1_epi32(0x00000003), m1 = _mm256_set1_epi32(0x00000300),
                       m2 = _mm256_set1_epi32(0x00030000), m3 = _mm256_set1_epi32(0x03000000);
-        for (int k = 0; k < 8; k++) {
-            __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(s + 16 * k)));
-            v = _mm256_shuffle_epi8(v, spread);
-            __m256i f01 = _mm256_or_si256(_mm256_and_si256(v, m0), _mm256_and_si256(_mm256_srli_epi16(v, 2), m1));
-            __m256i f23 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m2),
-                                          _mm256_and_si256(_mm256_srli_epi16(v, 6), m3));
-            __m256i hb = _mm256_or_si256(f01, f23);
-            c[k] = _mm256_or_si256(c[k], _mm256_slli_epi16(hb, 4));
-        }
+        __m256i v6 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(s + 16 * k)));
+        v6 = _mm256_shuffle_epi8(v6, spread);
+        __m256i f01 = _mm256_or_si256(_mm256_and_si256(v6, m0), _mm256_and_si256(_mm256_srli_epi16(v6, 2), m1));
+        __m256i f23 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v6, 4), m2),
+                                      _mm256_and_si256(_mm256_srli_epi16(v6, 6), m3));
+        c = _mm256_or_si256(c, _mm256_slli_epi16(_mm256_or_si256(f01, f23), 4));
     }
+    return c;
+}
+
+/* half h of a group-block's 8 code vectors */
+static inline __attribute__((always_inline)) void load_codes_avx2(const int fmt, const uint8_t *p, int h,
+                                                                  __m256i *c) {
+    for (int k = 0; k < 8; k++) c[k] = chunk_code_avx2(fmt, p, h, k);
 }
 
 /* four codes times four activations, as int16 pairs */
@@ -929,12 +924,13 @@ static inline __attribute__((always_inline)) void packed_tile_avx2(const packed_
                                                                    const int fmt) {
     int64_t blocks = a->K / 32;
     int header = (int)super_header(fmt);
-    /* halves per pass over the group's blocks: a tile of 5-6 input rows (prompt chunks) takes each half in a
-       pass of its own, where its accumulators fit the 16 registers beside the codes (both halves at once, 4 rows
-       already spilled them through the stack on every block); up to 4 rows (decode and verify steps) keep
-       both halves in one pass, which streams the weights once. Prompts read 1.2-1.3x faster
-       (benchmarks/kernel_ab.py) */
-    const int HP = TB >= 5 ? 1 : 2;
+    /* halves per pass over the group's blocks. Both halves at once, 4 rows already spilled their codes and
+       accumulators through the stack on every block (AVX2 has 16 registers); in a pass of its own, a half's
+       accumulators fit beside its codes. So a tile of 5-6 rows (prompt chunks), and of 3-4 rows with 4-bit codes
+       (verify steps; their codes are made chunk by chunk below), takes a pass per half; 1-2 rows (decode steps)
+       keep both halves in one pass, which streams the weights once. Prompts read 1.2-1.3x faster, 3-4-token
+       verify forwards 1.15-1.3x (benchmarks/kernel_ab.py) */
+    const int HP = TB >= 5 || (TB >= 3 && (fmt == Q4_0 || fmt == Q4_1 || fmt == Q4_K)) ? 1 : 2;
     float v[TILE_AVX2][16];
     for (int h0 = 0; h0 < 2; h0 += HP) {
         __m256 acc[2][TILE_AVX2], sd[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, sdmin[2] = {sd[0], sd[0]};
@@ -961,8 +957,7 @@ static inline __attribute__((always_inline)) void packed_tile_avx2(const packed_
                        every row, so only the rows' int16 sums stay live beside it */
                     __m256i q[TILE_AVX2];
                     for (int k = 0; k < 8; k++) {
-                        __m256i nib = _mm256_loadu_si256((const __m256i *)(p + 64 * (k & 3) + 32 * h));
-                        __m256i ck = _mm256_and_si256(k < 4 ? nib : _mm256_srli_epi16(nib, 4), _mm256_set1_epi8(15));
+                        __m256i ck = chunk_code_avx2(fmt, p, h, k);
                         for (int i = 0; i < TB; i++) {
                             const int32_t *x4 = (const int32_t *)a->x[(t0 + i) * blocks + b].q;
                             __m256i pk = pair_products(ck, _mm256_set1_epi32(x4[k]));
