@@ -74,9 +74,10 @@ def whole_level(engine, ids: list[list[int]], rows: int, max_tokens: int, packed
     done: dict[int, object] = {}
     start = time.perf_counter()
     while queue or decoder.rows:
+        events = []
         while queue and decoder.free:
-            decoder.add(queue.pop(0), config)
-        for row, _ in decoder.step():
+            events += decoder.add(queue.pop(0), config)   # plain rows: a row may end at its first token
+        for row, _ in events + decoder.step():
             done[id(row)] = row
     wall = time.perf_counter() - start
     made = sum(row.stats.generated_tokens for row in done.values())

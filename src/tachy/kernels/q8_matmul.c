@@ -930,7 +930,8 @@ static inline __attribute__((always_inline)) void packed_tile_avx2(const packed_
        (verify steps; their codes are made chunk by chunk below), takes a pass per half; 1-2 rows (decode steps)
        keep both halves in one pass, which streams the weights once. Prompts read 1.2-1.3x faster, 3-4-token
        verify forwards 1.15-1.3x (benchmarks/kernel_ab.py) */
-    const int HP = TB >= 5 || (TB >= 3 && (fmt == Q4_0 || fmt == Q4_1 || fmt == Q4_K)) ? 1 : 2;
+    const int nibbles = fmt == Q4_0 || fmt == Q4_1 || fmt == Q4_K;   /* codes of 4 bits, all in the low ones */
+    const int HP = TB >= 5 || (TB >= 3 && nibbles) ? 1 : 2;
     float v[TILE_AVX2][16];
     for (int h0 = 0; h0 < 2; h0 += HP) {
         __m256 acc[2][TILE_AVX2], sd[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, sdmin[2] = {sd[0], sd[0]};
@@ -952,7 +953,7 @@ static inline __attribute__((always_inline)) void packed_tile_avx2(const packed_
             for (int h = h0; h < h0 + HP; h++) {
                 __m256 d0, d1, m;
                 block_scales_avx2(fmt, s, h, sd[h - h0], sdmin[h - h0], &d0, &d1, &m);
-                if (HP == 1 && (fmt == Q4_0 || fmt == Q4_1 || fmt == Q4_K)) {
+                if (HP == 1 && nibbles) {
                     /* codes of 4 bits: chunk by chunk, each code vector made where it is used and taken by
                        every row, so only the rows' int16 sums stay live beside it */
                     __m256i q[TILE_AVX2];
