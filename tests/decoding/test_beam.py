@@ -129,6 +129,15 @@ def test_bad_beam_options(options, message):
         GenerationConfig(strategy="beam", strategy_options=options)
 
 
+def test_beam_search_wider_than_memory_is_refused_before_allocating():
+    engine, _ = tiny_engine(seed=1)
+    cfg = GenerationConfig(max_new_tokens=8, strategy="beam", strategy_options={"num_beams": 10**12})
+    with pytest.raises(InvalidArgumentError, match=r"num_beams=1000000000000 needs about .* GiB"):
+        list(engine.generate_tokens([5, 17, 33, 8], cfg))
+    cfg = GenerationConfig(max_new_tokens=4, strategy="beam", strategy_options={"num_beams": 64})
+    assert len(list(engine.generate_tokens([5, 17, 33, 8], cfg))) == 1   # a wide search that fits still runs
+
+
 def test_beam_rejects_sampling_and_explicit_drafters():
     with pytest.raises(InvalidArgumentError, match="temperature"):
         GenerationConfig(strategy="beam", temperature=0.8)

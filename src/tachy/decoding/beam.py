@@ -41,6 +41,35 @@ from .config import logits_processor
 _NEG = -1.0e9
 
 
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory a search may still take on ``device``: free GPU memory, or Linux's MemAvailable (None elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(model, beams: int, capacity: int, keep: int) -> None:
+    """Refuse a search whose beams cannot fit, before allocating them: ``num_beams=10**6`` asks for terabytes of
+    KV cache, which PyTorch would report only as an allocation failure (or the OS as a killed process)."""
+    cfg = model.config
+    element = torch.empty((), dtype=model.dtype).element_size()
+    cache = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * element * capacity   # K and V per beam
+    scores = 4 * cfg.vocab_size * 3   # a beam's float logits, log-probabilities and summed scores
+    need = beams * (2 * cache + scores) + 16 * keep   # 2x: KVCache.select builds the reordered copy
+    free = _available_bytes(model.device)
+    if free is not None and need > free:
+        raise InvalidArgumentError(f"num_beams={beams} needs about {need / 2**30:.1f} GiB for its beams' KV cache "
+                                   f"and scores ({capacity} positions each), more than the "
+                                   f"{free / 2**30:.1f} GiB available; use fewer beams or fewer tokens")
+
+
 @dataclass
 class _Group:
     """One group of beams: running sequences and scores, and the pool of finished hypotheses."""
@@ -116,6 +145,7 @@ class BeamSearch(Strategy):
         keep = max(2, 1 + len(eos)) * S
         eos_t = torch.tensor(eos, dtype=torch.long, device=device)
 
+        _check_memory(model, K, len(prompt_ids) + max_new, keep)
         start = time.perf_counter()
         cache = model.new_cache(capacity=len(prompt_ids) + max_new, fixed=False)
         logits = prefill(model, prompt_ids, cache).expand(K, -1)

@@ -1843,6 +1843,9 @@ static void attention_task(void *p, int64_t i0, int64_t i1) {
     uint32_t *rank = part[5];
     uint8_t *keep = part[6];
     int64_t *idx = part[7];
+#if !DEC_AVX512 && !DEC_AVX2
+    (void)pair_score;   /* the grouped layouts' scores: only the SIMD builds have them */
+#endif
     int64_t B = f->block;   /* tokens per item: a plain causal chunk's tokens share their keys */
     for (int64_t i = i0; i < i1; i++)
     for (int64_t t = i / Hkv * B, te = t + B < T ? t + B : T, g = i % Hkv; t < te; t++) {
@@ -2030,8 +2033,10 @@ int tq_forward_sparse(const tq_model *m, tq_cache *c, const tq_batch *b, const t
     }
     /* grouped_tokens: a token's G heads together; the tokens of a plain causal chunk (no mask) also share their
        keys, 16 / G at a time, where every key is read (dense attention, MInference's dense layers) */
-    int64_t G = m->heads / m->kv_heads;
     f.block = 1;
+#if DEC_AVX512 || DEC_AVX2
+    int64_t G = m->heads / m->kv_heads;
+#endif
 #if DEC_AVX512
     f.grouped = D % 16 == 0 && D <= 256 && G <= 16;
     if (f.grouped && !b->mask && (!sparse || sparse->method == SPARSE_MINFERENCE)) f.block = 16 / G;
