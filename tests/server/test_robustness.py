@@ -215,6 +215,12 @@ def test_a_tiny_top_p_samples_the_top_token(server):
     ({**CHAT, "modalities": ["text", "audio"]}, "modalities"),
     ({**CHAT, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
     ({**CHAT, "web_search_options": {}}, "web_search_options"),
+    # an image for a text model: named as such (was pydantic's "should be a valid string (and 2 more problems)")
+    ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content"),
+    # a tool whose parameters schema cannot compile: the 400 names tools, not response_format
+    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/defs/nope"}}}}}], "tool_choice": "required"}, "tools"),
     # logit_bias: a key that is no token id, a bias out of OpenAI's range, too many tokens
     ({**CHAT, "logit_bias": {"abc": 1}}, "logit_bias"),
     ({**CHAT, "logit_bias": {"99999999": 1}}, "logit_bias"),
@@ -241,6 +247,8 @@ def test_what_the_server_cannot_honour_is_a_400(server, body, param):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    if param == "messages.0.content":
+        assert "only text content parts" in error["message"] and "image_url" in error["message"]
 
 
 def test_passages_count_toward_the_context_window(server):

@@ -273,13 +273,14 @@ async def _constraint(compiler: ConstraintCompiler, body: _Sampling,
                       response_format: dict | None = None) -> Constraint | None:
     """The request's structured-output constraint (its response_format, or the one given: tool calls),
     compiled off the worker and the event loop."""
+    param = "tools" if response_format is not None else "response_format"   # the field a 400 names
     if response_format is None and body.response_format is not None:
         response_format = body.response_format.as_config()
     if response_format is None:
         return None
     if response_format.get("regex") == "":   # the library reads "" as no constraint: free text, silently
         raise ApiError(400, "response_format regex is empty; leave response_format out for free text",
-                       param="response_format", code="invalid_response_format")
+                       param=param, code="invalid_response_format")
     try:
         found, constraint = compiler.cached(response_format)
         if not found:
@@ -287,7 +288,8 @@ async def _constraint(compiler: ConstraintCompiler, body: _Sampling,
     except CompilerBusy as e:
         raise ApiError(429, str(e), type="rate_limit_exceeded", code="compiler_busy") from None
     except InvalidArgumentError as e:
-        raise ApiError(400, str(e), param="response_format", code="invalid_response_format") from None
+        message = str(e) if param == "response_format" else f"a tool's parameters: {e}"
+        raise ApiError(400, message, param=param, code="invalid_response_format") from None
     return constraint
 
 

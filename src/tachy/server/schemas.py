@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Body(BaseModel):
@@ -99,6 +99,19 @@ class ChatMessage(_Body):
     content: Union[str, list[TextPart], None] = None
     tool_calls: list[dict] | None = None     # an assistant turn that called tools (server/tools.py)
     tool_call_id: str | None = None          # a tool's answer
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content):
+        """Name the part a text model cannot read (an image, audio, a file), instead of pydantic's three
+        failed alternatives."""
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"only text content parts are supported; got a {kind[:40]!r} part "
+                                     "(tachy's models read text only)")
+        return content
 
     def as_dict(self) -> dict:
         text = self.content if isinstance(self.content, str) or self.content is None else \
