@@ -506,7 +506,7 @@ class BatchDecoder:
         tokens, positions, rows, slots, prefix, blocks, logit_rows = [], [], [], [], [], [], []
         for row, toks, tree in plan:
             base = cache.lengths[row.slot]
-            offsets = tree.position_offsets().tolist() if tree is not None else range(len(toks))
+            offsets = [0] + tree.depths if tree is not None else range(len(toks))
             first = len(tokens)
             tokens += toks
             positions += [base + o for o in offsets]
@@ -520,11 +520,10 @@ class BatchDecoder:
                 logit_rows += range(first, first + len(toks))
             elif len(toks) == len(row.pending):   # the prompt's last token: its logits choose the first token
                 logit_rows.append(first + len(toks) - 1)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64)   # noqa: E731
+        columns = torch.tensor([tokens, positions, rows, slots, prefix], dtype=torch.int64)   # one copy, five rows
         forward_start = time.perf_counter()
         logits = engine.model.cpu_forward.packed(
-            cache, as_tensor(tokens), as_tensor(positions), as_tensor(rows), as_tensor(slots), as_tensor(prefix),
-            None if causal else torch.block_diag(*blocks), as_tensor(logit_rows))
+            cache, *columns, None if causal else torch.block_diag(*blocks), torch.tensor(logit_rows, dtype=torch.int64))
         elapsed = time.perf_counter() - start
         self._observe_step(decode_rows, drafted, sum(len(t) for _, t, tree in plan if tree is None),
                            time.perf_counter() - forward_start)
@@ -602,8 +601,10 @@ class BatchDecoder:
         stats.accepted += len(accepted)
         stats.generated_tokens += len(new)
         stats.decode_s += elapsed + time.perf_counter() - t
-        path = logits[[0] + [1 + j for j in accepted]]
-        events = self._emit(row, Step(new, len(accepted), len(tree), _logprobs(row, path, new)))
+        logprobs = None
+        if row.config.logprobs is not None:   # the path's rows of logits: a copy of 49k floats or more each
+            logprobs = _logprobs(row, logits[[0] + [1 + j for j in accepted]], new)
+        events = self._emit(row, Step(new, len(accepted), len(tree), logprobs))
         if not row.done and not self._budget_left(row, self.cache.lengths[row.slot]):
             events += self._finish(row)
         return events

@@ -94,7 +94,6 @@ class Engine:
             cache.reset()
         self._warm = max_tokens
 
-    @torch.inference_mode()
     def step_costs(self, max_tokens: int = 17) -> list[float]:
         """Seconds of one target forward over T tokens, ``costs[T]`` for T = 1..max_tokens (``costs[0]`` = 0),
         measured once per engine after 128 tokens of context at a few T, interpolated and made non-decreasing:
@@ -107,8 +106,12 @@ class Engine:
         of one). Costs kept from an earlier run are checked against one-token forwards timed now: a file
         measured while the machine was busy (seen: 596 ms per step for a 6 ms model) is measured again."""
         costs = self.__dict__.get("_costs")
-        if costs is not None and len(costs) > max_tokens:
+        if costs is not None and len(costs) > max_tokens:   # every step asks: no inference_mode context to enter
             return costs
+        return self._measure_step_costs(max_tokens)
+
+    @torch.inference_mode()
+    def _measure_step_costs(self, max_tokens: int) -> list[float]:
         saved = self._saved_costs_path()
         found = None
         if saved is not None and saved.is_file():   # measured on this machine before (cold starts skip most)
@@ -334,7 +337,8 @@ class Engine:
                         stats.draft_s += time.perf_counter() - step_start
                         stats.draft_model_s = drafter.model_s
                     tokens = [root] + tree.tokens
-                    positions = cache.position + tree.position_offsets().to(device)
+                    positions = torch.tensor([cache.position] + [cache.position + d for d in tree.depths],
+                                             device=device)
                     mask = None
                     if len(tree):
                         mask = torch.cat([torch.ones(len(tokens), cache.length, dtype=torch.bool, device=device),

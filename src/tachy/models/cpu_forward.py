@@ -219,9 +219,9 @@ class CPUForward:
                 if is_causal(new_mask):
                     new_mask = None
             ids = tokens[0].to(torch.int64).contiguous()
-            rows = torch.zeros(T, dtype=torch.int64)
-            slots = torch.arange(start, start + T, dtype=torch.int64)
-            prefix = torch.full((T,), start, dtype=torch.int64)
+            # one tensor for the three: a decode step makes it every few milliseconds
+            rows, slots, prefix = torch.tensor([[0] * T, list(range(start, start + T)), [start] * T],
+                                               dtype=torch.int64)
             n_out = 1 if last_only else T
             logit_rows = torch.tensor([T - 1], dtype=torch.int64) if last_only else None
         pos = positions.reshape(-1).to(torch.int64).contiguous()
