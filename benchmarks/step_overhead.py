@@ -6,7 +6,9 @@ index tensors, verification, the text stream) is paid every step, by every reque
 (``CPUForward._run``), so the overhead is each path's wall time less its forwards' time: a number that the
 machine's noise moves far less than the forwards themselves. Also checks that both paths give the same tokens.
 
-    python benchmarks/step_overhead.py [--prompts 30] [--max-tokens 64] [--rounds 3]
+    python benchmarks/step_overhead.py [--prompts 30] [--max-tokens 64] [--rounds 3] [--out DIR]
+
+writes DIR/results.md (the table) when --out is given.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     engine = tachy.load(args.model, progress=False)
@@ -90,14 +93,19 @@ def main() -> None:
             per_round[name].append((wall, fwd, n))
             print(f"round {r + 1} {name}: {n} forwards, {fwd / n * 1e3:.3f} ms each, "
                   f"{(wall - fwd) / n * 1e3:.3f} ms outside them, wall {wall:.2f} s", flush=True)
-    print(f"\n{args.model}, {args.prompts} prompts x {args.max_tokens} new tokens, {args.rounds} rounds (medians):")
-    print("| path | forward ms | outside the forward, ms per forward | wall s |\n|---|---:|---:|---:|")
+    lines = [f"{args.model}, {args.prompts} prompts x {args.max_tokens} new tokens, {args.rounds} rounds "
+             f"(medians), {args.threads} threads:", "",
+             "| path | forward ms | outside the forward, ms per forward | wall s |", "|---|---:|---:|---:|"]
     for name, runs in per_round.items():
-        print(f"| {name} | {statistics.median(f / n * 1e3 for _, f, n in runs):.3f} | "
-              f"{statistics.median((w - f) / n * 1e3 for w, f, n in runs):.3f} | "
-              f"{statistics.median(w for w, _, _ in runs):.2f} |")
+        lines.append(f"| {name} | {statistics.median(f / n * 1e3 for _, f, n in runs):.3f} | "
+                     f"{statistics.median((w - f) / n * 1e3 for w, f, n in runs):.3f} | "
+                     f"{statistics.median(w for w, _, _ in runs):.2f} |")
     walls = [a[0] / b[0] for a, b in zip(*per_round.values())]
-    print(f"one row's speed / the lone path's, per round: {', '.join(f'{w:.3f}' for w in walls)}")
+    lines += ["", f"One row's speed / the lone path's, per round: {', '.join(f'{w:.3f}' for w in walls)}."]
+    print("\n" + "\n".join(lines))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
