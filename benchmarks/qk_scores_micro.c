@@ -2,47 +2,24 @@
 
    One call scores 6 query heads (a prompt chunk's 2 tokens x SmolLM2's 3 heads per K/V head) against 1,500
    bf16 keys of 64 channels (in L2), the fastest of 60 rounds of 20 calls:
-   v0  qk_pairs8 as decoder.c has it: per key, 6 fmadd chains over the channels, then sums8's horizontal sums;
+   v0  decoder.c's qk_pairs8 itself (this file includes decoder.c): per key, 6 fmadd chains over the
+       channels, then sums8's horizontal sums;
    v1  two keys per pass, each query load serving both keys' chains (the same bits as v0, checked);
    v2  v0 without the horizontal sums (lanes added plainly: wrong sums, a bound on what the sums cost).
    v0 against v2 is what the horizontal sums cost; v2 is the fmadds, K loads and conversions alone.
 
-       gcc -O3 -march=native -ffp-contract=off -o /tmp/qk_scores benchmarks/qk_scores_micro.c && /tmp/qk_scores
+       K=src/tachy/kernels; gcc -O3 -march=native -ffp-contract=off -pthread -o /tmp/qk_scores \
+           benchmarks/qk_scores_micro.c $K/pool.c $K/gguf_kernels.c $K/q8_matmul.c $K/rows.c -lm && /tmp/qk_scores
 */
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdio.h>
-#include <stdlib.h>
-#include <math.h>
-#include <time.h>
-#include <string.h>
-static inline __m256 load_bf16x8(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-static inline __m256 sums8(const __m256 *v) {
-    __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-    __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
+
+#include "../src/tachy/kernels/decoder.c"   /* qk_pairs8, load_bf16x8, sums8: the engine's own code */
+
+#if !DEC_AVX2
+#error "the AVX2 score loop: build on a CPU with AVX2 and without AVX-512 (decoder.c then takes its AVX2 path)"
+#endif
 #define AI static inline __attribute__((always_inline))
-AI __m256 qk_v0(const int NP, const float *const *q, const int64_t *keys, int64_t n, const uint16_t *K0,
-                int64_t C, float scale, float *sc) {
-    const __m256 scv = _mm256_set1_ps(scale);
-    __m256 mxv = _mm256_set1_ps(-INFINITY), acc[8];
-    for (int p = NP; p < 8; p++) acc[p] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < n; k++) {
-        const uint16_t *kr = K0 + keys[k] * C * 8;
-        for (int p = 0; p < NP; p++) acc[p] = _mm256_setzero_ps();
-        for (int64_t c = 0; c < C; c++) {
-            __m256 r = load_bf16x8(kr + 8 * c);
-            for (int p = 0; p < NP; p++) acc[p] = _mm256_fmadd_ps(_mm256_loadu_ps(q[p] + 8 * c), r, acc[p]);
-        }
-        __m256 s = _mm256_mul_ps(sums8(acc), scv);
-        _mm256_storeu_ps(sc + 8 * k, s);
-        mxv = _mm256_max_ps(mxv, s);
-    }
-    return mxv;
-}
+#define qk_v0 qk_pairs8
 /* two keys per pass: q loaded once for both */
 AI __m256 qk_v1(const int NP, const float *const *q, const int64_t *keys, int64_t n, const uint16_t *K0,
                 int64_t C, float scale, float *sc) {
