@@ -506,10 +506,9 @@ class BatchDecoder:
         tokens, positions, rows, slots, prefix, blocks, logit_rows = [], [], [], [], [], [], []
         for row, toks, tree in plan:
             base = cache.lengths[row.slot]
-            offsets = [0] + tree.depths if tree is not None else range(len(toks))
             first = len(tokens)
             tokens += toks
-            positions += [base + o for o in offsets]
+            positions += tree.positions(base) if tree is not None else range(base, base + len(toks))
             rows += [row.slot] * len(toks)
             slots += range(base, base + len(toks))
             prefix += [base] * len(toks)

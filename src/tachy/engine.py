@@ -337,8 +337,7 @@ class Engine:
                         stats.draft_s += time.perf_counter() - step_start
                         stats.draft_model_s = drafter.model_s
                     tokens = [root] + tree.tokens
-                    positions = torch.tensor([cache.position] + [cache.position + d for d in tree.depths],
-                                             device=device)
+                    positions = torch.tensor(tree.positions(cache.position), device=device)
                     mask = None
                     if len(tree):
                         mask = torch.cat([torch.ones(len(tokens), cache.length, dtype=torch.bool, device=device),

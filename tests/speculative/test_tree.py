@@ -67,6 +67,7 @@ def test_branching_structure():
     ], dtype=torch.bool)
     assert torch.equal(t.attention_mask(), expected)
     assert t.position_offsets().tolist() == [0, 1, 2, 2, 1, 2]
+    assert t.positions(10) == [10, 11, 12, 12, 11, 12]   # the root at position 10
     # the returned mask is a copy: callers may modify it
     t.attention_mask()[0, 0] = False
     assert t.attention_mask()[0, 0]

@@ -248,10 +248,15 @@ class DraftTree:
         return self._mask.to(device) if device is not None and torch.device(device).type != "cpu" \
             else self._mask.clone()
 
+    def positions(self, root: int = 0) -> list[int]:
+        """Model position of each verify row when the root sits at ``root`` (a node: root + its depth). A list:
+        the decode loops build their forward's tensors from it every step."""
+        return [root] + [root + d for d in self.depths]
+
     def position_offsets(self, device: torch.device | str | None = None) -> Tensor:
         """LongTensor ``[n+1]``: position of each verify row relative to the root (root 0, node = its depth).
         The model positions are ``cache.length + position_offsets()``."""
-        return torch.tensor([0] + self.depths, dtype=torch.long, device=device)
+        return torch.tensor(self.positions(), dtype=torch.long, device=device)
 
     def row_contexts(self, prefix: Tensor | Sequence[int]) -> list[Tensor]:
         """Per verify row, the text it continues: ``prefix`` (committed ids, root last) for row 0, and
