@@ -20,10 +20,11 @@ def alone(engine, prompt, config):
     return [t for p in pieces for t in p.token_ids], "".join(p.text for p in pieces), pieces[-1].finish_reason
 
 
-def batched(engine, requests, max_batch):
-    """Run ``requests`` = [(prompt, config, join_step)] through one BatchDecoder; a request joins at its step
-    (or later, when a row is free). Returns per request (token ids, text, finish_reason) and the batch sizes."""
-    decoder = BatchDecoder(engine, max_batch)
+def batched(engine, requests, max_batch, packed=False):
+    """Run ``requests`` = [(prompt, config, join_step)] through one BatchDecoder (plain rows unless ``packed``);
+    a request joins at its step (or later, when a row is free). Returns per request (token ids, text,
+    finish_reason) and the batch sizes."""
+    decoder = BatchDecoder(engine, max_batch, packed=packed)
     out = {i: ([], [], None) for i in range(len(requests))}
     todo = sorted(range(len(requests)), key=lambda i: requests[i][2])
     sizes, step = [], 0
@@ -249,6 +250,104 @@ def test_packed_seeded_sampling_reproduces_the_lone_speculative_run():
     assert sum(s.accepted for s in stats) > 0
 
 
+# -- packed rows on the PyTorch forward (CUDA's path): drafts cut to the spine, prompts prefilled alone ----------
+def pytorch_engine(arch: str, seed: int, weights: str = "bf16"):
+    """A tiny engine on the PyTorch forward with row-invariant linear layers: bf16 (oneDNN) or GGUF blocks
+    (tachy's kernels one layer at a time, as under a press); fp32 (MKL) is not row-invariant (models/quant.py)."""
+    from tachy.engine import Engine
+    from tachy.models.quant import convert_weights
+    from tests.conftest import tiny_gguf_model, tiny_model
+    from tests.decoding.helpers import IdsTokenizer
+
+    model = (convert_weights(tiny_model(arch, seed=seed), "bf16") if weights == "bf16"
+             else tiny_gguf_model(arch, seed=seed))
+    model.cpu_forward = None
+    return Engine(model, IdsTokenizer([3]), name="tiny")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_pytorch_packed_forward_gives_every_tree_node_its_lone_verify_bits(arch):
+    """Three rows' draft trees (spines, side nodes and deeper branches) as the entries of one PyTorch forward
+    over a BatchKVCache: every token's logits are bit for bit those of the lone verify forward of its row's
+    tree (the same keys, masks and shapes), rows at different lengths across a key bucket (64) and Gemma 3's
+    window (8). What lets a sampling row's drafter learn from its logits as it does alone."""
+    import torch
+    from tachy.cache import BatchKVCache
+    from tachy.speculative.tree import DraftTree
+
+    engine = pytorch_engine(arch, seed=3)
+    model, cfg = engine.model, engine.config
+    rng = random.Random(4)
+    trees = [DraftTree.from_paths([[5, 6, 7], [5, 8], [9, 10, 11, 12], [5, 6, 13]]),
+             DraftTree.chain([14, 15]), DraftTree.from_paths([[16], [17, 18], [19]])]
+    prompts = [[rng.randrange(4, cfg.vocab_size) for _ in range(n)] for n in (61, 5, 30)]
+    capacity = 128
+    batch = BatchKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, capacity, 4, dtype=model.dtype)
+    lone, rows, tokens, positions = [], [], [], []
+    with torch.inference_mode():
+        for slot, (prompt, tree) in enumerate(zip(prompts, trees)):
+            cache = model.new_cache(capacity=capacity, fixed=True)
+            engine._prefill(prompt, cache)
+            batch.load(slot + 1, cache)
+            root = [prompt[-1] + 1]
+            n, base = len(tree) + 1, len(prompt)
+            mask = torch.cat([torch.ones(n, base, dtype=torch.bool), tree.attention_mask()], dim=1)
+            lone.append(model(torch.tensor([root + tree.tokens]), torch.tensor(tree.positions(base)), cache, mask)[0])
+            rows += [slot + 1] * n
+            tokens += root + tree.tokens
+            positions += tree.positions(base)
+        batch.rows = rows
+        batch.entry_mask = torch.block_diag(*[tree.attention_mask() for tree in trees])
+        got = model(torch.tensor(tokens)[:, None], torch.tensor(positions), batch)[:, 0]
+    assert torch.equal(got, torch.cat(lone))
+
+
+@pytest.mark.parametrize("weights", ["bf16", "gguf"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_pytorch_forward_rows_draft_and_equal_alone(arch, weights):
+    """Without the C forward, packed rows draft too, their trees cut as the lone path on this forward cuts
+    them (the spine and its side nodes; commit_exact): every drafter as a row and a prediction, 20 rows joining
+    at different steps, some crossing a key bucket (64) and Gemma 3's window (8). Each row's greedy tokens
+    are its plain lone tokens, and drafts get accepted. (Committing past an accepted side node, whose row
+    sees more than its path, broke a quarter of the Gemma 3 rows.)"""
+    engine = pytorch_engine(arch, seed=1, weights=weights)
+    drafters = ["default", "sam", "pld", "recycling", "none", "lookahead", "trigram", "model-free", "gated",
+                "default"]
+    accepted = 0
+    for seed in (0, 1):
+        rng = random.Random(seed)
+        requests = []
+        for i, drafter in enumerate(drafters):
+            prompt = repetitive_prompt(rng, engine.config.vocab_size)
+            config = GenerationConfig(max_new_tokens=rng.randint(1, 40), ignore_eos=i % 3 != 0, drafter=drafter,
+                                      prediction=prompt[-20:] if i == 9 else None)
+            requests.append((prompt, config, rng.randint(0, 10)))
+        got, stats, _ = run_packed(engine, requests, max_batch=4)
+        for (prompt, config, _), result in zip(requests, got):
+            assert result == alone(engine, prompt, config), f"{arch}/{weights}: {config.drafter} on {prompt}"
+        accepted += sum(s.accepted for s in stats if s is not None)
+    assert accepted > 100
+
+
+def test_pytorch_forward_seeded_sampling_rows_reproduce_the_lone_speculative_run():
+    """A seeded sampling row on the PyTorch forward drafts and commits as its lone run does: same tokens
+    (drafters that run no model: a row's model drafter drafts model-free instead, see batch.py)."""
+    engine = pytorch_engine("llama", seed=2, weights="gguf")
+    rng = random.Random(6)
+    requests = []
+    for i, drafter in enumerate(["sam", "pld", "none", "recycling", "gated", "trigram"]):
+        prompt = repetitive_prompt(rng, engine.config.vocab_size)
+        config = GenerationConfig(max_new_tokens=30, temperature=0.3, top_p=0.95, seed=i, ignore_eos=True,
+                                  drafter=drafter, repetition_penalty=1.2 if i == 2 else 1.0)
+        requests.append((prompt, config, i))
+    got, stats, _ = run_packed(engine, requests, max_batch=3)
+    for (prompt, config, _), result in zip(requests, got):
+        pieces = list(engine.stream(prompt, config))
+        lone = ([t for p in pieces for t in p.token_ids], "".join(p.text for p in pieces), pieces[-1].finish_reason)
+        assert result == lone, config.drafter
+    assert sum(s.accepted for s in stats) >= 5   # peaked enough (0.3) for some drafts to be accepted
+
+
 def simulated_forwards(fit_or_decoder, steps: int, rows_scale: float, prompt_s: float, draft_s: float,
                        chunk_free_every: int = 0, seed: int = 0) -> None:
     """Forwards of a machine where running rows cost ``rows_scale`` times the engine's one-sequence costs and a
@@ -275,6 +374,25 @@ def test_step_cost_fit_tells_the_rows_cost_from_the_prompt_chunks(chunk_free_eve
     simulated_forwards(fit, 120, rows_scale=2.5, prompt_s=0.0007, draft_s=0.0004, chunk_free_every=chunk_free_every)
     assert fit.row_scale == pytest.approx(2.5, rel=0.1)
     assert fit.prompt_token_s == pytest.approx(0.0007, rel=0.2)
+
+
+def test_step_cost_fit_of_draft_tokens_on_the_pytorch_forward():
+    """On the PyTorch forward (no prompt chunks) the fit's second term is the draft tokens: a draft token that
+    costs 5x the engine's marginal cost (each its own attention batch entry) is found, and the decoder's rows
+    then weigh their drafts against it; the C forward keeps the engine's marginal cost."""
+    fit = StepCostFit(draft_token_s=0.0004, prompt_prior_s=0.0004, fit_drafts=True)
+    simulated_forwards(fit, 120, rows_scale=1.5, prompt_s=0.0, draft_s=0.002)
+    assert fit.row_scale == pytest.approx(1.5, rel=0.1)
+    assert fit.draft_token_s == pytest.approx(0.002, rel=0.2)
+    engine = pytorch_engine("llama", seed=0)
+    engine._costs, engine._key_cost = [0.0] + [0.004 + 0.0004 * t for t in range(1, 65)], 0.0
+    decoder = BatchDecoder(engine, 8)
+    simulated_forwards(decoder, 120, rows_scale=1.5, prompt_s=0.0, draft_s=0.002)
+    costs = decoder._row_costs(8)
+    assert costs[2] - costs[1] == pytest.approx(0.002, rel=0.2)
+    c_fit = StepCostFit(draft_token_s=0.0004, prompt_prior_s=0.0004)
+    simulated_forwards(c_fit, 120, rows_scale=1.5, prompt_s=0.0007, draft_s=0.002)
+    assert c_fit.draft_token_s == 0.0004
 
 
 def test_packed_chunks_and_row_shares_follow_the_fitted_costs():
@@ -353,7 +471,7 @@ def test_parked_rows_resume_bit_for_bit(packed, monkeypatch):
                GenerationConfig(max_new_tokens=35, ignore_eos=True, temperature=0.9, seed=4, drafter="none"),
                GenerationConfig(max_new_tokens=12, ignore_eos=True)]
     prompts = [repetitive_prompt(rng, vocab) for _ in configs]
-    decoder = BatchDecoder(engine, max_batch=2)
+    decoder = BatchDecoder(engine, max_batch=2, packed=packed)
     out = {i: [] for i in range(len(configs))}
     todo, parks, step = list(range(len(configs))), 0, 0
 
@@ -399,7 +517,7 @@ def test_a_row_whose_own_work_fails_leaves_alone(packed):
     """A row's logits processor (or, packed, its drafter) raising ends that row only: its error is in
     ``failed``, its cache row is free, and the other rows still give their lone output."""
     engine = packed_engine("llama", seed=1) if packed else tiny_engine(seed=1, eos=(3,))[0]
-    decoder = BatchDecoder(engine, max_batch=3)
+    decoder = BatchDecoder(engine, max_batch=3, packed=packed)
     config = GenerationConfig(max_new_tokens=12, ignore_eos=True, drafter="sam" if packed else None)
     prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 10, 11], [12, 13, 14, 12, 13, 14]]
     out = {i: [] for i in range(3)}
@@ -440,7 +558,7 @@ def test_logit_bias_rows_equal_their_lone_plain_output(packed):
                               drafter="sam" if packed else None)
     lone = alone(engine, prompt, config)
     assert lone[0][0] != free[0]
-    got, _ = batched(engine, [(prompt, config, 0), (prompt[:7], config, 1)], max_batch=2)
+    got, _ = batched(engine, [(prompt, config, 0), (prompt[:7], config, 1)], max_batch=2, packed=packed)
     assert got == [lone, alone(engine, prompt[:7], config)]
     speculative = list(engine.stream(prompt, dataclasses.replace(config, drafter="sam")))
     assert [t for p in speculative for t in p.token_ids] == lone[0]

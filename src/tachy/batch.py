@@ -20,26 +20,36 @@ scheduler uses this when requests overlap, server/scheduler.py).
   made without the pause, bit for bit (the server's fairness: a huge ``max_tokens`` cannot hold a row for
   ever while others wait; server/scheduler.py decides when).
 
-Two ways to run the rows, by the target's forward:
+Two ways to run the rows:
 
-* **Packed (the C forward, models/cpu_forward.py): speculative rows and chunked prefill, no padding.** Every
-  row drafts with its own drafter instance, and ONE forward runs every row's ``[root] + draft tree`` tokens
-  packed one after the other, each with its own tree mask, KV write slots and positions (EMS-SD's
-  padding-free layout: no row waits for a longer draft). Each row then verifies its own tokens (greedy or
-  speculative sampling), keeps its accepted path in its cache row (``BatchKVCache.keep_row``) and moves on
-  by its own number of tokens. A joining prompt is not prefilled alone: it is split into chunks that ride in
-  the same forwards as the running rows' tokens (DeepSpeed-FastGen's Dynamic SplitFuse), a chunk sized so
-  that it costs about ``prefill_share`` times what the running rows' tokens cost (``StepCostFit``), so
-  running streams keep flowing while a long prompt is read; with no running row, the prompt goes in chunks
-  of ``PREFILL_CHUNK``. The C forward computes every token as the sequence alone would (row-invariant
-  kernels), so each row's greedy output is token for token its lone output, with or without drafts, and a
-  sampling row is an exact sample. A row whose drafter runs a model (a draft model, the int4 self-copy,
-  which read one sequence's cache) drafts model-free instead; every row has its own drafter state, and the
-  learned state of the engine's shared drafters (Token Recycling's table) is not shared with rows.
-* **Plain (the PyTorch forward, e.g. CUDA):** rows join after a prefill of their own and decode one token per
-  step, no drafts. A row's attention reads its own ``key_bucket(length + 1)`` keys and the linear layers are
-  row-invariant (models/quant.py), so greedy output is the request's lone output, and a seeded sampling row
-  draws exactly as a lone plain (``drafter="none"``) generation does.
+* **Packed (the default): speculative rows, no padding.** Every row drafts with its own drafter instance, and
+  ONE forward runs every row's ``[root] + draft`` tokens packed one after the other, each with its own KV
+  write slots and positions (EMS-SD's padding-free layout: no row waits for a longer draft). Each row then
+  verifies its own tokens (greedy or speculative sampling), keeps its accepted path in its cache row
+  (``BatchKVCache.keep_row``) and moves on by its own number of tokens. A row whose drafter runs a model (a
+  draft model, the int4 self-copy, which read one sequence's cache) drafts model-free instead; every row has
+  its own drafter state, forked from the engine's drafter of that name (``_row_drafter``). By the forward:
+
+  - **the C forward (models/cpu_forward.py)** takes each row's draft as a tree, with its own tree mask, and
+    computes every token as the sequence alone would (row-invariant kernels). A joining prompt is not
+    prefilled alone: it is split into chunks that ride in the same forwards as the running rows' tokens
+    (DeepSpeed-FastGen's Dynamic SplitFuse), a chunk sized so that it costs about ``prefill_share`` times
+    what the running rows' tokens cost (``StepCostFit``), so running streams keep flowing while a long
+    prompt is read; with no running row, the prompt goes in chunks of ``PREFILL_CHUNK``.
+  - **the PyTorch forward (e.g. CUDA)** is exact along a draft's leading chain only, so a row drafts and
+    commits as the lone path on this forward does (``DraftTree.prune_to_spine``, ``commit_exact``): the
+    tokens are batch entries of a ``BatchKVCache`` forward, a row's entries at consecutive slots, each
+    reading its row's first ``key_bucket(slot + 1)`` keys, the committed ones and of this forward's its path
+    (its tree mask), as the lone verify forward does (models/llama.py ``ragged_attention``): every token, a
+    side node's too, gets the bits it gets there. A joining row is prefilled alone first, as the lone path
+    prefills (the same chunks, hence the same bits).
+
+  Either way each row's greedy output is token for token its lone output, with or without drafts, and a
+  sampling row is an exact sample (a seeded one draws as its lone speculative run does).
+* **Plain (``packed=False``, for comparison):** rows join after a prefill of their own and decode one token
+  per step, no drafts. A row's attention reads its own ``key_bucket(length + 1)`` keys and the linear layers
+  are row-invariant (models/quant.py, decoder.c), so greedy output is the request's lone output, and a seeded
+  sampling row draws exactly as a lone plain (``drafter="none"``) generation does.
 
 Configs that drive the model otherwise (a search strategy, a press) cannot be rows (:func:`batchable`); a
 prediction (Predicted Outputs) is a row's drafter in the packed mode.
@@ -64,7 +74,7 @@ from .speculative.drafters import Drafter
 from .speculative.drafters.base import inner_drafters
 from .speculative.tree import DraftTree
 from .sampling import token_logprobs
-from .speculative.verify import verify_greedy, verify_sampling
+from .speculative.verify import commit_exact, verify_greedy, verify_sampling
 
 Event = tuple["Row", GenerationResponse]
 
@@ -99,10 +109,10 @@ class Row:
     limit: int = 0          # cache length at which the context window is full
     done: bool = False
     drafter: Drafter | None = None                     # packed mode: this row's own drafter
-    pending: list[int] = field(default_factory=list)   # packed mode: prompt tokens not in the cache yet
+    pending: list[int] = field(default_factory=list)   # chunked prefill: prompt tokens not in the cache yet
     joined: float = 0.0                                # when add() was called (time to first token)
-    prefix: PrefixCache | None = None                  # packed mode: the engine's prefix cache, if it may use it
-    looked_up: bool = False                            # packed mode: the prefix cache was asked for the prompt
+    prefix: PrefixCache | None = None                  # chunked prefill: the engine's prefix cache, if it may use it
+    looked_up: bool = False                            # chunked prefill: the prefix cache was asked for the prompt
     since: int = 0                  # generated tokens when it (re)joined: what it made in its current turn
     saved: tuple[torch.Tensor, torch.Tensor] | None = None   # parked: its K/V [layers, kv heads, length, dim]
     parked_at: float = 0.0          # when it was parked (time.monotonic)
@@ -126,36 +136,51 @@ class StepCostFit:
     the 4-token floor, whose few tokens kept the estimate high, and a joining row took ~60 forwards to read a
     250-token prompt, holding a batch row that made no tokens (docs/benchmarks.md section 7). A least-squares
     fit of both terms over recent forwards (exponentially forgotten) has no such feedback: the rows' cost
-    varies from forward to forward, so it is told apart from the chunks' even when every forward has one."""
+    varies from forward to forward, so it is told apart from the chunks' even when every forward has one.
 
-    draft_token_s: float            # the engine's marginal cost of one more token (not fitted)
+    ``fit_drafts`` (the PyTorch forward, which reads no prompt chunks): the second term is the draft tokens,
+    ``draft_token_s`` fitted from the engine's marginal cost as its prior. There a draft token in a batch
+    forward costs several times what one costs in a lone verify forward (each is its own attention batch
+    entry; measured on a CPU: 6-12 ms against 1.2-2.2 ms), and rows drafting at the lone cost made batches
+    slower than plain rows (docs/benchmarks.md)."""
+
+    draft_token_s: float            # the engine's marginal cost of one more token (fitted with fit_drafts)
     prompt_prior_s: float           # a prompt token's cost before any is seen
     forget: float = 0.97            # weight of older forwards per new one (~30 forwards' memory)
-    prior_weight: float = 0.5       # the priors (row_scale 1, prompt_prior_s) count as half a forward each
+    prior_weight: float = 0.5       # the priors (row_scale 1, the token's prior) count as half a forward each
+    fit_drafts: bool = False
     row_scale: float = field(default=1.0, init=False)
     prompt_token_s: float = field(default=0.0, init=False)
     _sums: list[float] = field(default_factory=lambda: [0.0] * 5, init=False, repr=False)   # xx xc cc xy cy
 
     def __post_init__(self) -> None:
         self.prompt_token_s = self.prompt_prior_s
+        self._draft_prior_s = self.draft_token_s
 
     def observe(self, rows_s: float, drafted: int, chunk_tokens: int, elapsed: float) -> None:
         """One forward: ``rows_s`` the engine's cost of its running rows' roots, ``drafted`` their draft
         tokens, ``chunk_tokens`` prompt tokens, ``elapsed`` its seconds."""
-        y = elapsed - self.draft_token_s * drafted
-        f, x, c = self.forget, rows_s, float(chunk_tokens)
+        if self.fit_drafts:   # the prior as a forward with a few drafted tokens: a weak pull towards it
+            y, c, prior, pc = elapsed, float(drafted), self._draft_prior_s, 4.0
+        else:
+            y, c, prior, pc = elapsed - self.draft_token_s * drafted, float(chunk_tokens), self.prompt_prior_s, 16.0
+        f, x = self.forget, rows_s
         self._sums = [f * a + b for a, b in zip(self._sums, (x * x, x * c, c * c, x * y, c * y))]
         xx, xc, cc, xy, cy = self._sums
-        w = self.prior_weight   # priors as pseudo-forwards of a typical size: rows_s alone, a 16-token chunk
-        px, pc = max(rows_s, 1e-4), 16.0
+        w = self.prior_weight   # priors as pseudo-forwards of a typical size: rows_s alone, pc tokens
+        px = max(rows_s, 1e-4)
         xx, xy = xx + w * px * px, xy + w * px * px * 1.0
-        cc, cy = cc + w * pc * pc, cy + w * pc * pc * self.prompt_prior_s
+        cc, cy = cc + w * pc * pc, cy + w * pc * pc * prior
         det = xx * cc - xc * xc
         if det <= 0:
             return
         scale, per_token = (xy * cc - cy * xc) / det, (cy * xx - xy * xc) / det
         self.row_scale = min(max(scale, 0.5), 8.0)
-        self.prompt_token_s = min(max(per_token, 0.5 * self.draft_token_s), 20 * self.draft_token_s)
+        per_token = min(max(per_token, 0.5 * self._draft_prior_s), 20 * self._draft_prior_s)
+        if self.fit_drafts:
+            self.draft_token_s = per_token
+        else:
+            self.prompt_token_s = per_token
 
 
 def on_kernel_threads(method):
@@ -173,15 +198,15 @@ def on_kernel_threads(method):
 class BatchDecoder:
     """Up to ``max_batch`` generations on ``engine``, stepped together (see the module docstring).
 
-    prefill_share: packed mode, how much a joining prompt's chunk may cost relative to the running rows'
-    tokens in the same forward (their inter-token latency grows by about this fraction while a prompt joins).
-    whole_prompt_tokens: packed mode, a joining prompt with at most this many tokens still to read is read
-    whole in the next forward beside running rows, at most this many such tokens per forward: a short
-    question's first token need not wait behind a long prompt read a chunk per forward (0: every prompt in
-    chunks). min_chunk: the fewest prompt tokens a forward beside running rows carries (a floor under the
-    ``prefill_share`` budget). Both trade the running streams' inter-token latency for the joiners' time to
-    first token (docs/server.md has measurements).
-    packed: False runs plain rows even where the C forward could pack drafts (for comparison).
+    prefill_share: chunked prefill (the C forward), how much a joining prompt's chunk may cost relative to the
+    running rows' tokens in the same forward (their inter-token latency grows by about this fraction while a
+    prompt joins). whole_prompt_tokens: chunked prefill, a joining prompt with at most this many tokens still
+    to read is read whole in the next forward beside running rows, at most this many such tokens per forward:
+    a short question's first token need not wait behind a long prompt read a chunk per forward (0: every
+    prompt in chunks). min_chunk: the fewest prompt tokens a forward beside running rows carries (a floor
+    under the ``prefill_share`` budget). Both trade the running streams' inter-token latency for the joiners'
+    time to first token (docs/server.md has measurements).
+    packed: False runs plain rows, one token each and no drafts (for comparison).
     """
 
     def __init__(self, engine: Engine, max_batch: int = 8, prefill_share: float = 0.5, packed: bool = True,
@@ -198,7 +223,9 @@ class BatchDecoder:
         self.rows: list[Row] = []           # active rows, in join order
         self.parked: list[Row] = []         # preempted rows waiting for a cache row, oldest first
         self.cache: BatchKVCache | None = None
-        self.packed = packed and engine.model.cpu_forward is not None   # packed=False: plain rows anyway
+        self.packed = packed
+        # packed rows on the C forward: exact draft trees, and joining prompts read in chunks beside running rows
+        self.c_forward = packed and engine.model.cpu_forward is not None
         self._fit: StepCostFit | None = None   # what packed forwards cost here (made on first use: _step_fit)
         self.failed: list[tuple[Row, Exception]] = []        # rows that left on their own error (``_fail``)
 
@@ -216,14 +243,15 @@ class BatchDecoder:
             raise InvalidArgumentError(f"the batch is full ({self.max_batch} rows)")
         if not batchable(config, self.packed):
             raise InvalidArgumentError("search strategies, presses and sparse attention cannot run in a batch" +
-                                       ("" if self.packed else "; nor predictions without the C forward"))
+                                       ("" if self.packed else "; nor predictions in plain rows"))
         prompt_ids = engine.check_prompt(prompt_ids)
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         row = Row(tag, config, list(prompt_ids), stats, TextStream(engine.tokenizer, config, stats),
                   *engine.token_choice(config, prompt_ids))
         start = row.joined = time.perf_counter()
-        if self.packed:   # prefilled in chunks by the next steps, after what the prefix cache holds
+        if self.packed:
             row.drafter = self._row_drafter(config)
+        if self.c_forward:   # prefilled in chunks by the next steps, after what the prefix cache holds
             row.limit = engine.max_context - 1
             self._assign_slot(row, engine.cache_capacity(len(prompt_ids), config.max_new_tokens))
             row.prefix = engine.prefix_cache_for(config, self.cache)
@@ -237,6 +265,8 @@ class BatchDecoder:
         logits = engine._prefill(row.ids, single)
         row.root, logits = engine._choose(logits, row.ids, row.processor, row.probs_fn, row.generator)
         row.ids.append(row.root)
+        if row.drafter is not None:
+            row.drafter.reset(row.ids[:-1])
         row.limit = engine.max_context - 1
         stats.prefill_s = time.perf_counter() - start
         stats.generated_tokens = 1
@@ -389,11 +419,11 @@ class BatchDecoder:
     def _assign_slot(self, row: Row, need: int) -> None:
         """A free cache row for ``row`` (growing the cache to ``need`` slots per row); the row joins."""
         engine = self.engine
-        if self.cache is None:   # packed: the whole window at once, untouched pages cost nothing (lazy)
+        if self.cache is None:   # chunked: the whole window at once, untouched pages cost nothing (lazy)
             cfg = engine.config
             self.cache = BatchKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                      engine.max_context if self.packed else need, self.max_batch,
-                                      dtype=engine.model.dtype, device=engine.device, lazy=self.packed)
+                                      engine.max_context if self.c_forward else need, self.max_batch,
+                                      dtype=engine.model.dtype, device=engine.device, lazy=self.c_forward)
         self.cache.grow(need)
         used = {r.slot for r in self.rows}
         row.slot = next(s for s in range(self.max_batch) if s not in used)
@@ -431,7 +461,7 @@ class BatchDecoder:
     def _step_fit(self) -> StepCostFit:
         if self._fit is None:
             marginal = self._marginal_cost()
-            self._fit = StepCostFit(draft_token_s=marginal, prompt_prior_s=marginal)
+            self._fit = StepCostFit(draft_token_s=marginal, prompt_prior_s=marginal, fit_drafts=not self.c_forward)
         return self._fit
 
     def _rows_cost(self, rows: int, drafted: int = 0) -> float:
@@ -521,8 +551,12 @@ class BatchDecoder:
                 logit_rows.append(first + len(toks) - 1)
         columns = torch.tensor([tokens, positions, rows, slots, prefix], dtype=torch.int64)   # one copy, five rows
         forward_start = time.perf_counter()
-        logits = engine.model.cpu_forward.packed(
-            cache, *columns, None if causal else torch.block_diag(*blocks), torch.tensor(logit_rows, dtype=torch.int64))
+        if self.c_forward:
+            logits = engine.model.cpu_forward.packed(cache, *columns, None if causal else torch.block_diag(*blocks),
+                                                     torch.tensor(logit_rows, dtype=torch.int64))
+        else:   # no prompt chunks: every token's logits
+            logits = self._entries_forward(rows, *columns[:2].to(engine.device),
+                                           None if causal else torch.block_diag(*blocks))
         elapsed = time.perf_counter() - start
         self._observe_step(decode_rows, drafted, sum(len(t) for _, t, tree in plan if tree is None),
                            time.perf_counter() - forward_start)
@@ -540,6 +574,20 @@ class BatchDecoder:
             at += n
         return events
 
+    def _entries_forward(self, rows: list[int], tokens: torch.Tensor, positions: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+        """The PyTorch forward over packed drafts: token t a batch entry of cache row ``rows[t]`` (a row's
+        entries at consecutive slots from its length), seeing the entries ``mask`` [T, T] allows (None: its
+        row's earlier ones; BatchKVCache.entry_mask). The rows' lengths stay as they were: ``_verified`` keeps
+        each row's accepted tokens. Returns [T, V] logits."""
+        cache = self.cache
+        lengths = list(cache.lengths)
+        cache.rows, cache.entry_mask = rows, mask
+        try:
+            return self.engine.model(tokens[:, None], positions, cache)[:, 0]
+        finally:
+            cache.lengths, cache.entry_mask = lengths, None
+
     def _draft(self, row: Row, costs: list[float]) -> DraftTree:
         """A running row's draft for this step (empty without a drafter or room for more tokens)."""
         if row.drafter is not None and not row.config.sampling.seeded:
@@ -551,6 +599,8 @@ class BatchDecoder:
             return DraftTree.empty()
         t = time.perf_counter()
         tree = row.drafter.propose(row.ids, min(row.config.max_draft_tokens, room))
+        if not self.c_forward:   # the PyTorch forward: exact along the leading chain (see the module docstring)
+            tree = tree.prune_to_spine()
         if len(tree) > room:
             tree = tree.truncate(room)
         row.stats.draft_s += time.perf_counter() - t
@@ -587,6 +637,8 @@ class BatchDecoder:
             accepted, bonus = verify_greedy(tree, logits)
         else:
             accepted, bonus = verify_sampling(tree, row.probs_fn(logits), row.generator)
+        if not self.c_forward:
+            accepted, bonus = commit_exact(tree, accepted, bonus)
         base = self.cache.lengths[row.slot]
         self.cache.keep_row(row.slot, [base] + [base + 1 + j for j in accepted])
         new = [tree.tokens[j] for j in accepted] + [bonus]

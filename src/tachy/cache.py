@@ -323,9 +323,12 @@ class KVCache:
 
 class BatchKVCache(KVCache):
     """Independent sequences in the rows of one fixed-size buffer, each at its own length (continuous batching,
-    tachy.batch). A forward runs one new token for each cache row in ``rows`` and writes it at that row's
-    slot ``lengths[row]``; attention then reads, per row, its own ``key_bucket(length + 1)`` keys, the shapes
-    one-token decoding of that sequence alone has (models/llama.py ``ragged_attention``)."""
+    tachy.batch). A forward runs one new token for each entry of ``rows`` (a cache row): a row listed n times
+    gets n tokens in a row (a speculative row's root and draft), written from its slot ``lengths[row]`` on.
+    Attention then reads, per token at slot s, its row's first ``key_bucket(s + 1)`` keys: the row's
+    committed ones and, of this forward's, those ``entry_mask`` lets it see (by default its row's earlier
+    entries: a chain), the shapes one-token decoding (or a lone verify forward) of that sequence has
+    (models/llama.py ``ragged_attention``)."""
 
     ragged = True
     can_rollback = False
@@ -339,36 +342,50 @@ class BatchKVCache(KVCache):
         super().__init__(*args, fixed=True, **kwargs)
         self.lengths = [0] * self.shape[1]
         self.rows: list[int] = []              # cache rows of the next forward's batch entries, in order
+        # [B, B] bool: which of the next forward's entries each one sees (a row's draft tree mask on the
+        # diagonal block); None: its own row's earlier entries and itself
+        self.entry_mask: torch.Tensor | None = None
         self._index: tuple | None = None       # (rows, slots, groups) of the next forward, built once
 
     def reserve(self, new_tokens: int) -> None:
-        if any(self.lengths[r] + new_tokens > self.capacity for r in self.rows):
-            raise ValueError("a batch row is full: grow() the cache before its forward")
         self._index = None
+        if any(slot >= self.capacity for slot in self.slots()):
+            raise ValueError("a batch row is full: grow() the cache before its forward")
+
+    def slots(self) -> list[int]:
+        """The write slot of each entry of ``rows``: a row's entries take consecutive slots from its length."""
+        seen: dict[int, int] = {}
+        out = []
+        for r in self.rows:
+            out.append(self.lengths[r] + seen.get(r, 0))
+            seen[r] = seen.get(r, 0) + 1
+        return out
 
     def index(self) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
         """For the next forward: the cache rows and write slots [B], and the entries grouped by key count:
-        ``(key_bucket(length + 1), batch entries, their cache rows)`` (models/llama.py ``ragged_attention``)."""
+        ``(key_bucket(slot + 1), batch entries, their cache rows)`` (models/llama.py ``ragged_attention``)."""
         if self._index is None:
-            lengths = [self.lengths[r] for r in self.rows]
-            buckets = [key_bucket(n + 1) for n in lengths]
+            slots = self.slots()
+            buckets = [key_bucket(s + 1) for s in slots]
             groups = []
             for keys in sorted(set(buckets)):
                 entries = [b for b, n in enumerate(buckets) if n == keys]
                 groups.append((keys, torch.tensor(entries, device=self.device),
                                torch.tensor([self.rows[b] for b in entries], device=self.device)))
-            self._index = (torch.tensor(self.rows, device=self.device), torch.tensor(lengths, device=self.device),
+            self._index = (torch.tensor(self.rows, device=self.device), torch.tensor(slots, device=self.device),
                            groups)
         return self._index
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k/v [B, H, 1, D], entry b for cache row ``rows[b]``; returns the whole buffer [batch, H, S, D]."""
+        """k/v [B, H, 1, D], entry b for cache row ``rows[b]`` at its slot; returns the whole buffer
+        [batch, H, S, D] (a row's later entries read its earlier ones' keys: all are written first)."""
         rows, slots, _ = self.index()
         self.k[layer][rows, :, slots] = k[:, :, 0]
         self.v[layer][rows, :, slots] = v[:, :, 0]
         return self.k[layer], self.v[layer]
 
     def advance(self, n: int) -> None:
+        """After a forward of ``n`` = 1 token per entry: each row's length grows by its entries' count."""
         for r in self.rows:
             self.lengths[r] += n
         self._index = None
@@ -420,17 +437,31 @@ class BatchKVCache(KVCache):
             k[:, :, :, :held], v[:, :, :, :held] = self.k[:, :, :, :held], self.v[:, :, :, :held]
             self.k, self.v = k, v
 
-    def row_masks(self, windows: list[int | None]) -> dict[int | None, torch.Tensor]:
-        """Per distinct window (None: full attention): [B, 1, 1, capacity] bool, entry b sees its row's slots
-        up to its new token, and with a window only the keys less than ``window`` positions behind it."""
+    def row_masks(self, windows: list[int | None], positions: torch.Tensor) -> dict[int | None, torch.Tensor]:
+        """Per distinct window (None: full attention): [B, 1, 1, capacity] bool, entry b (at ``positions[b]``)
+        sees its row's committed slots and the entries ``entry_mask`` allows (by default its row's up to
+        itself), and with a window only the keys less than ``window`` positions behind it (a committed slot's
+        position is the slot, an entry's its own)."""
         slots = torch.arange(self.capacity, device=self.device)
-        new = self.index()[1][:, None]
+        new = self.index()[1]
         masks = {}
+        if self.entry_mask is None:   # chains: every entry at position = slot
+            for w in set(windows):
+                ok = slots <= new[:, None]
+                if w is not None:
+                    ok = ok & (new[:, None] - slots < w)
+                masks[w] = ok[:, None, None]
+            return masks
+        B = len(new)
+        committed = slots < torch.tensor([self.lengths[r] for r in self.rows], device=self.device)[:, None]
+        behind = positions[:, None] - positions[None, :]          # [B, B]: how far entry e is behind entry b
         for w in set(windows):
-            ok = slots <= new
+            ok, seen = committed, self.entry_mask.to(self.device)
             if w is not None:
-                ok = ok & (new - slots < w)
-            masks[w] = ok[:, None, None]
+                ok, seen = ok & (positions[:, None] - slots < w), seen & (behind < w)
+            # entries onto their slots (summed: another row's entry at the same slot adds nothing, unseen)
+            at = torch.zeros(B, self.capacity, device=self.device).scatter_add_(1, new.expand(B, -1), seen.float())
+            masks[w] = (ok | (at > 0))[:, None, None]
         return masks
 
 

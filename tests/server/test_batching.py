@@ -39,7 +39,8 @@ def test_overlapping_jobs_batch_and_match_alone():
     work = [([5 + i, 9, 11 + i], GenerationConfig(max_new_tokens=8 + 3 * i, ignore_eos=i % 2 == 0,
                                                    stop=["17"] if i == 3 else []))
             for i in range(7)]
-    seeded = GenerationConfig(max_new_tokens=12, temperature=0.8, seed=5, ignore_eos=True)
+    # drafter "none": a drafting row draws as its lone speculative run does, not as the plain one `alone` runs
+    seeded = GenerationConfig(max_new_tokens=12, temperature=0.8, seed=5, ignore_eos=True, drafter="none")
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -56,6 +57,7 @@ def test_overlapping_jobs_batch_and_match_alone():
     assert texts(results[-1], 2) == [alone(engine, [7, 7], seeded), alone(engine, [8, 8], seeded)]
     assert metrics.batch_steps > 0 and metrics.batch_rows / metrics.batch_steps > 1.5
     assert metrics.generations == len(work) + 2
+    assert metrics.accepted > 0   # the batch rows draft (the PyTorch forward: model-free drafts, batch.py)
 
 
 def test_lone_job_and_unbatchable_job_take_the_single_path():
@@ -170,26 +172,28 @@ def test_a_failure_between_steps_fails_the_batch_and_the_worker_lives_on(monkeyp
     assert [texts(items, 1) for items in ok] == [[alone(engine, [7 + i, 8], config)] for i in range(2)]
 
 
-def test_a_row_that_fails_ends_its_job_alone(monkeypatch):
+@pytest.mark.parametrize("speculative", [True, False])
+def test_a_row_that_fails_ends_its_job_alone(monkeypatch, speculative):
     """A failure in one request's own per-row work (its processor, drafter, text stream) fails that request
-    only: the others in the batch finish with their lone output."""
+    only: the others in the batch finish with their lone output (rows that draft, and plain rows)."""
     from tachy.batch import BatchDecoder
 
     engine, _ = tiny_engine(seed=1, eos=(3,))
-    decoded = BatchDecoder._decoded
+    name = "_verified" if speculative else "_decoded"   # where a row's tokens are chosen
+    chosen = getattr(BatchDecoder, name)
 
     def fragile(self, row, *args):
         if row.ids[0] == 99 and row.stats.generated_tokens >= 3:
             raise RuntimeError("this request's processor failed")
-        return decoded(self, row, *args)
+        return chosen(self, row, *args)
 
-    monkeypatch.setattr(BatchDecoder, "_decoded", fragile)
+    monkeypatch.setattr(BatchDecoder, name, fragile)
     config = GenerationConfig(max_new_tokens=10, ignore_eos=True)
     prompts = [[5, 6, 7], [99, 6, 7], [8, 9, 10]]
 
     async def main():
         loop = asyncio.get_running_loop()
-        sched = Scheduler(engine, max_batch=3)
+        sched = Scheduler(engine, max_batch=3, speculative_batching=speculative)
         jobs = [Job([(p, config)], loop) for p in prompts]
         submit_together(sched, jobs)
         results = [await drain(j) for j in jobs]

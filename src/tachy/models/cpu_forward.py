@@ -195,13 +195,14 @@ class CPUForward:
                  last_only: bool, return_hidden: bool) -> Tensor | tuple[Tensor, Tensor] | None:
         """The model's forward (same arguments and results as Transformer.forward), or None when the mask
         hides cached slots (then the PyTorch forward runs)."""
-        if cache.ragged:   # a batch of sequences, one new token each (BatchKVCache)
+        if cache.ragged:   # a batch of sequences, one new token per entry (BatchKVCache)
             rows_list = list(cache.rows)
             T = len(rows_list)
             cache.reserve(1)
-            rows = torch.tensor(rows_list, dtype=torch.int64)
-            slots = torch.tensor([cache.lengths[r] for r in rows_list], dtype=torch.int64)
-            prefix, new_mask, logit_rows, n_out = slots, None, None, T
+            # each token reads its row's cached slots, then the row's earlier new tokens (the forward's default)
+            rows, slots, prefix = torch.tensor([rows_list, cache.slots(), [cache.lengths[r] for r in rows_list]],
+                                               dtype=torch.int64)
+            new_mask, logit_rows, n_out = None, None, T
             ids = tokens.reshape(-1).to(torch.int64).contiguous()
         else:
             if tokens.shape[0] != 1:

@@ -234,9 +234,9 @@ class Transformer(nn.Module):
         return [self.rope] * len(self.layers)
 
     def row_inputs(self, positions: Tensor, cache: KVCache) -> list[tuple]:
-        """attention_inputs for a BatchKVCache: positions [B] (one new token per row), per-row masks."""
+        """attention_inputs for a BatchKVCache: positions [B] (one per entry), per-entry masks."""
         windows = [self.config.sliding_window if t == "sliding" else None for t in self.config.layer_types]
-        masks = cache.row_masks(windows)
+        masks = cache.row_masks(windows, positions)
         ropes = {id(r): r(positions[:, None, None]) for r in self.layer_ropes()}
         return [(ropes[id(r)], masks[w]) for r, w in zip(self.layer_ropes(), windows)]
 

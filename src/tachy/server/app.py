@@ -51,9 +51,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_queue: int = 64, 
 
     max_queue: requests that may wait while one runs; more get 429. grace_s: how long shutdown lets the
     running request finish before ending it. max_batch: how many overlapping requests decode together (one
-    forward per step, scheduler.py); 1 runs them one at a time. speculative_batching: rows draft and joining
-    prompts are prefilled in chunks (with the C forward; False: plain rows, as before). compile_timeout_s: the time budget of one
-    structured-output constraint (compiled in a child process, constraint_compiler.py); over it a 400.
+    forward per step, scheduler.py); 1 runs them one at a time. speculative_batching: rows draft, and with the
+    C forward joining prompts are prefilled in chunks beside them (False: plain rows). compile_timeout_s: the
+    time budget of one structured-output constraint (compiled in a child process, constraint_compiler.py);
+    over it a 400.
     stall_s: /health answers 503 "stalled" when the worker has made no progress for this long while busy.
     preempt_after: in a full batch with requests waiting, a row is parked after this many tokens of its turn
     so that they get its cache row (fairness; 0: never, a row keeps its cache row until it finishes).

@@ -121,8 +121,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=8,
                    help="overlapping requests decoded together, one forward per step (1: one at a time)")
     p.add_argument("--batching", default="speculative", choices=["speculative", "plain"],
-                   help="speculative: every row drafts and joining prompts are prefilled in chunks beside the "
-                        "running rows (with the C forward); plain: rows decode one token per step (as before)")
+                   help="speculative: every row drafts, and with the C forward joining prompts are prefilled "
+                        "in chunks beside the running rows; plain: rows decode one token per step (as before)")
     p.add_argument("--whole-prompt-tokens", type=int, default=0,
                    help="speculative batching: a joining prompt of at most this many tokens is read whole in one "
                         "forward beside the running rows (its first token at once; their step that much longer); "

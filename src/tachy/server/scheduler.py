@@ -5,17 +5,20 @@ on a CPU a single generation already uses every core it is given, so running two
 The HTTP side never waits on the model: each request is a :class:`Job` with a channel (an asyncio queue fed
 through ``loop.call_soon_threadsafe``) that the async endpoint reads piece by piece.
 
-* Batching policy (``max_batch`` > 1), with the C forward (tachy.batch's packed mode): every request is a
-  batch row, alone or not. Each row drafts with its own drafter and one forward verifies every row's draft
-  packed together, joining prompts prefilled in chunks inside the same forwards; waiting jobs join at each
-  step while rows are free, in FIFO order, so nobody waits for another's whole generation; one decoder (and
-  its cache) serves every batch. Without the C forward (the PyTorch engine, CUDA): a lone job runs on the
-  engine's own speculative path; if others wait, a batch starts whose rows decode plainly (one token per
-  step) and joiners are prefilled whole. Either way a job whose options need the single path (a search
-  strategy, a press, sparse attention; a prediction without the C forward: ``batch.batchable``) runs alone
+* Batching policy (``max_batch`` > 1), tachy.batch's packed mode: each row drafts with its own drafter and
+  one forward verifies every row's draft packed together. With the C forward every request is a batch row,
+  alone or not, and joining prompts are prefilled in chunks inside the same forwards; waiting jobs join at
+  each step while rows are free, in FIFO order, so nobody waits for another's whole generation; one decoder
+  (and its cache) serves every batch. Without the C forward (the PyTorch engine, CUDA) a lone job runs on
+  the engine's own speculative path, whose default drafter, the int4 self-draft, reads its own cache and
+  cannot be a row's (2.91x over plain decoding there against model-free drafts' 1.38x, README); when others
+  wait, a batch starts whose rows draft model-free, each joiner prefilled alone between two steps. With
+  ``speculative_batching=False`` (``--batching plain``, for comparison) the batch rows decode plainly (one
+  token per step) and a lone job always runs alone. Either way a job whose options need the single path (a
+  search strategy, a press, sparse attention; a prediction in plain rows: ``batch.batchable``) runs alone
   and stops admission until the batch drains. Greedy output is the request's lone output in every mode;
   sampled rows are exact samples (a seeded request reproduces its lone output where its drafts are the same:
-  packed rows, or plain rows against ``drafter="none"``).
+  packed rows with a drafter that runs no model, or plain rows against ``drafter="none"``).
 * Fairness (``preempt_after`` tokens, batches only): FIFO admission; when every row is taken and a job waits,
   the row that has made the most tokens in its turn (at least ``preempt_after``) is parked (its K/V copied
   out, ``BatchDecoder.park``) and the job takes its cache row; parked rows resume, bit for bit, in order of
@@ -183,9 +186,9 @@ class Scheduler:
                 self._running = [job]
                 self._progress()
                 self.metrics.set_queue(len(self._waiting), True)
-                # with rows that draft (the C forward), every request runs as a batch row, even alone: no
-                # lone path to wait behind; else a lone request keeps the engine's speculative path
-                together = self.max_batch > 1 and self._batchable(job) and (self.packed or any(
+                # with the C forward's rows, every request runs as a batch row, even alone: no lone path to
+                # wait behind; else a lone request keeps the engine's speculative path (the int4 self-draft)
+                together = self.max_batch > 1 and self._batchable(job) and (self.rows_alone or any(
                     not j.cancelled.is_set() for j in self._waiting))
             try:
                 if job.cancelled.is_set():
@@ -202,8 +205,14 @@ class Scheduler:
 
     @property
     def packed(self) -> bool:
-        """Whether batch rows draft and prefill in chunks (tachy.batch's packed mode: the C forward)."""
-        return self.speculative_batching and getattr(self.engine.model, "cpu_forward", None) is not None
+        """Whether batch rows draft (tachy.batch's packed mode)."""
+        return self.speculative_batching
+
+    @property
+    def rows_alone(self) -> bool:
+        """Whether a lone request runs as a batch row too: rows that draft on the C forward, whose drafters are
+        the lone path's and which read joining prompts in chunks beside the running rows."""
+        return self.packed and getattr(self.engine.model, "cpu_forward", None) is not None
 
     def _batchable(self, job: Job) -> bool:
         return all(batchable(config, self.packed) for _, config in job.work)
