@@ -4,7 +4,10 @@
    chat prompts; relative max difference, must stay under --parity-tol);
 2. identity: for every registered drafter, speculative greedy decoding gives exactly the tokens of plain
    greedy decoding, on the engine as ``tachy.load`` gives it on the device (bf16 on CUDA);
-3. speed: decode tokens/s and tokens per target forward of plain decoding and of every drafter (the same runs).
+3. speed: decode tokens/s and tokens per target forward of plain decoding and of every drafter (the same runs);
+4. batch rows: all the prompts at once as rows of one ``BatchDecoder`` (the server's batches), plain rows and
+   rows that draft (default drafter): each row's tokens are its plain greedy tokens, and aggregate tokens/s
+   (prompts included; ``benchmarks/pytorch_rows.py --device cuda`` measures more requests and concurrencies).
 
     python benchmarks/gpu_smoke.py [--device cuda] [--model smollm2-135m] [--new-tokens 128]
 
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # pytorch_rows (batch_rows)
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "results" / "gpu_smoke"
 PROMPTS = [   # chat prompts: open-ended, code, and one whose answer copies from the prompt
@@ -51,7 +55,12 @@ def refuse_without_cuda(device: str) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, torch {torch.__version__})"
-    return f"CPU {platform.machine()} (torch {torch.__version__})"
+    try:   # the model name, where Linux says it
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.machine()
+    return f"CPU {model} (torch {torch.__version__})"
 
 
 def parity(model_name: str, device: torch.device, prompts: list[str]) -> dict:
@@ -110,7 +119,7 @@ def identity_and_speed(engine, prompts: list[str], new_tokens: int, drafters: li
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text("\n\n".join(prompts), encoding="utf-8")
         datastore = build_datastore(corpus, engine.tokenizer)
-    results = {"plain": summary([s for _, s in plain], mismatches=[])}
+    results = {"plain": summary([s for _, s in plain], mismatches=[]), "plain_tokens": [out for out, _ in plain]}
     for name in drafters:
         drafter = DatastoreDrafter(datastore=datastore) if name == "rest" else \
             DRAFTER_SPECS.get(name, name).format(model=model_name)
@@ -124,6 +133,26 @@ def identity_and_speed(engine, prompts: list[str], new_tokens: int, drafters: li
         results[name] = summary([s for _, s in runs], mismatches)
         print(f"gpu_smoke: {name}: {results[name]}", file=sys.stderr, flush=True)
     return results
+
+
+def batch_rows(engine, prompts: list[str], new_tokens: int, plain: list[list[int]]) -> dict:
+    """Every prompt at once as a row of one BatchDecoder, plain rows and rows that draft: identical tokens to
+    plain greedy decoding? and aggregate tokens/s."""
+    from tachy import GenerationConfig
+    from pytorch_rows import rows
+
+    ids = [engine.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
+    config = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, drafter="default", ignore_eos=True)
+    out = {}
+    for name, packed in (("plain rows", False), ("speculative rows", True)):
+        start = time.perf_counter()
+        got = rows(engine, ids, config, len(ids), packed)
+        seconds = time.perf_counter() - start
+        mismatches = [i for i, (a, b) in enumerate(zip(got, plain)) if a != b]
+        out[name] = {"tokens_per_s": round(len(ids) * new_tokens / seconds, 1), "identical_to_plain": not mismatches,
+                     "mismatched_prompts": mismatches}
+        print(f"gpu_smoke: {name}: {out[name]}", file=sys.stderr, flush=True)
+    return out
 
 
 def summary(stats: list[dict], mismatches: list[int]) -> dict:
@@ -144,12 +173,19 @@ def report(results: dict) -> str:
              "|---|---|---:|---:|---:|"]
     base = results["speed"]["plain"]["tokens_per_s_median"]
     for name, r in results["speed"].items():
+        if name == "plain_tokens":
+            continue
         if "not_applicable" in r:
             lines.append(f"| {name} | not applicable to these weights: {r['not_applicable']} | | | |")
             continue
         same = "yes" if r["identical_to_plain"] else f"NO (prompts {r['mismatched_prompts']})"
         lines.append(f"| {name} | {same} | {r['tokens_per_s_median']} | {r['mean_accepted_median']} | "
                      f"{r['tokens_per_s_median'] / base:.2f}x |")
+    lines += ["", f"All {len(p['prompts'])} prompts at once as batch rows (prompts included in the time):", "",
+              "| rows | identical to plain greedy | aggregate tokens/s |", "|---|---|---:|"]
+    for name, r in results["batch"].items():
+        same = "yes" if r["identical_to_plain"] else f"NO (prompts {r['mismatched_prompts']})"
+        lines.append(f"| {name} | {same} | {r['tokens_per_s']} |")
     lines += ["", f"Passed: {results['passed']}. Run at {results['when']} UTC in {results['seconds']} s."]
     return "\n".join(lines) + "\n"
 
@@ -184,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     engine = tachy.load(args.model, dtype=args.dtype, device=args.device, progress=False)
     results["weights"] = engine.weights
     results["speed"] = identity_and_speed(engine, prompts, args.new_tokens, drafters, args.model)
+    results["batch"] = batch_rows(engine, prompts, args.new_tokens, results["speed"].pop("plain_tokens"))
     results["passed"] = results["parity"]["worst_rel_max_diff"] < args.parity_tol and all(
-        r.get("identical_to_plain", True) for r in results["speed"].values())
+        r.get("identical_to_plain", True) for r in [*results["speed"].values(), *results["batch"].values()])
     results["seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

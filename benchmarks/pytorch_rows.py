@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_smoke import device_name  # noqa: E402
 from load_test import prompt_ids, prompts  # noqa: E402
 
 import tachy  # noqa: E402
@@ -111,14 +111,14 @@ def main() -> None:
                             s / p for s, p in zip(tps["speculative rows"], tps["lone path"]))}
         levels.append(level_result)
         print(json.dumps(level_result), flush=True)
-    results = {"model": args.model, "dtype": args.dtype, "device": args.device,
-               "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+    results = {"model": args.model, "dtype": args.dtype, "device": device_name(torch.device(args.device)),
+               "threads": args.threads,
                "requests": args.requests, "max_tokens": args.max_tokens, "long_every": args.long_every,
                "rounds": args.rounds, "drafter": args.drafter, "command": "python " + " ".join(sys.argv),
                "levels": levels}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    lines = [f"Batch rows on the PyTorch forward: {args.model} ({args.dtype}) on {args.device}, "
+    lines = [f"Batch rows on the PyTorch forward: {args.model} ({args.dtype}) on {results['device']}, "
              f"{args.requests} requests of {args.max_tokens} tokens per level, greedy, drafter {args.drafter!r}, "
              f"median of {args.rounds} rounds; every scheduler gave the lone path's tokens.", "",
              f"`{results['command']}`", "",

@@ -30,3 +30,4 @@ def test_cpu_dry_run_writes_its_results(tmp_path):
     assert results["parity"]["worst_rel_max_diff"] < 1e-4
     assert set(results["speed"]) == {"plain", "model-free"}
     assert "| model-free | yes |" in (tmp_path / "results.md").read_text()
+    assert all(results["batch"][rows]["identical_to_plain"] for rows in ("plain rows", "speculative rows"))
