@@ -474,8 +474,10 @@ class BatchDecoder:
         token, then the marginal cost of each drafted token. Each row's drafter weighs its draft against these
         (OPT-Tree, ``DraftTree.best_for_cost``), so in a big batch, where a row's share of the weight reads is
         small, only drafts likely to be accepted are sent. The share is the fitted one (``StepCostFit``): a
-        row reading its own long context costs more than the engine's costs say, which makes drafts pay more."""
-        if rows == 1:   # a row alone drafts as the lone path does, against the measured costs themselves
+        row reading its own long context costs more than the engine's costs say, which makes drafts pay more.
+        On the PyTorch forward a row alone too: its draft tokens cost batch entries' (fitted), not a lone
+        verify forward's."""
+        if rows == 1 and self.c_forward:   # a row alone drafts as the lone path does, against its measured costs
             return self.engine.step_costs()
         share, marginal = self._rows_cost(rows) / rows, self._step_fit().draft_token_s
         return [0.0] + [share + k * marginal for k in range(len(self.engine.step_costs()) - 1)]
