@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 
 import pytest
@@ -571,13 +572,7 @@ def test_pytorch_ops_between_c_forwards_run_on_one_thread(packed, monkeypatch):
 
     engine = packed_engine("llama", 0)
     seen: list[tuple[str, int]] = []
-
-    def watching(name, fn):
-        def watched(*args, **kwargs):
-            seen.append((name, torch.get_num_threads()))
-            return fn(*args, **kwargs)
-        return watched
-
+    watching = functools.partial(thread_watcher, seen)
     monkeypatch.setattr(batch_module, "verify_greedy", watching("verify", batch_module.verify_greedy))
     monkeypatch.setattr(Engine, "_choose", staticmethod(watching("choose", Engine._choose)))
     monkeypatch.setattr(batch_module.BatchKVCache, "row_kv", watching("park", batch_module.BatchKVCache.row_kv))
@@ -605,6 +600,48 @@ def test_pytorch_ops_between_c_forwards_run_on_one_thread(packed, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert {name for name, _ in seen} == {"verify", "choose", "park", "resume", "new cache", "beam reorder"}
+    assert [(name, threads) for name, threads in seen if threads != 1] == []
+
+
+def thread_watcher(seen: list, name: str, fn):
+    """``fn``, recording ``(name, PyTorch's thread count)`` into ``seen`` at each call."""
+    import torch
+
+    def watched(*args, **kwargs):
+        seen.append((name, torch.get_num_threads()))
+        return fn(*args, **kwargs)
+    return watched
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_batch_steps_over_gguf_blocks_on_the_pytorch_forward_run_pytorch_on_one_thread(packed, monkeypatch):
+    """GGUF blocks through the PyTorch forward (the C forward off) run on tachy's kernels too: a batch's joins
+    and steps give the kernels PyTorch's threads (``Engine.runs_kernels``), as the lone path does. Unguarded, 8
+    rows of 2 draft entries each took 146 ms per forward on a 2-core CPU, guarded 90 (batch.py)."""
+    import torch
+
+    import tachy.batch as batch_module
+    from tachy.models.gguf_linear import GGUFLinear
+
+    engine = pytorch_engine("llama", 0, weights="gguf")
+    if not engine.runs_kernels:
+        pytest.skip("tachy's kernels do not run on this machine")
+    seen: list[tuple[str, int]] = []
+    monkeypatch.setattr(GGUFLinear, "forward", thread_watcher(seen, "linear", GGUFLinear.forward))
+    monkeypatch.setattr(batch_module, "verify_greedy", thread_watcher(seen, "verify", batch_module.verify_greedy))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = random.Random(5)
+        decoder = BatchDecoder(engine, max_batch=3, packed=packed)
+        for _ in range(2):
+            decoder.add(repetitive_prompt(rng, 100), GenerationConfig(max_new_tokens=12))
+        while decoder.rows:
+            decoder.step()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert {name for name, _ in seen} == {"linear", "verify"}
     assert [(name, threads) for name, threads in seen if threads != 1] == []
 
 

@@ -184,13 +184,15 @@ class StepCostFit:
 
 
 def on_kernel_threads(method):
-    """Run a BatchDecoder method with the C forward's kernels on PyTorch's threads (kernels.threads_to_kernels)
-    as a whole, not only its forwards: a PyTorch op on two threads between forwards (an argmax, a cache copy)
+    """Run a BatchDecoder method with tachy's kernels on PyTorch's threads (kernels.threads_to_kernels) as a
+    whole, not only its forwards: a PyTorch op on two threads between forwards (an argmax, a cache copy)
     leaves OpenMP's threads spinning into the next forward (benchmarks/thread_spin.py: a 2-token forward 6.1
-    ms, 10.1 ms right after such an op; plain batching's p99 step 16-17 -> 13-16 ms in process)."""
+    ms, 10.1 ms right after such an op; plain batching's p99 step 16-17 -> 13-16 ms in process). Also where
+    GGUF blocks run through the PyTorch forward (``Engine.runs_kernels``): there 8 rows of 2 draft entries
+    each took 146 ms per forward unguarded, 90 ms guarded (its linear layers 72 against 34 ms)."""
     @functools.wraps(method)
     def wrapped(self: "BatchDecoder", *args, **kwargs):
-        with kernels.threads_to_kernels(self.engine.model.cpu_forward is not None):
+        with kernels.threads_to_kernels(self.engine.runs_kernels):
             return method(self, *args, **kwargs)
     return wrapped
 

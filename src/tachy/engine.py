@@ -222,6 +222,12 @@ class Engine:
         finally:
             steps.close()
 
+    @property
+    def runs_kernels(self) -> bool:
+        """Whether forwards run on tachy's CPU kernels: the C forward, or GGUF blocks through the PyTorch forward.
+        PyTorch's own ops around them then run on one thread (kernels.threads_to_kernels)."""
+        return self.model.cpu_forward is not None or self._gguf_linears
+
     @functools.cached_property
     def _gguf_linears(self) -> bool:
         """Whether the model's PyTorch forward runs its linear layers on tachy's GGUF kernels (elsewhere, on

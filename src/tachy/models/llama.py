@@ -411,9 +411,11 @@ def ragged_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, groups: list
     (bucketed_attention), so it gets the same bits. Entries with the same bucket share one kernel call."""
     out = torch.empty_like(q)
     for keys, entries, rows in groups:
+        # index_select, not k[rows, :, :keys]: the same copy, 4x faster on a CPU (bf16, 16 entries: 50 vs 228 us)
         with single_thread(q.device):
-            out[entries] = F.scaled_dot_product_attention(q[entries], k[rows, :, :keys], v[rows, :, :keys],
-                                                          attn_mask=mask[entries, :, :, :keys], scale=scale)
+            out[entries] = F.scaled_dot_product_attention(
+                q.index_select(0, entries), k[:, :, :keys].index_select(0, rows), v[:, :, :keys].index_select(0, rows),
+                attn_mask=mask[entries, :, :, :keys], scale=scale)
     return out
 
 
