@@ -140,9 +140,9 @@ class StepCostFit:
 
     ``fit_drafts`` (the PyTorch forward, which reads no prompt chunks): the second term is the draft tokens,
     ``draft_token_s`` fitted from the engine's marginal cost as its prior. There a draft token in a batch
-    forward costs several times what one costs in a lone verify forward (each is its own attention batch
-    entry; measured on a CPU: 6-12 ms against 1.2-2.2 ms), and rows drafting at the lone cost made batches
-    slower than plain rows (docs/benchmarks.md)."""
+    forward can cost more than one in a lone verify forward (each is its own attention batch entry; measured
+    on a CPU: 2.5-3.7 ms against 1.2-2.2 ms, 6-12 ms before the thread fix of ``on_kernel_threads``), and rows
+    drafting at the lone cost made batches slower than plain rows (docs/benchmarks.md section 14)."""
 
     draft_token_s: float            # the engine's marginal cost of one more token (fitted with fit_drafts)
     prompt_prior_s: float           # a prompt token's cost before any is seen
