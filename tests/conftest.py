@@ -37,6 +37,15 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def two_torch_threads():
+    """PyTorch on two threads for the test (restored after): what thread-guard tests need to see a difference."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(arch: str, **overrides) -> ModelConfig:
     """Small configs exercising every architectural feature (GQA, tied embeddings, sliding window...)."""
     if arch == "llama":

@@ -558,7 +558,7 @@ def test_logit_bias_rows_equal_their_lone_plain_output(packed):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_pytorch_ops_between_c_forwards_run_on_one_thread(packed, monkeypatch):
+def test_pytorch_ops_between_c_forwards_run_on_one_thread(packed, monkeypatch, two_torch_threads):
     """With the C forward, PyTorch runs on one thread through a whole join, step, park and resume, through the
     lone path's set-up, prefill and first choice, and through a search strategy's steps, not only inside the
     forwards: an op on two threads there (an argmax, a cache's zero fill or copy) leaves OpenMP's threads
@@ -579,26 +579,21 @@ def test_pytorch_ops_between_c_forwards_run_on_one_thread(packed, monkeypatch):
     monkeypatch.setattr(batch_module.BatchKVCache, "load_kv", watching("resume", batch_module.BatchKVCache.load_kv))
     monkeypatch.setattr(KVCache, "__init__", watching("new cache", KVCache.__init__))
     monkeypatch.setattr(KVCache, "select", watching("beam reorder", KVCache.select))
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        rng = random.Random(5)
-        decoder = BatchDecoder(engine, max_batch=3, packed=packed)
-        for _ in range(2):
-            decoder.add(repetitive_prompt(rng, 100), GenerationConfig(max_new_tokens=12))
-        for _ in range(4):
-            decoder.step()
-        row = next(r for r in decoder.rows if not r.pending)
-        decoder.park(row)
-        decoder.resume()
-        while decoder.rows:
-            decoder.step()
-        engine.generate(repetitive_prompt(rng, 100), max_new_tokens=4)
-        engine.generate(repetitive_prompt(rng, 100), max_new_tokens=6, strategy="beam",
-                        strategy_options={"num_beams": 3})
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    rng = random.Random(5)
+    decoder = BatchDecoder(engine, max_batch=3, packed=packed)
+    for _ in range(2):
+        decoder.add(repetitive_prompt(rng, 100), GenerationConfig(max_new_tokens=12))
+    for _ in range(4):
+        decoder.step()
+    row = next(r for r in decoder.rows if not r.pending)
+    decoder.park(row)
+    decoder.resume()
+    while decoder.rows:
+        decoder.step()
+    engine.generate(repetitive_prompt(rng, 100), max_new_tokens=4)
+    engine.generate(repetitive_prompt(rng, 100), max_new_tokens=6, strategy="beam",
+                    strategy_options={"num_beams": 3})
+    assert torch.get_num_threads() == 2
     assert {name for name, _ in seen} == {"verify", "choose", "park", "resume", "new cache", "beam reorder"}
     assert [(name, threads) for name, threads in seen if threads != 1] == []
 
@@ -614,7 +609,8 @@ def thread_watcher(seen: list, name: str, fn):
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_batch_steps_over_gguf_blocks_on_the_pytorch_forward_run_pytorch_on_one_thread(packed, monkeypatch):
+def test_batch_steps_over_gguf_blocks_on_the_pytorch_forward_run_pytorch_on_one_thread(packed, monkeypatch,
+                                                                                         two_torch_threads):
     """GGUF blocks through the PyTorch forward (the C forward off) run on tachy's kernels too: a batch's joins
     and steps give the kernels PyTorch's threads (``Engine.runs_kernels``), as the lone path does. Unguarded, 8
     rows of 2 draft entries each took 146 ms per forward on a 2-core CPU, guarded 90 (batch.py)."""
@@ -629,18 +625,13 @@ def test_batch_steps_over_gguf_blocks_on_the_pytorch_forward_run_pytorch_on_one_
     seen: list[tuple[str, int]] = []
     monkeypatch.setattr(GGUFLinear, "forward", thread_watcher(seen, "linear", GGUFLinear.forward))
     monkeypatch.setattr(batch_module, "verify_greedy", thread_watcher(seen, "verify", batch_module.verify_greedy))
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        rng = random.Random(5)
-        decoder = BatchDecoder(engine, max_batch=3, packed=packed)
-        for _ in range(2):
-            decoder.add(repetitive_prompt(rng, 100), GenerationConfig(max_new_tokens=12))
-        while decoder.rows:
-            decoder.step()
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    rng = random.Random(5)
+    decoder = BatchDecoder(engine, max_batch=3, packed=packed)
+    for _ in range(2):
+        decoder.add(repetitive_prompt(rng, 100), GenerationConfig(max_new_tokens=12))
+    while decoder.rows:
+        decoder.step()
+    assert torch.get_num_threads() == 2
     assert {name for name, _ in seen} == {"linear", "verify"}
     assert [(name, threads) for name, threads in seen if threads != 1] == []
 
