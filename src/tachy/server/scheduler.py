@@ -204,18 +204,13 @@ class Scheduler:
                     self.metrics.set_queue(len(self._waiting), False)
 
     @property
-    def packed(self) -> bool:
-        """Whether batch rows draft (tachy.batch's packed mode)."""
-        return self.speculative_batching
-
-    @property
     def rows_alone(self) -> bool:
         """Whether a lone request runs as a batch row too: rows that draft on the C forward, whose drafters are
         the lone path's and which read joining prompts in chunks beside the running rows."""
-        return self.packed and getattr(self.engine.model, "cpu_forward", None) is not None
+        return self.speculative_batching and getattr(self.engine.model, "cpu_forward", None) is not None
 
     def _batchable(self, job: Job) -> bool:
-        return all(batchable(config, self.packed) for _, config in job.work)
+        return all(batchable(config, self.speculative_batching) for _, config in job.work)
 
     def _joinable(self) -> bool:
         """Whether the first waiting job may join a running batch now (call with ``_cond`` held)."""
@@ -283,7 +278,8 @@ class Scheduler:
         request at concurrency 1) took 850-1,600 fresh page faults per short request inside its forwards,
         against ~0 kept (docs/server.md)."""
         if self._batch_decoder is None:
-            self._batch_decoder = BatchDecoder(self.engine, self.max_batch, packed=self.packed, **self.batch_options)
+            self._batch_decoder = BatchDecoder(self.engine, self.max_batch, packed=self.speculative_batching,
+                                               **self.batch_options)
         return self._batch_decoder
 
     def _alone_next(self, decoder: BatchDecoder) -> bool:
