@@ -1,12 +1,21 @@
 """Shared fixtures: tiny random models for fast tests, the embedded model for integration tests."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from pathlib import Path
 
 from tachy.config import ModelConfig
+
+# Each pytest-xdist worker gets its share of the cores. PyTorch's default (every core per process) put two
+# workers' OpenMP pools on the same two cores: each spun waiting on threads the other worker held, and a test of
+# tiny models took 151 s in CI instead of 3 s alone (tests/decoding/test_beam.py, on an Intel Xeon). Tests that
+# need more threads ask for them (the two_torch_threads fixture).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 # The development data lives in shared/ beside the checkout (as in CI's fresh clone).
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -115,7 +115,9 @@ def test_tokenizing_large_requests_leaves_the_event_loop_free(server):
         assert httpx.get(url + "/health", timeout=30).status_code == 200
         waits.append(time.monotonic() - start)
         time.sleep(0.01)
-    assert len(waits) > 3 and max(waits) < 0.3, waits
+    # Measured on a 2-core Xeon: at most 0.19 s alone and 0.31 s beside another test worker; 1.44 s with
+    # ``encode`` holding the GIL (tokenizer.LONG_TEXT raised past the prompt's length).
+    assert len(waits) > 3 and max(waits) < 0.75, waits
 
 
 def test_health_reports_a_stalled_worker(server, monkeypatch):
