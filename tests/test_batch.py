@@ -9,6 +9,7 @@ import pytest
 
 from tachy.batch import BatchDecoder, StepCostFit, batchable
 from tachy import GenerationConfig
+from tachy.generation import Handoff
 from tachy.errors import InvalidArgumentError
 from tests.conftest import needs_data
 from tests.decoding.helpers import tiny_engine
@@ -121,12 +122,12 @@ def test_batched_greedy_equals_alone_smollm(smollm, one_torch_thread):
 
 
 # -- packed mode: the C forward, rows that draft, prompts prefilled in chunks -----------------------------------
-def packed_engine(arch: str, seed: int):
+def packed_engine(arch: str, seed: int, **overrides):
     from tachy.engine import Engine
     from tests.conftest import tiny_gguf_model
     from tests.decoding.helpers import IdsTokenizer
 
-    model = tiny_gguf_model(arch, seed=seed)
+    model = tiny_gguf_model(arch, seed=seed, **overrides)
     if model.cpu_forward is None:
         pytest.skip("tachy's C kernels do not run on this machine")
     return Engine(model, IdsTokenizer([3]), name="tiny")
@@ -234,7 +235,7 @@ def test_packed_rows_draft_with_what_the_engines_drafter_learned():
 
 
 # -- packed rows on the PyTorch forward (CUDA's path): drafts cut to the spine, prompts prefilled alone ----------
-def pytorch_engine(arch: str, seed: int, weights: str = "bf16"):
+def pytorch_engine(arch: str, seed: int, weights: str = "bf16", **overrides):
     """A tiny engine on the PyTorch forward with row-invariant linear layers: bf16 (oneDNN) or GGUF blocks
     (tachy's kernels one layer at a time, as under a press); fp32 (MKL) is not row-invariant (models/quant.py)."""
     from tachy.engine import Engine
@@ -242,8 +243,8 @@ def pytorch_engine(arch: str, seed: int, weights: str = "bf16"):
     from tests.conftest import tiny_gguf_model, tiny_model
     from tests.decoding.helpers import IdsTokenizer
 
-    model = (convert_weights(tiny_model(arch, seed=seed), "bf16") if weights == "bf16"
-             else tiny_gguf_model(arch, seed=seed))
+    model = (convert_weights(tiny_model(arch, seed=seed, **overrides), "bf16") if weights == "bf16"
+             else tiny_gguf_model(arch, seed=seed, **overrides))
     model.cpu_forward = None
     return Engine(model, IdsTokenizer([3]), name="tiny")
 
@@ -493,6 +494,43 @@ def test_parked_rows_resume_bit_for_bit(rows, monkeypatch):
         if config.temperature and not packed:   # a plain sampling row draws as a lone plain generation
             lone = alone(engine, prompt, config)[0]
         assert out[i] == lone, f"request {i} ({config.drafter})"
+
+
+@pytest.mark.parametrize("weights", ["bf16", "gguf"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_handed_off_generation_goes_on_as_it_would_alone(arch, weights):
+    """``Engine.stream`` hands a lone generation off between two steps (``Handoff``, after 0 to 4 of them) and
+    ``BatchDecoder.adopt`` continues it as a row beside another request. Greedy ones (the default drafter
+    alone, the int4 self-draft where it is the default; a row's model-free drafts after) give their lone
+    tokens and text, a stop string's held-back text included; a seeded sampler without drafts draws on as it
+    would alone (its generator moved with it). Gemma 3's window (8) is crossed before and after the move."""
+    engine = pytorch_engine(arch, seed=2, weights=weights)
+    rng = random.Random(9)
+    vocab = engine.config.vocab_size
+    configs = [GenerationConfig(max_new_tokens=40, ignore_eos=True),
+               GenerationConfig(max_new_tokens=30, ignore_eos=True, drafter="pld", logprobs=2),
+               GenerationConfig(max_new_tokens=35, ignore_eos=True, temperature=0.9, seed=4, drafter="none"),
+               GenerationConfig(max_new_tokens=45, ignore_eos=True, stop=["9 9 9"], drafter="recycling")]
+    for i, config in enumerate(configs):
+        prompt = repetitive_prompt(rng, vocab)
+        lone = list(engine.stream(prompt, config))
+        steps_before = [0]
+
+        def wanted(after=i):
+            steps_before[0] += 1
+            return steps_before[0] > after
+        handoff = Handoff(wanted)
+        pieces = list(engine.stream(prompt, config, handoff=handoff))
+        assert handoff.taken and all(p.finish_reason is None for p in pieces)
+        decoder = BatchDecoder(engine, max_batch=2)
+        decoder.add(repetitive_prompt(rng, vocab), GenerationConfig(max_new_tokens=20), tag="other")
+        decoder.adopt(handoff, config, tag="moved")
+        while decoder.rows:
+            pieces += [p for row, p in decoder.step() if row.tag == "moved"]
+        for field in ("token_ids", "text", "logprobs"):
+            assert [x for p in pieces for x in (getattr(p, field) or [])] == \
+                   [x for p in lone for x in (getattr(p, field) or [])], (i, field)
+        assert pieces[-1].finish_reason == lone[-1].finish_reason
 
 
 def test_park_refuses_a_row_still_reading_its_prompt():

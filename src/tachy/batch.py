@@ -67,7 +67,7 @@ from . import kernels
 from .cache import BatchKVCache
 from .decoding import GenerationConfig
 from .engine import Engine, TextStream
-from .generation import PREFILL_CHUNK, GenerationResponse, GenerationStats, Step
+from .generation import PREFILL_CHUNK, GenerationResponse, GenerationStats, Handoff, Step
 from .errors import InvalidArgumentError
 from .prefix_cache import BLOCK_TOKENS, PrefixCache
 from .speculative.drafters import Drafter
@@ -279,6 +279,29 @@ class BatchDecoder:
             return events
         self._place(row, single)
         return events
+
+    @torch.inference_mode()
+    @on_kernel_threads
+    def adopt(self, handoff: Handoff, config: GenerationConfig, tag: object = None) -> Row:
+        """Continue a lone generation that ``Engine.stream`` handed off between two steps as a row: its K/V is
+        copied into a free cache row, and its sampler, logits processor and text stream go on as they stood,
+        so its tokens are those it would have made alone (the rows' forwards give the lone path's bits); it
+        drafts as a row does (``_row_drafter``). The PyTorch forward only: on the C forward every request
+        is a row from its start."""
+        if not handoff.taken or not self.packed or self.c_forward:
+            raise InvalidArgumentError("adopt takes a handed-off generation, into packed rows on the PyTorch forward")
+        if not self.free:
+            raise InvalidArgumentError(f"the batch is full ({self.max_batch} rows)")
+        if not batchable(config, self.packed):
+            raise InvalidArgumentError("search strategies, presses and sparse attention cannot run in a batch")
+        row = Row(tag, config, handoff.ids, handoff.stats, handoff.text, handoff.processor, handoff.probs_fn,
+                  handoff.generator, root=handoff.ids[-1], limit=self.engine.max_context - 1,
+                  joined=time.perf_counter(), since=handoff.stats.generated_tokens)
+        row.drafter = self._row_drafter(config)
+        if row.drafter is not None:
+            row.drafter.reset(row.ids[:-1])
+        self._place(row, handoff.cache)
+        return row
 
     @on_kernel_threads
     def remove(self, row: Row) -> None:

@@ -24,7 +24,7 @@ from .cache import key_bucket
 from .decoding import GenerationConfig, logits_processor
 from .errors import ContextLengthError, InvalidArgumentError
 from .generation import (COST_CONTEXT, COST_ROUNDS, PREFILL_CHUNK, PROGRESS, SAVED_COSTS_SLACK,
-                         GenerationResponse, GenerationStats, Step)
+                         GenerationResponse, GenerationStats, Handoff, Step)
 from .models.gguf_linear import GGUFLinear
 from .models.llama import Transformer
 from .context.ape import PassageStore, ape_steps
@@ -206,13 +206,15 @@ class Engine:
     # -- lowest layer: token ids in, steps out ----------------------------------------------------------
     def generate_tokens(self, prompt_ids: Sequence[int], config: GenerationConfig,
                         stats: GenerationStats | None = None,
-                        should_stop: Callable[[], bool] | None = None) -> Iterator[Step]:
+                        should_stop: Callable[[], bool] | None = None,
+                        handoff: Handoff | None = None) -> Iterator[Step]:
         """Yield one Step per target forward until max_new_tokens are committed (the last step may overshoot
         by nothing: drafts are capped to the budget) or the context is full. EOS is the caller's business.
 
         ``should_stop`` is asked after every forward, also inside a search strategy that commits nothing
-        until it ends (beam, MBR): True ends the generation there (a server's cancelled request)."""
-        steps = self._steps(prompt_ids, config, stats if stats is not None else GenerationStats())
+        until it ends (beam, MBR): True ends the generation there (a server's cancelled request).
+        ``handoff``: see :class:`~tachy.generation.Handoff` (only for configs ``batch.batchable`` accepts)."""
+        steps = self._steps(prompt_ids, config, stats if stats is not None else GenerationStats(), handoff)
         try:
             for step in steps:
                 if should_stop is not None and should_stop():
@@ -253,7 +255,8 @@ class Engine:
                 steps.close()
 
     @torch.inference_mode()
-    def _steps(self, prompt_ids: Sequence[int], config: GenerationConfig, stats: GenerationStats) -> Iterator[Step]:
+    def _steps(self, prompt_ids: Sequence[int], config: GenerationConfig, stats: GenerationStats,
+               handoff: Handoff | None = None) -> Iterator[Step]:
         """generate_tokens' steps, and a search strategy's PROGRESS steps between its forwards."""
         prompt_ids = self.check_prompt(prompt_ids)
         if config.decoding.is_search:   # beam search & co. drive the model themselves (tachy.decoding)
@@ -324,6 +327,10 @@ class Engine:
 
         try:
             while cache.position + 1 < self.max_context and stats.generated_tokens < config.max_new_tokens:
+                if handoff is not None and eviction is None and config.attention is None and handoff.wanted():
+                    handoff.ids, handoff.cache, handoff.stats = ids, cache, stats
+                    handoff.processor, handoff.probs_fn, handoff.generator = processor, probs_fn, generator
+                    return
                 # the C forward's kernels and PyTorch's small ops take turns on the cores
                 with kernels.threads_to_kernels(native):
                     step_start = time.perf_counter()
@@ -482,14 +489,16 @@ class Engine:
 
     # -- middle layer: text pieces ------------------------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], config: GenerationConfig | None = None, *,
-               should_stop: Callable[[], bool] | None = None, **kwargs) -> Iterator[GenerationResponse]:
+               should_stop: Callable[[], bool] | None = None, handoff: Handoff | None = None,
+               **kwargs) -> Iterator[GenerationResponse]:
         """Stream text pieces for a raw prompt (a string is tokenized with the model's special tokens);
-        ``should_stop`` as for :meth:`generate_tokens`."""
+        ``should_stop`` and ``handoff`` as for :meth:`generate_tokens` (a stream handed off ends without a
+        last piece: its text stream goes with the handoff)."""
         config = config or GenerationConfig(**kwargs)
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt   # checked in _steps
         stats = GenerationStats()
         text = TextStream(self.tokenizer, config, stats)
-        steps = self.generate_tokens(prompt_ids, config, stats, should_stop)
+        steps = self.generate_tokens(prompt_ids, config, stats, should_stop, handoff)
         try:
             for step in steps:
                 piece = text.push(step)
@@ -497,6 +506,9 @@ class Engine:
                     yield piece
                     if piece.finish_reason is not None:
                         return
+            if handoff is not None and handoff.taken:
+                handoff.text = text
+                return
             yield text.end()
         finally:
             steps.close()

@@ -6,6 +6,7 @@ tachy.decoding all produce these, so they live below all of them and import noth
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 PREFILL_CHUNK = 1024   # prompt tokens per prefill forward (bounds the attention scores' memory)
 COST_CONTEXT = 128     # cached tokens Engine.step_costs measures its forwards after
@@ -37,6 +38,28 @@ class Step:
 
 PROGRESS = Step([], 0, 0)   # yielded by a search strategy after each forward that commits nothing yet: the
                             # engine checks its caller's should_stop there (a cancelled request stops mid-search)
+
+
+@dataclass
+class Handoff:
+    """A lone generation that moves into a batch between two steps. ``Engine.stream`` asks ``wanted`` before
+    each step after the first token; once it says yes, the stream ends there without a last piece and leaves
+    the generation's state here (``taken``), which ``BatchDecoder.adopt`` continues as a batch row, bit for
+    bit. The server's scheduler uses it on the PyTorch forward, where a lone request runs on the engine's own
+    path: a request arriving meanwhile need not wait for the whole generation."""
+
+    wanted: Callable[[], bool]
+    ids: list[int] | None = None   # prompt and committed tokens; the last is the next forward's input
+    cache: Any = None              # its KVCache, holding every token of ``ids`` but the last
+    processor: Any = None          # Engine.token_choice's three, as they stand
+    probs_fn: Any = None
+    generator: Any = None
+    stats: "GenerationStats | None" = None
+    text: Any = None               # its TextStream (held-back text, detokenizer state)
+
+    @property
+    def taken(self) -> bool:
+        return self.ids is not None
 
 
 @dataclass

@@ -318,8 +318,11 @@ def test_a_single_path_request_waits_a_turn_not_for_the_batch_to_end(packed):
     ended)."""
     from tests.test_batch import packed_engine
 
-    engine = packed_engine("llama", seed=3) if packed else tiny_engine(seed=1, eos=(3,), max_seq_len=1024)[0]
-    long_ = GenerationConfig(max_new_tokens=100 if packed else 300, ignore_eos=True)
+    # long enough to outlast the search and the short request (at 100 tokens the drafting rows ended first
+    # in CI once)
+    engine = (packed_engine("llama", seed=3, max_seq_len=1024) if packed
+              else tiny_engine(seed=1, eos=(3,), max_seq_len=1024)[0])
+    long_ = GenerationConfig(max_new_tokens=600, ignore_eos=True)
     beam = GenerationConfig(max_new_tokens=4, strategy="beam", strategy_options={"num_beams": 2})
     short = GenerationConfig(max_new_tokens=3, ignore_eos=True)
 
@@ -343,6 +346,49 @@ def test_a_single_path_request_waits_a_turn_not_for_the_batch_to_end(packed):
     assert texts(quick, 1) == [alone(engine, [9, 9], short)]
     for i, items in enumerate(rest):
         assert texts(items, 1) == [alone(engine, [5 + i, 6], long_)]
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_lone_generation_moves_into_a_batch_when_a_request_arrives(sampled):
+    """The PyTorch forward (CUDA's) runs a lone request on the engine's own path. A request arriving meanwhile
+    waited for that whole generation; now the lone one is handed off into a batch between two of its steps
+    (``Handoff``), so the newcomer finishes while it still runs. The greedy one still gives its lone text,
+    bit for bit through its moved K/V; a sampling one goes on with its own generator (an exact sample, its
+    draws no longer its lone run's once it drafts as a row). With plain batching nothing moves: the newcomer
+    waits, as before."""
+    from tests.test_batch import pytorch_engine
+
+    engine = pytorch_engine("llama", seed=1, max_seq_len=1024)   # bf16: rows give the lone bits
+    long = GenerationConfig(max_new_tokens=400, ignore_eos=True,   # a stop string holds text back across the move
+                            **(dict(temperature=0.9, seed=3) if sampled else dict(stop=["41 42"])))
+    short = GenerationConfig(max_new_tokens=3, ignore_eos=True)
+
+    async def main(batching):
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine, max_batch=2, speculative_batching=batching == "speculative")
+        lone = Job([([5, 6], long), ([7, 6], long)], loop)   # n=2: the second choice joins as a row
+        sched.submit(lone)
+        first = await asyncio.wait_for(lone.channel.get(), 10)   # running alone
+        quick = Job([([9, 9], short)], loop)
+        sched.submit(quick)
+        done = await drain(quick)
+        ended_before = sched.metrics.generations   # the newcomer's, and the long ones' if they ended first
+        rest = [first] + await drain(lone)
+        sched.close()
+        return done, ended_before, rest, sched.metrics
+
+    done, ended_before, rest, metrics = asyncio.run(main("speculative"))
+    assert texts(done, 1) == [alone(engine, [9, 9], short)]
+    assert ended_before == 1 and metrics.batch_steps > 0 and metrics.generations == 3 and metrics.handoffs == 1
+    moved = texts(rest, 2)
+    if sampled:
+        assert all(len(text.split()) == 400 and reason == "length" for text, reason in moved)
+    else:
+        assert moved == [alone(engine, [5, 6], long), alone(engine, [7, 6], long)]
+    _, ended_before, rest, metrics = asyncio.run(main("plain"))
+    assert ended_before == 3 and metrics.batch_steps == metrics.handoffs == 0   # the newcomer waited for both
+    if not sampled:
+        assert texts(rest, 2) == moved
 
 
 def test_more_long_requests_than_rows_take_turns():

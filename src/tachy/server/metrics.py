@@ -27,6 +27,7 @@ class Metrics:
         self.batch_steps = 0       # batched forwards (scheduler batches) and the rows they ran
         self.batch_rows = 0
         self.preemptions = 0       # batch rows parked so that a waiting request could join (fairness)
+        self.handoffs = 0          # lone generations moved into a batch when a request arrived (PyTorch forward)
         self.prefix_cache = None   # the engine's PrefixCache (create_app): its counters are read at each scrape
 
     def count_request(self, endpoint: str, status: int) -> None:
@@ -107,6 +108,9 @@ class Metrics:
                 ("tachy_preemptions_total", "counter",
                  "batch rows parked after a turn of --preempt-after tokens so that waiting requests could join",
                  [("", self.preemptions)]),
+                ("tachy_handoffs_total", "counter",
+                 "lone generations moved into a batch between two steps because a request arrived",
+                 [("", self.handoffs)]),
             ] + self._prefix_rows()
         out = []
         for name, kind, help_text, samples in rows:

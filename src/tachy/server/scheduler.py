@@ -12,7 +12,9 @@ through ``loop.call_soon_threadsafe``) that the async endpoint reads piece by pi
   (and its cache) serves every batch. Without the C forward (the PyTorch engine, CUDA) a lone job runs on
   the engine's own speculative path, whose default drafter, the int4 self-draft, reads its own cache and
   cannot be a row's (2.91x over plain decoding there against model-free drafts' 1.38x, README); when others
-  wait, a batch starts whose rows draft model-free, each joiner prefilled alone between two steps. With
+  wait, a batch starts whose rows draft model-free, each joiner prefilled alone between two steps, and a lone
+  job still running when a request arrives moves into that batch between two of its steps (``Handoff``), its
+  output unchanged (greedy) or still an exact sample. With
   ``speculative_batching=False`` (``--batching plain``, for comparison) the batch rows decode plainly (one
   token per step) and a lone job always runs alone. Either way a job whose options need the single path (a
   search strategy, a press, sparse attention; a prediction in plain rows: ``batch.batchable``) runs alone
@@ -49,7 +51,7 @@ from dataclasses import dataclass, field
 from ..batch import BatchDecoder, Row, batchable
 from ..decoding import GenerationConfig
 from ..engine import Engine
-from ..generation import GenerationResponse, GenerationStats
+from ..generation import GenerationResponse, GenerationStats, Handoff
 from .metrics import Metrics
 
 log = logging.getLogger("tachy.server")
@@ -195,8 +197,8 @@ class Scheduler:
                     job.send("end")
                 elif together:
                     self._run_batch(job)
-                else:
-                    self._execute(job)
+                elif (moved := self._execute(job, may_hand_off=self._may_hand_off(job))) is not None:
+                    self._run_batch(job, moved)
             finally:
                 with self._cond:
                     self._running = []
@@ -209,6 +211,12 @@ class Scheduler:
         the lone path's and which read joining prompts in chunks beside the running rows."""
         return self.speculative_batching and getattr(self.engine.model, "cpu_forward", None) is not None
 
+    def _may_hand_off(self, job: Job) -> bool:
+        """Whether a lone job on the engine's own path (the PyTorch forward) moves into a batch, between two
+        of its steps, once another request waits (``Handoff``): so nobody waits for a whole generation there
+        either. It then drafts model-free as every row (its int4 self-draft reads a lone cache)."""
+        return self.max_batch > 1 and self.speculative_batching and not self.rows_alone and self._batchable(job)
+
     def _batchable(self, job: Job) -> bool:
         return all(batchable(config, self.speculative_batching) for _, config in job.work)
 
@@ -217,13 +225,16 @@ class Scheduler:
         return bool(self._waiting) and not self._closed and self._batchable(self._waiting[0])
 
     # -- batches -------------------------------------------------------------------------------------------
-    def _run_batch(self, first: Job) -> None:
+    def _run_batch(self, first: Job, moved: _Moved | None = None) -> None:
         """Run ``first`` and every batchable job that arrives meanwhile as rows of one BatchDecoder, until
-        none is left (see the module docstring)."""
+        none is left (see the module docstring); ``first`` continues from ``moved`` where it was handed off."""
         decoder = self._decoder()
         state = _BatchState(self, decoder)
-        state.admit(first)
+        state.admit(first, moved)
         try:
+            if moved is not None:
+                _, config = first.work[moved.index]
+                decoder.adopt(moved.handoff, config, tag=(first, moved.index))
             self._batch_steps(decoder, state)
         except Exception as e:  # noqa: BLE001 - a forward, join or park failed: the batch's jobs get the error
             self._batch_decoder = None   # nothing of a failed batch carries over: the next one is new
@@ -340,18 +351,28 @@ class Scheduler:
             return job.cancelled.is_set()
         return should_stop
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, job: Job, may_hand_off: bool = False) -> _Moved | None:
+        """Run the job's choices one after the other on the engine's own path. With ``may_hand_off``, a choice
+        still generating when a request that can join a batch waits is handed off (``Handoff``): the job
+        moves into a batch from there (returned; this job's channel stays open)."""
         start = time.perf_counter()
+        moved = None
         try:
             for index, (prompt_ids, config) in enumerate(job.work):
                 last: GenerationResponse | None = None
-                for piece in self.engine.stream(prompt_ids, config, should_stop=self._stop_check(job)):
+                handoff = Handoff(self._batch_waits) if may_hand_off else None
+                for piece in self.engine.stream(prompt_ids, config, should_stop=self._stop_check(job),
+                                                **({} if handoff is None else {"handoff": handoff})):
                     # stats are updated in place by the engine: send a snapshot
                     last = dataclasses.replace(piece, stats=dataclasses.replace(piece.stats))
                     job.send("piece", index, last)
                     self._progress()
                     if job.cancelled.is_set():
                         break  # closing the stream frees this request's cache
+                if handoff is not None and handoff.taken:
+                    self.metrics.handoffs += 1
+                    moved = _Moved(index, handoff, last, start)
+                    return moved
                 if last is not None:
                     self.metrics.record_generation(last.stats)
                 if job.cancelled.is_set():
@@ -365,9 +386,27 @@ class Scheduler:
                 log.exception("generation failed")
             job.send("error", None, e)
         finally:
-            self.metrics.record_request_time(time.perf_counter() - start)
-            job.send("end")
+            if moved is None:
+                self.metrics.record_request_time(time.perf_counter() - start)
+                job.send("end")
+        return None
 
+    def _batch_waits(self) -> bool:
+        """Handoff.wanted for a lone job: whether the first job still waiting could join a batch now."""
+        with self._cond:
+            waiting = [j for j in self._waiting if not j.cancelled.is_set()]
+            return bool(waiting) and not self._closed and self._batchable(waiting[0])
+
+
+@dataclass
+class _Moved:
+    """A lone job's choice handed off to a batch (``Scheduler._execute``): which, its state, its last piece
+    sent and when the job started."""
+
+    index: int
+    handoff: Handoff
+    last: GenerationResponse | None
+    start: float
 
 
 class _BatchState:
@@ -380,13 +419,18 @@ class _BatchState:
         self.jobs: dict[int, tuple[Job, int, float, dict]] = {}   # id(job) -> (job, choices left, start, last)
         self.broken = False   # the decoder failed: it is dropped, its rows are not touched again
 
-    def admit(self, job: Job) -> None:
-        if job.cancelled.is_set():
+    def admit(self, job: Job, moved: _Moved | None = None) -> None:
+        """Queue the job's choices for rows; with ``moved``, only those after the one it continues (which the
+        caller adopts), the ones before it having ended on the engine's own path."""
+        if job.cancelled.is_set() and moved is None:
             job.send("end")
             self._forget(job)
             return
-        self.jobs[id(job)] = (job, len(job.work), time.perf_counter(), {})
-        self.pending.extend((job, index) for index in range(len(job.work)))
+        first = 0 if moved is None else moved.index
+        start = time.perf_counter() if moved is None else moved.start
+        lasts = {} if moved is None or moved.last is None else {first: moved.last}
+        self.jobs[id(job)] = (job, len(job.work) - first, start, lasts)
+        self.pending.extend((job, index) for index in range(first + (moved is not None), len(job.work)))
 
     def _held(self) -> collections.Counter:
         """Rows (running or parked) per job, by ``id(job)``."""
