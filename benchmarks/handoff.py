@@ -33,10 +33,12 @@ from tachy.server.scheduler import Job, Scheduler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("handoff", "wait")
+TIMES = ("short_ttft", "short_total", "long_total")
 
 
 async def one_round(engine, mode: str, long: tuple, short: tuple, arrive_after: int) -> dict:
-    """Times (s) from the long request's submission, and each request's tokens."""
+    """Times (s): the short request's from its arrival, the long one's from its submission; whether the short
+    request's first token came before the long one's last; each request's tokens."""
     loop = asyncio.get_running_loop()
     sched = Scheduler(engine, max_batch=8)
     if mode == "wait":
@@ -61,7 +63,7 @@ async def one_round(engine, mode: str, long: tuple, short: tuple, arrive_after: 
     first, short_end = await short_task
     sched.close()
     return {"short_ttft": first - arrived, "short_total": short_end - arrived, "long_total": long_end - start,
-            "tokens": out}
+            "short_started_first": first < long_end, "tokens": out}
 
 
 async def drain(job: Job, tokens: list[int]) -> tuple[float, float]:
@@ -105,7 +107,7 @@ def main() -> None:
                 raise SystemExit(f"{mode}, round {r}: a request's tokens are not its lone tokens")
             runs[mode].append(result)
             print(mode, json.dumps({k: round(v, 3) for k, v in result.items()}), flush=True)
-    medians = {mode: {k: statistics.median(run[k] for run in runs[mode]) for k in runs[mode][0]} for mode in MODES}
+    medians = {mode: {k: statistics.median(run[k] for run in runs[mode]) for k in TIMES} for mode in MODES}
     results = {"model": args.model, "dtype": args.dtype, "device": device_name(torch.device(args.device)),
                "threads": args.threads, "long_tokens": args.long_tokens, "short_tokens": args.short_tokens,
                "arrive_after": args.arrive_after, "rounds": args.rounds,
