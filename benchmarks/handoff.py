@@ -26,12 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_smoke import device_name  # noqa: E402
 from load_test import prompt_ids, prompts  # noqa: E402
+from pytorch_rows import engine_arguments, pytorch_forward_engine  # noqa: E402
 
-import tachy  # noqa: E402
 from tachy import GenerationConfig  # noqa: E402
 from tachy.server.scheduler import Job, Scheduler  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = ("handoff", "wait")
 TIMES = ("short_ttft", "short_total", "long_total")
 
@@ -80,20 +79,13 @@ async def drain(job: Job, tokens: list[int]) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="bf16", help="weights (tachy.load's dtype)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    engine_arguments(ap, "handoff")
     ap.add_argument("--long-tokens", type=int, default=256)
     ap.add_argument("--short-tokens", type=int, default=32)
     ap.add_argument("--arrive-after", type=int, default=32, help="long-request tokens sent before the short one")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "handoff")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    engine = tachy.load(args.model, dtype=args.dtype, device=args.device, progress=False)
-    engine.model.cpu_forward = None
-    engine.set_prefix_cache(None)   # each round reads its prompts, as the first did
+    engine = pytorch_forward_engine(args)
     long_ids, short_ids = prompt_ids(engine, prompts(0, 2, first=100))
     long = (long_ids, GenerationConfig(max_new_tokens=args.long_tokens, ignore_eos=True))
     short = (short_ids, GenerationConfig(max_new_tokens=args.short_tokens, ignore_eos=True))

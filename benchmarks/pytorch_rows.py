@@ -63,24 +63,36 @@ def rows(engine, ids: list[list[int]], config: GenerationConfig, width: int, pac
     return [out[i] for i in range(len(ids))]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def engine_arguments(ap: argparse.ArgumentParser, out: str) -> None:
+    """The options of the scripts that run the PyTorch forward in process (this one, handoff.py)."""
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="bf16", help="weights (tachy.load's dtype)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / out)
+
+
+def pytorch_forward_engine(args: argparse.Namespace):
+    """The engine of ``engine_arguments`` with its C forward off and no prefix cache (each scheduler, and
+    each round, reads its prompts as the first did)."""
+    torch.set_num_threads(args.threads)
+    engine = tachy.load(args.model, dtype=args.dtype, device=args.device, progress=False)
+    engine.model.cpu_forward = None
+    engine.set_prefix_cache(None)
+    return engine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    engine_arguments(ap, "pytorch_rows")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     ap.add_argument("--long-every", type=int, default=0, help="every n-th prompt a 1-2k-token passage (0: none)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--drafter", default="default")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "pytorch_rows")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    engine = tachy.load(args.model, dtype=args.dtype, device=args.device, progress=False)
-    engine.model.cpu_forward = None
-    engine.set_prefix_cache(None)   # plain rows have none: the same prompt work for all three
+    engine = pytorch_forward_engine(args)   # plain rows have no prefix cache: the same prompt work for all three
     config = GenerationConfig(max_new_tokens=args.max_tokens, drafter=args.drafter, ignore_eos=True)
     run = {"lone path": lambda ids, c: lone(engine, ids, config),
            "plain rows": lambda ids, c: rows(engine, ids, config, c, packed=False),
