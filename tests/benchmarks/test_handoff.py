@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import needs_data
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "handoff.py"
 
 
 @pytest.mark.slow
+@needs_data   # the load test's prompts
 def test_handoff_benchmark_runs_and_reports(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPT), "--long-tokens", "48", "--short-tokens", "4",
                         "--arrive-after", "4", "--rounds", "2", "--threads", "1", "--out", str(tmp_path)],
