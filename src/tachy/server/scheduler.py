@@ -10,8 +10,8 @@ through ``loop.call_soon_threadsafe``) that the async endpoint reads piece by pi
   alone or not, and joining prompts are prefilled in chunks inside the same forwards; waiting jobs join at
   each step while rows are free, in FIFO order, so nobody waits for another's whole generation; one decoder
   (and its cache) serves every batch. Without the C forward (the PyTorch engine, CUDA) a lone job runs on
-  the engine's own speculative path, whose default drafter, the int4 self-draft, reads its own cache and
-  cannot be a row's (2.91x over plain decoding there against model-free drafts' 1.38x, README); when others
+  the engine's own speculative path, whose default drafter on a CPU, the int4 self-draft, reads its own cache
+  and cannot be a row's (2.91x over plain decoding there against model-free drafts' 1.38x, README); when others
   wait, a batch starts whose rows draft model-free, each joiner prefilled alone between two steps, and a lone
   job still running when a request arrives moves into that batch between two of its steps (``Handoff``), its
   output unchanged (greedy) or still an exact sample. With
@@ -214,7 +214,7 @@ class Scheduler:
     def _may_hand_off(self, job: Job) -> bool:
         """Whether a lone job on the engine's own path (the PyTorch forward) moves into a batch, between two
         of its steps, once another request waits (``Handoff``): so nobody waits for a whole generation there
-        either. It then drafts model-free as every row (its int4 self-draft reads a lone cache)."""
+        either. It then drafts model-free as every row (an int4 self-draft reads a lone cache)."""
         return self.max_batch > 1 and self.speculative_batching and not self.rows_alone and self._batchable(job)
 
     def _batchable(self, job: Job) -> bool:
