@@ -301,6 +301,7 @@ class BatchDecoder:
         if row.drafter is not None:
             row.drafter.reset(row.ids[:-1])
         self._place(row, handoff.cache)
+        handoff.cache = None   # copied: the lone cache (up to the whole window) is not kept for the batch's life
         return row
 
     @on_kernel_threads
