@@ -294,9 +294,10 @@ class BatchDecoder:
             raise InvalidArgumentError(f"the batch is full ({self.max_batch} rows)")
         if not batchable(config, self.packed):
             raise InvalidArgumentError("search strategies, presses and sparse attention cannot run in a batch")
+        # since=0: its turn (``preemptible``) began when it started alone
         row = Row(tag, config, handoff.ids, handoff.stats, handoff.text, handoff.processor, handoff.probs_fn,
                   handoff.generator, root=handoff.ids[-1], limit=self.engine.max_context - 1,
-                  joined=time.perf_counter(), since=handoff.stats.generated_tokens)
+                  joined=time.perf_counter(), since=0)
         row.drafter = self._row_drafter(config)
         if row.drafter is not None:
             row.drafter.reset(row.ids[:-1])

@@ -391,6 +391,43 @@ def test_a_lone_generation_moves_into_a_batch_when_a_request_arrives(sampled):
         assert texts(rest, 2) == moved
 
 
+def test_a_search_waits_a_turn_of_a_lone_generation_not_all_of_it():
+    """The PyTorch forward: a beam search (the single path) arriving while a lone generation runs. Once that
+    generation has made its turn (``preempt_after`` tokens) it is handed off into a batch and parked there at
+    once; the search runs, then the short request behind it, and the lone generation resumes with its lone
+    text. It used to hold both until it ended; with the handoff off it still does."""
+    from tests.test_batch import pytorch_engine
+
+    engine = pytorch_engine("llama", seed=1, max_seq_len=1024)
+    long = GenerationConfig(max_new_tokens=600, ignore_eos=True)
+    beam = GenerationConfig(max_new_tokens=4, strategy="beam", strategy_options={"num_beams": 2})
+    short = GenerationConfig(max_new_tokens=3, ignore_eos=True)
+
+    async def main(hand_off):
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine, max_batch=2, preempt_after=8)
+        if not hand_off:
+            sched._may_hand_off = lambda job: False
+        lone = Job([([5, 6], long)], loop)
+        sched.submit(lone)
+        first = await asyncio.wait_for(lone.channel.get(), 10)   # running alone
+        search, quick = Job([([7, 7], beam)], loop), Job([([9, 9], short)], loop)
+        submit_together(sched, [search, quick])
+        done = [await drain(search), await drain(quick)]
+        ended_before = sched.metrics.generations
+        rest = [first] + await drain(lone)
+        sched.close()
+        return done, ended_before, rest, sched.metrics
+
+    (searched, quick), ended_before, rest, metrics = asyncio.run(main(True))
+    assert texts(searched, 1) == [alone(engine, [7, 7], beam)]
+    assert texts(quick, 1) == [alone(engine, [9, 9], short)]
+    assert ended_before == 2 and metrics.handoffs == 1 and metrics.preemptions >= 1
+    assert texts(rest, 1) == [alone(engine, [5, 6], long)]
+    _, ended_before, _, metrics = asyncio.run(main(False))
+    assert ended_before == 3 and metrics.handoffs == 0   # both waited for the whole lone generation
+
+
 def test_more_long_requests_than_rows_take_turns():
     """Three long generations on two rows: the parked one gets its turn back before the others finish (parked
     rows also claim a row after a turn), and each still gives its lone text."""

@@ -14,7 +14,8 @@ through ``loop.call_soon_threadsafe``) that the async endpoint reads piece by pi
   and cannot be a row's (2.91x over plain decoding there against model-free drafts' 1.38x, README); when others
   wait, a batch starts whose rows draft model-free, each joiner prefilled alone between two steps, and a lone
   job still running when a request arrives moves into that batch between two of its steps (``Handoff``), its
-  output unchanged (greedy) or still an exact sample. With
+  output unchanged (greedy) or still an exact sample (for a single-path request, once it has made its turn of
+  ``preempt_after`` tokens, and is parked for it at once). With
   ``speculative_batching=False`` (``--batching plain``, for comparison) the batch rows decode plainly (one
   token per step) and a lone job always runs alone. Either way a job whose options need the single path (a
   search strategy, a press, sparse attention; a prediction in plain rows: ``batch.batchable``) runs alone
@@ -360,11 +361,13 @@ class Scheduler:
         try:
             for index, (prompt_ids, config) in enumerate(job.work):
                 last: GenerationResponse | None = None
-                handoff = Handoff(self._batch_waits) if may_hand_off else None
+                made = 0   # tokens this choice has sent (its turn so far, for _hand_off_now)
+                handoff = Handoff(lambda: self._hand_off_now(made)) if may_hand_off else None
                 for piece in self.engine.stream(prompt_ids, config, should_stop=self._stop_check(job),
                                                 **({} if handoff is None else {"handoff": handoff})):
                     # stats are updated in place by the engine: send a snapshot
                     last = dataclasses.replace(piece, stats=dataclasses.replace(piece.stats))
+                    made = last.stats.generated_tokens
                     job.send("piece", index, last)
                     self._progress()
                     if job.cancelled.is_set():
@@ -391,11 +394,16 @@ class Scheduler:
                 job.send("end")
         return None
 
-    def _batch_waits(self) -> bool:
-        """Handoff.wanted for a lone job: whether the first job still waiting could join a batch now."""
+    def _hand_off_now(self, made: int) -> bool:
+        """Handoff.wanted for a lone job that has made ``made`` tokens: whether the first job still waiting
+        could join a batch now, or needs the single path (a search, a press) and the lone job's turn of
+        ``preempt_after`` tokens is over: in the batch it is then parked for that job at once (it resumes after
+        it), as a batch row would be (``_park_for_alone``), instead of making it wait for the whole generation."""
         with self._cond:
             waiting = [j for j in self._waiting if not j.cancelled.is_set()]
-            return bool(waiting) and not self._closed and self._batchable(waiting[0])
+            if not waiting or self._closed:
+                return False
+            return self._batchable(waiting[0]) or 0 < self.preempt_after <= made
 
 
 @dataclass
