@@ -87,6 +87,17 @@ def test_lone_surrogates_are_a_400(server, path, body):
     assert r.json()["error"]["code"] == "invalid_unicode"
 
 
+@pytest.mark.parametrize("message", [{"role": "user", "content": None}, {"role": "user"},
+                                     {"role": "system", "content": None}, {"role": "assistant", "content": None}])
+def test_a_message_without_content_is_a_400(server, message):
+    """Only an assistant turn holding tool_calls may leave its content out (OpenAI's rule); a user message
+    without content was read as an empty one (tests/server/test_openai_features.py sends such a turn)."""
+    url, _ = server
+    r = post(url, "/v1/chat/completions", {**CHAT, "messages": [message, *CHAT["messages"]]})
+    assert r.status_code == 400, r.text
+    assert "needs content" in r.json()["error"]["message"]
+
+
 def test_invalid_utf8_is_a_400(server):
     url, _ = server
     raw = json.dumps(CHAT).encode().replace(b"Say hi.", b"Say \xff\xfe hi.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Body(BaseModel):
@@ -112,6 +112,15 @@ class ChatMessage(_Body):
                     raise ValueError(f"only text content parts are supported; got a {kind[:40]!r} part "
                                      "(tachy's models read text only)")
         return content
+
+    @model_validator(mode="after")
+    def _content_where_required(self) -> "ChatMessage":
+        """As in OpenAI's API, only an assistant turn holding ``tool_calls`` (and the deprecated function
+        role) may leave ``content`` out or null: a user message without content was read as an empty one."""
+        if self.content is None and self.role != "function" and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content" +
+                             (" (or tool_calls)" if self.role == "assistant" else ""))
+        return self
 
     def as_dict(self) -> dict:
         text = self.content if isinstance(self.content, str) or self.content is None else \
