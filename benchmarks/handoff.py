@@ -46,7 +46,7 @@ async def one_round(engine, mode: str, long: tuple, short: tuple, arrive_after: 
     long_job, short_job = Job([long], loop), Job([short], loop)
     sched.submit(long_job)
     out = {"long": [], "short": []}
-    arrived = first = None
+    arrived = None
     while True:
         kind, _, piece = await long_job.channel.get()
         if kind == "end":
@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--arrive-after", type=int, default=32, help="long-request tokens sent before the short one")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    if not 1 <= args.arrive_after < args.long_tokens:
+        ap.error(f"--arrive-after must be at least 1 and below --long-tokens ({args.long_tokens})")
     engine = pytorch_forward_engine(args)
     long_ids, short_ids = prompt_ids(engine, prompts(0, 2, first=100))
     long = (long_ids, GenerationConfig(max_new_tokens=args.long_tokens, ignore_eos=True))

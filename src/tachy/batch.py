@@ -241,11 +241,7 @@ class BatchDecoder:
         """Prefill one generation and pick its first token; returns that token's piece (if any is sendable).
         The row then takes part in the following steps unless it already finished."""
         engine = self.engine
-        if not self.free:
-            raise InvalidArgumentError(f"the batch is full ({self.max_batch} rows)")
-        if not batchable(config, self.packed):
-            raise InvalidArgumentError("search strategies, presses and sparse attention cannot run in a batch" +
-                                       ("" if self.packed else "; nor predictions in plain rows"))
+        self._check_joining(config)
         prompt_ids = engine.check_prompt(prompt_ids)
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         row = Row(tag, config, list(prompt_ids), stats, TextStream(engine.tokenizer, config, stats),
@@ -290,10 +286,7 @@ class BatchDecoder:
         is a row from its start."""
         if not handoff.taken or not self.packed or self.c_forward:
             raise InvalidArgumentError("adopt takes a handed-off generation, into packed rows on the PyTorch forward")
-        if not self.free:
-            raise InvalidArgumentError(f"the batch is full ({self.max_batch} rows)")
-        if not batchable(config, self.packed):
-            raise InvalidArgumentError("search strategies, presses and sparse attention cannot run in a batch")
+        self._check_joining(config)
         # since=0: its turn (``preemptible``) began when it started alone
         row = Row(tag, config, handoff.ids, handoff.stats, handoff.text, handoff.processor, handoff.probs_fn,
                   handoff.generator, root=handoff.ids[-1], limit=self.engine.max_context - 1,
@@ -304,6 +297,14 @@ class BatchDecoder:
         self._place(row, handoff.cache)
         handoff.cache = None   # copied: the lone cache (up to the whole window) is not kept for the batch's life
         return row
+
+    def _check_joining(self, config: GenerationConfig) -> None:
+        """A row joining (``add``, ``adopt``) needs a free row and a config rows can run."""
+        if not self.free:
+            raise InvalidArgumentError(f"the batch is full ({self.max_batch} rows)")
+        if not batchable(config, self.packed):
+            raise InvalidArgumentError("search strategies, presses and sparse attention cannot run in a batch" +
+                                       ("" if self.packed else "; nor predictions in plain rows"))
 
     @on_kernel_threads
     def remove(self, row: Row) -> None:

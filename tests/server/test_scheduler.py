@@ -18,7 +18,7 @@ class FakeEngine:
         self.delay, self.ran, self.gate = delay, [], threading.Event()
         self.gate.set()
 
-    def stream(self, prompt_ids, config, should_stop=None):
+    def stream(self, prompt_ids, config, should_stop=None, handoff=None):   # handoff: never wanted here
         self.ran.append(prompt_ids[0])
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         for i in range(config.max_new_tokens):

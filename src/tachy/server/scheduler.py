@@ -361,13 +361,13 @@ class Scheduler:
         try:
             for index, (prompt_ids, config) in enumerate(job.work):
                 last: GenerationResponse | None = None
-                made = 0   # tokens this choice has sent (its turn so far, for _hand_off_now)
-                handoff = Handoff(lambda: self._hand_off_now(made)) if may_hand_off else None
+                # asked with the tokens this choice has sent: its turn so far
+                handoff = Handoff(lambda: self._hand_off_now(last.stats.generated_tokens if last else 0)) \
+                    if may_hand_off else None
                 for piece in self.engine.stream(prompt_ids, config, should_stop=self._stop_check(job),
-                                                **({} if handoff is None else {"handoff": handoff})):
+                                                handoff=handoff):
                     # stats are updated in place by the engine: send a snapshot
                     last = dataclasses.replace(piece, stats=dataclasses.replace(piece.stats))
-                    made = last.stats.generated_tokens
                     job.send("piece", index, last)
                     self._progress()
                     if job.cancelled.is_set():
